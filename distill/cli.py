@@ -1,0 +1,84 @@
+"""The `anyo` command: thin drivers over the stages in `distill.pipeline`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from distill.errors import AnyoError
+
+
+def _recipe_args(p: argparse.ArgumentParser, seed: bool = False) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    if seed:
+        p.add_argument("--seed", type=int, default=None, help="training seed (default: the recipe's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anyo", description="Distil LLM retrievers into SASRec students.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="prepare the leave-one-out split into RUN/split")
+    _recipe_args(p)
+
+    p = sub.add_parser("mostpop", help="evaluate the MostPop baseline into RUN/mostpop")
+    _recipe_args(p)
+
+    p = sub.add_parser("evaluate", help="evaluate user/item vectors with the shared harness")
+    p.add_argument("--split", required=True, help="a prepared split folder (RUN/split)")
+    p.add_argument("--user-vectors", required=True, help=".npy, one row per user in users.tsv order")
+    p.add_argument("--item-vectors", required=True, help=".npy, N+1 rows, row 0 padding")
+    p.add_argument("--stage", choices=["valid", "test"], default="test")
+    p.add_argument("--no-mask-history", action="store_true", help="do not exclude history items")
+    p.add_argument("--protocol", choices=["full", "candidates"], default="full")
+    p.add_argument("--index", default="Flat", help="FAISS index_factory string (default exact Flat)")
+    p.add_argument("--out", required=True, help="metrics JSON file")
+
+    student = sub.add_parser("student", help="the SASRec student").add_subparsers(dest="action", required=True)
+    p = student.add_parser("train", help="train the student alone into RUN/student_alone")
+    _recipe_args(p, seed=True)
+
+    teacher = sub.add_parser("teacher", help="the LLM teacher").add_subparsers(dest="action", required=True)
+    p = teacher.add_parser("train", help="train the teacher into RUN/teacher")
+    _recipe_args(p, seed=True)
+    p = teacher.add_parser("infer", help="score users with the teacher into RUN/teacher_cache")
+    _recipe_args(p)
+    p.add_argument("--backend", choices=["deepspeed", "hf"], default=None, help="default: the recipe's")
+    p.add_argument("--positions", type=int, default=None, help="last P training positions per user")
+    p.add_argument("--k", type=int, default=None, help="top-K items kept per query")
+    p.add_argument("--merge", action="store_true", help="only complete the manifest from existing shards")
+
+    p = sub.add_parser("distill", help="train the student from the teacher cache into RUN/student_distilled")
+    _recipe_args(p, seed=True)
+
+    p = sub.add_parser("bench", help="write the teacher-vs-student report")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--out", default=None, help="report folder (default RUN/report)")
+    p.add_argument("--recipe", default=None, help="recipe (default: the one the run recorded)")
+
+    p = sub.add_parser("run", help="the whole pipeline, each stage skipped when up to date")
+    p.add_argument("recipe")
+    p.add_argument("--out", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--seeds", type=int, default=1, help="train student-alone and distilled over this many seeds")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from distill import pipeline
+        return pipeline.dispatch(args) or 0
+    except AnyoError as e:
+        print(f"anyo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("anyo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

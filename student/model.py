@@ -1,0 +1,135 @@
+"""SASRec with pre-LN causal self-attention, in one file.
+
+Items are ids 1..N (0 = padding). Sequences are left-padded. Positions are
+counted from the most recent item backwards (the last item has position 0), so
+the encoded vector does not depend on how much padding precedes a history.
+The output item table is the input item embedding (tied).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from distill.artifacts import atomic_dir, read_json
+from distill.errors import ArtifactError
+
+
+@dataclass
+class SASRecConfig:
+    n_items: int          # N; the item table has N+1 rows
+    max_len: int          # longest history read
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    dropout: float = 0.2
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: SASRecConfig):
+        super().__init__()
+        self.n_head = cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, h, T, d/h)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, d))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: SASRecConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = SelfAttention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(cfg.dropout))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), mask))
+        return x + self.mlp(self.ln2(x))
+
+
+class SASRec(nn.Module):
+    def __init__(self, cfg: SASRecConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.item_emb = nn.Embedding(cfg.n_items + 1, d, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.ln_f = nn.LayerNorm(d)
+        nn.init.normal_(self.item_emb.weight, std=d ** -0.5)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        """seq (B, T) left-padded item ids, T <= max_len -> hidden states (B, T, d)."""
+        B, T = seq.shape
+        valid = seq > 0                                                   # (B, T)
+        pos = (valid.flip(1).cumsum(1).flip(1) - 1).clamp(min=0)          # 0 = most recent item
+        x = self.item_emb(seq) * self.cfg.hidden_size ** 0.5 + self.pos_emb(pos)
+        x = self.drop(x) * valid.unsqueeze(-1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=seq.device).tril()
+        eye = torch.eye(T, dtype=torch.bool, device=seq.device)
+        # a query sees earlier real items; itself always, so all-padding rows stay finite
+        mask = (causal & valid[:, None, :]) | eye                         # (B, T, T)
+        mask = mask.unsqueeze(1)                                          # (B, 1, T, T)
+        for block in self.blocks:
+            x = block(x, mask) * valid.unsqueeze(-1)
+        return self.ln_f(x)
+
+    def encode_users(self, histories: torch.Tensor) -> torch.Tensor:
+        """(B, T) left-padded histories -> (B, d) user vectors (the last position)."""
+        return self.forward(histories[:, -self.cfg.max_len:])[:, -1]
+
+    def item_vectors(self) -> torch.Tensor:
+        """(N+1, d) output item table; row 0 is padding."""
+        return self.item_emb.weight
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., N+1) inner products with every item; padding column is -inf."""
+        s = hidden @ self.item_emb.weight.T
+        s[..., 0] = float("-inf")
+        return s
+
+
+def save_student(model: SASRec, folder: Path, meta: dict) -> None:
+    """Checkpoint = model.safetensors + config.json (+ metadata such as the split hash)."""
+    with atomic_dir(folder) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps({"model": asdict(model.cfg), **meta}, indent=2, sort_keys=True))
+
+
+def load_student(folder: Path, split_hash: str | None = None, n_items: int | None = None) -> tuple[SASRec, dict]:
+    folder = Path(folder)
+    meta = read_json(folder / "config.json")
+    if split_hash is not None and meta.get("split_hash") != split_hash:
+        raise ArtifactError(f"{folder / 'config.json'}: checkpoint built from split {meta.get('split_hash')}, "
+                            f"this run's split is {split_hash}")
+    cfg = SASRecConfig(**meta["model"])
+    if n_items is not None and cfg.n_items != n_items:
+        raise ArtifactError(f"{folder / 'config.json'}: checkpoint has {cfg.n_items} items, the split has {n_items}")
+    model = SASRec(cfg)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise ArtifactError(f"{weights}: not found")
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as e:  # safetensors raises several types for truncated or foreign files
+        raise ArtifactError(f"{weights}: cannot load ({str(e).splitlines()[0]})") from None
+    model.eval()
+    return model, meta

