@@ -149,6 +149,13 @@ class Histories:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    @classmethod
+    def from_rows(cls, rows) -> "Histories":
+        rows = [np.asarray(r, dtype=np.int64) for r in rows]
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+        flat = np.concatenate(rows) if rows else np.empty(0, np.int64)
+        return cls(flat.astype(np.int64), offsets)
+
     def row(self, u: int) -> np.ndarray:
         return self.flat[self.offsets[u]: self.offsets[u + 1]]
 

@@ -1,0 +1,172 @@
+"""The teacher: a headless LLM read as a dense retriever over the item catalogue.
+
+    prompt tokens ──embed──┐
+    CF item emb ─in_proj───┴─> [HistoryEmb] slots ─> decoder (+ LoRA / MoE-LoRA) ─> h_last
+    h_last ─out_proj─> query q (D)          score(item) = q . item_table[item] / temperature
+
+The CF model is the student-alone SASRec (frozen): its item embeddings feed the
+[HistoryEmb] slots and initialise the item table, its sequence representation
+drives the MoE-LoRA gate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from distill.artifacts import atomic_dir, read_json, sha256_files
+from distill.config import TeacherConfig
+from distill.data import Histories
+from distill.errors import ArtifactError
+from distill.harness import Exclusions, ItemIndex
+from student.model import SASRec
+from teacher.backbone import load_backbone
+from teacher.moe_lora import ExpertGate
+from teacher.prompt import PromptBatch, PromptBuilder
+
+
+@dataclass
+class TeacherOutputs:
+    query: torch.Tensor        # (B, D) query vectors
+    topk_ids: torch.Tensor     # (B, K) int, best first, history masked
+    topk_scores: torch.Tensor  # (B, K) float, inner product / temperature (the teacher's logits)
+
+
+class TeacherRetriever(nn.Module):
+    def __init__(self, backbone: nn.Module, tokenizer, cf: SASRec, titles: list[str], cfg: TeacherConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.cf = cf.eval().requires_grad_(False)
+        self.prompts = PromptBuilder(tokenizer, titles, cfg)
+        H, d_cf = backbone.config.hidden_size, cf.cfg.hidden_size
+        self.in_projector = nn.Sequential(nn.Linear(d_cf, H), nn.GELU(), nn.Linear(H, H))
+        self.out_projector = nn.Linear(H, d_cf)
+        self.item_table = nn.Parameter(cf.item_vectors().detach().clone())   # (N+1, D)
+        self.gate = ExpertGate(backbone, d_cf, cfg.num_experts, cfg.lora_r) if cfg.adapter == "moe_lora" else None
+        self._index: ItemIndex | None = None
+
+    # ------------------------------------------------------------ forward
+    def input_embeddings(self, batch: PromptBatch) -> torch.Tensor:
+        """(B, T, H): token embeddings, with CF-projected items at [HistoryEmb] slots."""
+        is_hist = batch.history_items > 0
+        tokens = self.backbone.get_input_embeddings()(batch.input_ids.masked_fill(is_hist, self.prompts.pad_id))
+        items = self.in_projector(self.cf.item_emb(batch.history_items))
+        return torch.where(is_hist.unsqueeze(-1), items.to(tokens.dtype), tokens)
+
+    def forward(self, batch: PromptBatch, cf_histories: torch.Tensor) -> torch.Tensor:
+        """Prompts + (B, max_len) CF histories -> (B, D) query vectors."""
+        x = self.input_embeddings(batch)
+        position_ids = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)   # padding-side independent
+        if self.gate is not None:
+            with torch.no_grad():
+                cf_repr = self.cf.encode_users(cf_histories)
+            self.gate.set(self.gate.gates(cf_repr))
+        try:
+            h = self.backbone(inputs_embeds=x, attention_mask=batch.attention_mask,
+                              position_ids=position_ids).last_hidden_state          # (B, T, H)
+        finally:
+            if self.gate is not None:
+                self.gate.set(None)
+        pooled = h[torch.arange(len(h)), batch.last_index]                       # (B, H)
+        return self.out_projector(pooled.float())
+
+    def encode(self, histories: list[np.ndarray], padding_side: str = "left") -> torch.Tensor:
+        """Histories (item ids, oldest first) -> (B, D) query vectors."""
+        cf_hist = torch.from_numpy(Histories.from_rows(histories).padded(self.cf.cfg.max_len))
+        return self(self.prompts(histories, padding_side), cf_hist)
+
+    @torch.inference_mode()
+    def encode_many(self, histories: list[np.ndarray], batch_size: int, desc: str | None = None) -> np.ndarray:
+        """(n, D) query vectors, batched by prompt length so padding stays small."""
+        from tqdm.auto import tqdm
+        order = np.argsort(self.prompts.lengths(histories), kind="stable")
+        out = np.empty((len(histories), self.out_projector.out_features), dtype=np.float32)
+        for lo in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
+            rows = order[lo:lo + batch_size]
+            out[rows] = self.encode([histories[i] for i in rows]).float().numpy()
+        return out
+
+    # ------------------------------------------------------------ retrieval
+    def item_vectors(self) -> torch.Tensor:
+        """(N+1, D) item table; row 0 is padding."""
+        return self.item_table
+
+    def invalidate_index(self) -> None:
+        self._index = None
+
+    @torch.inference_mode()
+    def get_teacher_outputs(self, histories: list[np.ndarray], k: int, mask_history: bool = True,
+                            index: str = "Flat") -> TeacherOutputs:
+        """Query vectors and the top-k items over the whole catalogue (via the harness index)."""
+        if self._index is None or self._index.kind != index:
+            self._index = ItemIndex(self.item_table.detach().float().numpy(), index)
+        q = self.encode(histories).float()
+        exclude = None
+        if mask_history:
+            exclude = Exclusions.from_histories(Histories.from_rows(histories), len(self.item_table))
+        ids, scores = self._index.search(q.numpy(), k, exclude)
+        return TeacherOutputs(q, torch.from_numpy(ids), torch.from_numpy(scores) / self.cfg.temperature)
+
+    def heads_state(self) -> dict[str, torch.Tensor]:
+        """Everything trained outside peft: projectors, gate, item table."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("backbone.", "cf."))}
+
+
+def build_teacher(cfg: TeacherConfig, cf: SASRec, titles: list[str], adapter_dir: Path | None = None,
+                  trainable: bool = True) -> TeacherRetriever:
+    """A fresh teacher (new LoRA) or one whose peft adapter is read from `adapter_dir`."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    backbone, tokenizer, _ = load_backbone(cfg.model, cfg.num_layers, cfg.dtype)
+    if adapter_dir is None:
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=list(cfg.target_modules), bias="none")
+        try:
+            backbone = get_peft_model(backbone, lora)
+        except ValueError as e:
+            raise ArtifactError(f"teacher.target_modules: {e}") from None
+    else:
+        backbone = PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=trainable)
+    return TeacherRetriever(backbone, tokenizer, cf, titles, cfg)
+
+
+def save_teacher(model: TeacherRetriever, folder: Path, meta: dict) -> str:
+    """adapter/ (peft format), heads.safetensors, teacher.json; returns the checkpoint hash."""
+    with atomic_dir(folder) as tmp:
+        model.backbone.save_pretrained(str(tmp / "adapter"))
+        save_file({k: v.detach().contiguous() for k, v in model.heads_state().items()}, str(tmp / "heads.safetensors"))
+        digest = checkpoint_hash(tmp)
+        (tmp / "teacher.json").write_text(json.dumps({"teacher": asdict(model.cfg), "checkpoint_hash": digest, **meta},
+                                                     indent=2, sort_keys=True))
+    return digest
+
+
+def checkpoint_hash(folder: Path) -> str:
+    files = sorted((folder / "adapter").glob("*")) + [folder / "heads.safetensors"]
+    return sha256_files(files)[:16]
+
+
+def load_teacher(folder: Path, cf: SASRec, titles: list[str], split_hash: str) -> tuple[TeacherRetriever, dict]:
+    from distill.config import _build
+    folder = Path(folder)
+    meta = read_json(folder / "teacher.json")
+    if meta.get("split_hash") != split_hash:
+        raise ArtifactError(f"{folder / 'teacher.json'}: teacher trained on split {meta.get('split_hash')}, "
+                            f"this run's split is {split_hash}")
+    if checkpoint_hash(folder) != meta.get("checkpoint_hash"):
+        raise ArtifactError(f"{folder}: adapter or heads do not match teacher.json (corrupt or edited)")
+    cfg = _build(TeacherConfig, meta["teacher"], "teacher.")
+    model = build_teacher(cfg, cf, titles, folder / "adapter", trainable=False)
+    heads = load_file(str(folder / "heads.safetensors"))
+    missing = set(model.heads_state()) - set(heads)
+    if missing or heads["item_table"].shape != model.item_table.shape:
+        raise ArtifactError(f"{folder / 'heads.safetensors'}: does not fit this split/teacher ({sorted(missing)[:3]})")
+    model.load_state_dict(heads, strict=False)
+    return model.eval(), meta
