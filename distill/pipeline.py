@@ -89,6 +89,101 @@ def stage_student(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
     return record
 
 
+def stage_teacher(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
+    from distill.artifacts import sha256_file
+    from student.model import load_student
+    from teacher.train import train_teacher
+    cf_dir = run / "student_alone"
+    cf, _ = load_student(cf_dir, split.hash, split.n_items)
+    out = run / "teacher"
+    inputs = {"split_hash": split.hash, "recipe": recipe.section_hash("data", "student", "teacher", "eval"),
+              "seed": seed, "cf_sha256": sha256_file(cf_dir / "model.safetensors")}
+    if (record := up_to_date(out / "metrics.json", inputs)) is not None:
+        print(f"teacher up to date in {out}")
+        return record
+    record = train_teacher(recipe, split, cf, out, seed, {"inputs": inputs})
+    write_json(out / "metrics.json", record)
+    return record
+
+
+def stage_infer(recipe: Recipe, run: Path, split: Split, merge_only: bool = False) -> dict:
+    from student.model import load_student
+    from teacher.infer import merge, run_inference
+    from teacher.model import load_teacher
+    out, teacher_dir = run / "teacher_cache", run / "teacher"
+    if merge_only:
+        return merge(recipe, split, teacher_dir, out)
+    teacher_meta = read_json(teacher_dir / "teacher.json")
+    wanted = {"split_hash": split.hash, "teacher_hash": teacher_meta["checkpoint_hash"], "k": recipe.distill.k,
+              "positions": recipe.distill.positions, "mask_history": recipe.eval.mask_history}
+    if (out / "manifest.json").is_file():
+        manifest = read_json(out / "manifest.json")
+        if all(manifest.get(k) == v for k, v in wanted.items()):
+            print(f"teacher cache up to date in {out}")
+            return manifest
+    cf, _ = load_student(run / "student_alone", split.hash, split.n_items)
+    model, meta = load_teacher(teacher_dir, cf, split.titles, split.hash)
+    return run_inference(recipe, split, model, meta["checkpoint_hash"], out, recipe.distill.backend)
+
+
+def stage_distill(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
+    from distill.artifacts import sha256_file
+    from distill.cache import TeacherCache
+    from distill.losses import (EmbeddingAlignment, RankingDistillation, SoftTargetKL, TeacherTargets,
+                                WeightedLoss)
+    from student.train import own_loss, train_and_save
+    import torch
+    d = recipe.distill
+    cache = TeacherCache(run / "teacher_cache", split.hash, split.n_items)
+    if d.k > cache.k:
+        raise AnyoError(f"distill.k: {d.k} is larger than the cache's K = {cache.k} ({cache.folder})")
+    out = model_dir(run, "student_distilled", seed, recipe)
+    inputs = {"split_hash": split.hash, "recipe": recipe.section_hash("data", "student", "distill", "eval"),
+              "seed": seed, "cache_sha256": sha256_file(cache.folder / "manifest.json")}
+    if (record := up_to_date(out / "metrics.json", inputs)) is not None:
+        print(f"distilled student (seed {seed}) up to date in {out}")
+        return record
+    loss = WeightedLoss({
+        "own": (d.own_weight, own_loss(recipe, split)),
+        "kd": (d.kd_weight, SoftTargetKL(d.temperature)),
+        "rank": (d.rank_weight, RankingDistillation(split.n_items, d.rank_lambda, d.rank_negatives)),
+        "align": (d.align_weight, EmbeddingAlignment(recipe.student.hidden_size, cache.dim, d.align)),
+    })
+
+    def lookup(users: np.ndarray, positions: np.ndarray) -> TeacherTargets:
+        rows = cache.lookup(users, positions, d.k)
+        return TeacherTargets(torch.from_numpy(np.flatnonzero(rows.found)), torch.from_numpy(rows.topk_ids),
+                              torch.from_numpy(np.ascontiguousarray(rows.topk_scores)),
+                              torch.from_numpy(np.ascontiguousarray(rows.query)))
+
+    record = train_and_save(recipe, split, out, seed, loss, teacher=lookup, desc=f"distilled seed {seed}",
+                            extra={"inputs": inputs, "loss_weights": loss.weights})
+    write_json(out / "metrics.json", record)
+    return record
+
+
+def stage_run(recipe: Recipe, run: Path, split: Split, seeds: int) -> dict:
+    seed_list = [recipe.seed + i for i in range(seeds)]
+    rows = {"MostPop": table_row(stage_mostpop(recipe, run, split))}
+    alone = [stage_student(recipe, run, split, s) for s in seed_list]
+    teacher = stage_teacher(recipe, run, split, recipe.seed)
+    stage_infer(recipe, run, split)
+    distilled = [stage_distill(recipe, run, split, s) for s in seed_list]
+    rows["student alone"] = mean_row(alone)
+    rows["teacher"] = table_row(teacher)
+    rows["distilled student"] = mean_row(distilled)
+    from distill.report import write_report
+    write_report(run, run / "report")
+    print()
+    print_table(rows)
+    return rows
+
+
+def mean_row(records: list[dict]) -> dict:
+    rows = [table_row(r) for r in records]
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
 def cmd_evaluate(args) -> None:
     from distill.data import load_split
     split = load_split(args.split)
@@ -113,7 +208,11 @@ def dispatch(args) -> int:
     if args.command == "bench":
         from distill.report import cmd_bench
         return cmd_bench(args)
-    recipe = load_recipe(args.recipe, args.set)
+    overrides = list(args.set)
+    for flag, key in (("backend", "distill.backend"), ("positions", "distill.positions"), ("k", "distill.k")):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    recipe = load_recipe(args.recipe, overrides)
     run = Path(args.out)
     if args.command == "prepare":
         stage_prepare(recipe, run)
@@ -125,5 +224,19 @@ def dispatch(args) -> int:
     if args.command == "student":
         record = stage_student(recipe, run, split, args.seed if args.seed is not None else recipe.seed)
         print_table({"MostPop": table_row(stage_mostpop(recipe, run, split)), "student alone": table_row(record)})
+        return 0
+    if args.command == "teacher" and args.action == "train":
+        record = stage_teacher(recipe, run, split, args.seed if args.seed is not None else recipe.seed)
+        print_table({"teacher": table_row(record)})
+        return 0
+    if args.command == "teacher" and args.action == "infer":
+        stage_infer(recipe, run, split, merge_only=args.merge)
+        return 0
+    if args.command == "distill":
+        record = stage_distill(recipe, run, split, args.seed if args.seed is not None else recipe.seed)
+        print_table({"distilled student": table_row(record)})
+        return 0
+    if args.command == "run":
+        stage_run(recipe, run, split, args.seeds)
         return 0
     raise AnyoError(f"unknown command {args.command}")

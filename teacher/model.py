@@ -56,7 +56,8 @@ class TeacherRetriever(nn.Module):
     def input_embeddings(self, batch: PromptBatch) -> torch.Tensor:
         """(B, T, H): token embeddings, with CF-projected items at [HistoryEmb] slots."""
         is_hist = batch.history_items > 0
-        tokens = self.backbone.get_input_embeddings()(batch.input_ids.masked_fill(is_hist, self.prompts.pad_id))
+        decoder = getattr(self.backbone, "module", self.backbone)  # unwrap a DeepSpeed InferenceEngine
+        tokens = decoder.get_input_embeddings()(batch.input_ids.masked_fill(is_hist, self.prompts.pad_id))
         items = self.in_projector(self.cf.item_emb(batch.history_items))
         return torch.where(is_hist.unsqueeze(-1), items.to(tokens.dtype), tokens)
 

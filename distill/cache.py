@@ -1,0 +1,169 @@
+"""The teacher cache: the hand-off between teacher inference and distillation.
+
+    teacher_cache/
+      manifest.json                   format, split & teacher hashes, K, dims, dtypes,
+                                      positions scored, shard list (rows, sha256)
+      shard-00000.safetensors ...     user, position, query, topk_ids (int32), topk_scores
+      items.safetensors               the teacher's item table
+
+A query is keyed by (user row, position t): the teacher read seq_u[:t] and its
+target is seq_u[t]; validation and test queries are t = len-2 and len-1.
+Shard i always holds the same users, whatever the number of ranks, so a cache
+written by W processes equals one written by one. Shards are written
+atomically and carry their inputs in the safetensors metadata, so a resumed
+run keeps exactly the complete shards built from the same teacher.
+Reading verifies every shard's sha256 and shape and memory-maps the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from distill.artifacts import atomic_file, read_json, sha256_file, write_json
+from distill.errors import ArtifactError
+
+CACHE_FORMAT = 1
+FIELDS = {"user": np.int64, "position": np.int64, "query": np.float32, "topk_ids": np.int32, "topk_scores": np.float32}
+_NP = {"I64": np.int64, "I32": np.int32, "F32": np.float32}
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors JSON header and the byte offset where tensor data starts."""
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: not a readable safetensors file ({e})") from None
+    return header, 8 + n
+
+
+def memmap_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a read-only memory map (nothing is loaded)."""
+    header, start = read_header(path)
+    size = path.stat().st_size
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        b, e = info["data_offsets"]
+        if start + e > size:
+            raise ArtifactError(f"{path}: truncated (tensor {name} ends past the end of the file)")
+        out[name] = np.memmap(path, dtype=_NP[info["dtype"]], mode="r", offset=start + b, shape=tuple(info["shape"]))
+    return out
+
+
+def shard_metadata(path: Path) -> dict:
+    """The inputs a shard was built from (split, teacher, K, positions, ...)."""
+    raw = read_header(path)[0].get("__metadata__", {}).get("anyo", "{}")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise ArtifactError(f"{path}: unreadable shard metadata") from None
+
+
+def write_shard(path: Path, tensors: dict[str, np.ndarray], metadata: dict) -> None:
+    with atomic_file(path) as tmp:
+        save_file({k: np.ascontiguousarray(v, dtype=FIELDS[k]) for k, v in tensors.items()}, str(tmp),
+                  metadata={"anyo": json.dumps(metadata, sort_keys=True)})
+
+
+def write_manifest(folder: Path, n_shards: int, meta: dict, item_table: np.ndarray) -> dict:
+    """Complete the cache: check all shards are present, hash them, write items + manifest."""
+    shards = []
+    for i in range(n_shards):
+        p = folder / shard_name(i)
+        if not p.is_file():
+            raise ArtifactError(f"{p}: missing; run `anyo teacher infer` again to finish the cache")
+        t = memmap_tensors(p)
+        shards.append({"file": p.name, "rows": int(len(t["user"])), "sha256": sha256_file(p)})
+    save_file({"item_table": np.ascontiguousarray(item_table, dtype=np.float32)}, str(folder / "items.safetensors"))
+    manifest = {"format": CACHE_FORMAT, **meta, "shards": shards,
+                "items": {"file": "items.safetensors", "sha256": sha256_file(folder / "items.safetensors")},
+                "dtypes": {k: np.dtype(v).name for k, v in FIELDS.items()}}
+    write_json(folder / "manifest.json", manifest)
+    return manifest
+
+
+@dataclass
+class CacheRows:
+    """Teacher outputs for the requested (user, position) pairs that the cache holds."""
+
+    found: np.ndarray        # (n,) bool over the requested pairs
+    query: np.ndarray        # (n_found, D)
+    topk_ids: np.ndarray     # (n_found, K) int64
+    topk_scores: np.ndarray  # (n_found, K)
+
+
+class TeacherCache:
+    """Verified, memory-mapped reader of a complete teacher cache."""
+
+    def __init__(self, folder: str | Path, split_hash: str | None = None, n_items: int | None = None):
+        self.folder = Path(folder)
+        self.manifest = m = read_json(self.folder / "manifest.json")
+        if m.get("format") != CACHE_FORMAT:
+            raise ArtifactError(f"{self.folder / 'manifest.json'}: unknown cache format {m.get('format')}")
+        if split_hash is not None and m.get("split_hash") != split_hash:
+            raise ArtifactError(f"{self.folder}: cache built from split {m.get('split_hash')}, this run's split is {split_hash}")
+        if n_items is not None and m.get("n_items") != n_items:
+            raise ArtifactError(f"{self.folder}: cache has {m.get('n_items')} items, the split has {n_items}")
+        self.k, self.dim = int(m["k"]), int(m["dim"])
+        self.shards = []
+        for s in m["shards"]:
+            path = self.folder / s["file"]
+            if not path.is_file():
+                raise ArtifactError(f"{path}: shard missing")
+            if sha256_file(path) != s["sha256"]:
+                raise ArtifactError(f"{path}: sha256 does not match manifest.json (corrupt or tampered shard)")
+            t = memmap_tensors(path)
+            n = s["rows"]
+            want = {"user": (n,), "position": (n,), "query": (n, self.dim), "topk_ids": (n, self.k),
+                    "topk_scores": (n, self.k)}
+            for name, shape in want.items():
+                if name not in t or t[name].shape != shape:
+                    raise ArtifactError(f"{path}: tensor {name} has shape {t.get(name, np.empty(0)).shape}, expected {shape}")
+            self.shards.append(t)
+        items = self.folder / m["items"]["file"]
+        if sha256_file(items) != m["items"]["sha256"]:
+            raise ArtifactError(f"{items}: sha256 does not match manifest.json")
+        self.item_table = memmap_tensors(items)["item_table"]
+        # sorted (user, position) keys -> (shard, row)
+        self.stride = int(max((int(t["position"].max()) for t in self.shards if len(t["position"])), default=0)) + 1
+        keys = [t["user"] * self.stride + t["position"] for t in self.shards]
+        where = [np.stack([np.full(len(k), i), np.arange(len(k))], 1) for i, k in enumerate(keys)]
+        all_keys = np.concatenate(keys) if keys else np.empty(0, np.int64)
+        order = np.argsort(all_keys)
+        self.keys = all_keys[order]
+        self.where = np.concatenate(where)[order] if where else np.empty((0, 2), np.int64)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def lookup(self, users: np.ndarray, positions: np.ndarray, k: int | None = None) -> CacheRows:
+        """Rows for the pairs present (in request order); `k` keeps the first k of the top-K."""
+        k = self.k if k is None else k
+        if k > self.k:
+            raise ArtifactError(f"distill.k = {k} is larger than the cache's K = {self.k} ({self.folder})")
+        q = np.asarray(users, np.int64) * self.stride + np.asarray(positions, np.int64)
+        valid = (np.asarray(positions) < self.stride) & (np.asarray(positions) >= 0)
+        pos = np.searchsorted(self.keys, q).clip(max=max(len(self.keys) - 1, 0))
+        found = valid & (len(self.keys) > 0) & (self.keys[pos] == q if len(self.keys) else False)
+        loc = self.where[pos[found]]
+        out = {f: np.empty((len(loc),) + self.shards[0][f].shape[1:], dtype=FIELDS[f])
+               for f in ("query", "topk_ids", "topk_scores")} if self.shards else {}
+        for s in np.unique(loc[:, 0]):
+            sel = loc[:, 0] == s
+            rows = loc[sel, 1]
+            for f in out:
+                out[f][sel] = self.shards[s][f][rows]
+        return CacheRows(found, out["query"], out["topk_ids"][:, :k].astype(np.int64), out["topk_scores"][:, :k])

@@ -1,0 +1,42 @@
+"""Report plots (matplotlib, Agg): quality bars with CI whiskers, quality vs latency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_report(report: dict, out: Path) -> None:
+    models = report["models"]
+    names = list(models)
+    title = f"MovieLens split {report['split_hash'][:8]} — {report['machine']}"
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    vals = [models[n]["metrics"]["NDCG@10"] for n in names]
+    errs = [models[n]["metrics_std"].get("NDCG@10", 0.0) for n in names]
+    ax.bar(names, vals, yerr=errs, capsize=4, color=["#999", "#4c72b0", "#c44e52", "#55a868"][: len(names)],
+           label="test NDCG@10 (± std over seeds)")
+    ax.set_ylabel("NDCG@10 (test, full ranking)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "quality.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n in names:
+        lat = models[n].get("latency_ms", {}).get("p50")
+        if lat:
+            ax.scatter(lat, models[n]["metrics"]["NDCG@10"], s=60, label=n)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per user at batch 1, p50 (ms, log scale)")
+    ax.set_ylabel("NDCG@10 (test)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "quality_vs_latency.png", dpi=120)
+    plt.close(fig)

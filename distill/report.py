@@ -1,0 +1,130 @@
+"""`anyo bench`: the teacher-vs-student report (Markdown, JSON, PNG plots).
+
+Quality comes from each model's metrics.json and per-user test ranks (written by
+its training stage through the shared harness); cost is measured here, on this
+machine, for each model: parameters, checkpoint size, peak RSS while serving,
+latency per user at batch 1 (p50/p95, search included, loading excluded) and
+throughput at a large batch. Paired bootstrap CIs compare per-user NDCG@10.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from distill.artifacts import atomic_dir, read_json
+from distill.data import load_split
+from distill.errors import ArtifactError
+
+MODELS = {"MostPop": "mostpop", "student alone": "student_alone", "teacher": "teacher",
+          "distilled student": "student_distilled"}
+HEADLINE = ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR@10", "Coverage@10", "ARP@10")
+
+
+def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    return np.where((ranks >= 0) & (ranks < k), 1.0 / np.log2(np.clip(ranks, 0, None) + 2.0), 0.0)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean of a - b over users and its 95% percentile bootstrap interval (users resampled)."""
+    diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(diff), size=(n_boot, len(diff)))
+    means = diff[idx].mean(axis=1)
+    return {"mean_diff": float(diff.mean()), "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]}
+
+
+def seed_dirs(run: Path, name: str) -> list[Path]:
+    dirs = [run / name] + sorted((run / "seeds").glob(f"{name}-*"))
+    return [d for d in dirs if (d / "metrics.json").is_file()]
+
+
+def collect_quality(run: Path, split_hash: str) -> tuple[dict, dict, list[str]]:
+    """Per model: mean/std metrics over seeds; per model: per-user test NDCG@10 (seed-averaged)."""
+    models, per_user, missing = {}, {}, []
+    for label, name in MODELS.items():
+        dirs = seed_dirs(run, name)
+        if not dirs:
+            missing.append(label)
+            continue
+        records = [read_json(d / "metrics.json") for d in dirs]
+        for d, r in zip(dirs, records):
+            if r.get("split_hash") != split_hash:
+                raise ArtifactError(f"{d / 'metrics.json'}: stage {label!r} was built from split {r.get('split_hash')}, "
+                                    f"the run's split is {split_hash}")
+        keys = [k for k in records[0]["metrics"]]
+        metrics = {k: float(np.mean([r["metrics"][k] for r in records])) for k in keys}
+        metrics["HR@1(candidates)"] = float(np.mean([r["candidates"]["HR@1"] for r in records]))
+        std = {k: float(np.std([r["metrics"][k] for r in records])) for k in keys}
+        models[label] = {"metrics": metrics, "metrics_std": std, "seeds": len(records), "dirs": [str(d) for d in dirs]}
+        ranks = [np.load(d / "test_ranks.npy", allow_pickle=False) for d in dirs if (d / "test_ranks.npy").is_file()]
+        if ranks:
+            per_user[label] = np.mean([ndcg_per_user(r) for r in ranks], axis=0)
+    return models, per_user, missing
+
+
+def write_report(run: Path, out: Path, measure_cost: bool = True) -> dict:
+    from distill.artifacts import write_json
+    run, out = Path(run), Path(out)
+    split = load_split(run / "split")
+    models, per_user, missing = collect_quality(run, split.hash)
+    if measure_cost:
+        from distill.serving import measure_costs
+        for label, cost in measure_costs(run, split, [m for m in models]).items():
+            models[label].update(cost)
+    comparisons = {}
+    for other, key in (("student alone", "distilled_vs_alone"), ("teacher", "distilled_vs_teacher")):
+        if "distilled student" in per_user and other in per_user:
+            comparisons[key] = {"NDCG@10": paired_bootstrap(per_user["distilled student"], per_user[other])}
+    report = {"split_hash": split.hash, "machine": machine(), "models": models, "comparisons": comparisons,
+              "missing": missing}
+    with atomic_dir(out) as tmp:
+        write_json(tmp / "report.json", report)
+        (tmp / "report.md").write_text(markdown(report))
+        from distill.plots import plot_report
+        plot_report(report, tmp)
+    print(markdown(report))
+    return report
+
+
+def machine() -> str:
+    import os
+    return f"{platform.machine()} {os.cpu_count()} CPU cores, {platform.system()} (torch CPU)"
+
+
+def _fmt(v, std=None) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.4f}" + (f" ± {std:.4f}" if std else "")
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# anyo report (split {report['split_hash']}, {report['machine']})", "",
+             "Test split, full ranking over the whole catalogue, history masked; "
+             "HR@1(cand) is the LLaRA 20-candidate protocol.", ""]
+    cols = ["HR@10", "NDCG@10", "MRR@10", "HR@1(candidates)", "Coverage@10"]
+    lines.append("| model | seeds | " + " | ".join(cols) + " | params | latency p50 (ms) | users/s |")
+    lines.append("|---" * (len(cols) + 5) + "|")
+    for name, m in report["models"].items():
+        q = [_fmt(m["metrics"].get(c), m["metrics_std"].get(c)) for c in cols]
+        lat = m.get("latency_ms", {}).get("p50")
+        lines.append(f"| {name} | {m['seeds']} | " + " | ".join(q) +
+                     f" | {m.get('params', '–')} | {_fmt(lat) if lat is not None else '–'} | "
+                     f"{m.get('throughput_users_per_s', float('nan')):.1f} |")
+    for key, c in report["comparisons"].items():
+        d = c["NDCG@10"]
+        lines.append(f"\n{key}: NDCG@10 difference {d['mean_diff']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")
+    if report["missing"]:
+        lines.append(f"\nMissing stages: {', '.join(report['missing'])}")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_bench(args) -> int:
+    run = Path(args.run)
+    if not (run / "split" / "manifest.json").is_file():
+        raise ArtifactError(f"{run}: not a run folder (no split/manifest.json)")
+    write_report(run, Path(args.out) if args.out else run / "report")
+    return 0

@@ -1,0 +1,81 @@
+"""Shared fixtures: a small synthetic data set and a tiny random Llama saved as a local HF folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = "the a movie film star war love story night day city man woman king lost return dark light".split()
+
+
+def write_dataset(folder: Path, n_users: int = 40, n_items: int = 60, seed: int = 0, name: str = "toy") -> Path:
+    """A RecBole-style NAME.inter/NAME.item with sequential structure (item i tends to follow i-1)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for u in range(n_users):
+        length = int(rng.integers(5, 16))
+        start = int(rng.integers(1, n_items + 1))
+        for t in range(length):
+            item = (start + t + int(rng.integers(0, 2))) % n_items + 1
+            lines.append(f"u{u}\ti{item}\t{int(rng.integers(1, 6))}\t{1000 + 10 * t + u}")
+    (folder / f"{name}.inter").write_text("\n".join(lines) + "\n")
+    items = ["item_id:token\tmovie_title:token_seq\trelease_year:token"]
+    for i in range(1, n_items + 1):
+        title = " ".join(rng.choice(WORDS, size=2))
+        items.append(f"i{i}\t{title}\t{1990 + i % 20}")
+    (folder / f"{name}.item").write_text("\n".join(items) + "\n")
+    return folder
+
+
+def write_tiny_llama(folder: Path) -> Path:
+    """A 2-layer random Llama and a word-level tokenizer, saved like any HF model folder."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = WORDS + "A user watched these movies in order : The next movie they will watch is".split()
+    tok.train_from_iterator([" ".join(corpus)], trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "<s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id)
+    LlamaModel(cfg).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def tiny_recipe_overrides(data: Path, model: Path) -> list[str]:
+    """`--set` overrides that make the default recipe run in seconds on the toy data."""
+    return [f"data.path={data}", "data.name=toy", "data.max_len=10",
+            "student.hidden_size=16", "student.num_heads=2", "student.epochs=3", "student.patience=3",
+            "student.batch_size=16",
+            f"teacher.model={model}", "teacher.num_layers=null", "teacher.lora_r=4", "teacher.num_experts=2",
+            "teacher.examples_per_epoch=32", "teacher.epochs=2", "teacher.batch_size=8", "teacher.max_history=5",
+            "teacher.eval_batch_size=16",
+            "distill.positions=2", "distill.k=5", "distill.backend=hf"]
+
+
+@pytest.fixture
+def tiny_recipe(toy_data, tiny_llama):
+    from distill.config import load_recipe
+    return load_recipe(Path(__file__).parents[1] / "recipes" / "ml100k.yaml",
+                       tiny_recipe_overrides(toy_data, tiny_llama))
