@@ -241,14 +241,21 @@ def _kcore(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
         keep = new
 
 
-def _sample_negatives(seqs: Histories, n_items: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, 19) distinct items outside each user's whole sequence, uniform."""
+def _sample_negatives(seqs: Histories, n_items: int, rng: np.random.Generator, source: Path) -> np.ndarray:
+    """(n, 19) distinct items outside each user's whole sequence, uniform.
+
+    A user who has seen almost the whole catalogue draws from every item except
+    its validation and test targets instead.
+    """
+    if n_items < NUM_NEGATIVES + 2:
+        raise DataError(f"{source}: {n_items} items; the candidate protocol needs at least {NUM_NEGATIVES + 2}")
     n = len(seqs)
     out = np.empty((n, NUM_NEGATIVES), dtype=np.int64)
     for u in range(n):  # once per split, not a hot path; rejection is cheap for sparse users
-        seen = set(seqs.row(u).tolist())
+        row = seqs.row(u).tolist()
+        seen = set(row)
         if n_items - len(seen) < NUM_NEGATIVES:
-            raise DataError(f"user {u}: fewer than {NUM_NEGATIVES} unseen items for the candidate protocol")
+            seen = set(row[-2:])
         picked: list[int] = []
         while len(picked) < NUM_NEGATIVES:
             for c in rng.integers(1, n_items + 1, size=2 * NUM_NEGATIVES).tolist():
@@ -312,7 +319,7 @@ def build_split(cfg: DataConfig) -> Split:
         raise DataError(f"{inter}: no user has 3 or more interactions after filtering")
 
     rng = np.random.default_rng(cfg.seed)
-    negatives = {s: _sample_negatives(seqs, len(items) - 1, rng) for s in STAGES}
+    negatives = {s: _sample_negatives(seqs, len(items) - 1, rng, inter) for s in STAGES}
     manifest = {
         "format": SPLIT_FORMAT,
         "hash": split_hash(inter, item, cfg),

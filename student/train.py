@@ -104,7 +104,7 @@ def fit(model: SASRec, split: Split, recipe: Recipe, loss: WeightedLoss, seed: i
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
-            total += float(value)
+            total += value.item()
             bar.set_postfix(loss=f"{total / step:.4f}")
         users = encode(model, valid_hist)
         ndcg = evaluate(split, users, model.item_vectors().detach().numpy(), "valid", ev.ks,

@@ -86,7 +86,7 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-            running += float(loss)
+            running += loss.item()
             n_examples += len(hist)
             n_tokens += batch_tokens
             rate = n_examples / (train_time + time.perf_counter() - t0)

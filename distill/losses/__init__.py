@@ -58,6 +58,6 @@ class WeightedLoss(nn.Module):
             if getattr(term, "needs_teacher", False) and (inputs.teacher is None or len(inputs.teacher.rows) == 0):
                 continue
             value = term(inputs)
-            parts[name] = float(value.detach())
+            parts[name] = value.item()
             total = total + self.weights[name] * value
         return total, parts

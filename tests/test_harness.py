@@ -1,0 +1,124 @@
+import json
+
+import numpy as np
+import pytest
+
+from distill.cli import main
+from distill.config import DataConfig
+from distill.data import Histories, build_split, save_split
+from distill.harness import Exclusions, ItemIndex, evaluate, rank_metrics
+
+
+@pytest.fixture(scope="module")
+def split(toy_data):
+    return build_split(DataConfig(name="toy", path=str(toy_data)))
+
+
+def random_vectors(split, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((split.n_users, d)).astype(np.float32),
+            rng.standard_normal((split.n_items + 1, d)).astype(np.float32))
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_faiss_and_brute_force_agree(split, mask):
+    users, items = random_vectors(split)
+    a = evaluate(split, users, items, "test", mask_history=mask, index="Flat")
+    b = evaluate(split, users, items, "test", mask_history=mask, index="brute")
+    assert np.array_equal(a.topk, b.topk)
+    assert a.metrics == b.metrics
+
+
+def test_search_breaks_ties_by_lower_id():
+    items = np.zeros((6, 2), np.float32)
+    items[[2, 4, 5]] = [1.0, 0.0]  # three equal best items
+    for kind in ("Flat", "brute"):
+        ids, _ = ItemIndex(items, kind).search(np.array([[1.0, 0.0]], np.float32), 3)
+        assert ids[0].tolist() == [2, 4, 5]
+
+
+def test_hand_computed_metrics():
+    ranks = np.array([0, 1, 4, -1])
+    m = rank_metrics(ranks, [1, 5])
+    assert m["HR@1"] == pytest.approx(0.25)
+    assert m["HR@5"] == pytest.approx(0.75)
+    assert m["NDCG@5"] == pytest.approx((1 + 1 / np.log2(3) + 1 / np.log2(6)) / 4)
+    assert m["MRR@5"] == pytest.approx((1 + 0.5 + 0.2) / 4)
+    assert m["Recall@5"] == m["HR@5"]
+
+
+def test_history_masking_never_masks_the_target():
+    hist = Histories.from_rows([[1, 2, 3], [4]])
+    ex = Exclusions.from_histories(hist, 6, keep=np.array([2, 5]))   # user 0's target 2 repeats a history item
+    items = np.eye(6, dtype=np.float32)[:, :6]
+    q = np.array([[0, 1, 1.5, 0.5, 0.1, 0], [0, 0, 0, 0, 2, 1]], np.float32)  # user 0 likes 2 most but 2 is kept
+    ids, _ = ItemIndex(items).search(q, 3, ex)
+    assert ids[0].tolist()[:2] == [2, 4] and 1 not in ids[0] and 3 not in ids[0]
+    assert ids[1][0] == 5 and 4 not in ids[1]
+
+
+def test_candidate_protocol_counts_target_against_its_19_negatives(split):
+    users, items = random_vectors(split)
+    res = evaluate(split, users, items, "test", protocol="candidates")
+    cands = np.concatenate([split.targets("test")[:, None], split.negatives["test"]], 1)
+    scores = np.einsum("nd,ncd->nc", users, items[cands])
+    expected = (scores.argmax(1) == 0).mean()
+    assert res.metrics["HR@1"] == pytest.approx(expected)
+
+
+def independent_ndcg10(inter_path, users_tsv, items_tsv, U, I, mask=True):
+    """NDCG@10 recomputed from the raw .inter file and the split's id tables only."""
+    rows = [l.split("\t") for l in open(inter_path).read().splitlines()[1:] if l]
+    by_user = {}
+    for n, (u, i, _, t) in enumerate(rows):
+        by_user.setdefault(u, []).append((float(t), n, i))
+    user_ids = [l.split("\t")[1] for l in open(users_tsv).read().splitlines()[1:]]
+    item_id = {l.split("\t")[1]: int(l.split("\t")[0]) for l in open(items_tsv).read().splitlines()[1:]}
+    total = 0.0
+    for r, u in enumerate(user_ids):
+        seq = [item_id[i] for _, _, i in sorted(by_user[u])]
+        target, history = seq[-1], seq[:-1]
+        s = I @ U[r]
+        s[0] = -np.inf
+        if mask:
+            s[[h for h in history if h != target]] = -np.inf
+        order = sorted(range(len(s)), key=lambda j: (-s[j], j))
+        rank = order.index(target)
+        total += 1 / np.log2(rank + 2) if rank < 10 else 0.0
+    return total / len(user_ids)
+
+
+def test_evaluate_cli_matches_independent_computation(tmp_path, toy_data, split):
+    save_split(split, tmp_path / "split")
+    U, I = random_vectors(split, seed=3)
+    np.save(tmp_path / "U.npy", U)
+    np.save(tmp_path / "I.npy", I)
+    assert main(["evaluate", "--split", str(tmp_path / "split"), "--user-vectors", str(tmp_path / "U.npy"),
+                 "--item-vectors", str(tmp_path / "I.npy"), "--out", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["stage"] == "test" and m["protocol"] == "full" and m["mask_history"] and m["n_users"] == split.n_users
+    want = independent_ndcg10(toy_data / "toy.inter", tmp_path / "split/users.tsv", tmp_path / "split/items.tsv", U, I)
+    assert abs(m["metrics"]["NDCG@10"] - want) < 1e-6
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ("rows", "rows, expected"), ("dim", "dimension"), ("nan", "NaN or inf"), ("inf", "NaN or inf")])
+def test_evaluate_cli_rejects_bad_vectors(tmp_path, split, bad, msg, capsys):
+    save_split(split, tmp_path / "split")
+    U, I = random_vectors(split)
+    if bad == "rows":
+        U = U[:-1]
+    elif bad == "dim":
+        U = U[:, :-1]
+    elif bad == "nan":
+        I[3, 1] = np.nan
+    else:
+        U[2, 0] = np.inf
+    np.save(tmp_path / "U.npy", U)
+    np.save(tmp_path / "I.npy", I)
+    rc = main(["evaluate", "--split", str(tmp_path / "split"), "--user-vectors", str(tmp_path / "U.npy"),
+               "--item-vectors", str(tmp_path / "I.npy"), "--out", str(tmp_path / "m.json")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert msg in err and ".npy" in err
+    assert not (tmp_path / "m.json").exists()

@@ -1,0 +1,79 @@
+import math
+
+import pytest
+import torch
+
+from distill.losses import (EmbeddingAlignment, LossInputs, RankingDistillation, SoftTargetKL, TeacherTargets,
+                            WeightedLoss, SoftmaxLoss)
+
+
+def inputs(teacher_scores=None, requires_grad=True):
+    torch.manual_seed(0)
+    h = torch.randn(3, 4, requires_grad=requires_grad)
+    table = torch.randn(8, 4)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 1, 2]])
+    s = torch.einsum("pd,pkd->pk", h.detach(), table[ids])
+    scores = s.clone() if teacher_scores is None else teacher_scores
+    t = TeacherTargets(torch.arange(3), ids, scores.requires_grad_(True), torch.randn(3, 5, requires_grad=True))
+    return LossInputs(h, torch.tensor([1, 2, 3]), table, t)
+
+
+def test_kl_is_zero_when_scores_match_and_hand_computed_otherwise():
+    x = inputs()
+    assert SoftTargetKL(2.0)(x).item() == pytest.approx(0.0, abs=1e-6)
+    t_scores = torch.tensor([[1.0, 0.0, 0.0]] * 3)
+    x = inputs(t_scores)
+    T = 2.0
+    s = torch.einsum("pd,pkd->pk", x.hidden, x.item_table[x.teacher.ids])
+    p, q = torch.softmax(t_scores / T, -1), torch.log_softmax(s / T, -1)
+    hand = (p * (p.log() - q)).sum(-1).mean() * T * T
+    assert SoftTargetKL(T)(x).item() == pytest.approx(hand.item(), rel=1e-5)
+
+
+def test_ranking_distillation_hand_computation():
+    x = inputs()
+    term = RankingDistillation(n_items=7, lam=1.0, num_negatives=4)
+    torch.manual_seed(1)
+    got = term(x)
+    torch.manual_seed(1)
+    neg_ids = torch.randint(1, 8, (3, 4))
+    h, E, ids = x.hidden, x.item_table, x.teacher.ids
+    w = torch.exp(-torch.arange(3.0))
+    w = w / w.sum()
+    total = 0.0
+    for p in range(3):
+        valid = [j for j in range(4) if neg_ids[p, j] not in ids[p]]
+        for r in range(3):
+            vals = [math.log(torch.sigmoid(h[p] @ E[ids[p, r]] - h[p] @ E[neg_ids[p, j]]).item()) for j in valid]
+            total += -w[r].item() * (sum(vals) / max(len(vals), 1))
+    assert got.item() == pytest.approx(total / 3, rel=1e-5)
+
+
+def test_alignment_cosine_hand_computation():
+    x = inputs()
+    term = EmbeddingAlignment(4, 5, "cosine")
+    mapped = term.map(x.hidden)
+    hand = (1 - torch.cosine_similarity(mapped, x.teacher.query, dim=-1)).mean()
+    assert term(x).item() == pytest.approx(hand.item(), rel=1e-5)
+    assert EmbeddingAlignment(4, 5, "infonce")(x).item() > 0
+
+
+def test_teacher_tensors_get_no_gradient_and_student_does():
+    x = inputs(torch.randn(3, 3))
+    loss = WeightedLoss({"own": (1.0, SoftmaxLoss()), "kd": (1.0, SoftTargetKL(2.0)),
+                         "rank": (0.5, RankingDistillation(7)), "align": (0.1, EmbeddingAlignment(4, 5))})
+    total, parts = loss(x)
+    total.backward()
+    assert set(parts) == {"own", "kd", "rank", "align"}
+    assert x.hidden.grad is not None and x.hidden.grad.abs().sum() > 0
+    assert x.teacher.scores.grad is None and x.teacher.query.grad is None
+
+
+def test_zero_weight_terms_are_not_built_and_teacherless_batches_use_own_loss():
+    loss = WeightedLoss({"own": (1.0, SoftmaxLoss()), "kd": (0.0, SoftTargetKL(1.0))})
+    assert list(loss.terms) == ["own"] and not loss.needs_teacher
+    x = inputs()
+    x.teacher = None
+    loss = WeightedLoss({"own": (1.0, SoftmaxLoss()), "kd": (1.0, SoftTargetKL(1.0))})
+    total, parts = loss(x)
+    assert set(parts) == {"own"}
