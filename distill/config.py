@@ -120,6 +120,7 @@ class DistillConfig:
     positions: int = _help("Training positions per user scored by the teacher (the last P).", 5)
     k: int = _help("Top-K teacher items kept per query in the cache.", 50)
     backend: str = _help("Teacher inference backend: `deepspeed` or `hf`.", "deepspeed")
+    shard_users: int = _help("Users per teacher-cache shard (the unit of resume and of work per rank).", 128)
     own_weight: float = _help("Weight of the student's own next-item loss.", 1.0)
     kd_weight: float = _help("Weight of the temperature-scaled KL to the teacher's top-K.", 1.0)
     rank_weight: float = _help("Weight of the position-weighted ranking distillation.", 0.5)
@@ -132,6 +133,7 @@ class DistillConfig:
     def __post_init__(self):
         _require(self.positions >= 1, "distill.positions", f"must be >= 1, got {self.positions}")
         _require(self.k >= 1, "distill.k", "must be >= 1")
+        _require(self.shard_users >= 1, "distill.shard_users", "must be >= 1")
         _require(self.backend in ("deepspeed", "hf"), "distill.backend", f"must be deepspeed or hf, got {self.backend!r}")
         _require(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
         weights = (self.own_weight, self.kd_weight, self.rank_weight, self.align_weight)

@@ -115,7 +115,8 @@ def stage_infer(recipe: Recipe, run: Path, split: Split, merge_only: bool = Fals
         return merge(recipe, split, teacher_dir, out)
     teacher_meta = read_json(teacher_dir / "teacher.json")
     wanted = {"split_hash": split.hash, "teacher_hash": teacher_meta["checkpoint_hash"], "k": recipe.distill.k,
-              "positions": recipe.distill.positions, "mask_history": recipe.eval.mask_history}
+              "positions": recipe.distill.positions, "mask_history": recipe.eval.mask_history,
+              "shard_users": recipe.distill.shard_users}
     if (out / "manifest.json").is_file():
         manifest = read_json(out / "manifest.json")
         if all(manifest.get(k) == v for k, v in wanted.items()):

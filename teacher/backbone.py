@@ -70,7 +70,8 @@ def dequantized_folder(gguf: Path) -> Path:
 def load_backbone(model: str, num_layers: int | None = None, dtype: str = "float32"):
     """(headless decoder, tokenizer, source folder) for a recipe's `teacher.model`."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
     path = resolve(model)
     folder = dequantized_folder(path) if path.suffix == ".gguf" else path
@@ -80,7 +81,9 @@ def load_backbone(model: str, num_layers: int | None = None, dtype: str = "float
         config = AutoConfig.from_pretrained(folder)
     except Exception as e:
         raise ConfigError(f"teacher.model: {folder}/config.json unreadable ({str(e).splitlines()[0]})") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or getattr(config, "is_encoder_decoder", False):
+    # encoders such as BERT also have a causal-LM class; they count only when configured as decoders
+    encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder or getattr(config, "is_encoder_decoder", False):
         raise ConfigError(f"teacher.model: {folder} is a {config.model_type!r} model, not a decoder-only LM")
     if num_layers is not None:
         if num_layers > config.num_hidden_layers:

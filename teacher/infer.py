@@ -24,9 +24,6 @@ from distill.errors import ArtifactError, ConfigError
 from teacher.model import TeacherRetriever
 from teacher.train import prefixes
 
-SHARD_USERS = 128
-
-
 def query_plan(split: Split, positions: int) -> tuple[np.ndarray, np.ndarray]:
     """(users, t) of every query, grouped by user: last P training positions, then valid, then test."""
     lengths = split.sequences.lengths
@@ -94,9 +91,11 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
     model = wrap_backend(model.eval(), backend)
     users, t = query_plan(split, d.positions)
     meta = {"split_hash": split.hash, "teacher_hash": teacher_hash, "k": d.k, "positions": d.positions,
+            "shard_users": d.shard_users,
             "mask_history": recipe.eval.mask_history, "dim": model.out_projector.out_features,
             "n_items": split.n_items, "n_users": split.n_users}
-    n_shards = -(-split.n_users // SHARD_USERS)
+    shard_users = d.shard_users
+    n_shards = -(-split.n_users // shard_users)
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (out / "manifest.json").unlink(missing_ok=True)  # the cache is incomplete until rank 0 rewrites it
@@ -111,7 +110,7 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
             except ArtifactError:
                 pass
         todo.append(i)
-    rows_of = lambda i: np.flatnonzero((users >= i * SHARD_USERS) & (users < (i + 1) * SHARD_USERS))
+    rows_of = lambda i: np.flatnonzero((users >= i * shard_users) & (users < (i + 1) * shard_users))
     total = sum(len(rows_of(i)) for i in todo)
     start, tokens = time.perf_counter(), 0
     with tqdm(total=total, desc=f"teacher infer ({backend}, rank {rank})", unit="prompt") as bar:
@@ -147,4 +146,4 @@ def merge(recipe: Recipe, split: Split, teacher_dir: Path, out: Path) -> dict:
     meta = shard_metadata(first)
     if meta.get("split_hash") != split.hash or meta.get("teacher_hash") != meta_t["checkpoint_hash"]:
         raise ArtifactError(f"{first}: shards were built from another split or teacher")
-    return write_manifest(out, -(-split.n_users // SHARD_USERS), meta, heads["item_table"])
+    return write_manifest(out, -(-split.n_users // meta["shard_users"]), meta, heads["item_table"])

@@ -1,0 +1,179 @@
+"""End-to-end on the tiny recipe: `anyo run`, the teacher cache, and the report."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import tiny_recipe_overrides
+from distill.cache import TeacherCache, memmap_tensors
+from distill.cli import main
+from distill.errors import ArtifactError
+
+REPO = Path(__file__).parents[1]
+RECIPE = str(REPO / "recipes" / "ml100k.yaml")
+
+
+def sets(overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, toy_data, tiny_llama):
+    run = tmp_path_factory.mktemp("run")
+    overrides = tiny_recipe_overrides(toy_data, tiny_llama)
+    assert main(["run", RECIPE, "--out", str(run)] + sets(overrides)) == 0
+    return run, overrides
+
+
+def test_run_writes_every_stage(tiny_run):
+    run, _ = tiny_run
+    for path in ["split/manifest.json", "mostpop/metrics.json", "student_alone/model.safetensors",
+                 "student_alone/metrics.json", "teacher/adapter/adapter_model.safetensors", "teacher/heads.safetensors",
+                 "teacher/metrics.json", "teacher_cache/manifest.json", "student_distilled/metrics.json",
+                 "report/report.json", "report/report.md", "report/quality.png", "report/quality_vs_latency.png"]:
+        assert (run / path).is_file(), path
+        assert (run / path).stat().st_size > 0
+    m = json.loads((run / "student_alone" / "metrics.json").read_text())
+    assert {"metrics", "stage", "best_epoch", "train_seconds", "split_hash", "seed", "valid_metrics"} <= set(m)
+    t = json.loads((run / "teacher" / "metrics.json").read_text())
+    assert {"examples_per_second", "train_seconds", "candidates"} <= set(t) and "HR@1" in t["candidates"]
+
+
+def test_rerun_skips_every_stage(tiny_run, capsys):
+    run, overrides = tiny_run
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+    capsys.readouterr()
+    assert main(["run", RECIPE, "--out", str(run)] + sets(overrides)) == 0
+    out = capsys.readouterr().out
+    for stage in ("split up to date", "student alone (seed 0) up to date", "teacher up to date",
+                  "teacher cache up to date", "distilled student (seed 0) up to date"):
+        assert stage in out
+    assert before == {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+
+
+def test_report_schema(tiny_run):
+    run, _ = tiny_run
+    r = json.loads((run / "report" / "report.json").read_text())
+    assert {"split_hash", "machine", "models", "comparisons"} <= set(r)
+    for name in ("MostPop", "student alone", "teacher", "distilled student"):
+        m = r["models"][name]
+        assert {"metrics", "metrics_std", "seeds", "params", "trainable_params", "checkpoint_bytes",
+                "peak_rss_bytes", "latency_ms", "throughput_users_per_s"} <= set(m)
+        assert set(m["latency_ms"]) == {"p50", "p95"}
+    assert set(r["models"]["teacher"]["backends"]) == {"hf", "deepspeed"}
+    for key in ("distilled_vs_alone", "distilled_vs_teacher"):
+        ci = r["comparisons"][key]["NDCG@10"]
+        assert ci["ci95"][0] <= ci["mean_diff"] <= ci["ci95"][1]
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    for part in ("split", "student_alone", "teacher"):
+        shutil.copytree(run / part, dest / part)
+    return dest
+
+
+def cache_arrays(folder: Path) -> dict:
+    c = TeacherCache(folder)
+    return {f"{i}/{k}": np.asarray(v) for i, t in enumerate(c.shards) for k, v in t.items()}
+
+
+def infer(run, overrides, *extra):
+    return main(["teacher", "infer", RECIPE, "--out", str(run)] + sets(overrides) + list(extra))
+
+
+def test_deepspeed_and_hf_backends_agree(tiny_run, tmp_path):
+    run, overrides = tiny_run
+    a = copy_run(run, tmp_path / "a")
+    b = copy_run(run, tmp_path / "b")
+    assert infer(a, overrides, "--backend", "hf") == 0
+    assert infer(b, overrides, "--backend", "deepspeed") == 0
+    ca, cb = TeacherCache(a / "teacher_cache"), TeacherCache(b / "teacher_cache")
+    for sa, sb in zip(ca.shards, cb.shards):
+        assert np.array_equal(sa["topk_ids"], sb["topk_ids"])
+        assert np.allclose(sa["topk_scores"], sb["topk_scores"], atol=1e-4)
+
+
+def test_resume_after_crash_equals_clean_run(tiny_run, tmp_path):
+    run, overrides = tiny_run
+    clean = cache_arrays(run / "teacher_cache")
+    crashed = copy_run(run, tmp_path / "c")
+    shutil.copytree(run / "teacher_cache", crashed / "teacher_cache")
+    # a crash after the first shard: later shards and the manifest never written, a temp file left behind
+    for p in sorted((crashed / "teacher_cache").glob("shard-*"))[1:]:
+        p.unlink()
+    (crashed / "teacher_cache" / "manifest.json").unlink()
+    (crashed / "teacher_cache" / ".shard-00001.safetensors.x.tmp").write_bytes(b"partial")
+    assert infer(crashed, overrides) == 0
+    resumed = cache_arrays(crashed / "teacher_cache")
+    assert clean.keys() == resumed.keys()
+    assert all(np.array_equal(clean[k], resumed[k]) for k in clean)
+
+
+def test_tampered_or_foreign_cache_is_refused(tiny_run, tmp_path):
+    run, _ = tiny_run
+    cache = tmp_path / "cache"
+    shutil.copytree(run / "teacher_cache", cache)
+    with pytest.raises(ArtifactError, match="cache built from split"):
+        TeacherCache(cache, split_hash="another")
+    shard = sorted(cache.glob("shard-*"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=f"{shard.name}: sha256 does not match"):
+        TeacherCache(cache)
+
+
+def test_lookup_returns_the_right_rows(tiny_run):
+    run, _ = tiny_run
+    cache = TeacherCache(run / "teacher_cache")
+    shard = memmap_tensors(run / "teacher_cache" / "shard-00001.safetensors")
+    users = np.array([shard["user"][3], 10_000, shard["user"][0]])
+    pos = np.array([shard["position"][3], 1, shard["position"][0]])
+    rows = cache.lookup(users, pos, k=3)
+    assert rows.found.tolist() == [True, False, True]
+    assert np.array_equal(rows.topk_ids, shard["topk_ids"][[3, 0], :3])
+    assert np.array_equal(rows.query, shard["query"][[3, 0]])
+    with pytest.raises(ArtifactError, match="larger than the cache's K"):
+        cache.lookup(users, pos, k=99)
+
+
+def test_two_process_gloo_sharding_equals_one_process(tiny_run, tmp_path):
+    run, overrides = tiny_run
+    two = copy_run(run, tmp_path / "two")
+    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    cmd = [sys.executable, "-m", "distill.cli", "teacher", "infer", RECIPE, "--out", str(two)] + sets(overrides)
+    procs = [subprocess.Popen(cmd, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for r in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out.decode()[-3000:]
+    one, many = cache_arrays(run / "teacher_cache"), cache_arrays(two / "teacher_cache")
+    assert one.keys() == many.keys()
+    assert all(np.array_equal(one[k], many[k]) for k in one)
+
+
+def test_bootstrap_ci_on_constructed_cases():
+    from distill.report import paired_bootstrap
+    rng = np.random.default_rng(0)
+    a = rng.random(500)
+    same = paired_bootstrap(a, a.copy())
+    assert same["ci95"][0] <= 0 <= same["ci95"][1]
+    noisy = paired_bootstrap(a, rng.permutation(a))
+    assert noisy["ci95"][0] < 0 < noisy["ci95"][1]
+    better = paired_bootstrap(a + 0.05 + 0.01 * rng.random(500), a)
+    assert better["ci95"][0] > 0
+
+
+def test_distill_refuses_cache_from_another_split(tiny_run, tmp_path, capsys):
+    run, overrides = tiny_run
+    other = copy_run(run, tmp_path / "o")
+    shutil.copytree(run / "teacher_cache", other / "teacher_cache")
+    rc = main(["distill", RECIPE, "--out", str(other)] + sets(overrides) + ["--set", "data.seed=99"])
+    assert rc == 2
+    assert "cache built from split" in capsys.readouterr().err

@@ -1,0 +1,128 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from distill.data import build_split
+from distill.errors import ConfigError
+from student.model import SASRec, SASRecConfig
+from teacher.backbone import load_backbone
+from teacher.model import build_teacher, load_teacher, save_teacher
+
+
+@pytest.fixture(scope="module")
+def split(toy_data):
+    from distill.config import DataConfig
+    return build_split(DataConfig(name="toy", path=str(toy_data), max_len=10))
+
+
+@pytest.fixture(scope="module")
+def cf(split):
+    torch.manual_seed(0)
+    return SASRec(SASRecConfig(split.n_items, 10, hidden_size=16, num_layers=1, num_heads=2, dropout=0.0))
+
+
+def make(tiny_recipe, split, cf, seed=0, **changes):
+    cfg = dataclasses.replace(tiny_recipe.teacher, lora_dropout=0.0, **changes)
+    torch.manual_seed(seed)
+    return build_teacher(cfg, cf, split.titles).eval()
+
+
+def histories(split, n=6):
+    h = split.history("test")
+    return [h.row(u) for u in range(n)]
+
+
+def test_lm_head_is_absent(tiny_recipe, split, cf):
+    t = make(tiny_recipe, split, cf)
+    names = [n for n, _ in t.named_modules()]
+    assert not any("lm_head" in n for n in names)
+    assert type(t.backbone.get_base_model()).__name__ == "LlamaModel"
+
+
+def test_only_history_slots_change_with_cf_embeddings(tiny_recipe, split, cf):
+    t = make(tiny_recipe, split, cf)
+    batch = t.prompts(histories(split))
+    before = t.input_embeddings(batch).detach().clone()
+    with torch.no_grad():
+        t.cf.item_emb.weight.add_(1.0)
+    after = t.input_embeddings(batch).detach()
+    with torch.no_grad():
+        t.cf.item_emb.weight.sub_(1.0)
+    changed = (before != after).any(-1)
+    assert torch.equal(changed, batch.history_items > 0)
+
+
+def test_left_and_right_padding_pool_the_same_vector(tiny_recipe, split, cf):
+    t = make(tiny_recipe, split, cf)
+    h = histories(split)
+    with torch.no_grad():
+        left, right = t.encode(h, "left"), t.encode(h, "right")
+    assert torch.allclose(left, right, atol=1e-5)
+
+
+def test_single_expert_moe_equals_plain_lora(tiny_recipe, split, cf):
+    lora = make(tiny_recipe, split, cf, adapter="lora", num_experts=1)
+    for p in lora.parameters():  # give LoRA B non-zero weights so the adapter matters
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    moe = make(tiny_recipe, split, cf, adapter="moe_lora", num_experts=1)
+    moe.load_state_dict(lora.state_dict(), strict=False)
+    h = histories(split)
+    with torch.no_grad():
+        assert torch.allclose(lora.encode(h), moe.encode(h), atol=1e-5)
+
+
+def test_gate_differs_per_history_and_receives_gradient(tiny_recipe, split, cf):
+    t = make(tiny_recipe, split, cf, adapter="moe_lora", num_experts=2).train()
+    for n, p in t.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    from distill.data import Histories
+    h = histories(split)
+    g = t.gate.gates(t.cf.encode_users(torch.from_numpy(Histories.from_rows(h).padded(10))))
+    assert not torch.allclose(g[0], g[1])
+    t.encode(h).pow(2).sum().backward()
+    assert t.gate.net.weight.grad is not None and t.gate.net.weight.grad.abs().sum() > 0
+
+
+def test_adapter_save_load_round_trip(tmp_path, tiny_recipe, split, cf):
+    t = make(tiny_recipe, split, cf)
+    for p in t.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    save_teacher(t, tmp_path / "teacher", {"split_hash": split.hash})
+    assert (tmp_path / "teacher" / "adapter" / "adapter_model.safetensors").is_file()
+    loaded, _ = load_teacher(tmp_path / "teacher", cf, split.titles, split.hash)
+    h = histories(split)
+    with torch.no_grad():
+        assert torch.equal(t.encode(h), loaded.encode(h))
+
+
+def test_teacher_outputs_match_brute_force(tiny_recipe, split, cf):
+    t = make(tiny_recipe, split, cf)
+    h = histories(split)
+    out = t.get_teacher_outputs(h, k=5)
+    scores = (out.query @ t.item_table.detach().T).numpy()
+    scores[:, 0] = -np.inf
+    for b, row in enumerate(h):
+        scores[b, row] = -np.inf
+        want = np.argsort(-scores[b], kind="stable")[:5]
+        assert out.topk_ids[b].tolist() == want.tolist()
+        assert np.allclose(out.topk_scores[b].numpy(), scores[b, want] / t.cfg.temperature, rtol=1e-5)
+
+
+def test_bad_backbones(tmp_path, tiny_llama):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_backbone(str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="num_layers: 5 > the model's 2 layers"):
+        load_backbone(str(tiny_llama), num_layers=5)
+    from transformers import BertConfig
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ConfigError, match="not a decoder-only LM"):
+        load_backbone(str(tmp_path / "bert"))
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 20)
+    with pytest.raises(ConfigError, match="cannot read GGUF file"):
+        load_backbone(str(bad))
