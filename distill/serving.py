@@ -56,9 +56,9 @@ def load_server(run: Path, split: Split, label: str):
     params = sum(p.numel() for p in model.parameters() if not p.is_meta)
     trainable = sum(v.numel() for v in model.heads_state().values()) + sum(
         p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    encode = lambda hs: model.encode(hs).float().detach().numpy()
+    encode = lambda hs: model.encode(hs).float().cpu().numpy()
     import torch
-    return torch.inference_mode()(encode), model.item_table.detach().numpy(), params, trainable, _dir_bytes(run / "teacher")
+    return torch.inference_mode()(encode), model.item_table.detach().float().cpu().numpy(), params, trainable, _dir_bytes(run / "teacher")
 
 
 def measure(run: Path, label: str) -> dict:

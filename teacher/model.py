@@ -61,8 +61,15 @@ class TeacherRetriever(nn.Module):
         items = self.in_projector(self.cf.item_emb(batch.history_items))
         return torch.where(is_hist.unsqueeze(-1), items.to(tokens.dtype), tokens)
 
+    @property
+    def device(self) -> torch.device:
+        return self.item_table.device
+
     def forward(self, batch: PromptBatch, cf_histories: torch.Tensor) -> torch.Tensor:
         """Prompts + (B, max_len) CF histories -> (B, D) query vectors."""
+        batch = PromptBatch(*(t.to(self.device) for t in (batch.input_ids, batch.attention_mask,
+                                                          batch.history_items, batch.last_index)))
+        cf_histories = cf_histories.to(self.device)
         x = self.input_embeddings(batch)
         position_ids = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)   # padding-side independent
         if self.gate is not None:
@@ -91,7 +98,7 @@ class TeacherRetriever(nn.Module):
         out = np.empty((len(histories), self.out_projector.out_features), dtype=np.float32)
         for lo in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
             rows = order[lo:lo + batch_size]
-            out[rows] = self.encode([histories[i] for i in rows]).float().numpy()
+            out[rows] = self.encode([histories[i] for i in rows]).float().cpu().numpy()
         return out
 
     # ------------------------------------------------------------ retrieval
@@ -107,8 +114,8 @@ class TeacherRetriever(nn.Module):
                             index: str = "Flat") -> TeacherOutputs:
         """Query vectors and the top-k items over the whole catalogue (via the harness index)."""
         if self._index is None or self._index.kind != index:
-            self._index = ItemIndex(self.item_table.detach().float().numpy(), index)
-        q = self.encode(histories).float()
+            self._index = ItemIndex(self.item_table.detach().float().cpu().numpy(), index)
+        q = self.encode(histories).float().cpu()
         exclude = None
         if mask_history:
             exclude = Exclusions.from_histories(Histories.from_rows(histories), len(self.item_table))
@@ -135,7 +142,8 @@ def build_teacher(cfg: TeacherConfig, cf: SASRec, titles: list[str], adapter_dir
             raise ArtifactError(f"teacher.target_modules: {e}") from None
     else:
         backbone = PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=trainable)
-    return TeacherRetriever(backbone, tokenizer, cf, titles, cfg)
+    model = TeacherRetriever(backbone, tokenizer, cf, titles, cfg)
+    return model.to("cuda") if torch.cuda.is_available() else model
 
 
 def save_teacher(model: TeacherRetriever, folder: Path, meta: dict) -> str:

@@ -80,7 +80,7 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
             hist = prefixes(split, users[sl], pos[sl])
             batch_tokens = int(model.prompts.lengths(hist).sum())
             q = model.encode(hist)                                                 # (B, D)
-            loss = loss_fn(LossInputs(q, torch.from_numpy(targets[sl]), model.item_table))
+            loss = loss_fn(LossInputs(q, torch.from_numpy(targets[sl]).to(q.device), model.item_table))
             (loss / cfg.grad_accum).backward()
             if i % cfg.grad_accum == 0 or lo + cfg.batch_size >= len(pick):
                 opt.step()
@@ -95,7 +95,7 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
         model.eval()
         model.invalidate_index()
         valid = stage_queries(model, split, "valid", cfg.eval_batch_size)
-        ndcg = evaluate(split, valid, model.item_table.detach().numpy(), "valid", ev.ks, ev.mask_history,
+        ndcg = evaluate(split, valid, model.item_table.detach().float().cpu().numpy(), "valid", ev.ks, ev.mask_history,
                         index=ev.index).metrics["NDCG@10"]
         elapsed = time.perf_counter() - start
         curve.append({"epoch": epoch, "examples": n_examples, "seconds": round(elapsed, 2),
@@ -115,7 +115,7 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
                 p.copy_(best_state[n])
     model.eval()
     results = evaluate_model(split, lambda stage: stage_queries(model, split, stage, cfg.eval_batch_size),
-                             model.item_table.detach().numpy(), ev)
+                             model.item_table.detach().float().cpu().numpy(), ev)
     digest = save_teacher(model, out, {"split_hash": split.hash, "seed": seed, **extra})
     np.save(out / "test_ranks.npy", results["test"].ranks)
     return metrics_record(results, split, best_epoch=best_epoch, seed=seed, curve=curve, checkpoint_hash=digest,

@@ -58,7 +58,7 @@ class SoftmaxLoss(nn.Module):
         if self.in_batch and not self.sampler.exhaustive:
             neg = torch.cat([neg, y])
             if log_q is not None:
-                log_q = torch.cat([log_q, self.sampler.probs[y.cpu()].log().float()]).to(h.device)
+                log_q = torch.cat([log_q.to(h.device), self.sampler.probs[y.cpu()].log().float().to(h.device)])
         pos = (h * table[y]).sum(-1, keepdim=True) / self.temperature   # (P, 1)
         neg_logits = h @ table[neg].T / self.temperature                # (P, M)
         if log_q is not None:
