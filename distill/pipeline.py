@@ -173,11 +173,23 @@ def stage_run(recipe: Recipe, run: Path, split: Split, seeds: int) -> dict:
     rows["student alone"] = mean_row(alone)
     rows["teacher"] = table_row(teacher)
     rows["distilled student"] = mean_row(distilled)
-    from distill.report import write_report
-    write_report(run, run / "report")
+    stage_report(run)
     print()
     print_table(rows)
     return rows
+
+
+def stage_report(run: Path) -> dict:
+    """The report, rebuilt only when a model's metrics changed (cost measurements take minutes)."""
+    from distill.artifacts import sha256_file
+    from distill.report import write_report
+    inputs = {str(p.relative_to(run)): sha256_file(p) for p in sorted(run.glob("**/metrics.json"))
+              if "report" not in p.parts}
+    existing = run / "report" / "report.json"
+    if existing.is_file() and read_json(existing).get("inputs") == inputs:
+        print(f"report up to date in {run / 'report'}")
+        return read_json(existing)
+    return write_report(run, run / "report", inputs=inputs)
 
 
 def mean_row(records: list[dict]) -> dict:

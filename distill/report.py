@@ -66,7 +66,7 @@ def collect_quality(run: Path, split_hash: str) -> tuple[dict, dict, list[str]]:
     return models, per_user, missing
 
 
-def write_report(run: Path, out: Path, measure_cost: bool = True) -> dict:
+def write_report(run: Path, out: Path, measure_cost: bool = True, inputs: dict | None = None) -> dict:
     from distill.artifacts import write_json
     run, out = Path(run), Path(out)
     split = load_split(run / "split")
@@ -80,7 +80,7 @@ def write_report(run: Path, out: Path, measure_cost: bool = True) -> dict:
         if "distilled student" in per_user and other in per_user:
             comparisons[key] = {"NDCG@10": paired_bootstrap(per_user["distilled student"], per_user[other])}
     report = {"split_hash": split.hash, "machine": machine(), "models": models, "comparisons": comparisons,
-              "missing": missing}
+              "missing": missing, "inputs": inputs or {}}
     with atomic_dir(out) as tmp:
         write_json(tmp / "report.json", report)
         (tmp / "report.md").write_text(markdown(report))

@@ -52,7 +52,7 @@ def test_rerun_skips_every_stage(tiny_run, capsys):
     assert main(["run", RECIPE, "--out", str(run)] + sets(overrides)) == 0
     out = capsys.readouterr().out
     for stage in ("split up to date", "student alone (seed 0) up to date", "teacher up to date",
-                  "teacher cache up to date", "distilled student (seed 0) up to date"):
+                  "teacher cache up to date", "distilled student (seed 0) up to date", "report up to date"):
         assert stage in out
     assert before == {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
 
