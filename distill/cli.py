@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default RUN/report)")
     p.add_argument("--recipe", default=None, help="recipe (default: the one the run recorded)")
 
+    p = sub.add_parser("verify", help="check every artifact of a run: ok, stale or corrupt")
+    p.add_argument("run", help="run folder")
+
     p = sub.add_parser("run", help="the whole pipeline, each stage skipped when up to date")
     p.add_argument("recipe")
     p.add_argument("--out", required=True)

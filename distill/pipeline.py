@@ -218,6 +218,9 @@ def dispatch(args) -> int:
     if args.command == "evaluate":
         cmd_evaluate(args)
         return 0
+    if args.command == "verify":
+        from distill.verify import cmd_verify
+        return cmd_verify(args)
     if args.command == "bench":
         from distill.report import cmd_bench
         return cmd_bench(args)

@@ -177,3 +177,20 @@ def test_distill_refuses_cache_from_another_split(tiny_run, tmp_path, capsys):
     rc = main(["distill", RECIPE, "--out", str(other)] + sets(overrides) + ["--set", "data.seed=99"])
     assert rc == 2
     assert "cache built from split" in capsys.readouterr().err
+
+
+def test_verify_reports_ok_then_corrupt_and_stale(tiny_run, tmp_path, capsys):
+    run, _ = tiny_run
+    assert main(["verify", str(run)]) == 0
+    copy = tmp_path / "v"
+    shutil.copytree(run, copy)
+    shard = sorted((copy / "teacher_cache").glob("shard-*"))[0]
+    shard.write_bytes(shard.read_bytes()[:-4])
+    meta = json.loads((copy / "student_alone" / "config.json").read_text())
+    meta["split_hash"] = "0000"
+    (copy / "student_alone" / "config.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["verify", str(copy)]) == 1
+    lines = {l.split()[0]: l for l in capsys.readouterr().out.splitlines()}
+    assert " ok " in lines["split"] + " "
+    assert "stale" in lines["student_alone"] and "corrupt" in lines["teacher_cache"]
