@@ -13,19 +13,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 def plot_report(report: dict, out: Path) -> None:
     models = report["models"]
     names = list(models)
-    title = f"MovieLens split {report['split_hash'][:8]} — {report['machine']}"
+    title = f"{report.get('dataset', 'data')} (split {report['split_hash'][:8]}) — {report['machine']}"
 
     fig, ax = plt.subplots(figsize=(7, 4))
     vals = [models[n]["metrics"]["NDCG@10"] for n in names]
-    errs = [models[n]["metrics_std"].get("NDCG@10", 0.0) for n in names]
+    ci = [models[n].get("NDCG@10_ci95", [v, v]) for n, v in zip(names, vals)]
+    errs = [[v - lo for v, (lo, _) in zip(vals, ci)], [hi - v for v, (_, hi) in zip(vals, ci)]]
     ax.bar(names, vals, yerr=errs, capsize=4, color=["#999", "#4c72b0", "#c44e52", "#55a868"][: len(names)],
-           label="test NDCG@10 (± std over seeds)")
+           label="test NDCG@10 (95% bootstrap CI over users)")
     ax.set_ylabel("NDCG@10 (test, full ranking)")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "quality.png", dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, title, out / "quality.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for n in names:
@@ -35,8 +32,12 @@ def plot_report(report: dict, out: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("latency per user at batch 1, p50 (ms, log scale)")
     ax.set_ylabel("NDCG@10 (test)")
+    _finish(fig, ax, title, out / "quality_vs_latency.png")
+
+
+def _finish(fig, ax, title: str, path: Path) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "quality_vs_latency.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)

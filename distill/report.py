@@ -28,6 +28,13 @@ def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
     return np.where((ranks >= 0) & (ranks < k), 1.0 / np.log2(np.clip(ranks, 0, None) + 2.0), 0.0)
 
 
+def mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> list[float]:
+    """95% percentile bootstrap interval of the mean over users."""
+    rng = np.random.default_rng(seed)
+    means = np.asarray(values, np.float64)[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
     """Mean of a - b over users and its 95% percentile bootstrap interval (users resampled)."""
     diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
@@ -63,6 +70,7 @@ def collect_quality(run: Path, split_hash: str) -> tuple[dict, dict, list[str]]:
         ranks = [np.load(d / "test_ranks.npy", allow_pickle=False) for d in dirs if (d / "test_ranks.npy").is_file()]
         if ranks:
             per_user[label] = np.mean([ndcg_per_user(r) for r in ranks], axis=0)
+            models[label]["NDCG@10_ci95"] = mean_ci(per_user[label])
     return models, per_user, missing
 
 
@@ -79,7 +87,7 @@ def write_report(run: Path, out: Path, measure_cost: bool = True, inputs: dict |
     for other, key in (("student alone", "distilled_vs_alone"), ("teacher", "distilled_vs_teacher")):
         if "distilled student" in per_user and other in per_user:
             comparisons[key] = {"NDCG@10": paired_bootstrap(per_user["distilled student"], per_user[other])}
-    report = {"split_hash": split.hash, "machine": machine(), "models": models, "comparisons": comparisons,
+    report = {"split_hash": split.hash, "dataset": Path(split.manifest["inputs"]["inter"]).stem, "machine": machine(), "models": models, "comparisons": comparisons,
               "missing": missing, "inputs": inputs or {}}
     with atomic_dir(out) as tmp:
         write_json(tmp / "report.json", report)
