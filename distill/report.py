@@ -106,7 +106,7 @@ def machine() -> str:
 def _fmt(v, std=None) -> str:
     if v is None:
         return "–"
-    return f"{v:.4f}" + (f" ± {std:.4f}" if std else "")
+    return f"{v:.4f}" + (f" ± {std:.4f}" if std else "")  # std only when several seeds differ
 
 
 def markdown(report: dict) -> str:
@@ -119,9 +119,9 @@ def markdown(report: dict) -> str:
     for name, m in report["models"].items():
         q = [_fmt(m["metrics"].get(c), m["metrics_std"].get(c)) for c in cols]
         lat = m.get("latency_ms", {}).get("p50")
+        rate = m.get("throughput_users_per_s")
         lines.append(f"| {name} | {m['seeds']} | " + " | ".join(q) +
-                     f" | {m.get('params', '–')} | {_fmt(lat) if lat is not None else '–'} | "
-                     f"{m.get('throughput_users_per_s', float('nan')):.1f} |")
+                     f" | {m.get('params', '–')} | {_fmt(lat)} | {'–' if rate is None else f'{rate:,.1f}'} |")
     for key, c in report["comparisons"].items():
         d = c["NDCG@10"]
         lines.append(f"\n{key}: NDCG@10 difference {d['mean_diff']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")
