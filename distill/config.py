@@ -84,6 +84,8 @@ class TeacherConfig:
     instruction: str = _help("Text before the history.", "A user watched these movies in order:")
     query_text: str = _help("Text after the history; its last token is pooled.", " The next movie they will watch is")
     adapter: str = _help("`lora` or `moe_lora` (iLoRA's instance-wise mixture of LoRA experts).", "moe_lora")
+    cf_residual: bool = _help("Add the CF model's user vector to the query, so training starts from the CF "
+                              "retriever and the LLM learns a correction (useful on small budgets).", False)
     lora_r: int = _help("LoRA rank (split into num_experts slices for moe_lora).", 8)
     lora_alpha: int = _help("LoRA alpha; scaling = alpha / r.", 16)
     lora_dropout: float = _help("Dropout on the LoRA input.", 0.05)

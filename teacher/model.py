@@ -3,6 +3,7 @@
     prompt tokens ──embed──┐
     CF item emb ─in_proj───┴─> [HistoryEmb] slots ─> decoder (+ LoRA / MoE-LoRA) ─> h_last
     h_last ─out_proj─> query q (D)          score(item) = q . item_table[item] / temperature
+    (with teacher.cf_residual, q = out_proj(h_last) + CF user vector)
 
 The CF model is the student-alone SASRec (frozen): its item embeddings feed the
 [HistoryEmb] slots and initialise the item table, its sequence representation
@@ -48,6 +49,9 @@ class TeacherRetriever(nn.Module):
         H, d_cf = backbone.config.hidden_size, cf.cfg.hidden_size
         self.in_projector = nn.Sequential(nn.Linear(d_cf, H), nn.GELU(), nn.Linear(H, H))
         self.out_projector = nn.Linear(H, d_cf)
+        if cfg.cf_residual:  # start exactly at the CF retriever: the LLM path begins as a zero correction
+            nn.init.zeros_(self.out_projector.weight)
+            nn.init.zeros_(self.out_projector.bias)
         self.item_table = nn.Parameter(cf.item_vectors().detach().clone())   # (N+1, D)
         self.gate = ExpertGate(backbone, d_cf, cfg.num_experts, cfg.lora_r) if cfg.adapter == "moe_lora" else None
         self._index: ItemIndex | None = None
@@ -72,9 +76,9 @@ class TeacherRetriever(nn.Module):
         cf_histories = cf_histories.to(self.device)
         x = self.input_embeddings(batch)
         position_ids = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)   # padding-side independent
+        with torch.no_grad():
+            cf_repr = self.cf.encode_users(cf_histories)                         # (B, D)
         if self.gate is not None:
-            with torch.no_grad():
-                cf_repr = self.cf.encode_users(cf_histories)
             self.gate.set(self.gate.gates(cf_repr))
         try:
             h = self.backbone(inputs_embeds=x, attention_mask=batch.attention_mask,
@@ -83,7 +87,8 @@ class TeacherRetriever(nn.Module):
             if self.gate is not None:
                 self.gate.set(None)
         pooled = h[torch.arange(len(h)), batch.last_index]                       # (B, H)
-        return self.out_projector(pooled.float())
+        q = self.out_projector(pooled.float())
+        return q + cf_repr if self.cfg.cf_residual else q
 
     def encode(self, histories: list[np.ndarray], padding_side: str = "left") -> torch.Tensor:
         """Histories (item ids, oldest first) -> (B, D) query vectors."""

@@ -126,3 +126,13 @@ def test_bad_backbones(tmp_path, tiny_llama):
     bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 20)
     with pytest.raises(ConfigError, match="cannot read GGUF file"):
         load_backbone(str(bad))
+
+
+def test_cf_residual_starts_at_the_cf_retriever(tiny_recipe, split, cf):
+    t = make(tiny_recipe, split, cf, cf_residual=True)
+    h = histories(split)
+    from distill.data import Histories
+    with torch.no_grad():
+        want = cf.encode_users(torch.from_numpy(Histories.from_rows(h).padded(10)))
+        assert torch.allclose(t.encode(h), want, atol=1e-6)
+    assert torch.equal(t.item_table, cf.item_vectors())
