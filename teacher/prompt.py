@@ -24,10 +24,6 @@ class PromptBatch:
     history_items: torch.Tensor   # (B, T) item id at [HistoryEmb] positions, 0 elsewhere
     last_index: torch.Tensor      # (B,) position of the pooled (final query) token
 
-    @property
-    def n_tokens(self) -> int:
-        return int(self.attention_mask.sum())
-
 
 class PromptBuilder:
     def __init__(self, tokenizer, titles: list[str], cfg: TeacherConfig):
