@@ -91,7 +91,8 @@ class TeacherConfig:
     lora_dropout: float = _help("Dropout on the LoRA input.", 0.05)
     target_modules: list = _help("Module names peft adapts.", ["q_proj", "k_proj", "v_proj", "o_proj"])
     num_experts: int = _help("Experts for moe_lora; must divide lora_r.", 4)
-    temperature: float = _help("Softmax temperature on inner-product scores (use 1.0 with cf_residual: the CF model was trained at 1.0).", 0.1)
+    temperature: float = _help("Softmax temperature on inner-product scores (1.0 with cf_residual: "
+                               "the CF model was trained at 1.0).", 0.1)
     loss: str = _help("`full` softmax over the catalogue or `sampled` (in-batch + sampled negatives).", "full")
     num_negatives: int = _help("Sampled negatives per batch for the sampled loss.", 1024)
     lr: float = _help("Peak AdamW learning rate (warmup then cosine decay).", 1e-3)
