@@ -57,6 +57,7 @@ def stage_mostpop(recipe: Recipe, run: Path, split: Split) -> dict:
     model = MostPop(split)
     results = evaluate_model(split, lambda stage: model.encode_users(split.n_users), model.item_vectors(), recipe.eval)
     record = metrics_record(results, split, inputs=inputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path.parent / "test_ranks.npy", results["test"].ranks)
     write_json(path, record)
     return record
