@@ -143,6 +143,12 @@ def stage_distill(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
     out = model_dir(run, "student_distilled", seed, recipe)
     inputs = {"split_hash": split.hash, "recipe": recipe.section_hash("data", "student", "distill", "eval"),
               "seed": seed, "cache_sha256": sha256_file(cache.folder / "manifest.json")}
+    init = None
+    if d.warm_start:
+        from student.model import load_student
+        alone = model_dir(run, "student_alone", seed, recipe)
+        init, _ = load_student(alone, split.hash, split.n_items)
+        inputs["init_sha256"] = sha256_file(alone / "model.safetensors")
     if (record := up_to_date(out / "metrics.json", inputs)) is not None:
         print(f"distilled student (seed {seed}) up to date in {out}")
         return record
@@ -160,7 +166,7 @@ def stage_distill(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
                               torch.from_numpy(np.ascontiguousarray(rows.query)))
 
     record = train_and_save(recipe, split, out, seed, loss, teacher=lookup, desc=f"distilled seed {seed}",
-                            extra={"inputs": inputs, "loss_weights": loss.weights})
+                            extra={"inputs": inputs, "loss_weights": loss.weights}, init=init, epochs=d.epochs)
     write_json(out / "metrics.json", record)
     return record
 

@@ -75,7 +75,8 @@ def own_loss(recipe: Recipe, split: Split) -> SoftmaxLoss:
 
 
 def fit(model: SASRec, split: Split, recipe: Recipe, loss: WeightedLoss, seed: int,
-        teacher: TeacherLookup | None = None, desc: str = "student") -> tuple[dict, list[dict], int, float]:
+        teacher: TeacherLookup | None = None, desc: str = "student",
+        epochs: int | None = None) -> tuple[dict, list[dict], int, float]:
     """Train with early stopping on validation NDCG@10; returns best state, curve, best epoch, seconds."""
     cfg, ev = recipe.student, recipe.eval
     torch.manual_seed(seed)
@@ -86,7 +87,7 @@ def fit(model: SASRec, split: Split, recipe: Recipe, loss: WeightedLoss, seed: i
     valid_hist = split.history("valid")
     best, best_state, best_epoch, stale, curve = -1.0, None, 0, 0, []
     start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, (epochs or cfg.epochs) + 1):
         model.train()
         order = torch.randperm(len(win.inputs), generator=gen).numpy()
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"{desc} epoch {epoch}", leave=False)
@@ -128,11 +129,14 @@ def build_student(recipe: Recipe, split: Split) -> SASRec:
 
 
 def train_and_save(recipe: Recipe, split: Split, out: Path, seed: int, loss: WeightedLoss,
-                   teacher: TeacherLookup | None = None, desc: str = "student", extra: dict | None = None) -> dict:
-    """Train, keep the best checkpoint in `out`, score test once; returns the metrics record."""
+                   teacher: TeacherLookup | None = None, desc: str = "student", extra: dict | None = None,
+                   init: SASRec | None = None, epochs: int | None = None) -> dict:
+    """Train (from `init`'s weights if given), keep the best checkpoint in `out`, score test once."""
     torch.manual_seed(seed)
     model = build_student(recipe, split)
-    state, curve, best_epoch, seconds = fit(model, split, recipe, loss, seed, teacher, desc)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
+    state, curve, best_epoch, seconds = fit(model, split, recipe, loss, seed, teacher, desc, epochs)
     model.load_state_dict(state)
     model.eval()
     items = model.item_vectors().detach().numpy()
