@@ -24,7 +24,7 @@ def cf(split):
 
 
 def make(tiny_recipe, split, cf, seed=0, **changes):
-    cfg = dataclasses.replace(tiny_recipe.teacher, lora_dropout=0.0, **changes)
+    cfg = dataclasses.replace(tiny_recipe.teacher, **{"lora_dropout": 0.0, "cf_residual": False, **changes})
     torch.manual_seed(seed)
     return build_teacher(cfg, cf, split.titles).eval()
 
