@@ -196,7 +196,8 @@ def _check_type(value, tp, key: str):
     return value
 
 
-def _build(cls, raw: dict, prefix: str):
+def config_from_dict(cls, raw: dict, prefix: str = ""):
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types name the dotted key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
@@ -208,7 +209,7 @@ def _build(cls, raw: dict, prefix: str):
     for name, value in raw.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+            kwargs[name] = config_from_dict(tp, value, f"{prefix}{name}.")
         else:
             kwargs[name] = _check_type(value, tp, f"{prefix}{name}")
     return cls(**kwargs)
@@ -241,6 +242,6 @@ def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     for a in overrides:
         _apply_override(raw, a)
     try:
-        return _build(Recipe, raw, "")
+        return config_from_dict(Recipe, raw, "")
     except ConfigError as e:
         raise ConfigError(f"{path or 'recipe'}: {e}") from None

@@ -168,7 +168,7 @@ def checkpoint_hash(folder: Path) -> str:
 
 
 def load_teacher(folder: Path, cf: SASRec, titles: list[str], split_hash: str) -> tuple[TeacherRetriever, dict]:
-    from distill.config import _build
+    from distill.config import config_from_dict
     folder = Path(folder)
     meta = read_json(folder / "teacher.json")
     if meta.get("split_hash") != split_hash:
@@ -176,7 +176,7 @@ def load_teacher(folder: Path, cf: SASRec, titles: list[str], split_hash: str) -
                             f"this run's split is {split_hash}")
     if checkpoint_hash(folder) != meta.get("checkpoint_hash"):
         raise ArtifactError(f"{folder}: adapter or heads do not match teacher.json (corrupt or edited)")
-    cfg = _build(TeacherConfig, meta["teacher"], "teacher.")
+    cfg = config_from_dict(TeacherConfig, meta["teacher"], "teacher.")
     model = build_teacher(cfg, cf, titles, folder / "adapter", trainable=False)
     heads = load_file(str(folder / "heads.safetensors"))
     missing = set(model.heads_state()) - set(heads)
