@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="train the student from the teacher cache into RUN/student_distilled")
     _recipe_args(p, seed=True)
+    p.add_argument("--name", default="student_distilled",
+                   help="output folder inside RUN (e.g. one per ablation); default student_distilled")
 
     p = sub.add_parser("bench", help="write the teacher-vs-student report")
     p.add_argument("run", help="run folder")

@@ -86,6 +86,8 @@ class TeacherConfig:
     adapter: str = _help("`lora` or `moe_lora` (iLoRA's instance-wise mixture of LoRA experts).", "moe_lora")
     cf_residual: bool = _help("Add the CF model's user vector to the query, so training starts from the CF "
                               "retriever and the LLM learns a correction (useful on small budgets).", False)
+    train_item_table: bool = _help("Train the item table (initialised from the CF model); false keeps the CF "
+                                   "item space fixed, so the LLM only learns to place queries in it.", True)
     lora_r: int = _help("LoRA rank (split into num_experts slices for moe_lora).", 8)
     lora_alpha: int = _help("LoRA alpha; scaling = alpha / r.", 16)
     lora_dropout: float = _help("Dropout on the LoRA input.", 0.05)

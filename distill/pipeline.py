@@ -24,6 +24,7 @@ from distill.config import Recipe, load_recipe
 from distill.data import Split, prepare
 from distill.errors import AnyoError
 from distill.harness import evaluate, evaluate_model, metrics_record
+from distill.resume import clear_resume
 
 
 def print_table(rows: dict[str, dict], keys=("HR@10", "NDCG@10", "MRR@10", "HR@1(cand)")) -> None:
@@ -86,8 +87,9 @@ def stage_student(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
         print(f"student alone (seed {seed}) up to date in {out}")
         return record
     loss = WeightedLoss({"own": (1.0, own_loss(recipe, split))})
-    record = train_and_save(recipe, split, out, seed, loss, desc=f"student seed {seed}", extra={"inputs": inputs})
+    record = train_and_save(recipe, split, out, seed, loss, desc=f"student seed {seed}", inputs=inputs)
     write_json(out / "metrics.json", record)
+    clear_resume(out)
     return record
 
 
@@ -103,8 +105,9 @@ def stage_teacher(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
     if (record := up_to_date(out / "metrics.json", inputs)) is not None:
         print(f"teacher up to date in {out}")
         return record
-    record = train_teacher(recipe, split, cf, out, seed, {"inputs": inputs})
+    record = train_teacher(recipe, split, cf, out, seed, inputs)
     write_json(out / "metrics.json", record)
+    clear_resume(out)
     return record
 
 
@@ -129,7 +132,7 @@ def stage_infer(recipe: Recipe, run: Path, split: Split, merge_only: bool = Fals
     return run_inference(recipe, split, model, meta["checkpoint_hash"], out, recipe.distill.backend)
 
 
-def stage_distill(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
+def stage_distill(recipe: Recipe, run: Path, split: Split, seed: int, name: str = "student_distilled") -> dict:
     from distill.artifacts import sha256_file
     from distill.cache import TeacherCache
     from distill.losses import (EmbeddingAlignment, RankingDistillation, SoftTargetKL, TeacherTargets,
@@ -140,7 +143,7 @@ def stage_distill(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
     cache = TeacherCache(run / "teacher_cache", split.hash, split.n_items)
     if d.k > cache.k:
         raise AnyoError(f"distill.k: {d.k} is larger than the cache's K = {cache.k} ({cache.folder})")
-    out = model_dir(run, "student_distilled", seed, recipe)
+    out = model_dir(run, name, seed, recipe)
     inputs = {"split_hash": split.hash, "recipe": recipe.section_hash("data", "student", "distill", "eval"),
               "seed": seed, "cache_sha256": sha256_file(cache.folder / "manifest.json")}
     init = None
@@ -166,8 +169,9 @@ def stage_distill(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
                               torch.from_numpy(np.ascontiguousarray(rows.query)))
 
     record = train_and_save(recipe, split, out, seed, loss, teacher=lookup, desc=f"distilled seed {seed}",
-                            extra={"inputs": inputs, "loss_weights": loss.weights}, init=init, epochs=d.epochs)
+                            inputs=inputs, extra={"loss_weights": loss.weights}, init=init, epochs=d.epochs)
     write_json(out / "metrics.json", record)
+    clear_resume(out)
     return record
 
 
@@ -257,7 +261,7 @@ def dispatch(args) -> int:
         stage_infer(recipe, run, split, merge_only=args.merge)
         return 0
     if args.command == "distill":
-        record = stage_distill(recipe, run, split, args.seed if args.seed is not None else recipe.seed)
+        record = stage_distill(recipe, run, split, args.seed if args.seed is not None else recipe.seed, args.name)
         print_table({"distilled student": table_row(record)})
         return 0
     if args.command == "run":

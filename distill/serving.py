@@ -1,16 +1,18 @@
 """Serving cost of each model, measured on this machine.
 
-Each model is measured in its own child process (`python -m distill.serving RUN
-MODEL`), so its peak resident memory is its own. Latency is per user at batch 1
-(encode + top-10 search with history masking), model loading excluded;
-throughput is users/s at a large batch.
+Each model is measured in its own child process, forked from a forkserver that
+has already imported torch, so its peak resident memory is its own (on top of
+the interpreter and torch, the same for every model) and no child pays for the
+imports. Latency is per user at batch 1 (encode + top-10 search with history
+masking), model loading excluded; throughput is users/s at a large batch.
+`python -m distill.serving RUN MODEL` measures one model from the shell.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -93,15 +95,17 @@ def measure(run: Path, label: str) -> dict:
 
 
 def measure_costs(run: Path, split: Split, labels: list[str]) -> dict:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "distill.serving"])
     out = {}
     for label in labels:
         variants = [f"{label}/hf", f"{label}/deepspeed"] if label == "teacher" else [label]
         for v in variants:
-            proc = subprocess.run([sys.executable, "-m", "distill.serving", str(run), v],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"measuring {v} failed:\n{proc.stderr[-2000:]}")
-            cost = json.loads(proc.stdout.strip().splitlines()[-1])
+            with ctx.Pool(processes=1) as pool:  # a fresh child per model: its own peak RSS
+                try:
+                    cost = pool.apply(measure, (run, v))
+                except Exception as e:
+                    raise RuntimeError(f"measuring {v} failed: {e}") from e
             if label == "teacher":
                 out.setdefault(label, {}).update(cost if v.endswith("/hf") else {})
                 out[label].setdefault("backends", {})[v.split("/")[1]] = {

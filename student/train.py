@@ -22,6 +22,9 @@ from distill.config import Recipe
 from distill.data import Histories, Split
 from distill.harness import evaluate, evaluate_model, metrics_record
 from distill.losses import LossInputs, NegativeSampler, SoftmaxLoss, TeacherTargets, WeightedLoss
+from distill.resources import require_memory, student_step_bytes
+from distill.resume import (load_optimizer_state, load_resume, optimizer_state, resume_dir,
+                           save_resume)
 from student.model import SASRec, SASRecConfig, save_student
 
 # (users (P,), positions (P,)) -> teacher outputs for the pairs found in the cache
@@ -75,19 +78,41 @@ def own_loss(recipe: Recipe, split: Split) -> SoftmaxLoss:
 
 
 def fit(model: SASRec, split: Split, recipe: Recipe, loss: WeightedLoss, seed: int,
-        teacher: TeacherLookup | None = None, desc: str = "student",
-        epochs: int | None = None) -> tuple[dict, list[dict], int, float]:
-    """Train with early stopping on validation NDCG@10; returns best state, curve, best epoch, seconds."""
+        teacher: TeacherLookup | None = None, desc: str = "student", epochs: int | None = None,
+        resume: tuple[Path, dict] | None = None,
+        on_epoch: Callable[[SASRec], dict] | None = None) -> tuple[dict, list[dict], int, float]:
+    """Train with early stopping on validation NDCG@10; returns best state, curve, best epoch, seconds.
+
+    resume=(out, inputs) saves the full training state after every epoch next to `out`
+    and continues from it when a previous run with the same inputs was interrupted.
+    on_epoch(model) adds its metrics to each curve entry (benchmarks use it to trace test).
+    """
     cfg, ev = recipe.student, recipe.eval
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     win = training_windows(split.history("train"), model.cfg.max_len)
+    m = model.cfg
+    require_memory(student_step_bytes(min(cfg.batch_size, len(win.inputs)), m.max_len, m.n_items, m.hidden_size,
+                                      m.num_layers), "a training step", "student.batch_size")
     params = list(model.parameters()) + list(loss.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     valid_hist = split.history("valid")
-    best, best_state, best_epoch, stale, curve = -1.0, None, 0, 0, []
-    start = time.perf_counter()
-    for epoch in range(1, (epochs or cfg.epochs) + 1):
+    best, best_state, best_epoch, stale, curve, done, spent = -1.0, None, 0, 0, [], 0, 0.0
+    if resume is not None and (saved := load_resume(*resume)) is not None:
+        tensors, meta = saved
+        model.load_state_dict(_prefixed(tensors, "model."))
+        loss.load_state_dict(_prefixed(tensors, "loss."))
+        load_optimizer_state(opt, tensors, meta["optimizer"])
+        torch.set_rng_state(tensors["rng.torch"])
+        gen.set_state(tensors["rng.order"])
+        best_state = _prefixed(tensors, "best.")
+        best, best_epoch, stale, curve, done, spent = (meta[k] for k in
+                                                      ("best", "best_epoch", "stale", "curve", "epoch", "seconds"))
+        print(f"{desc}: resuming after epoch {done} from {resume_dir(resume[0])}")
+    start = time.perf_counter() - spent
+    for epoch in range(done + 1, (epochs or cfg.epochs) + 1):
+        if stale >= cfg.patience:
+            break
         model.train()
         order = torch.randperm(len(win.inputs), generator=gen).numpy()
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"{desc} epoch {epoch}", leave=False)
@@ -112,15 +137,28 @@ def fit(model: SASRec, split: Split, recipe: Recipe, loss: WeightedLoss, seed: i
                         ev.mask_history, index=ev.index).metrics["NDCG@10"]
         elapsed = time.perf_counter() - start
         curve.append({"epoch": epoch, "seconds": round(elapsed, 2), "train_loss": total / max(step, 1),
-                      "valid_NDCG@10": ndcg})
+                      "valid_NDCG@10": ndcg, **(on_epoch(model) if on_epoch else {})})
         print(f"{desc} epoch {epoch}: loss {total / max(step, 1):.4f}  valid NDCG@10 {ndcg:.4f}  ({elapsed:.0f}s)")
         if ndcg > best:
             best, best_state, best_epoch, stale = ndcg, copy.deepcopy(model.state_dict()), epoch, 0
         else:
             stale += 1
-            if stale >= cfg.patience:
-                break
+        if resume is not None:
+            opt_tensors, opt_meta = optimizer_state(opt)
+            save_resume(resume[0], {**_with_prefix(model.state_dict(), "model."), **_with_prefix(loss.state_dict(), "loss."),
+                                    **_with_prefix(best_state, "best."), **opt_tensors,
+                                    "rng.torch": torch.get_rng_state(), "rng.order": gen.get_state()},
+                        {"inputs": resume[1], "epoch": epoch, "best": best, "best_epoch": best_epoch, "stale": stale,
+                         "curve": curve, "seconds": time.perf_counter() - start, "optimizer": opt_meta})
     return best_state, curve, best_epoch, time.perf_counter() - start
+
+
+def _with_prefix(state: dict, prefix: str) -> dict:
+    return {prefix + k: v for k, v in state.items()}
+
+
+def _prefixed(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def build_student(recipe: Recipe, split: Split) -> SASRec:
@@ -129,20 +167,24 @@ def build_student(recipe: Recipe, split: Split) -> SASRec:
 
 
 def train_and_save(recipe: Recipe, split: Split, out: Path, seed: int, loss: WeightedLoss,
-                   teacher: TeacherLookup | None = None, desc: str = "student", extra: dict | None = None,
-                   init: SASRec | None = None, epochs: int | None = None) -> dict:
-    """Train (from `init`'s weights if given), keep the best checkpoint in `out`, score test once."""
+                   teacher: TeacherLookup | None = None, desc: str = "student", inputs: dict | None = None,
+                   init: SASRec | None = None, epochs: int | None = None, extra: dict | None = None) -> dict:
+    """Train (from `init`'s weights if given), keep the best checkpoint in `out`, score test once.
+
+    With `inputs` (the stage's input hashes) training is resumable and the record carries them.
+    """
     torch.manual_seed(seed)
     model = build_student(recipe, split)
     if init is not None:
         model.load_state_dict(init.state_dict())
-    state, curve, best_epoch, seconds = fit(model, split, recipe, loss, seed, teacher, desc, epochs)
+    resume = (out, inputs) if inputs is not None else None
+    state, curve, best_epoch, seconds = fit(model, split, recipe, loss, seed, teacher, desc, epochs, resume)
     model.load_state_dict(state)
     model.eval()
     items = model.item_vectors().detach().numpy()
     results = evaluate_model(split, lambda stage: encode(model, split.history(stage)), items, recipe.eval)
     record = metrics_record(results, split, best_epoch=best_epoch, train_seconds=round(seconds, 2), seed=seed,
-                            curve=curve, **(extra or {}))
+                            curve=curve, **({"inputs": inputs} if inputs else {}), **(extra or {}))
     save_student(model, out, {"split_hash": split.hash, "seed": seed})
     np.save(out / "test_ranks.npy", results["test"].ranks)
     return record

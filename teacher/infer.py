@@ -21,6 +21,7 @@ from distill.cache import shard_metadata, shard_name, write_manifest, write_shar
 from distill.config import Recipe
 from distill.data import Split
 from distill.errors import ArtifactError, ConfigError
+from distill.resources import decoder_step_bytes, require_memory
 from teacher.model import TeacherRetriever
 from teacher.train import prefixes
 
@@ -87,6 +88,10 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
     d = recipe.distill
     if d.k > split.n_items:
         raise ConfigError(f"distill.k: {d.k} is larger than the catalogue ({split.n_items} items)")
+    longest = model.prompts.longest()
+    require_memory(decoder_step_bytes(recipe.teacher.eval_batch_size, longest, model.backbone.config, training=False),
+                   f"an inference batch ({recipe.teacher.eval_batch_size} prompts of up to {longest} tokens)",
+                   "teacher.eval_batch_size", model.device)
     rank, world = distributed()
     model = wrap_backend(model.eval(), backend)
     users, t = query_plan(split, d.positions)

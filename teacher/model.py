@@ -52,7 +52,8 @@ class TeacherRetriever(nn.Module):
         if cfg.cf_residual:  # start exactly at the CF retriever: the LLM path begins as a zero correction
             nn.init.zeros_(self.out_projector.weight)
             nn.init.zeros_(self.out_projector.bias)
-        self.item_table = nn.Parameter(cf.item_vectors().detach().clone())   # (N+1, D)
+        self.item_table = nn.Parameter(cf.item_vectors().detach().clone(),           # (N+1, D)
+                                       requires_grad=cfg.train_item_table)
         self.gate = ExpertGate(backbone, d_cf, cfg.num_experts, cfg.lora_r) if cfg.adapter == "moe_lora" else None
         self._index: ItemIndex | None = None
 

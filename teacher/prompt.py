@@ -72,3 +72,8 @@ class PromptBuilder:
         sizes = np.asarray([len(t) for t in self.item_tokens])
         return np.asarray([len(self.prefix) + len(self.suffix) + sizes[np.asarray(h)[-self.max_history:]].sum()
                            for h in histories])
+
+    def longest(self) -> int:
+        """An upper bound on any prompt's length: the max_history longest items."""
+        sizes = np.sort([len(t) for t in self.item_tokens])
+        return len(self.prefix) + len(self.suffix) + int(sizes[-self.max_history:].sum())

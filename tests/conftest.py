@@ -79,3 +79,20 @@ def tiny_recipe(toy_data, tiny_llama):
     from distill.config import load_recipe
     return load_recipe(Path(__file__).parents[1] / "recipes" / "ml100k.yaml",
                        tiny_recipe_overrides(toy_data, tiny_llama))
+
+
+RECIPE = str(Path(__file__).parents[1] / "recipes" / "ml100k.yaml")
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, toy_data, tiny_llama):
+    """A complete `anyo run` of the tiny recipe (in process), shared by the pipeline tests."""
+    from distill.cli import main
+    run = tmp_path_factory.mktemp("run")
+    overrides = tiny_recipe_overrides(toy_data, tiny_llama)
+    assert main(["run", RECIPE, "--out", str(run)] + sets(overrides)) == 0
+    return run, overrides

@@ -10,25 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_recipe_overrides
+from conftest import RECIPE, sets
 from distill.cache import TeacherCache, memmap_tensors
 from distill.cli import main
 from distill.errors import ArtifactError
 
-REPO = Path(__file__).parents[1]
-RECIPE = str(REPO / "recipes" / "ml100k.yaml")
-
-
-def sets(overrides):
-    return [a for o in overrides for a in ("--set", o)]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, toy_data, tiny_llama):
-    run = tmp_path_factory.mktemp("run")
-    overrides = tiny_recipe_overrides(toy_data, tiny_llama)
-    assert main(["run", RECIPE, "--out", str(run)] + sets(overrides)) == 0
-    return run, overrides
 
 
 def test_run_writes_every_stage(tiny_run):
@@ -194,3 +180,18 @@ def test_verify_reports_ok_then_corrupt_and_stale(tiny_run, tmp_path, capsys):
     lines = {l.split()[0]: l for l in capsys.readouterr().out.splitlines()}
     assert " ok " in lines["split"] + " "
     assert "stale" in lines["student_alone"] and "corrupt" in lines["teacher_cache"]
+
+
+def test_latency_excludes_model_loading(tiny_run, monkeypatch):
+    from distill import serving
+    run, _ = tiny_run
+    real = serving.load_server
+
+    def slow_load(*args):
+        import time
+        time.sleep(1.0)
+        return real(*args)
+
+    monkeypatch.setattr(serving, "load_server", slow_load)
+    cost = serving.measure(run, "student alone")
+    assert cost["latency_ms"]["p95"] < 500 and cost["throughput_users_per_s"] > 2

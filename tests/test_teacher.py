@@ -136,3 +136,14 @@ def test_cf_residual_starts_at_the_cf_retriever(tiny_recipe, split, cf):
         want = cf.encode_users(torch.from_numpy(Histories.from_rows(h).padded(10)))
         assert torch.allclose(t.encode(h), want, atol=1e-6)
     assert torch.equal(t.item_table, cf.item_vectors())
+
+
+def test_cf_residual_teacher_starts_as_the_cf_retriever(tiny_recipe, split, cf):
+    from student.train import encode
+    t = make(tiny_recipe, split, cf, cf_residual=True, train_item_table=False)
+    h = split.history("valid")
+    with torch.no_grad():
+        q = t.encode([h.row(u) for u in range(len(h))])
+    np.testing.assert_array_equal(q.numpy(), encode(cf, h))
+    assert not t.item_table.requires_grad
+    np.testing.assert_array_equal(t.item_table.detach().numpy(), cf.item_vectors().detach().numpy())
