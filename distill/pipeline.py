@@ -155,6 +155,7 @@ def stage_distill(recipe: Recipe, run: Path, split: Split, seed: int, name: str 
     if (record := up_to_date(out / "metrics.json", inputs)) is not None:
         print(f"distilled student (seed {seed}) up to date in {out}")
         return record
+    torch.manual_seed(seed)  # the alignment map's initial weights must not depend on what ran before
     loss = WeightedLoss({
         "own": (d.own_weight, own_loss(recipe, split)),
         "kd": (d.kd_weight, SoftTargetKL(d.temperature)),

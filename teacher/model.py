@@ -156,6 +156,13 @@ def save_teacher(model: TeacherRetriever, folder: Path, meta: dict) -> str:
     """adapter/ (peft format), heads.safetensors, teacher.json; returns the checkpoint hash."""
     with atomic_dir(folder) as tmp:
         model.backbone.save_pretrained(str(tmp / "adapter"))
+        # peft writes target_modules from a set, in an order that changes from process to process:
+        # sort it so the same adapter always has the same bytes (and checkpoint hash)
+        config = tmp / "adapter" / "adapter_config.json"
+        saved = json.loads(config.read_text())
+        if isinstance(saved.get("target_modules"), list):
+            saved["target_modules"] = sorted(saved["target_modules"])
+        config.write_text(json.dumps(saved, indent=2, sort_keys=True))
         save_file({k: v.detach().contiguous() for k, v in model.heads_state().items()}, str(tmp / "heads.safetensors"))
         digest = checkpoint_hash(tmp)
         (tmp / "teacher.json").write_text(json.dumps({"teacher": asdict(model.cfg), "checkpoint_hash": digest, **meta},

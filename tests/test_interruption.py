@@ -42,13 +42,15 @@ def launch(run: Path, overrides: list[str]) -> subprocess.Popen:
 def kill_during(run: Path, overrides: list[str], marker: str | None, delay: float) -> str:
     """Launch, wait for `marker`, sleep `delay`, SIGKILL the process group; returns the output."""
     proc = launch(run, overrides)
-    deadline = time.monotonic() + 300
-    while marker is not None and not (run / marker).exists() and proc.poll() is None:
-        assert time.monotonic() < deadline, f"{marker} never appeared"
-        time.sleep(0.05)
-    time.sleep(delay)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        deadline = time.monotonic() + 600
+        while marker is not None and not (run / marker).exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, f"{marker} never appeared"
+            time.sleep(0.05)
+        time.sleep(delay)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     out, _ = proc.communicate()
     return out
 
@@ -75,7 +77,11 @@ def kill_chain(tiny_run, tmp_path: Path, seed: int) -> None:
             folder = run / done
             assert not folder.exists() or (folder / "metrics.json").is_file() or not any(folder.iterdir())
     proc = launch(run, overrides)
-    out, _ = proc.communicate(timeout=600)
+    try:
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out
     resumed = "\n".join(log for _, log in logs) + out
     assert "resuming after epoch" in resumed, "no training stage resumed from its checkpoint"
