@@ -5,7 +5,7 @@ teacher infer, distill, bench) at a random moment after the stage has started,
 relaunching each time; the final outputs must equal the uninterrupted
 `tiny_run`: bit-identical split and teacher cache, the same metrics for the
 training stages (which resume from their last epoch rather than start over).
-The chain runs once in CI; more random kill points are marked slow.
+The chain runs once in CI; more random kill points: `pytest -m kill_matrix`.
 """
 
 import json
@@ -102,7 +102,7 @@ def test_kill_in_every_stage_then_rerun_equals_clean_run(tiny_run, tmp_path):
     kill_chain(tiny_run, tmp_path, seed=0)
 
 
-@pytest.mark.slow
+@pytest.mark.kill_matrix
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_kill_chain_at_more_random_points(tiny_run, tmp_path, seed):
     kill_chain(tiny_run, tmp_path, seed)
