@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -69,10 +70,15 @@ def atomic_file(path: str | Path):
 def atomic_dir(path: str | Path):
     """Yield a temporary folder next to `path`; it replaces `path` on success.
 
-    On failure nothing is left: neither the temporary folder nor a partial `path`.
+    On failure nothing is left: neither the temporary folder nor a partial `path`. A process
+    killed inside the block cannot clean up, so the next writer of `path` removes its leftovers.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    leftover = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]+\.tmp")
+    for old in path.parent.iterdir():
+        if old.is_dir() and leftover.fullmatch(old.name):
+            shutil.rmtree(old, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp

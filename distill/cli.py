@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="write the teacher-vs-student report")
     p.add_argument("run", help="run folder")
     p.add_argument("--out", default=None, help="report folder (default RUN/report)")
-    p.add_argument("--recipe", default=None, help="recipe (default: the one the run recorded)")
+    p.add_argument("--no-cost", action="store_true", help="quality only: skip the serving-cost measurement")
 
     p = sub.add_parser("verify", help="check every artifact of a run: ok, stale or corrupt")
     p.add_argument("run", help="run folder")

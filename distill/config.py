@@ -162,12 +162,19 @@ class EvalConfig:
 
 
 @dataclass
+class BenchConfig:
+    measure_cost: bool = _help("Measure each model's serving cost for the report (peak RSS, latency, throughput), "
+                               "each in its own process; takes minutes with a teacher. Off: quality only.", True)
+
+
+@dataclass
 class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     seed: int = _help("Seed of every training run.", 0)
 
     def to_dict(self) -> dict:

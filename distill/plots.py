@@ -1,4 +1,4 @@
-"""Report plots (matplotlib, Agg): quality bars with CI whiskers, quality vs latency."""
+"""Report plots (matplotlib, Agg): quality bars with CI whiskers, quality vs latency (when measured)."""
 
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ def plot_report(report: dict, out: Path) -> None:
     ax.set_ylabel("NDCG@10 (test, full ranking)")
     _finish(fig, ax, title, out / "quality.png")
 
+    latency = {n: models[n]["latency_ms"]["p50"] for n in names if "latency_ms" in models[n]}
+    if not latency:  # a quality-only report (bench.measure_cost false)
+        return
     fig, ax = plt.subplots(figsize=(7, 4))
-    for n in names:
-        lat = models[n].get("latency_ms", {}).get("p50")
-        if lat:
-            ax.scatter(lat, models[n]["metrics"]["NDCG@10"], s=60, label=n)
+    for n, lat in latency.items():
+        ax.scatter(lat, models[n]["metrics"]["NDCG@10"], s=60, label=n)
     ax.set_xscale("log")
     ax.set_xlabel("latency per user at batch 1, p50 (ms, log scale)")
     ax.set_ylabel("NDCG@10 (test)")

@@ -134,5 +134,5 @@ def cmd_bench(args) -> int:
     run = Path(args.run)
     if not (run / "split" / "manifest.json").is_file():
         raise ArtifactError(f"{run}: not a run folder (no split/manifest.json)")
-    write_report(run, Path(args.out) if args.out else run / "report")
+    write_report(run, Path(args.out) if args.out else run / "report", measure_cost=not args.no_cost)
     return 0

@@ -1,7 +1,8 @@
 """Resumable training: the state an epoch loop needs to continue after a kill, bit for bit.
 
 A training stage writing RUN/NAME/ keeps RUN/NAME.resume/ while it runs:
-state.safetensors (weights, optimizer moments, RNG states) and state.json
+state.safetensors (named groups of tensors: weights, optimizer moments, RNG
+states; saved as GROUP/KEY) and state.json
 (epoch, counters, curve, optimizer/scheduler hyper-parameters, numpy RNG, and
 the stage's input hashes). It is rewritten atomically after every epoch and
 removed once RUN/NAME/ is complete. A resume folder built from other inputs is
@@ -24,39 +25,45 @@ def resume_dir(out: Path) -> Path:
     return out.with_name(out.name + ".resume")
 
 
-def optimizer_state(opt: torch.optim.Optimizer, prefix: str = "optim") -> tuple[dict, dict]:
-    """Flatten an optimizer state dict into (tensors, JSON-able meta)."""
+def optimizer_state(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state dict as (tensors keyed PARAM_INDEX.NAME, JSON-able param groups)."""
     sd = opt.state_dict()
-    tensors = {f"{prefix}.{idx}.{name}": value.detach().contiguous().clone()
+    tensors = {f"{idx}.{name}": value.detach().contiguous().clone()
                for idx, per_param in sd["state"].items() for name, value in per_param.items()}
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict, meta: dict, prefix: str = "optim") -> None:
+def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict] = {}
     for key, value in tensors.items():
-        if key.startswith(prefix + "."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in meta["param_groups"]]
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_resume(out: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def save_resume(out: Path, groups: dict[str, dict[str, torch.Tensor]], meta: dict) -> None:
+    """Write named groups of tensors (e.g. model, best, optim, rng) and the JSON meta, atomically."""
+    tensors = {f"{group}/{key}": t.detach().contiguous().cpu() for group, state in groups.items()
+               for key, t in state.items()}
     with atomic_dir(resume_dir(out)) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(meta, sort_keys=True))
 
 
-def load_resume(out: Path, inputs: dict) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """The saved state for `out` if it was built from exactly `inputs`, else None."""
+def load_resume(out: Path, inputs: dict) -> tuple[dict[str, dict[str, torch.Tensor]], dict] | None:
+    """The groups and meta saved for `out` if they were built from exactly `inputs`, else None."""
     folder = resume_dir(out)
     if not (folder / "state.json").is_file():
         return None
     meta = read_json(folder / "state.json")
     if meta.get("inputs") != inputs:
         return None
-    return load_file(str(folder / "state.safetensors")), meta
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in load_file(str(folder / "state.safetensors")).items():
+        group, name = key.split("/", 1)
+        groups.setdefault(group, {})[name] = t
+    return groups, meta
 
 
 def clear_resume(out: Path) -> None:

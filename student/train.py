@@ -99,13 +99,13 @@ def fit(model: SASRec, split: Split, recipe: Recipe, loss: WeightedLoss, seed: i
     valid_hist = split.history("valid")
     best, best_state, best_epoch, stale, curve, done, spent = -1.0, None, 0, 0, [], 0, 0.0
     if resume is not None and (saved := load_resume(*resume)) is not None:
-        tensors, meta = saved
-        model.load_state_dict(_prefixed(tensors, "model."))
-        loss.load_state_dict(_prefixed(tensors, "loss."))
-        load_optimizer_state(opt, tensors, meta["optimizer"])
-        torch.set_rng_state(tensors["rng.torch"])
-        gen.set_state(tensors["rng.order"])
-        best_state = _prefixed(tensors, "best.")
+        groups, meta = saved
+        model.load_state_dict(groups["model"])
+        loss.load_state_dict(groups.get("loss", {}))
+        load_optimizer_state(opt, groups.get("optim", {}), meta["optimizer"])
+        torch.set_rng_state(groups["rng"]["torch"])
+        gen.set_state(groups["rng"]["order"])
+        best_state = groups["best"]
         best, best_epoch, stale, curve, done, spent = (meta[k] for k in
                                                       ("best", "best_epoch", "stale", "curve", "epoch", "seconds"))
         print(f"{desc}: resuming after epoch {done} from {resume_dir(resume[0])}")
@@ -145,20 +145,12 @@ def fit(model: SASRec, split: Split, recipe: Recipe, loss: WeightedLoss, seed: i
             stale += 1
         if resume is not None:
             opt_tensors, opt_meta = optimizer_state(opt)
-            save_resume(resume[0], {**_with_prefix(model.state_dict(), "model."), **_with_prefix(loss.state_dict(), "loss."),
-                                    **_with_prefix(best_state, "best."), **opt_tensors,
-                                    "rng.torch": torch.get_rng_state(), "rng.order": gen.get_state()},
+            save_resume(resume[0], {"model": model.state_dict(), "loss": loss.state_dict(), "best": best_state,
+                                    "optim": opt_tensors,
+                                    "rng": {"torch": torch.get_rng_state(), "order": gen.get_state()}},
                         {"inputs": resume[1], "epoch": epoch, "best": best, "best_epoch": best_epoch, "stale": stale,
                          "curve": curve, "seconds": time.perf_counter() - start, "optimizer": opt_meta})
     return best_state, curve, best_epoch, time.perf_counter() - start
-
-
-def _with_prefix(state: dict, prefix: str) -> dict:
-    return {prefix + k: v for k, v in state.items()}
-
-
-def _prefixed(tensors: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def build_student(recipe: Recipe, split: Split) -> SASRec:

@@ -86,14 +86,14 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
     best, best_state, best_valid, best_epoch, stale, curve, done = -1.0, None, None, 0, 0, [], 0
     n_examples, n_tokens, train_time = 0, 0, 0.0
     if (saved := load_resume(out, inputs)) is not None:
-        tensors, meta = saved
+        groups, meta = saved
         with torch.no_grad():
             for n, p in trainable.items():
-                p.copy_(tensors["model." + n])
-        best_state = {n: tensors["best." + n] for n in trainable}
-        load_optimizer_state(opt, tensors, meta["optimizer"])
+                p.copy_(groups["model"][n])
+        best_state = groups["best"]
+        load_optimizer_state(opt, groups.get("optim", {}), meta["optimizer"])
         sched.load_state_dict(meta["scheduler"])
-        torch.set_rng_state(tensors["rng.torch"])
+        torch.set_rng_state(groups["rng"]["torch"])
         rng.bit_generator.state = meta["numpy_rng"]
         best, best_epoch, stale, curve, done, n_examples, n_tokens, train_time = (meta[k] for k in (
             "best", "best_epoch", "stale", "curve", "epoch", "examples", "tokens", "train_seconds"))
@@ -146,9 +146,8 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
         else:
             stale += 1
         opt_tensors, opt_meta = optimizer_state(opt)
-        save_resume(out, {**{"model." + n: p for n, p in trainable.items()},
-                          **{"best." + n: p for n, p in best_state.items()}, **opt_tensors,
-                          "rng.torch": torch.get_rng_state()},
+        save_resume(out, {"model": trainable, "best": best_state, "optim": opt_tensors,
+                          "rng": {"torch": torch.get_rng_state()}},
                     {"inputs": inputs, "epoch": epoch, "best": best, "best_epoch": best_epoch, "stale": stale,
                      "curve": curve, "examples": n_examples, "tokens": n_tokens, "train_seconds": train_time,
                      "optimizer": opt_meta, "scheduler": sched.state_dict(),

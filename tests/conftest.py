@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +100,47 @@ def tiny_run(tmp_path_factory, toy_data, tiny_llama):
     overrides = tiny_recipe_overrides(toy_data, tiny_llama)
     assert main(["run", RECIPE, "--out", str(run)] + sets(overrides)) == 0
     return run, overrides
+
+
+class Launcher:
+    """Starts `anyo` commands as children of one warm process (tests/launcher.py)."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("launcher.py"))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("tests/launcher.py failed to start")
+
+    def start(self, argv: list[str], log: Path, env: dict | None = None) -> int:
+        """Launch `anyo ARGV` with output in `log`; returns its pid, also its process group."""
+        self.proc.stdin.write(json.dumps({"argv": argv, "log": str(log), "env": env or {}}) + "\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+    @staticmethod
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def wait(self, pid: int, log: Path, timeout: float = 900) -> int:
+        """Block until the command ends; its exit status (-9 if it was killed)."""
+        deadline = time.monotonic() + timeout
+        while self.alive(pid):
+            assert time.monotonic() < deadline, f"anyo {pid} still running after {timeout}s"
+            time.sleep(0.05)
+        rc = Path(f"{log}.rc")
+        return int(rc.read_text()) if rc.is_file() else -9
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def launcher():
+    warm = Launcher()
+    yield warm
+    warm.close()

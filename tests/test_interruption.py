@@ -2,10 +2,13 @@
 
 One chain kills the same run once per stage (prepare, student, teacher train,
 teacher infer, distill, bench) at a random moment after the stage has started,
-relaunching each time; the final outputs must equal the uninterrupted
-`tiny_run`: bit-identical split and teacher cache, the same metrics for the
-training stages (which resume from their last epoch rather than start over).
-The chain runs once in CI; more random kill points: `pytest -m kill_matrix`.
+relaunching each time; a last `anyo run`, a fresh process from the shell, must
+complete and equal the uninterrupted `tiny_run`: bit-identical split and teacher
+cache, the same metrics for the training stages (which resume from their last
+epoch rather than start over). The killed launches are forked from a warm
+process (tests/launcher.py) so each starts in milliseconds instead of a minute of
+imports; the report skips its serving-cost measurement. The chain runs once in
+CI; more random kill points: `pytest -m kill_matrix`.
 """
 
 import json
@@ -33,26 +36,20 @@ STAGE_MARKERS = [
 ]
 
 
-def launch(run: Path, overrides: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "distill.cli", "run", RECIPE, "--out", str(run)] + sets(overrides)
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: the kill takes serving children too
-
-
-def kill_during(run: Path, overrides: list[str], marker: str | None, delay: float) -> str:
+def kill_during(launcher, run: Path, overrides: list[str], marker: str | None, delay: float, log: Path) -> str:
     """Launch, wait for `marker`, sleep `delay`, SIGKILL the process group; returns the output."""
-    proc = launch(run, overrides)
+    pid = launcher.start(["run", RECIPE, "--out", str(run)] + sets(overrides), log)
+    deadline = time.monotonic() + 600
+    while marker is not None and not (run / marker).exists() and launcher.alive(pid):
+        assert time.monotonic() < deadline, f"{marker} never appeared"
+        time.sleep(0.02)
+    time.sleep(delay)
     try:
-        deadline = time.monotonic() + 600
-        while marker is not None and not (run / marker).exists() and proc.poll() is None:
-            assert time.monotonic() < deadline, f"{marker} never appeared"
-            time.sleep(0.05)
-        time.sleep(delay)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    out, _ = proc.communicate()
-    return out
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # it finished first
+    launcher.wait(pid, log)
+    return log.read_text()
 
 
 def training_metrics(run: Path) -> dict:
@@ -64,27 +61,23 @@ def files_digest(folder: Path) -> dict:
     return {p.name: sha256_file(p) for p in sorted(folder.glob("*")) if p.is_file()}
 
 
-def kill_chain(tiny_run, tmp_path: Path, seed: int) -> None:
+def kill_chain(tiny_run, launcher, tmp_path: Path, seed: int) -> None:
     reference, overrides = tiny_run
+    overrides = overrides + ["bench.measure_cost=false"]
     run = tmp_path / "run"
     rng = random.Random(seed)
     logs = []
     for stage, marker in STAGE_MARKERS:
-        delay = rng.uniform(0.5, 4.0) if marker is None else rng.uniform(0.0, 1.0)
-        logs.append((stage, kill_during(run, overrides, marker, delay)))
+        delay = rng.uniform(0.0, 0.3) if marker is None else rng.uniform(0.0, 1.0)
+        logs.append(kill_during(launcher, run, overrides, marker, delay, tmp_path / f"{stage}.log"))
         # the stage's final folder is never half-written: it is complete or absent
         for done in ("student_alone", "teacher", "student_distilled"):
             folder = run / done
             assert not folder.exists() or (folder / "metrics.json").is_file() or not any(folder.iterdir())
-    proc = launch(run, overrides)
-    try:
-        out, _ = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out
-    resumed = "\n".join(log for _, log in logs) + out
-    assert "resuming after epoch" in resumed, "no training stage resumed from its checkpoint"
+    cmd = [sys.executable, "-m", "distill.cli", "run", RECIPE, "--out", str(run)] + sets(overrides)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout
+    assert "resuming after epoch" in "\n".join(logs) + proc.stdout, "no training stage resumed from its checkpoint"
 
     assert files_digest(run / "split") == files_digest(reference / "split")
     ref_cache = json.loads((reference / "teacher_cache" / "manifest.json").read_text())
@@ -95,14 +88,15 @@ def kill_chain(tiny_run, tmp_path: Path, seed: int) -> None:
         assert got[stage] == pytest.approx(want[stage], abs=1e-6), stage
     report = json.loads((run / "report" / "report.json").read_text())
     assert set(report["models"]) == set(json.loads((reference / "report" / "report.json").read_text())["models"])
-    assert not list(run.glob("*.resume"))
+    assert not any("latency_ms" in m for m in report["models"].values())  # bench.measure_cost false
+    assert not list(run.glob("*.resume")) and not list(run.glob(".*.tmp"))  # no leftovers of the killed runs
 
 
-def test_kill_in_every_stage_then_rerun_equals_clean_run(tiny_run, tmp_path):
-    kill_chain(tiny_run, tmp_path, seed=0)
+def test_kill_in_every_stage_then_rerun_equals_clean_run(tiny_run, launcher, tmp_path):
+    kill_chain(tiny_run, launcher, tmp_path, seed=0)
 
 
 @pytest.mark.kill_matrix
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_kill_chain_at_more_random_points(tiny_run, tmp_path, seed):
-    kill_chain(tiny_run, tmp_path, seed)
+def test_kill_chain_at_more_random_points(tiny_run, launcher, tmp_path, seed):
+    kill_chain(tiny_run, launcher, tmp_path, seed)

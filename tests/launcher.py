@@ -1,0 +1,62 @@
+"""Fork `anyo` commands from one process that has already imported torch and transformers.
+
+The subprocess tests start `anyo` many times, and on a small CPU a fresh
+interpreter spends a minute importing torch, faiss, transformers and peft before
+doing anything. This process imports them once, without running any OpenMP
+region (a child forked after one would hang in its first parallel op), then for
+each line of stdin, a JSON {"argv": [...], "log": PATH, "env": {...}}, forks a
+child that runs `distill.cli.main(argv)` in its own process group with stdout and
+stderr in PATH, writes its exit status to PATH.rc, and answers with the child's pid.
+"""
+
+import json
+import os
+import signal
+import sys
+import traceback
+
+import faiss  # noqa: F401
+import peft  # noqa: F401
+import torch  # noqa: F401
+from transformers.models.llama import modeling_llama  # noqa: F401
+
+import distill.pipeline  # noqa: F401
+import student.train  # noqa: F401
+import teacher.model  # noqa: F401
+from distill.cli import main
+
+
+def run_child(job: dict) -> None:
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.environ.update(job.get("env", {}))
+    fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout.reconfigure(write_through=True)  # nothing lost in a buffer when the test kills it
+    code = 1
+    try:
+        code = main(job["argv"])
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with open(job["log"] + ".rc", "w") as f:
+            f.write(str(code))
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped as they exit
+    print("ready", flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            run_child(job)
+        try:
+            os.setpgid(pid, pid)  # set on both sides: the group exists before the pid is handed out
+        except ProcessLookupError:
+            pass  # the child already finished
+        print(pid, flush=True)
