@@ -85,12 +85,18 @@ def load_backbone(model: str, num_layers: int | None = None, dtype: str = "float
     encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder or getattr(config, "is_encoder_decoder", False):
         raise ConfigError(f"teacher.model: {folder} is a {config.model_type!r} model, not a decoder-only LM")
+    model_class = AutoModel._model_mapping[type(config)]
     if num_layers is not None:
-        if num_layers > config.num_hidden_layers:
-            raise ConfigError(f"teacher.num_layers: {num_layers} > the model's {config.num_hidden_layers} layers")
+        full = config.num_hidden_layers
+        if num_layers > full:
+            raise ConfigError(f"teacher.num_layers: {num_layers} > the model's {full} layers")
         config.num_hidden_layers = num_layers
         if getattr(config, "layer_types", None):
             config.layer_types = config.layer_types[:num_layers]
-    backbone = AutoModel.from_pretrained(folder, config=config, dtype=DTYPES[dtype])
+        # the cut layers' weights go unused by design; the load report stays for real mismatches
+        dropped = "|".join(str(i) for i in range(num_layers, full))
+        model_class = type(model_class.__name__, (model_class,),
+                           {"_keys_to_ignore_on_load_unexpected": [rf"layers\.({dropped})\."]} if dropped else {})
+    backbone = model_class.from_pretrained(folder, config=config, dtype=DTYPES[dtype])
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return backbone, tokenizer, folder
