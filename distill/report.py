@@ -109,19 +109,22 @@ def _fmt(v, std=None) -> str:
     return f"{v:.4f}" + (f" ± {std:.4f}" if std else "")  # std only when several seeds differ
 
 
+def _count(v) -> str:
+    return "–" if v is None else f"{v:,.0f}"
+
+
 def markdown(report: dict) -> str:
     lines = [f"# anyo report (split {report['split_hash']}, {report['machine']})", "",
              "Test split, full ranking over the whole catalogue, history masked; "
              "HR@1(cand) is the LLaRA 20-candidate protocol.", ""]
     cols = ["HR@10", "NDCG@10", "MRR@10", "HR@1(candidates)", "Coverage@10"]
-    lines.append("| model | seeds | " + " | ".join(cols) + " | params | latency p50 (ms) | users/s |")
-    lines.append("|---" * (len(cols) + 5) + "|")
+    lines.append("| model | seeds | " + " | ".join(cols) + " | params | peak RSS (MiB) | latency p50 (ms) | users/s |")
+    lines.append("|---" * (len(cols) + 6) + "|")
     for name, m in report["models"].items():
         q = [_fmt(m["metrics"].get(c), m["metrics_std"].get(c)) for c in cols]
-        lat = m.get("latency_ms", {}).get("p50")
-        rate = m.get("throughput_users_per_s")
-        lines.append(f"| {name} | {m['seeds']} | " + " | ".join(q) +
-                     f" | {m.get('params', '–')} | {_fmt(lat)} | {'–' if rate is None else f'{rate:,.1f}'} |")
+        cost = [_count(m.get("params")), _count(m.get("peak_rss_bytes", 0) / 2**20 or None),
+                _fmt(m.get("latency_ms", {}).get("p50")), _count(m.get("throughput_users_per_s"))]
+        lines.append(f"| {name} | {m['seeds']} | " + " | ".join(q + cost) + " |")
     for key, c in report["comparisons"].items():
         d = c["NDCG@10"]
         lines.append(f"\n{key}: NDCG@10 difference {d['mean_diff']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")
