@@ -165,6 +165,12 @@ class EvalConfig:
 class BenchConfig:
     measure_cost: bool = _help("Measure each model's serving cost for the report (peak RSS, latency, throughput), "
                                "each in its own process; takes minutes with a teacher. Off: quality only.", True)
+    teacher_backends: list = _help("Inference backends the teacher's serving cost is measured with "
+                                   "(deepspeed, hf), each in its own process.", ["hf", "deepspeed"])
+
+    def __post_init__(self):
+        _require(len(self.teacher_backends) > 0 and set(self.teacher_backends) <= {"hf", "deepspeed"},
+                 "bench.teacher_backends", f"must be a non-empty list of hf/deepspeed, got {self.teacher_backends!r}")
 
 
 @dataclass

@@ -37,6 +37,9 @@ def check_vectors(name: str, x: np.ndarray, rows: int, dim: int | None = None) -
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+EXCLUSION_CHUNK = 256  # queries per search when exclusions set the depth
+
+
 class ItemIndex:
     """Top-k inner-product search over an item table, with per-query exclusions."""
 
@@ -69,30 +72,37 @@ class ItemIndex:
     def search(self, queries: np.ndarray, k: int, exclude: "Exclusions | None" = None):
         """(n, k) item ids and scores; padding row 0 and excluded items never returned.
 
-        When fewer than k items remain the tail is id -1, score -inf.
+        When fewer than k items remain the tail is id -1, score -inf. With exclusions the
+        queries are searched in order of how many items they exclude, in chunks, each only as
+        deep as its own longest exclusion list needs (one long history no longer makes every
+        query search, mask and sort hundreds of candidates).
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         n = len(queries)
-        depth = min(self.n_rows, k + 1 + (exclude.max_len if exclude is not None else 0))
         ids_out = np.empty((n, k), dtype=np.int64)
         scores_out = np.empty((n, k), dtype=np.float32)
-        for lo in range(0, n, self.batch_size):
-            hi = min(n, lo + self.batch_size)
-            scores, ids = self._raw(queries[lo:hi], depth)
+        if exclude is None:
+            order, chunk = np.arange(n), self.batch_size
+        else:
+            order, chunk = np.argsort(exclude.lengths, kind="stable"), min(self.batch_size, EXCLUSION_CHUNK)
+        for lo in range(0, n, chunk):
+            rows = order[lo:lo + chunk]
+            extra = int(exclude.lengths[rows].max()) if exclude is not None else 0
+            scores, ids = self._raw(queries[rows], min(self.n_rows, k + 1 + extra))
             drop = ids <= 0
             if exclude is not None:
-                drop |= exclude.contains(np.arange(lo, hi)[:, None], ids)
+                drop |= exclude.contains(rows[:, None], ids)
             # unmasked first, then higher score, then lower id
-            order = np.lexsort((ids, -scores, drop), axis=-1)[:, :k]
-            ids_b = np.take_along_axis(ids, order, axis=1)
-            sc_b = np.take_along_axis(scores, order, axis=1)
-            dropped = np.take_along_axis(drop, order, axis=1)
+            best = np.lexsort((ids, -scores, drop), axis=-1)[:, :k]
+            ids_b = np.take_along_axis(ids, best, axis=1)
+            sc_b = np.take_along_axis(scores, best, axis=1)
+            dropped = np.take_along_axis(drop, best, axis=1)
             ids_b[dropped], sc_b[dropped] = -1, -np.inf
             if ids_b.shape[1] < k:  # catalogue smaller than k
                 pad = k - ids_b.shape[1]
                 ids_b = np.pad(ids_b, ((0, 0), (0, pad)), constant_values=-1)
                 sc_b = np.pad(sc_b, ((0, 0), (0, pad)), constant_values=-np.inf)
-            ids_out[lo:hi], scores_out[lo:hi] = ids_b, sc_b
+            ids_out[rows], scores_out[rows] = ids_b, sc_b
         return ids_out, scores_out
 
 
@@ -102,7 +112,7 @@ class Exclusions:
 
     keys: np.ndarray
     stride: int
-    max_len: int
+    lengths: np.ndarray  # (n_queries,) how many items each query excludes
 
     @classmethod
     def from_histories(cls, histories: Histories, n_rows: int, keep: np.ndarray | None = None) -> "Exclusions":
@@ -113,8 +123,7 @@ class Exclusions:
             mask = flat != keep[rows]
             rows, flat = rows[mask], flat[mask]
         keys = np.unique(rows.astype(np.int64) * n_rows + flat)
-        max_len = int(histories.lengths.max()) if len(histories) else 0
-        return cls(keys, n_rows, max_len)
+        return cls(keys, n_rows, np.bincount(keys // n_rows, minlength=len(histories)))
 
     def contains(self, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
         q = rows.astype(np.int64) * self.stride + ids

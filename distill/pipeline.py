@@ -186,24 +186,24 @@ def stage_run(recipe: Recipe, run: Path, split: Split, seeds: int) -> dict:
     rows["student alone"] = mean_row(alone)
     rows["teacher"] = table_row(teacher)
     rows["distilled student"] = mean_row(distilled)
-    stage_report(run, recipe.bench.measure_cost)
+    stage_report(run, recipe)
     print()
     print_table(rows)
     return rows
 
 
-def stage_report(run: Path, measure_cost: bool) -> dict:
+def stage_report(run: Path, recipe: Recipe) -> dict:
     """The report, rebuilt only when a model's metrics changed (cost measurements take minutes)."""
     from distill.artifacts import sha256_file
     from distill.report import write_report
     inputs = {str(p.relative_to(run)): sha256_file(p) for p in sorted(run.glob("**/metrics.json"))
               if "report" not in p.parts}
-    inputs["measure_cost"] = measure_cost
+    inputs["bench"] = recipe.section_hash("bench")
     existing = run / "report" / "report.json"
     if existing.is_file() and read_json(existing).get("inputs") == inputs:
         print(f"report up to date in {run / 'report'}")
         return read_json(existing)
-    return write_report(run, run / "report", measure_cost, inputs)
+    return write_report(run, run / "report", recipe.bench.measure_cost, inputs, recipe.bench.teacher_backends)
 
 
 def mean_row(records: list[dict]) -> dict:

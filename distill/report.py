@@ -74,21 +74,23 @@ def collect_quality(run: Path, split_hash: str) -> tuple[dict, dict, list[str]]:
     return models, per_user, missing
 
 
-def write_report(run: Path, out: Path, measure_cost: bool = True, inputs: dict | None = None) -> dict:
+def write_report(run: Path, out: Path, measure_cost: bool = True, inputs: dict | None = None,
+                 teacher_backends=("hf", "deepspeed")) -> dict:
     from distill.artifacts import write_json
     run, out = Path(run), Path(out)
     split = load_split(run / "split")
     models, per_user, missing = collect_quality(run, split.hash)
     if measure_cost:
         from distill.serving import measure_costs
-        for label, cost in measure_costs(run, split, [m for m in models]).items():
+        for label, cost in measure_costs(run, split, list(models), teacher_backends).items():
             models[label].update(cost)
+    ratios = cost_ratios(models)
     comparisons = {}
     for other, key in (("student alone", "distilled_vs_alone"), ("teacher", "distilled_vs_teacher")):
         if "distilled student" in per_user and other in per_user:
             comparisons[key] = {"NDCG@10": paired_bootstrap(per_user["distilled student"], per_user[other])}
     report = {"split_hash": split.hash, "dataset": Path(split.manifest["inputs"]["inter"]).stem, "machine": machine(), "models": models, "comparisons": comparisons,
-              "missing": missing, "inputs": inputs or {}}
+              "cost_ratios": ratios, "missing": missing, "inputs": inputs or {}}
     with atomic_dir(out) as tmp:
         write_json(tmp / "report.json", report)
         (tmp / "report.md").write_text(markdown(report))
@@ -96,6 +98,17 @@ def write_report(run: Path, out: Path, measure_cost: bool = True, inputs: dict |
         plot_report(report, tmp)
     print(markdown(report))
     return report
+
+
+def cost_ratios(models: dict) -> dict:
+    """How many times cheaper the distilled student is than the teacher (teacher cost / student cost;
+    throughput: student / teacher). Empty without both costs."""
+    s, t = models.get("distilled student", {}), models.get("teacher", {})
+    if "latency_ms" not in s or "latency_ms" not in t:
+        return {}
+    return {"params": t["params"] / s["params"], "peak_rss_bytes": t["peak_rss_bytes"] / s["peak_rss_bytes"],
+            "latency_p50": t["latency_ms"]["p50"] / s["latency_ms"]["p50"],
+            "throughput": s["throughput_users_per_s"] / t["throughput_users_per_s"]}
 
 
 def machine() -> str:
@@ -128,6 +141,10 @@ def markdown(report: dict) -> str:
     for key, c in report["comparisons"].items():
         d = c["NDCG@10"]
         lines.append(f"\n{key}: NDCG@10 difference {d['mean_diff']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")
+    if r := report.get("cost_ratios"):
+        lines.append(f"\ndistilled student vs teacher: {r['params']:,.0f}x fewer parameters, "
+                     f"{r['peak_rss_bytes']:.1f}x less peak memory, {r['latency_p50']:,.1f}x lower latency, "
+                     f"{r['throughput']:,.1f}x the throughput")
     if report["missing"]:
         lines.append(f"\nMissing stages: {', '.join(report['missing'])}")
     return "\n".join(lines) + "\n"

@@ -100,12 +100,13 @@ def measure(run: Path, label: str) -> dict:
             "throughput_users_per_s": float(throughput)}
 
 
-def measure_costs(run: Path, split: Split, labels: list[str]) -> dict:
+def measure_costs(run: Path, split: Split, labels: list[str], teacher_backends=("hf", "deepspeed")) -> dict:
+    """Cost of each model; the teacher's top-level figures are its first backend's."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "distill.serving"])
     out = {}
     for label in labels:
-        variants = [f"{label}/hf", f"{label}/deepspeed"] if label == "teacher" else [label]
+        variants = [f"{label}/{b}" for b in teacher_backends] if label == "teacher" else [label]
         for v in variants:
             pool = ctx.Pool(processes=1)  # a fresh child per model: its own peak RSS
             try:
@@ -116,7 +117,7 @@ def measure_costs(run: Path, split: Split, labels: list[str]) -> dict:
                 pool.close()
                 pool.join()
             if label == "teacher":
-                out.setdefault(label, {}).update(cost if v.endswith("/hf") else {})
+                out.setdefault(label, {}).update(cost if v == variants[0] else {})
                 out[label].setdefault("backends", {})[v.split("/")[1]] = {
                     k: cost[k] for k in ("latency_ms", "throughput_users_per_s", "peak_rss_bytes")}
             else:

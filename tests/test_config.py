@@ -20,6 +20,7 @@ def test_default_recipe_loads_and_overrides():
     ("teacher.num_experts=3", "teacher.num_experts"),
     ("distill.temperature=-1", "distill.temperature"),
     ("distill.positions=0", "distill.positions"),
+    ("bench.teacher_backends=[vllm]", "bench.teacher_backends"),
 ])
 def test_bad_recipes_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):

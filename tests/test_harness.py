@@ -29,6 +29,21 @@ def test_faiss_and_brute_force_agree(split, mask):
     assert a.metrics == b.metrics
 
 
+def test_chunked_masked_search_equals_one_pass(split, monkeypatch):
+    """Queries searched in chunks by exclusion count, each chunk at its own depth, give the
+    same top-K as one pass at the deepest depth, in the callers' query order."""
+    import distill.harness as harness
+    users, items = random_vectors(split)
+    ex = Exclusions.from_histories(split.history("test"), len(items))
+    whole = ItemIndex(items).search(users, 10, ex)
+    monkeypatch.setattr(harness, "EXCLUSION_CHUNK", 3)
+    chunked = ItemIndex(items).search(users, 10, ex)
+    brute = ItemIndex(items, "brute").search(users, 10, ex)
+    assert len(np.unique(ex.lengths)) > 3  # the chunks really search at different depths
+    assert np.array_equal(whole[0], chunked[0]) and np.array_equal(chunked[0], brute[0])
+    assert np.array_equal(whole[1], chunked[1])
+
+
 def test_search_breaks_ties_by_lower_id():
     items = np.zeros((6, 2), np.float32)
     items[[2, 4, 5]] = [1.0, 0.0]  # three equal best items

@@ -49,7 +49,11 @@ def test_report_schema(tiny_run):
         assert {"metrics", "metrics_std", "seeds", "params", "trainable_params", "checkpoint_bytes",
                 "peak_rss_bytes", "latency_ms", "throughput_users_per_s"} <= set(m)
         assert set(m["latency_ms"]) == {"p50", "p95"}
-    assert set(r["models"]["teacher"]["backends"]) == {"hf", "deepspeed"}
+    assert set(r["models"]["teacher"]["backends"]) == {"hf"}  # the tiny recipe's bench.teacher_backends
+    teacher, student = r["models"]["teacher"], r["models"]["distilled student"]
+    assert r["cost_ratios"]["params"] == pytest.approx(teacher["params"] / student["params"])
+    assert r["cost_ratios"]["throughput"] == pytest.approx(
+        student["throughput_users_per_s"] / teacher["throughput_users_per_s"])
     for key in ("distilled_vs_alone", "distilled_vs_teacher"):
         ci = r["comparisons"][key]["NDCG@10"]
         assert ci["ci95"][0] <= ci["mean_diff"] <= ci["ci95"][1]
