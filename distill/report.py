@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from distill.artifacts import atomic_dir, read_json
+from distill.config import BenchConfig
 from distill.data import load_split
 from distill.errors import ArtifactError
 
@@ -75,14 +76,15 @@ def collect_quality(run: Path, split_hash: str) -> tuple[dict, dict, list[str]]:
 
 
 def write_report(run: Path, out: Path, measure_cost: bool = True, inputs: dict | None = None,
-                 teacher_backends=("hf", "deepspeed")) -> dict:
+                 teacher_backends: list[str] | None = None) -> dict:
     from distill.artifacts import write_json
     run, out = Path(run), Path(out)
     split = load_split(run / "split")
     models, per_user, missing = collect_quality(run, split.hash)
     if measure_cost:
         from distill.serving import measure_costs
-        for label, cost in measure_costs(run, split, list(models), teacher_backends).items():
+        backends = teacher_backends or BenchConfig().teacher_backends
+        for label, cost in measure_costs(run, split, list(models), backends).items():
             models[label].update(cost)
     ratios = cost_ratios(models)
     comparisons = {}
@@ -135,7 +137,8 @@ def markdown(report: dict) -> str:
     lines.append("|---" * (len(cols) + 6) + "|")
     for name, m in report["models"].items():
         q = [_fmt(m["metrics"].get(c), m["metrics_std"].get(c)) for c in cols]
-        cost = [_count(m.get("params")), _count(m.get("peak_rss_bytes", 0) / 2**20 or None),
+        rss = m.get("peak_rss_bytes")
+        cost = [_count(m.get("params")), _count(None if rss is None else rss / 2**20),
                 _fmt(m.get("latency_ms", {}).get("p50")), _count(m.get("throughput_users_per_s"))]
         lines.append(f"| {name} | {m['seeds']} | " + " | ".join(q + cost) + " |")
     for key, c in report["comparisons"].items():

@@ -100,7 +100,7 @@ def measure(run: Path, label: str) -> dict:
             "throughput_users_per_s": float(throughput)}
 
 
-def measure_costs(run: Path, split: Split, labels: list[str], teacher_backends=("hf", "deepspeed")) -> dict:
+def measure_costs(run: Path, split: Split, labels: list[str], teacher_backends: list[str]) -> dict:
     """Cost of each model; the teacher's top-level figures are its first backend's."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "distill.serving"])
