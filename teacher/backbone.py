@@ -93,10 +93,10 @@ def load_backbone(model: str, num_layers: int | None = None, dtype: str = "float
         config.num_hidden_layers = num_layers
         if getattr(config, "layer_types", None):
             config.layer_types = config.layer_types[:num_layers]
-        # the cut layers' weights go unused by design; the load report stays for real mismatches
-        dropped = "|".join(str(i) for i in range(num_layers, full))
-        model_class = type(model_class.__name__, (model_class,),
-                           {"_keys_to_ignore_on_load_unexpected": [rf"layers\.({dropped})\."]} if dropped else {})
+        if num_layers < full:  # the cut layers' weights go unused by design; real mismatches still report
+            dropped = "|".join(str(i) for i in range(num_layers, full))
+            model_class = type(model_class.__name__, (model_class,),
+                               {"_keys_to_ignore_on_load_unexpected": [rf"layers\.({dropped})\."]})
     backbone = model_class.from_pretrained(folder, config=config, dtype=DTYPES[dtype])
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return backbone, tokenizer, folder
