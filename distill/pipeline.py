@@ -78,19 +78,32 @@ def up_to_date(path: Path, inputs: dict) -> dict | None:
     return None
 
 
+def finished_training(out: Path, inputs: dict) -> dict | None:
+    """The training stage's metrics if `out` was trained from exactly `inputs`. A resume folder beside a
+    finished stage (the run was killed between writing metrics.json and removing it) is removed."""
+    record = up_to_date(out / "metrics.json", inputs)
+    if record is not None:
+        clear_resume(out)
+    return record
+
+
+def finish_training(out: Path, record: dict) -> dict:
+    write_json(out / "metrics.json", record)
+    clear_resume(out)
+    return record
+
+
 def stage_student(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
     from distill.losses import WeightedLoss
     from student.train import own_loss, train_and_save
     out = model_dir(run, "student_alone", seed, recipe)
     inputs = {"split_hash": split.hash, "recipe": recipe.section_hash("data", "student", "eval"), "seed": seed}
-    if (record := up_to_date(out / "metrics.json", inputs)) is not None:
+    if (record := finished_training(out, inputs)) is not None:
         print(f"student alone (seed {seed}) up to date in {out}")
         return record
     loss = WeightedLoss({"own": (1.0, own_loss(recipe, split))})
-    record = train_and_save(recipe, split, out, seed, loss, desc=f"student seed {seed}", inputs=inputs)
-    write_json(out / "metrics.json", record)
-    clear_resume(out)
-    return record
+    return finish_training(out, train_and_save(recipe, split, out, seed, loss, desc=f"student seed {seed}",
+                                               inputs=inputs))
 
 
 def stage_teacher(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
@@ -102,13 +115,10 @@ def stage_teacher(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
     out = run / "teacher"
     inputs = {"split_hash": split.hash, "recipe": recipe.section_hash("data", "student", "teacher", "eval"),
               "seed": seed, "cf_sha256": sha256_file(cf_dir / "model.safetensors")}
-    if (record := up_to_date(out / "metrics.json", inputs)) is not None:
+    if (record := finished_training(out, inputs)) is not None:
         print(f"teacher up to date in {out}")
         return record
-    record = train_teacher(recipe, split, cf, out, seed, inputs)
-    write_json(out / "metrics.json", record)
-    clear_resume(out)
-    return record
+    return finish_training(out, train_teacher(recipe, split, cf, out, seed, inputs))
 
 
 def stage_infer(recipe: Recipe, run: Path, split: Split, merge_only: bool = False) -> dict:
@@ -152,7 +162,7 @@ def stage_distill(recipe: Recipe, run: Path, split: Split, seed: int, name: str 
         alone = model_dir(run, "student_alone", seed, recipe)
         init, _ = load_student(alone, split.hash, split.n_items)
         inputs["init_sha256"] = sha256_file(alone / "model.safetensors")
-    if (record := up_to_date(out / "metrics.json", inputs)) is not None:
+    if (record := finished_training(out, inputs)) is not None:
         print(f"distilled student (seed {seed}) up to date in {out}")
         return record
     torch.manual_seed(seed)  # the alignment map's initial weights must not depend on what ran before
@@ -171,9 +181,7 @@ def stage_distill(recipe: Recipe, run: Path, split: Split, seed: int, name: str 
 
     record = train_and_save(recipe, split, out, seed, loss, teacher=lookup, desc=f"distilled seed {seed}",
                             inputs=inputs, extra={"loss_weights": loss.weights}, init=init, epochs=d.epochs)
-    write_json(out / "metrics.json", record)
-    clear_resume(out)
-    return record
+    return finish_training(out, record)
 
 
 def stage_run(recipe: Recipe, run: Path, split: Split, seeds: int) -> dict:

@@ -31,6 +31,11 @@ def test_run_writes_every_stage(tiny_run):
 def test_rerun_skips_every_stage(tiny_run, capsys):
     run, overrides = tiny_run
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+    # a run killed between writing a stage's metrics.json and removing its resume folder leaves one behind
+    leftovers = [run / f"{name}.resume" for name in ("student_alone", "teacher", "student_distilled")]
+    for folder in leftovers:
+        folder.mkdir()
+        (folder / "state.json").write_text("{}")
     capsys.readouterr()
     assert main(["run", RECIPE, "--out", str(run)] + sets(overrides)) == 0
     out = capsys.readouterr().out
@@ -38,6 +43,7 @@ def test_rerun_skips_every_stage(tiny_run, capsys):
                   "teacher cache up to date", "distilled student (seed 0) up to date", "report up to date"):
         assert stage in out
     assert before == {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+    assert not any(folder.exists() for folder in leftovers)
 
 
 def test_report_schema(tiny_run):
