@@ -1,11 +1,15 @@
 """Ablation of the distillation loss: each teacher term switched off in turn, on a finished run.
 
-    python benchmarks/distill_ablation.py --recipe recipes/ml100k.yaml --run runs/ml100k \
+    anyo run recipes/ml100k.yaml --out runs/ml100k --seeds 3
+    python benchmarks/distill_ablation.py --recipe recipes/ml100k.yaml --run runs/ml100k --seeds 3 \
         --out benchmarks/distill_ablation.md
 
-Trains `anyo distill --set distill.TERM_weight=0 --name ablation-no-TERM` for each
-term with a non-zero weight (same seed, same teacher cache), then tabulates test
-metrics next to the full distilled student and the student alone.
+For each seed, trains `anyo distill --set distill.TERM_weight=0 --name ablation-no-TERM` for
+each term with a non-zero weight (same teacher cache, same warm start), plus a control
+with every teacher term off ("own loss only": the same extra epochs without the teacher),
+then tabulates test metrics (mean and standard deviation over seeds) next to the full
+distilled student and the student alone, with the paired bootstrap CI of each row minus
+the student alone on per-user NDCG@10 (seed-averaged).
 """
 
 from __future__ import annotations
@@ -13,35 +17,63 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
 from distill.artifacts import read_json
 from distill.config import load_recipe
-from distill.pipeline import stage_distill, stage_prepare
+from distill.pipeline import model_dir, stage_distill, stage_prepare
+from distill.report import ndcg_per_user, paired_bootstrap
 
 TERMS = ("kd", "rank", "align")
 KEYS = ("HR@10", "NDCG@10", "MRR@10")
+
+
+def finished(folder: Path) -> dict:
+    if not (folder / "metrics.json").is_file():
+        raise SystemExit(f"{folder}: not trained yet; run `anyo run RECIPE --out RUN --seeds N` first")
+    return read_json(folder / "metrics.json") | {"folder": folder}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="recipes/ml100k.yaml")
     ap.add_argument("--run", type=Path, required=True, help="a run with student_alone, teacher_cache, student_distilled")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds recipe.seed, recipe.seed + 1, ... (as `anyo run --seeds`)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/distill_ablation.md"))
     args = ap.parse_args()
     recipe = load_recipe(args.recipe)
     split = stage_prepare(recipe, args.run)
-    rows = {"student alone": read_json(args.run / "student_alone" / "metrics.json"),
-            "distilled (all terms)": read_json(args.run / "student_distilled" / "metrics.json")}
-    for term in TERMS:
-        if getattr(recipe.distill, f"{term}_weight") == 0:
-            continue
-        off = load_recipe(args.recipe, [f"distill.{term}_weight=0"])
-        rows[f"without {term}"] = stage_distill(off, args.run, split, recipe.seed, name=f"ablation-no-{term}")
+    seeds = [recipe.seed + i for i in range(args.seeds)]
+    active = [t for t in TERMS if getattr(recipe.distill, f"{t}_weight") != 0]
+    variants = {f"without {t}": [f"distill.{t}_weight=0"] for t in active}
+    variants["own loss only (no teacher)"] = [f"distill.{t}_weight=0" for t in active]
+    rows: dict[str, list[dict]] = {
+        "student alone": [finished(model_dir(args.run, "student_alone", s, recipe)) for s in seeds],
+        "distilled (all terms)": [finished(model_dir(args.run, "student_distilled", s, recipe)) for s in seeds]}
+    for label, sets in variants.items():
+        off = load_recipe(args.recipe, sets)
+        name = "ablation-" + ("own-only" if "own" in label else "no-" + label.split()[-1])
+        rows[label] = [stage_distill(off, args.run, split, s, name=name) | {"folder": model_dir(args.run, name, s, off)}
+                       for s in seeds]
+
+    def per_user(records: list[dict]) -> np.ndarray:
+        return np.mean([ndcg_per_user(np.load(r["folder"] / "test_ranks.npy")) for r in records], axis=0)
+
+    alone = per_user(rows["student alone"])
     lines = ["# Distillation ablation (MovieLens-100K, this machine)", "", "```",
-             f"python benchmarks/distill_ablation.py --recipe {args.recipe} --run {args.run} --out {args.out}",
-             "```", "", f"Seed {recipe.seed}, test split, full ranking with history masked.", "",
-             "| model | " + " | ".join(f"test {k}" for k in KEYS) + " | best epoch |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | " + " | ".join(f"{r['metrics'][k]:.4f}" for k in KEYS) + f" | {r['best_epoch']} |"
-              for name, r in rows.items()]
+             f"python benchmarks/distill_ablation.py --recipe {args.recipe} --run {args.run} --seeds {args.seeds} "
+             f"--out {args.out}", "```", "",
+             f"Seeds {', '.join(map(str, seeds))}; test split, full ranking with history masked; mean ± std over "
+             "seeds; the last column is the paired bootstrap 95% CI of the row minus the student alone on "
+             "per-user NDCG@10 (averaged over seeds).", "",
+             "| model | " + " | ".join(f"test {k}" for k in KEYS) + " | NDCG@10 - alone [95% CI] |",
+             "|---|---|---|---|---|"]
+    for label, records in rows.items():
+        cells = [f"{np.mean([r['metrics'][k] for r in records]):.4f} ± {np.std([r['metrics'][k] for r in records]):.4f}"
+                 for k in KEYS]
+        diff = "" if label == "student alone" else (lambda c: f"{c['mean_diff']:+.4f} [{c['ci95'][0]:+.4f}, "
+                                                    f"{c['ci95'][1]:+.4f}]")(paired_bootstrap(per_user(records), alone))
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {diff} |")
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

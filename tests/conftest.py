@@ -112,9 +112,11 @@ class Launcher:
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError("tests/launcher.py failed to start")
 
-    def start(self, argv: list[str], log: Path, env: dict | None = None) -> int:
-        """Launch `anyo ARGV` with output in `log`; returns its pid, also its process group."""
-        self.proc.stdin.write(json.dumps({"argv": argv, "log": str(log), "env": env or {}}) + "\n")
+    def start(self, argv: list[str], log: Path, env: dict | None = None, kill_after: str | None = None) -> int:
+        """Launch `anyo ARGV` with output in `log`; returns its pid, also its process group.
+        kill_after="module.name:N": the command kills itself when that function returns for the N-th time."""
+        job = {"argv": argv, "log": str(log), "env": env or {}, "kill_after": kill_after}
+        self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         return int(self.proc.stdout.readline())
 

@@ -7,8 +7,12 @@ region (a child forked after one would hang in its first parallel op), then for
 each line of stdin, a JSON {"argv": [...], "log": PATH, "env": {...}}, forks a
 child that runs `distill.cli.main(argv)` in its own process group with stdout and
 stderr in PATH, writes its exit status to PATH.rc, and answers with the child's pid.
+An optional "kill_after": "module.name:N" makes the child SIGKILL its own group
+the moment `module.name` (as looked up by its callers) returns for the N-th time:
+a kill point that holds however fast or slow the machine is.
 """
 
+import importlib
 import json
 import os
 import signal
@@ -26,6 +30,23 @@ import teacher.model  # noqa: F401
 from distill.cli import main
 
 
+def kill_after(spec: str) -> None:
+    target, n = spec.rsplit(":", 1)
+    module_name, name = target.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    original, calls = getattr(module, name), [0]
+
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == int(n):
+            sys.stdout.flush()
+            os.killpg(0, signal.SIGKILL)
+        return result
+
+    setattr(module, name, wrapper)
+
+
 def run_child(job: dict) -> None:
     os.setpgid(0, 0)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -36,6 +57,8 @@ def run_child(job: dict) -> None:
     sys.stdout.reconfigure(write_through=True)  # nothing lost in a buffer when the test kills it
     code = 1
     try:
+        if job.get("kill_after"):
+            kill_after(job["kill_after"])
         code = main(job["argv"])
     except BaseException:
         traceback.print_exc()
