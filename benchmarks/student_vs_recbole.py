@@ -88,9 +88,9 @@ def main() -> None:
 
     lines = ["# anyo student vs RecBole 1.2.1 SASRec (MovieLens-100K, this machine)", "",
              "Commands:", "```",
-             ".venv-recbole/bin/python benchmarks/recbole_sasrec.py --budget-min 40 "
-             "--out benchmarks/results/recbole_sasrec.jsonl",
-             f"python benchmarks/student_vs_recbole.py --seeds {' '.join(map(str, args.seeds))} "
+             f"OMP_NUM_THREADS={torch.get_num_threads()} .venv-recbole/bin/python benchmarks/recbole_sasrec.py "
+             "--budget-min 40 --out benchmarks/results/recbole_sasrec.jsonl",
+             f"OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/student_vs_recbole.py --seeds {' '.join(map(str, args.seeds))} "
              f"--recbole {args.recbole} --out {args.out}", "```", "",
              "Leave-one-out by time, full ranking over all items, history not masked on either side. "
              "Test metrics at the epoch each side selects on validation NDCG@10.", "",

@@ -39,12 +39,15 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """(B, T, d) -> (B, T, d), or (B, 1, d) for the last position only (keys still span all T)."""
         B, T, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, h, T, d/h)
+        if last_only:
+            q, mask = q[:, -1:], mask[..., -1:, :]
+        q, k, v = (t.view(B, -1, self.n_head, d // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, h, T, d/h)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, T, d))
+        return self.proj(y.transpose(1, 2).reshape(B, -1, d))
 
 
 class Block(nn.Module):
@@ -56,8 +59,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(cfg.dropout))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), mask))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        y = self.drop(self.attn(self.ln1(x), mask, last_only))
+        x = (x[:, -1:] if last_only else x) + y
         return x + self.mlp(self.ln2(x))
 
 
@@ -76,8 +80,11 @@ class SASRec(nn.Module):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
-    def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        """seq (B, T) left-padded item ids, T <= max_len -> hidden states (B, T, d)."""
+    def forward(self, seq: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """seq (B, T) left-padded item ids, T <= max_len -> hidden states (B, T, d).
+
+        last_only: (B, 1, d), the last position alone; the final block then computes nothing
+        for earlier positions (serving needs only the user vector)."""
         B, T = seq.shape
         valid = seq > 0                                                   # (B, T)
         pos = (valid.flip(1).cumsum(1).flip(1) - 1).clamp(min=0)          # 0 = most recent item
@@ -88,13 +95,16 @@ class SASRec(nn.Module):
         # a query sees earlier real items; itself always, so all-padding rows stay finite
         mask = (causal & valid[:, None, :]) | eye                         # (B, T, T)
         mask = mask.unsqueeze(1)                                          # (B, 1, T, T)
-        for block in self.blocks:
-            x = block(x, mask) * valid.unsqueeze(-1)
+        for i, block in enumerate(self.blocks):
+            if last_only and i == len(self.blocks) - 1:
+                x = block(x, mask, last_only=True) * valid[:, -1:, None]    # (B, 1, d)
+            else:
+                x = block(x, mask) * valid.unsqueeze(-1)
         return self.ln_f(x)
 
     def encode_users(self, histories: torch.Tensor) -> torch.Tensor:
         """(B, T) left-padded histories -> (B, d) user vectors (the last position)."""
-        return self.forward(histories[:, -self.cfg.max_len:])[:, -1]
+        return self.forward(histories[:, -self.cfg.max_len:], last_only=True)[:, -1]
 
     def item_vectors(self) -> torch.Tensor:
         """(N+1, d) output item table; row 0 is padding."""

@@ -75,7 +75,8 @@ def tiny_recipe_overrides(data: Path, model: Path) -> list[str]:
             f"teacher.model={model}", "teacher.num_layers=null", "teacher.lora_r=4", "teacher.num_experts=2",
             "teacher.examples_per_epoch=32", "teacher.epochs=2", "teacher.batch_size=8", "teacher.max_history=5",
             "teacher.eval_batch_size=16",
-            "distill.positions=2", "distill.k=5", "distill.backend=hf", "distill.shard_users=16",
+            "distill.epochs=3", "distill.positions=2", "distill.k=5", "distill.backend=hf",
+            "distill.shard_users=16",
             "bench.teacher_backends=[hf]"]
 
 

@@ -34,6 +34,12 @@ def test_padding_invariance_and_no_nan():
     assert torch.isfinite(m(torch.zeros(2, 5, dtype=torch.long))).all()
 
 
+def test_user_vector_is_the_last_position_of_the_full_forward():
+    m = model()
+    seq = torch.tensor([[0, 0, 4, 6, 8, 1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12], [0, 0, 0, 0, 0, 0, 0, 0]])
+    assert torch.allclose(m.encode_users(seq), m(seq)[:, -1], atol=1e-6)
+
+
 def test_full_softmax_equals_hand_computation():
     h = torch.tensor([[1.0, 0.0], [0.5, 2.0]])
     table = torch.tensor([[9.0, 9.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
