@@ -45,14 +45,14 @@ def main() -> None:
     split = stage_prepare(recipe, args.run)
     seeds = [recipe.seed + i for i in range(args.seeds)]
     active = [t for t in TERMS if getattr(recipe.distill, f"{t}_weight") != 0]
-    variants = {f"without {t}": [f"distill.{t}_weight=0"] for t in active}
-    variants["own loss only (no teacher)"] = [f"distill.{t}_weight=0" for t in active]
+    # label -> (run folder name, overrides)
+    variants = {f"without {t}": (f"ablation-no-{t}", [f"distill.{t}_weight=0"]) for t in active}
+    variants["own loss only (no teacher)"] = ("ablation-own-only", [f"distill.{t}_weight=0" for t in active])
     rows: dict[str, list[dict]] = {
         "student alone": [finished(model_dir(args.run, "student_alone", s, recipe)) for s in seeds],
         "distilled (all terms)": [finished(model_dir(args.run, "student_distilled", s, recipe)) for s in seeds]}
-    for label, sets in variants.items():
+    for label, (name, sets) in variants.items():
         off = load_recipe(args.recipe, sets)
-        name = "ablation-" + ("own-only" if "own" in label else "no-" + label.split()[-1])
         rows[label] = [stage_distill(off, args.run, split, s, name=name) | {"folder": model_dir(args.run, name, s, off)}
                        for s in seeds]
 

@@ -90,8 +90,8 @@ def main() -> None:
              "Commands:", "```",
              f"OMP_NUM_THREADS={torch.get_num_threads()} .venv-recbole/bin/python benchmarks/recbole_sasrec.py "
              "--budget-min 40 --out benchmarks/results/recbole_sasrec.jsonl",
-             f"OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/student_vs_recbole.py --seeds {' '.join(map(str, args.seeds))} "
-             f"--recbole {args.recbole} --out {args.out}", "```", "",
+             f"OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/student_vs_recbole.py "
+             f"--seeds {' '.join(map(str, args.seeds))} --recbole {args.recbole} --out {args.out}", "```", "",
              "Leave-one-out by time, full ranking over all items, history not masked on either side. "
              "Test metrics at the epoch each side selects on validation NDCG@10.", "",
              "| model | epochs | train time (s) | test HR@10 | test NDCG@10 | test MRR@10 |", "|---|---|---|---|---|---|"]

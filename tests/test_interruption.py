@@ -4,12 +4,13 @@ One chain kills the same run once per stage (prepare, student, teacher train,
 teacher infer, distill, bench), relaunching each time: in CI at a fixed point
 inside each stage whatever the machine's speed (each training stage right after
 its first epoch's checkpoint, so resuming is always exercised); a last `anyo run`,
-a fresh process from the shell, must complete and equal the uninterrupted `tiny_run`: bit-identical split and teacher
-cache, the same metrics for the training stages (which resume from their last
-epoch rather than start over). The killed launches are forked from a warm
-process (tests/launcher.py) so each starts in milliseconds instead of a minute of
-imports; the report skips its serving-cost measurement. The chain runs once in
-CI; three more chains killed at random moments: `pytest -m kill_matrix`.
+a fresh process from the shell, must complete and equal the uninterrupted
+`tiny_run`: bit-identical split and teacher cache, the same metrics for the
+training stages (which resume from their last epoch rather than start over). The
+killed launches are forked from a warm process (tests/launcher.py) so each starts
+in milliseconds instead of a minute of imports; the report skips its serving-cost
+measurement. The chain runs once in CI; three more chains killed at random moments:
+`pytest -m kill_matrix`.
 """
 
 import json
