@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from distill.config import load_recipe
@@ -9,6 +11,11 @@ RECIPE = "recipes/ml100k.yaml"
 def test_default_recipe_loads_and_overrides():
     r = load_recipe(RECIPE, ["teacher.lora_r=16", "eval.ks=[1, 10]", "data.path=/x"])
     assert r.teacher.lora_r == 16 and r.eval.ks == [1, 10] and r.data.path == "/x"
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("recipes/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path):
+    load_recipe(path)
 
 
 @pytest.mark.parametrize("override,key", [
