@@ -71,8 +71,10 @@ def main() -> None:
     for label, records in rows.items():
         cells = [f"{np.mean([r['metrics'][k] for r in records]):.4f} ± {np.std([r['metrics'][k] for r in records]):.4f}"
                  for k in KEYS]
-        diff = "" if label == "student alone" else (lambda c: f"{c['mean_diff']:+.4f} [{c['ci95'][0]:+.4f}, "
-                                                    f"{c['ci95'][1]:+.4f}]")(paired_bootstrap(per_user(records), alone))
+        diff = ""
+        if label != "student alone":
+            c = paired_bootstrap(per_user(records), alone)
+            diff = f"{c['mean_diff']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {diff} |")
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
