@@ -84,8 +84,10 @@ class TeacherConfig:
     instruction: str = _help("Text before the history.", "A user watched these movies in order:")
     query_text: str = _help("Text after the history; its last token is pooled.", " The next movie they will watch is")
     adapter: str = _help("`lora` or `moe_lora` (iLoRA's instance-wise mixture of LoRA experts).", "moe_lora")
-    cf_residual: bool = _help("Add the CF model's user vector to the query, so training starts from the CF "
-                              "retriever and the LLM learns a correction (useful on small budgets).", False)
+    cf_weights: list = _help("Candidate weights w of the CF retriever in the query q = (1 - w) q_LLM + w q_CF. The LLM "
+                             "retriever trains alone (in the CF item space when the item table is fixed); after each "
+                             "epoch the w with the best validation NDCG@10 is kept, so w = 1 falls back to the CF "
+                             "retriever. [0.0] = the LLM alone.", [0.0])
     train_item_table: bool = _help("Train the item table (initialised from the CF model); false keeps the CF "
                                    "item space fixed, so the LLM only learns to place queries in it.", True)
     lora_r: int = _help("LoRA rank (split into num_experts slices for moe_lora).", 8)
@@ -93,8 +95,8 @@ class TeacherConfig:
     lora_dropout: float = _help("Dropout on the LoRA input.", 0.05)
     target_modules: list = _help("Module names peft adapts.", ["q_proj", "k_proj", "v_proj", "o_proj"])
     num_experts: int = _help("Experts for moe_lora; must divide lora_r.", 4)
-    temperature: float = _help("Softmax temperature on inner-product scores (1.0 with cf_residual: "
-                               "the CF model was trained at 1.0).", 0.1)
+    temperature: float = _help("Softmax temperature on inner-product scores (1.0 to blend with the CF "
+                               "retriever, which was trained at 1.0).", 0.1)
     loss: str = _help("`full` softmax over the catalogue or `sampled` (in-batch + sampled negatives).", "full")
     num_negatives: int = _help("Sampled negatives per batch for the sampled loss.", 1024)
     lr: float = _help("Peak AdamW learning rate (warmup then cosine decay).", 1e-3)
@@ -115,6 +117,9 @@ class TeacherConfig:
         _require(self.num_layers is None or self.num_layers > 0, "teacher.num_layers", "must be > 0")
         _require(self.dtype in ("float32", "bfloat16", "float16"), "teacher.dtype", f"unknown dtype {self.dtype!r}")
         _require(self.temperature > 0, "teacher.temperature", "must be > 0")
+        _require(len(self.cf_weights) > 0 and all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0.0 <= w <= 1.0
+                                                   for w in self.cf_weights),
+                 "teacher.cf_weights", f"must be a non-empty list of numbers in [0, 1], got {self.cf_weights!r}")
         _require(self.loss in ("full", "sampled"), "teacher.loss", f"must be full or sampled, got {self.loss!r}")
         _require(self.max_history > 0, "teacher.max_history", "must be > 0")
         _require(self.batch_size > 0 and self.grad_accum > 0, "teacher.batch_size", "batch_size and grad_accum must be > 0")

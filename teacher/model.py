@@ -2,12 +2,15 @@
 
     prompt tokens ──embed──┐
     CF item emb ─in_proj───┴─> [HistoryEmb] slots ─> decoder (+ LoRA / MoE-LoRA) ─> h_last
-    h_last ─out_proj─> query q (D)          score(item) = q . item_table[item] / temperature
-    (with teacher.cf_residual, q = out_proj(h_last) + CF user vector)
+    h_last ─out_proj─> q_LLM (D)
+    query q = (1 - w) q_LLM + w q_CF        score(item) = q . item_table[item] / temperature
 
 The CF model is the student-alone SASRec (frozen): its item embeddings feed the
 [HistoryEmb] slots and initialise the item table, its sequence representation
-drives the MoE-LoRA gate.
+drives the MoE-LoRA gate and is the CF query q_CF. The LLM retriever trains alone
+(w = 0); the blend weight w is chosen on validation afterwards (teacher.train).
+Training the LLM as a correction on top of q_CF instead fails: on its own training
+positions the CF model is already fitted, so the correction learns noise.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ from teacher.moe_lora import ExpertGate
 from teacher.prompt import PromptBatch, PromptBuilder
 
 
+def blend_queries(q_llm, q_cf, w):
+    """(1 - w) q_LLM + w q_CF: a convex blend keeps the scores on the scale both were trained at."""
+    return (1 - w) * q_llm + w * q_cf
+
+
 @dataclass
 class TeacherOutputs:
     query: torch.Tensor        # (B, D) query vectors
@@ -49,9 +57,7 @@ class TeacherRetriever(nn.Module):
         H, d_cf = backbone.config.hidden_size, cf.cfg.hidden_size
         self.in_projector = nn.Sequential(nn.Linear(d_cf, H), nn.GELU(), nn.Linear(H, H))
         self.out_projector = nn.Linear(H, d_cf)
-        if cfg.cf_residual:  # start exactly at the CF retriever: the LLM path begins as a zero correction
-            nn.init.zeros_(self.out_projector.weight)
-            nn.init.zeros_(self.out_projector.bias)
+        self.register_buffer("cf_weight", torch.tensor(0.0))  # w, saved with the heads
         self.item_table = nn.Parameter(cf.item_vectors().detach().clone(),           # (N+1, D)
                                        requires_grad=cfg.train_item_table)
         self.gate = ExpertGate(backbone, d_cf, cfg.num_experts, cfg.lora_r) if cfg.adapter == "moe_lora" else None
@@ -70,8 +76,8 @@ class TeacherRetriever(nn.Module):
     def device(self) -> torch.device:
         return self.item_table.device
 
-    def forward(self, batch: PromptBatch, cf_histories: torch.Tensor) -> torch.Tensor:
-        """Prompts + (B, max_len) CF histories -> (B, D) query vectors."""
+    def forward(self, batch: PromptBatch, cf_histories: torch.Tensor, blend: bool = True) -> torch.Tensor:
+        """Prompts + (B, max_len) CF histories -> (B, D) query vectors (q_LLM alone with blend=False)."""
         batch = PromptBatch(*(t.to(self.device) for t in (batch.input_ids, batch.attention_mask,
                                                           batch.history_items, batch.last_index)))
         cf_histories = cf_histories.to(self.device)
@@ -88,23 +94,24 @@ class TeacherRetriever(nn.Module):
             if self.gate is not None:
                 self.gate.set(None)
         pooled = h[torch.arange(len(h)), batch.last_index]                       # (B, H)
-        q = self.out_projector(pooled.float())
-        return q + cf_repr if self.cfg.cf_residual else q
+        q = self.out_projector(pooled.float())                                    # (B, D)
+        return blend_queries(q, cf_repr, self.cf_weight) if blend else q
 
-    def encode(self, histories: list[np.ndarray], padding_side: str = "left") -> torch.Tensor:
+    def encode(self, histories: list[np.ndarray], padding_side: str = "left", blend: bool = True) -> torch.Tensor:
         """Histories (item ids, oldest first) -> (B, D) query vectors."""
         cf_hist = torch.from_numpy(Histories.from_rows(histories).padded(self.cf.cfg.max_len))
-        return self(self.prompts(histories, padding_side), cf_hist)
+        return self(self.prompts(histories, padding_side), cf_hist, blend)
 
     @torch.inference_mode()
-    def encode_many(self, histories: list[np.ndarray], batch_size: int, desc: str | None = None) -> np.ndarray:
+    def encode_many(self, histories: list[np.ndarray], batch_size: int, desc: str | None = None,
+                    blend: bool = True) -> np.ndarray:
         """(n, D) query vectors, batched by prompt length so padding stays small."""
         from tqdm.auto import tqdm
         order = np.argsort(self.prompts.lengths(histories), kind="stable")
         out = np.empty((len(histories), self.out_projector.out_features), dtype=np.float32)
         for lo in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
             rows = order[lo:lo + batch_size]
-            out[rows] = self.encode([histories[i] for i in rows]).float().cpu().numpy()
+            out[rows] = self.encode([histories[i] for i in rows], blend=blend).float().cpu().numpy()
         return out
 
     # ------------------------------------------------------------ retrieval
@@ -129,7 +136,7 @@ class TeacherRetriever(nn.Module):
         return TeacherOutputs(q, torch.from_numpy(ids), torch.from_numpy(scores) / self.cfg.temperature)
 
     def heads_state(self) -> dict[str, torch.Tensor]:
-        """Everything trained outside peft: projectors, gate, item table."""
+        """Everything trained outside peft: projectors, gate, item table, CF weight."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("backbone.", "cf."))}
 
 

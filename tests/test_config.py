@@ -28,6 +28,8 @@ def test_every_shipped_recipe_loads(path):
     ("distill.temperature=-1", "distill.temperature"),
     ("distill.positions=0", "distill.positions"),
     ("bench.teacher_backends=[vllm]", "bench.teacher_backends"),
+    ("teacher.cf_weights=[0.5, 1.5]", "teacher.cf_weights: must be a non-empty list of numbers in \\[0, 1\\]"),
+    ("teacher.cf_weights=[]", "teacher.cf_weights"),
 ])
 def test_bad_recipes_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):

@@ -28,6 +28,18 @@ def test_run_writes_every_stage(tiny_run):
     assert {"examples_per_second", "train_seconds", "candidates"} <= set(t) and "HR@1" in t["candidates"]
 
 
+def test_teacher_keeps_the_best_blend_on_validation(tiny_run, tiny_recipe):
+    run, _ = tiny_run
+    t = json.loads((run / "teacher" / "metrics.json").read_text())
+    cf = json.loads((run / "student_alone" / "metrics.json").read_text())
+    best = next(c for c in t["curve"] if c["epoch"] == t["best_epoch"])
+    assert t["cf_weight"] == best["cf_weight"] and t["cf_weight"] in tiny_recipe.teacher.cf_weights
+    # the grid holds 0 (the LLM alone) and 1 (the CF retriever, the student alone): the blend is never worse
+    assert {0.0, 1.0} <= set(tiny_recipe.teacher.cf_weights)
+    assert t["valid_metrics"]["NDCG@10"] == best["valid_NDCG@10"]
+    assert best["valid_NDCG@10"] >= max(best["valid_NDCG@10_llm"], cf["valid_metrics"]["NDCG@10"]) - 1e-12
+
+
 def test_rerun_skips_every_stage(tiny_run, capsys):
     run, overrides = tiny_run
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}

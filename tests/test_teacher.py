@@ -24,7 +24,7 @@ def cf(split):
 
 
 def make(tiny_recipe, split, cf, seed=0, **changes):
-    cfg = dataclasses.replace(tiny_recipe.teacher, **{"lora_dropout": 0.0, "cf_residual": False, **changes})
+    cfg = dataclasses.replace(tiny_recipe.teacher, **{"lora_dropout": 0.0, "cf_weights": [0.0], **changes})
     torch.manual_seed(seed)
     return build_teacher(cfg, cf, split.titles).eval()
 
@@ -128,13 +128,25 @@ def test_bad_backbones(tmp_path, tiny_llama):
         load_backbone(str(bad))
 
 
-@pytest.mark.parametrize("train_item_table", [True, False])
-def test_cf_residual_teacher_starts_as_the_cf_retriever(tiny_recipe, split, cf, train_item_table):
+@pytest.mark.parametrize("w", [0.0, 0.3, 1.0])
+def test_query_blends_llm_and_cf_retrievers(tiny_recipe, split, cf, w):
     from student.train import encode
-    t = make(tiny_recipe, split, cf, cf_residual=True, train_item_table=train_item_table)
+    t = make(tiny_recipe, split, cf, train_item_table=False)
     h = split.history("valid")
+    rows = [h.row(u) for u in range(len(h))]
     with torch.no_grad():
-        q = t.encode([h.row(u) for u in range(len(h))])
-    np.testing.assert_array_equal(q.numpy(), encode(cf, h))
-    assert t.item_table.requires_grad == train_item_table
+        llm = t.encode(rows, blend=False).numpy()
+        t.cf_weight.fill_(w)
+        q = t.encode(rows).numpy()
+    np.testing.assert_allclose(q, (1 - w) * llm + w * encode(cf, h), rtol=1e-5, atol=1e-6)
+    assert not t.item_table.requires_grad
     np.testing.assert_array_equal(t.item_table.detach().numpy(), cf.item_vectors().detach().numpy())
+
+
+def test_cf_weight_round_trips(tmp_path, tiny_recipe, split, cf):
+    t = make(tiny_recipe, split, cf)
+    with torch.no_grad():
+        t.cf_weight.fill_(0.7)
+    save_teacher(t, tmp_path / "teacher", {"split_hash": split.hash})
+    loaded, _ = load_teacher(tmp_path / "teacher", cf, split.titles, split.hash)
+    assert loaded.cf_weight.item() == pytest.approx(0.7)
