@@ -97,7 +97,7 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
     def snapshot() -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in trainable.items()}
 
-    cf_valid = encode(cf, split.history("valid"))
+    cf_valid = encode(cf, split.history("valid"))   # q_CF, blended with each epoch's q_LLM
     best, best_state, best_valid, best_epoch, best_weight, stale, curve, done = -1.0, None, None, 0, 0.0, 0, [], 0
     n_examples, n_tokens, train_time = 0, 0, 0.0
     if (saved := load_resume(out, inputs)) is not None:
@@ -145,13 +145,13 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
         items = model.item_table.detach().float().cpu().numpy()
         llm_valid = stage_queries(model, split, "valid", cfg.eval_batch_size, blend=False)
         ndcg, weight, valid = best_blend(split, recipe, llm_valid, cf_valid, items)
+        llm_alone = score_valid(split, recipe, llm_valid, items)
         elapsed = time.perf_counter() - start
         curve.append({"epoch": epoch, "examples": n_examples, "seconds": round(elapsed, 2),
                       "train_loss": running / max(i, 1), "valid_NDCG@10": ndcg, "cf_weight": weight,
-                      "valid_NDCG@10_llm": score_valid(split, recipe, llm_valid, items)})
+                      "valid_NDCG@10_llm": llm_alone})
         print(f"teacher epoch {epoch}: loss {running / max(i, 1):.4f}  valid NDCG@10 {ndcg:.4f} at CF weight "
-              f"{weight:g} (LLM alone {curve[-1]['valid_NDCG@10_llm']:.4f})  "
-              f"({n_examples / train_time:.1f} examples/s, {elapsed:.0f}s)")
+              f"{weight:g} (LLM alone {llm_alone:.4f})  ({n_examples / train_time:.1f} examples/s, {elapsed:.0f}s)")
         if ndcg > best:
             best, best_state, best_valid, best_epoch, best_weight, stale = ndcg, snapshot(), valid, epoch, weight, 0
         else:
@@ -179,5 +179,4 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
     rate = {"examples_per_second": n_examples / train_time, "tokens_per_second": n_tokens / train_time} \
         if train_time else {}
     return metrics_record(results, split, best_epoch=best_epoch, cf_weight=best_weight, seed=seed, curve=curve,
-                          checkpoint_hash=digest,
-                          train_seconds=round(train_time, 2), inputs=inputs, **rate)
+                          checkpoint_hash=digest, train_seconds=round(train_time, 2), inputs=inputs, **rate)
