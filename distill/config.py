@@ -117,9 +117,9 @@ class TeacherConfig:
         _require(self.num_layers is None or self.num_layers > 0, "teacher.num_layers", "must be > 0")
         _require(self.dtype in ("float32", "bfloat16", "float16"), "teacher.dtype", f"unknown dtype {self.dtype!r}")
         _require(self.temperature > 0, "teacher.temperature", "must be > 0")
-        _require(len(self.cf_weights) > 0 and all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0.0 <= w <= 1.0
-                                                   for w in self.cf_weights),
-                 "teacher.cf_weights", f"must be a non-empty list of numbers in [0, 1], got {self.cf_weights!r}")
+        weights_ok = all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w <= 1 for w in self.cf_weights)
+        _require(len(self.cf_weights) > 0 and weights_ok, "teacher.cf_weights",
+                 f"must be a non-empty list of numbers in [0, 1], got {self.cf_weights!r}")
         _require(self.loss in ("full", "sampled"), "teacher.loss", f"must be full or sampled, got {self.loss!r}")
         _require(self.max_history > 0, "teacher.max_history", "must be > 0")
         _require(self.batch_size > 0 and self.grad_accum > 0, "teacher.batch_size", "batch_size and grad_accum must be > 0")
