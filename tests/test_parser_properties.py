@@ -11,7 +11,9 @@ from distill.data import build_split, prepare
 from distill.errors import DataError
 
 HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
-token = st.text(alphabet=st.characters(blacklist_characters="\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
+# tokens are text a file can hold: no line or field separators, no lone surrogates (not encodable as UTF-8)
+token = st.text(alphabet=st.characters(exclude_categories=("Cs",),
+                                       exclude_characters="\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
                 min_size=1, max_size=6)
 
 
