@@ -178,6 +178,61 @@ class BenchConfig:
                  "bench.teacher_backends", f"must be a non-empty list of hf/deepspeed, got {self.teacher_backends!r}")
 
 
+# ---------------------------------------------------------------- LLaRA-style generative baseline (issue 14)
+
+LLARA_CANDIDATES = 20  # the split stores the target + 19 seeded negatives per user (distill.data.NUM_NEGATIVES)
+
+
+@dataclass
+class LlaraConfig:
+    """The generative recommender next to the dense teacher (teacher/generative.py). It shares the
+    `teacher` section's backbone (model, num_layers, dtype) and adapter (adapter, lora_*, target_modules,
+    num_experts), so the two differ only in their head and objective."""
+    enabled: bool = _help("Train the LLaRA-style generative baseline in `anyo run` (always available as "
+                          "`anyo baseline llara`).", False)
+    max_history: int = _help("Most recent history items put in the prompt as `title [HistoryEmb]`.", 10)
+    max_title_tokens: int = _help("Titles are cut to this many tokens (before duplicates get ` (#ID)`).", 16)
+    num_candidates: int = _help("Candidates in the prompt: fixed at what the split stores (target + 19 "
+                                "negatives).", LLARA_CANDIDATES)
+    instruction: str = _help("Text before the history.", "A user watched these movies in order:")
+    candidates_text: str = _help("Text between the history and the candidates.",
+                                 " Choose the next movie they will watch from these candidates:")
+    answer_prefix: str = _help("Text after the candidates; the answer (a title + EOS) is generated after it.",
+                               " Answer:")
+    shuffle_seed: int = _help("Seed of each user's candidate order in the prompt (and of the validation "
+                              "users sampled when valid_users is set).", 0)
+    examples_per_epoch: int = _help("Training (prefix -> next item) examples sampled per epoch, each with 19 "
+                                    "fresh uniform negatives outside the user's sequence.", 600)
+    epochs: int = _help("Maximum number of epochs.", 2)
+    patience: int = _help("Epochs without a better validation HR@1 before stopping.", 1)
+    batch_size: int = _help("Training prompts per forward pass.", 8)
+    grad_accum: int = _help("Forward passes per optimiser step.", 1)
+    eval_batch_size: int = _help("Prompts per generate() call at evaluation.", 16)
+    lr: float = _help("Peak AdamW learning rate (warmup then cosine decay).", 1e-3)
+    weight_decay: float = _help("AdamW weight decay.", 0.0)
+    warmup_ratio: float = _help("Fraction of steps spent warming up.", 0.05)
+    max_new_tokens_margin: int = _help("Generated tokens beyond the longest candidate title of the batch "
+                                       "(its EOS included).", 2)
+    valid_users: typing.Optional[int] = _help("Validation users scored by generation after each epoch "
+                                              "(a seeded sample); unset = all. Test always scores every user.",
+                                              200)
+
+    def __post_init__(self):
+        _require(self.num_candidates == LLARA_CANDIDATES, "llara.num_candidates",
+                 f"must be {LLARA_CANDIDATES} (the split stores the target + 19 negatives), got {self.num_candidates}")
+        for key in ("max_history", "max_title_tokens", "examples_per_epoch", "epochs", "patience", "batch_size",
+                    "grad_accum", "eval_batch_size"):
+            _require(getattr(self, key) > 0, f"llara.{key}", f"must be > 0, got {getattr(self, key)}")
+        _require(self.lr > 0, "llara.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "llara.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.warmup_ratio < 1, "llara.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _require(self.max_new_tokens_margin >= 0, "llara.max_new_tokens_margin",
+                 f"must be >= 0, got {self.max_new_tokens_margin}")
+        _require(self.valid_users is None or self.valid_users > 0, "llara.valid_users",
+                 f"must be > 0 or unset, got {self.valid_users}")
+        _require(bool(self.answer_prefix.strip()), "llara.answer_prefix", "must not be empty: the answer follows it")
+
+
 @dataclass
 class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
@@ -186,6 +241,7 @@ class Recipe:
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    llara: LlaraConfig = field(default_factory=LlaraConfig)
     seed: int = _help("Seed of every training run.", 0)
 
     def to_dict(self) -> dict:

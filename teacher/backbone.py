@@ -1,9 +1,12 @@
-"""Loading a Hugging Face decoder headless (`AutoModel`: no LM head is ever built).
+"""Loading a Hugging Face decoder headless (`AutoModel`: no LM head is ever built), or with its
+LM head (`AutoModelForCausalLM`, `with_head=True`) for the generative baseline (teacher/generative.py).
 
 A GGUF file is dequantized by transformers once (about 30 s for SmolLM2-135M);
 its config, weights (safetensors) and tokenizer are cached under
 `$ANYO_CACHE` (default `~/.cache/anyo`) keyed by the file's sha256, because
-transformers refuses `save_pretrained` on a GGUF-loaded model.
+transformers refuses `save_pretrained` on a GGUF-loaded model. The cached weights carry no `model.`
+prefix and no lm_head: AutoModelForCausalLM adds the prefix and ties lm_head to embed_tokens when the
+config says so (SmolLM2: tie_word_embeddings), so one cached folder serves both.
 """
 
 from __future__ import annotations
@@ -67,9 +70,10 @@ def dequantized_folder(gguf: Path) -> Path:
     return folder
 
 
-def load_backbone(model: str, num_layers: int | None = None, dtype: str = "float32"):
-    """(headless decoder, tokenizer, source folder) for a recipe's `teacher.model`."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+def load_backbone(model: str, num_layers: int | None = None, dtype: str = "float32", with_head: bool = False):
+    """(headless decoder, tokenizer, source folder) for a recipe's `teacher.model`;
+    with_head: (causal LM with its LM head, tokenizer, source folder)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
@@ -85,7 +89,7 @@ def load_backbone(model: str, num_layers: int | None = None, dtype: str = "float
     encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or encoder or getattr(config, "is_encoder_decoder", False):
         raise ConfigError(f"teacher.model: {folder} is a {config.model_type!r} model, not a decoder-only LM")
-    model_class = AutoModel._model_mapping[type(config)]
+    model_class = (AutoModelForCausalLM if with_head else AutoModel)._model_mapping[type(config)]
     if num_layers is not None:
         full = config.num_hidden_layers
         if num_layers > full:

@@ -55,7 +55,7 @@ class TeacherRetriever(nn.Module):
         self.cf = cf.eval().requires_grad_(False)
         self.prompts = PromptBuilder(tokenizer, titles, cfg)
         H, d_cf = backbone.config.hidden_size, cf.cfg.hidden_size
-        self.in_projector = nn.Sequential(nn.Linear(d_cf, H), nn.GELU(), nn.Linear(H, H))
+        self.in_projector = make_in_projector(d_cf, H)
         self.out_projector = nn.Linear(H, d_cf)
         self.register_buffer("cf_weight", torch.tensor(0.0))  # w, saved with the heads
         self.item_table = nn.Parameter(cf.item_vectors().detach().clone(),           # (N+1, D)
@@ -140,12 +140,17 @@ class TeacherRetriever(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("backbone.", "cf."))}
 
 
-def build_teacher(cfg: TeacherConfig, cf: SASRec, titles: list[str], adapter_dir: Path | None = None,
-                  trainable: bool = True) -> TeacherRetriever:
-    """A fresh teacher (new LoRA) or one whose peft adapter is read from `adapter_dir`."""
+def make_in_projector(d_cf: int, hidden: int) -> nn.Module:
+    """CF item embedding (d_cf) -> LLM input embedding (hidden), for [HistoryEmb]-style slots."""
+    return nn.Sequential(nn.Linear(d_cf, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+
+
+def attach_adapter(backbone: nn.Module, cfg: TeacherConfig, adapter_dir: Path | None = None,
+                   trainable: bool = True) -> nn.Module:
+    """Wrap `backbone` in peft: a fresh LoRA from cfg's lora_* settings, or the adapter read from `adapter_dir`.
+    Shared by the dense teacher and the generative baseline (teacher/generative.py)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    backbone, tokenizer, _ = load_backbone(cfg.model, cfg.num_layers, cfg.dtype)
     if adapter_dir is None:
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=list(cfg.target_modules), bias="none")
@@ -155,6 +160,14 @@ def build_teacher(cfg: TeacherConfig, cf: SASRec, titles: list[str], adapter_dir
             raise ArtifactError(f"teacher.target_modules: {e}") from None
     else:
         backbone = PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=trainable)
+    return backbone
+
+
+def build_teacher(cfg: TeacherConfig, cf: SASRec, titles: list[str], adapter_dir: Path | None = None,
+                  trainable: bool = True) -> TeacherRetriever:
+    """A fresh teacher (new LoRA) or one whose peft adapter is read from `adapter_dir`."""
+    backbone, tokenizer, _ = load_backbone(cfg.model, cfg.num_layers, cfg.dtype)
+    backbone = attach_adapter(backbone, cfg, adapter_dir, trainable)
     model = TeacherRetriever(backbone, tokenizer, cf, titles, cfg)
     return model.to("cuda") if torch.cuda.is_available() else model
 
@@ -162,19 +175,24 @@ def build_teacher(cfg: TeacherConfig, cf: SASRec, titles: list[str], adapter_dir
 def save_teacher(model: TeacherRetriever, folder: Path, meta: dict) -> str:
     """adapter/ (peft format), heads.safetensors, teacher.json; returns the checkpoint hash."""
     with atomic_dir(folder) as tmp:
-        model.backbone.save_pretrained(str(tmp / "adapter"))
-        # peft writes target_modules from a set, in an order that changes from process to process:
-        # sort it so the same adapter always has the same bytes (and checkpoint hash)
-        config = tmp / "adapter" / "adapter_config.json"
-        saved = json.loads(config.read_text())
-        if isinstance(saved.get("target_modules"), list):
-            saved["target_modules"] = sorted(saved["target_modules"])
-        config.write_text(json.dumps(saved, indent=2, sort_keys=True))
+        save_adapter(model.backbone, tmp / "adapter")
         save_file({k: v.detach().contiguous() for k, v in model.heads_state().items()}, str(tmp / "heads.safetensors"))
         digest = checkpoint_hash(tmp)
         (tmp / "teacher.json").write_text(json.dumps({"teacher": asdict(model.cfg), "checkpoint_hash": digest, **meta},
                                                      indent=2, sort_keys=True))
     return digest
+
+
+def save_adapter(backbone: nn.Module, folder: Path) -> None:
+    """The peft adapter in `folder`, byte-for-byte reproducible."""
+    backbone.save_pretrained(str(folder))
+    # peft writes target_modules from a set, in an order that changes from process to process:
+    # sort it so the same adapter always has the same bytes (and checkpoint hash)
+    config = folder / "adapter_config.json"
+    saved = json.loads(config.read_text())
+    if isinstance(saved.get("target_modules"), list):
+        saved["target_modules"] = sorted(saved["target_modules"])
+    config.write_text(json.dumps(saved, indent=2, sort_keys=True))
 
 
 def checkpoint_hash(folder: Path) -> str:

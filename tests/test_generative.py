@@ -1,0 +1,295 @@
+"""The LLaRA-style generative recommender (teacher/generative.py) on a tiny random causal Llama."""
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distill.config import LlaraConfig, load_recipe
+from distill.data import build_split
+from distill.errors import ConfigError
+from student.model import SASRec, SASRecConfig
+from teacher.generative import (CANS_TOKEN, IGNORE, build_generative, candidate_sets, judge, load_generative,
+                                match_candidates, normalise, save_generative, score_candidates)
+from teacher.prompt import HISTORY_TOKEN
+
+from conftest import WORDS
+
+RECIPE = str(Path(__file__).parents[1] / "recipes" / "ml100k.yaml")
+
+
+def write_tiny_causal_llama(folder: Path) -> Path:
+    """A 2-layer random LlamaForCausalLM (head tied, as SmolLM2's) and a word-level tokenizer with an EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = WORDS + "A user watched these movies in order : Choose the next movie they will watch from candidates " \
+                     "Answer item # (# ( )".split() + [str(i) for i in range(200)]
+    tok.train_from_iterator([" ".join(corpus)],
+                            trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
+                                   eos_token="</s>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_causal_llama(tmp_path_factory) -> Path:
+    return write_tiny_causal_llama(tmp_path_factory.mktemp("tiny-causal-llama"))
+
+
+@pytest.fixture(scope="module")
+def split(toy_data):
+    from distill.config import DataConfig
+    return build_split(DataConfig(name="toy", path=str(toy_data), max_len=10))
+
+
+@pytest.fixture(scope="module")
+def cf(split):
+    torch.manual_seed(0)
+    return SASRec(SASRecConfig(split.n_items, 10, hidden_size=16, num_layers=1, num_heads=2, dropout=0.0))
+
+
+@pytest.fixture(scope="module")
+def adapter_cfg(tiny_causal_llama):
+    recipe = load_recipe(RECIPE, [f"teacher.model={tiny_causal_llama}", "teacher.num_layers=null",
+                                  "teacher.lora_r=4", "teacher.num_experts=2", "teacher.lora_dropout=0.0"])
+    return recipe.teacher
+
+
+def make(split, cf, adapter_cfg, seed=0, **changes):
+    cfg = LlaraConfig(**{"max_history": 5, "eval_batch_size": 8, **changes})
+    torch.manual_seed(seed)
+    model = build_generative(cfg, adapter_cfg, cf, split.titles).eval()
+    for n, p in model.named_parameters():  # non-zero LoRA B so the adapter and the gate matter
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(split, cf, adapter_cfg):
+    return make(split, cf, adapter_cfg)
+
+
+# ---------------------------------------------------------------- prompt and labels
+
+def test_prompt_holds_20_shuffled_candidate_slots_and_labels_only_the_answer(model, split):
+    prompts = model.prompts
+    users = np.arange(8)
+    cands, target_pos = candidate_sets(split, "test", users, model.cfg.shuffle_seed)
+    targets = split.targets("test")[users]
+    # the split's own candidates: the target plus its 19 stored negatives, in a seeded per-user order
+    for r, u in enumerate(users):
+        assert sorted(cands[r]) == sorted([targets[r], *split.negatives["test"][u]])
+        assert cands[r, target_pos[r]] == targets[r]
+    assert (target_pos != 0).any(), "the target is not always first: the order is shuffled"
+    again, _ = candidate_sets(split, "test", users[::-1], model.cfg.shuffle_seed)
+    np.testing.assert_array_equal(again[::-1], cands)             # independent of the batch it is in
+    other, _ = candidate_sets(split, "test", users, model.cfg.shuffle_seed + 1)
+    assert not np.array_equal(other, cands)                        # and set by the seed
+
+    hist = split.history("test")
+    histories = [hist.row(u) for u in users]
+    batch = prompts(histories, cands, targets)
+    for r in range(len(users)):
+        ids, slots, labels = batch.input_ids[r], batch.slot_items[r], batch.labels[r]
+        cans_at = (ids == prompts.cans_id).nonzero().flatten()
+        assert len(cans_at) == 20
+        assert slots[cans_at].tolist() == cands[r].tolist()
+        hist_at = (ids == prompts.history_id).nonzero().flatten()
+        assert slots[hist_at].tolist() == histories[r][-model.cfg.max_history:].tolist()
+        assert (slots > 0).sum() == len(cans_at) + len(hist_at)
+        # labels: exactly the answer (target title + EOS) at the end of the row, -100 elsewhere
+        answer = prompts.title_tokens[targets[r]].tolist() + [prompts.eos_id]
+        labelled = (labels != IGNORE).nonzero().flatten()
+        assert labelled.tolist() == list(range(ids.shape[0] - len(answer), ids.shape[0]))
+        assert labels[labelled].tolist() == answer == ids[labelled].tolist()
+    tok = prompts.tokenizer
+    assert tok.convert_ids_to_tokens([prompts.history_id, prompts.cans_id]) == [HISTORY_TOKEN, CANS_TOKEN]
+    assert tok(f"love {CANS_TOKEN}", add_special_tokens=False)["input_ids"][-1] == prompts.cans_id
+    # without targets the prompt ends at the answer prefix and nothing is labelled
+    bare = prompts(histories, cands)
+    assert (bare.labels == IGNORE).all()
+    assert bare.input_ids[:, -len(prompts.answer_prefix):].tolist() == [prompts.answer_prefix.tolist()] * len(users)
+
+
+def test_titles_are_unique_and_duplicates_carry_their_id(model, split):
+    titles = model.prompts.titles[1:]
+    assert len(set(titles)) == len(titles)
+    raw = [normalise(t) for t in split.titles[1:]]
+    duplicated = [i + 1 for i, t in enumerate(raw) if raw.count(t) > 1]
+    assert duplicated, "the toy data has repeated titles (like MovieLens-100K)"
+    for i in duplicated:
+        assert model.prompts.titles[i].endswith(f"(# {i} )")  # the word-level tokenizer spaces its tokens
+    unique = next(i + 1 for i, t in enumerate(raw) if raw.count(t) == 1)
+    assert model.prompts.titles[unique] == raw[unique - 1]
+
+
+def test_loss_is_the_lm_cross_entropy_on_the_answer(model, split):
+    users = np.arange(6)
+    cands, _ = candidate_sets(split, "valid", users, 0)
+    hist = split.history("valid")
+    histories = [hist.row(u) for u in users]
+    batch = model.prompts(histories, cands, split.targets("valid")[users])
+    cf_hist = model.cf_histories(histories)
+    model.train()
+    loss, n = model.loss(batch, cf_hist)
+    assert n == int((batch.labels != IGNORE).sum()) - 0 and torch.isfinite(loss)
+    with torch.no_grad():  # the same number from the whole LM with labels (which shifts them itself)
+        model.eval()
+        x = model.input_embeddings(batch)
+        model._set_gate(cf_hist)
+        ref = model.lm(inputs_embeds=x, attention_mask=batch.attention_mask,
+                       position_ids=(batch.attention_mask.cumsum(1) - 1).clamp(min=0), labels=batch.labels).loss
+        model._set_gate(None)
+        again, _ = model.loss(batch, cf_hist)
+    assert again.item() == pytest.approx(ref.item(), rel=1e-5)
+    model.train()
+    model.zero_grad()
+    model.loss(batch, cf_hist)[0].backward()
+    for name in ("in_projector.0.weight", "gate.net.weight"):
+        assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_A" in n)
+    model.zero_grad()
+    model.eval()
+
+
+# ---------------------------------------------------------------- matching
+
+@pytest.mark.parametrize("text,named", [
+    ("heat", [0]),                          # one title: valid
+    ("heat wave", [1]),                     # a title containing another names only the longer one
+    ("i recommend heat wave.", [1]),
+    ("heat wave or heat", [0, 1]),          # both named: invalid
+    ("toy story and heat", [0, 2]),         # two titles: invalid
+    ("nothing here", []),                   # none: invalid
+    ("", []),
+])
+def test_matching_rule(text, named):
+    titles = ["heat", "heat wave", "toy story", "story of heat waves"]
+    assert match_candidates(text, titles) == named
+    valid, correct, which = judge(text, titles, target=1)
+    assert valid == (len(named) == 1)
+    assert correct == (named == [1])
+    assert which == (named[0] if valid else -1)
+
+
+def test_normalise_takes_the_first_line_case_and_spaces():
+    assert normalise("  Heat   Wave (1995)\nToy Story") == "heat wave (1995)"
+    assert normalise("\n\n") == ""
+
+
+# ---------------------------------------------------------------- generation
+
+class ForceTokens:
+    """A logits processor that makes greedy decoding emit `forced[b]` (then EOS) in row b."""
+
+    def __init__(self, forced: list[list[int]]):
+        self.forced = forced
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1]                       # generate() from inputs_embeds starts with no ids
+        out = torch.full_like(scores, float("-inf"))
+        for b, seq in enumerate(self.forced):
+            out[b, seq[min(step, len(seq) - 1)]] = 0.0
+        return out
+
+
+@pytest.mark.parametrize("which,hr", [("target", 1.0), ("negative", 0.0)])
+def test_generate_and_match_scores_forced_answers(model, split, which, hr):
+    prompts = model.prompts
+
+    def force(users, cands, target_pos):
+        pick = target_pos if which == "target" else (target_pos + 1) % cands.shape[1]
+        return [ForceTokens([prompts.title_tokens[cands[r, pick[r]]].tolist() + [prompts.eos_id]
+                             for r in range(len(users))])]
+
+    users = np.arange(12)
+    scores = score_candidates(model, split, "test", batch_size=5, users=users, logits_processor_for=force)
+    assert scores.metrics["HR@1"] == hr
+    assert scores.metrics["ValidRatio"] == 1.0
+    assert scores.metrics["users"] == 12
+    cands, target_pos = candidate_sets(split, "test", users, model.cfg.shuffle_seed)
+    want = cands[np.arange(12), target_pos if which == "target" else (target_pos + 1) % 20]
+    np.testing.assert_array_equal(scores.named, want)
+
+
+def test_unforced_generation_is_judged_and_left_padding_does_not_change_it(model, split):
+    users = np.arange(6)
+    cands, _ = candidate_sets(split, "test", users, 0)
+    hist = split.history("test")
+    histories = [hist.row(u) for u in users]
+    together = model.recommend(histories, cands)
+    alone = [model.recommend([histories[r]], cands[r:r + 1])[0] for r in range(len(users))]
+    assert together == alone
+    scores = score_candidates(model, split, "test", batch_size=4, users=users)
+    assert 0.0 <= scores.metrics["HR@1"] <= scores.metrics["ValidRatio"] <= 1.0
+    assert len(scores.outputs) == 6
+
+
+# ---------------------------------------------------------------- backbone, save/load, config
+
+def test_backbone_loads_with_its_tied_head_from_a_headless_folder(tmp_path, tiny_causal_llama):
+    """The GGUF cache stores a headless model's weights (no `model.` prefix, no lm_head)."""
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from teacher.backbone import load_backbone
+    base = AutoModel.from_pretrained(tiny_causal_llama)
+    folder = tmp_path / "headless"
+    AutoConfig.from_pretrained(tiny_causal_llama).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_causal_llama).save_pretrained(folder)
+    save_file({k: v.detach().clone().contiguous() for k, v in base.state_dict().items()}, str(folder / "model.safetensors"))
+    lm, _, _ = load_backbone(str(folder), num_layers=1, with_head=True)
+    assert type(lm).__name__ == "LlamaForCausalLM" and len(lm.model.layers) == 1
+    assert torch.equal(lm.lm_head.weight, base.embed_tokens.weight)
+    assert torch.equal(lm.model.layers[0].self_attn.q_proj.weight, base.layers[0].self_attn.q_proj.weight)
+    headless, _, _ = load_backbone(str(folder), num_layers=1)
+    assert type(headless).__name__ == "LlamaModel"
+
+
+def test_save_load_round_trip(tmp_path, model, split, cf):
+    save_generative(model, tmp_path / "llara", {"split_hash": split.hash})
+    assert (tmp_path / "llara" / "adapter" / "adapter_model.safetensors").is_file()
+    loaded, meta = load_generative(tmp_path / "llara", cf, split.titles, split.hash)
+    users = np.arange(4)
+    cands, _ = candidate_sets(split, "test", users, 0)
+    hist = split.history("test")
+    histories = [hist.row(u) for u in users]
+    batch = model.prompts(histories, cands, split.targets("test")[users])
+    with torch.no_grad():
+        assert model.loss(batch, model.cf_histories(histories))[0].item() == \
+            loaded.loss(batch, loaded.cf_histories(histories))[0].item()
+    assert loaded.recommend(histories, cands) == model.recommend(histories, cands)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("llara.num_candidates=0", "llara.num_candidates: must be 20"),
+    ("llara.num_candidates=10", "llara.num_candidates"),
+    ("llara.batch_size=0", "llara.batch_size: must be > 0"),
+    ("llara.examples_per_epoch=-1", "llara.examples_per_epoch"),
+    ("llara.lr=0", "llara.lr"),
+    ("llara.warmup_ratio=1.5", "llara.warmup_ratio"),
+    ("llara.valid_users=0", "llara.valid_users"),
+    ("llara.answer_prefix=' '", "llara.answer_prefix"),
+    ("llara.enabled=3", "llara.enabled: expected bool"),
+    ("llara.candidates=20", "llara.candidates: unknown key"),
+])
+def test_bad_llara_settings_fail_at_recipe_load(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_recipe(RECIPE, [override])
+
+
+def test_prompt_longer_than_the_context_names_the_key(split, cf, adapter_cfg):
+    with pytest.raises(ConfigError, match=r"llara.max_history: the longest prompt .* context of 256"):
+        make(split, cf, adapter_cfg, max_history=50)
