@@ -260,6 +260,11 @@ class GenerativeRecommender(nn.Module):
             raise ConfigError(f"llara.max_history: the longest prompt with its answer takes {longest} tokens, more than "
                               f"the backbone's context of {context}; lower llara.max_history or llara.max_title_tokens")
 
+    def train(self, mode: bool = True) -> "GenerativeRecommender":
+        super().train(mode)
+        self.cf.eval()                      # the CF model is frozen: no dropout in the gate's input
+        return self
+
     @property
     def lm(self) -> nn.Module:
         """The causal LM itself (LoRA layers injected in place)."""

@@ -293,3 +293,39 @@ def test_bad_llara_settings_fail_at_recipe_load(override, key):
 def test_prompt_longer_than_the_context_names_the_key(split, cf, adapter_cfg):
     with pytest.raises(ConfigError, match=r"llara.max_history: the longest prompt .* context of 256"):
         make(split, cf, adapter_cfg, max_history=50)
+
+
+# ---------------------------------------------------------------- the training task
+
+def test_task_batches_are_seeded_and_hold_the_target_and_19_unseen_negatives(model, split):
+    from teacher.generative_train import GenerativeTask
+    task = GenerativeTask(model, split)
+    first = task.batches(np.random.default_rng(3), torch.Generator().manual_seed(3))
+    again = task.batches(np.random.default_rng(3), torch.Generator().manual_seed(3))
+    assert len(first) == task.num_batches()
+    for a, b in zip(first, again):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    seq = split.sequences
+    positions = []
+    for users, pos, targets, cands in first:
+        for u, t, target, row in zip(users, pos, targets, cands):
+            assert target == seq.row(u)[t]
+            assert len(set(row.tolist())) == 20 and (row == target).sum() == 1
+            assert not (set(row.tolist()) - {target}) & set(seq.row(u).tolist())
+            positions.append(int(np.flatnonzero(row == target)[0]))
+    assert len(set(positions)) > 1  # the target's place is shuffled
+
+
+def test_trainer_fits_the_task_and_keeps_the_best_epoch(split, cf, adapter_cfg):
+    from distill.trainer import Trainer, TrainerConfig
+    from teacher.generative_train import GenerativeTask
+    model = make(split, cf, adapter_cfg, examples_per_epoch=16, batch_size=8, valid_users=6, eval_batch_size=6)
+    task = GenerativeTask(model, split)
+    fit = Trainer(task, TrainerConfig(epochs=2, patience=2, lr=1e-2, schedule="cosine"), 0, "llara").fit()
+    assert [c["epoch"] for c in fit.curve] == [1, 2] and fit.examples == 32 and fit.tokens > 0
+    assert all(0.0 <= c["valid_HR@1"] <= c["valid_ValidRatio"] <= 1.0 for c in fit.curve)
+    assert set(fit.best_state) == set(task.trainable) and any("lora_A" in k for k in fit.best_state)
+    before = {k: v.clone() for k, v in task.snapshot().items()}
+    task.restore(fit.best_state)
+    assert all(torch.equal(task.trainable[k], fit.best_state[k]) for k in before)
