@@ -1,10 +1,9 @@
-"""The `anyo` command: thin drivers over the stages in `distill.pipeline`."""
+"""The `anyo` command: the argument parser and the table from subcommand to handler (distill.commands)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from distill.errors import AnyoError
 
@@ -72,11 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def handler(args):
+    """The function in distill.commands that runs `args.command` (and its action, e.g. `teacher infer`)."""
+    from distill import commands
+    table = {
+        "prepare": commands.cmd_prepare, "mostpop": commands.cmd_mostpop, "evaluate": commands.cmd_evaluate,
+        "student train": commands.cmd_student_train, "teacher train": commands.cmd_teacher_train,
+        "teacher infer": commands.cmd_teacher_infer, "distill": commands.cmd_distill, "bench": commands.cmd_bench,
+        "verify": commands.cmd_verify, "run": commands.cmd_run,
+    }
+    return table[" ".join(filter(None, (args.command, getattr(args, "action", None))))]
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from distill import pipeline
-        return pipeline.dispatch(args) or 0
+        return handler(args)(args) or 0
     except AnyoError as e:
         print(f"anyo: error: {e}", file=sys.stderr)
         return 2

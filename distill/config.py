@@ -191,6 +191,10 @@ class Recipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML; loading it gives the same section hashes."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
     def section_hash(self, *sections: str) -> str:
         """Hash of the named sections, so a stage reruns only when its inputs change."""
         import hashlib

@@ -24,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 
 from distill.artifacts import atomic_dir, read_json, sha256_file
 from distill.config import DataConfig
-from distill.errors import ArtifactError, DataError
+from distill.errors import ArtifactError, CorruptError, DataError
 
 SPLIT_FORMAT = 1
 NUM_NEGATIVES = 19
@@ -158,6 +158,9 @@ class Histories:
 
     def row(self, u: int) -> np.ndarray:
         return self.flat[self.offsets[u]: self.offsets[u + 1]]
+
+    def __iter__(self):
+        return (self.row(u) for u in range(len(self)))
 
     def row_ids(self) -> np.ndarray:
         """Row index of every element of `flat`."""
@@ -359,7 +362,7 @@ def _read_tsv_column(path: Path, col: int, expected_rows: int) -> list[str]:
     rows = path.read_text(encoding="utf-8").split("\n")[1:]
     rows = [r for r in rows if r]
     if len(rows) != expected_rows:
-        raise ArtifactError(f"{path}: {len(rows)} rows, manifest says {expected_rows}")
+        raise CorruptError(f"{path}: {len(rows)} rows, manifest says {expected_rows}")
     return [r.split("\t")[col] if len(r.split("\t")) > col else "" for r in rows]
 
 
@@ -370,7 +373,7 @@ def load_split(folder: str | Path) -> Split:
     if not tensors_path.is_file():
         raise ArtifactError(f"{tensors_path}: not found")
     if sha256_file(tensors_path) != manifest.get("split_sha256"):
-        raise ArtifactError(f"{tensors_path}: content does not match manifest.json (corrupt or edited)")
+        raise CorruptError(f"{tensors_path}: content does not match manifest.json (corrupt or edited)")
     t = load_file(str(tensors_path))
     seqs = Histories(t["sequence_items"], t["sequence_offsets"])
     n, n_items = manifest["n_users"], manifest["n_items"]

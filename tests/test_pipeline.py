@@ -108,13 +108,17 @@ def test_resume_after_crash_equals_clean_run(tiny_run, tmp_path):
     run, overrides = tiny_run
     clean = cache_arrays(run / "teacher_cache")
     crashed = copy_run(run, tmp_path / "c")
-    shutil.copytree(run / "teacher_cache", crashed / "teacher_cache")
+    staging = crashed / "teacher_cache.partial"
+    shutil.copytree(run / "teacher_cache", staging)
     # a crash after the first shard: later shards and the manifest never written, a temp file left behind
-    for p in sorted((crashed / "teacher_cache").glob("shard-*"))[1:]:
+    for p in sorted(staging.glob("shard-*"))[1:]:
         p.unlink()
-    (crashed / "teacher_cache" / "manifest.json").unlink()
-    (crashed / "teacher_cache" / ".shard-00001.safetensors.x.tmp").write_bytes(b"partial")
+    (staging / "manifest.json").unlink()
+    (staging / ".shard-00001.safetensors.x.tmp").write_bytes(b"partial")
+    kept = (staging / "shard-00000.safetensors").stat().st_mtime_ns
     assert infer(crashed, overrides) == 0
+    assert (crashed / "teacher_cache" / "shard-00000.safetensors").stat().st_mtime_ns == kept  # not rescored
+    assert not staging.exists()
     resumed = cache_arrays(crashed / "teacher_cache")
     assert clean.keys() == resumed.keys()
     assert all(np.array_equal(clean[k], resumed[k]) for k in clean)
@@ -211,15 +215,15 @@ def test_latency_excludes_model_loading(tiny_run, monkeypatch):
         now[0] += 1e-3
         return now[0]
 
-    real = serving.load_server
+    real = serving.load_retriever
 
     def slow_load(*args):
         now[0] += 1000.0
         return real(*args)
 
     monkeypatch.setattr(serving, "clock", tick)
-    monkeypatch.setattr(serving, "load_server", slow_load)
-    cost = serving.measure(run, "student alone")
+    monkeypatch.setattr(serving, "load_retriever", slow_load)
+    cost = serving.measure(run, "student_alone")
     assert cost["latency_ms"]["p50"] == pytest.approx(1.0) and cost["latency_ms"]["p95"] == pytest.approx(1.0)
     n_users = load_split(run / "split").n_users
     assert cost["throughput_users_per_s"] == pytest.approx(n_users / 1e-3)  # each pass: two clock readings
