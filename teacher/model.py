@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from distill.artifacts import atomic_dir, read_json, sha256_files
 from distill.config import TeacherConfig
 from distill.data import Histories
-from distill.errors import ArtifactError
+from distill.errors import ArtifactError, ConfigError
 from distill.harness import Exclusions, ItemIndex
 from student.model import SASRec
 from teacher.backbone import load_backbone
@@ -152,7 +152,7 @@ def build_teacher(cfg: TeacherConfig, cf: SASRec, titles: list[str], adapter_dir
         try:
             backbone = get_peft_model(backbone, lora)
         except ValueError as e:
-            raise ArtifactError(f"teacher.target_modules: {e}") from None
+            raise ConfigError(f"teacher.target_modules: {' '.join(str(e).split())}") from None
     else:
         backbone = PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=trainable)
     model = TeacherRetriever(backbone, tokenizer, cf, titles, cfg)
