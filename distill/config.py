@@ -25,7 +25,6 @@ import yaml
 
 from distill.errors import ConfigError
 
-
 INT_MAX = 2**31 - 1   # every int field: larger values overflow torch/numpy sizes long before they make sense
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds both accept [0, 2^32)
 

@@ -72,7 +72,7 @@ def _read_lines(path: Path) -> list[str]:
     if text.startswith("\ufeff"):
         raise DataError(f"{path}:1: starts with a byte-order mark (BOM); save the file as UTF-8 without BOM")
     lines = text.split("\n")
-    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+    lines = [line.removesuffix("\r") for line in lines]
     if not lines or not lines[0].strip():
         raise DataError(f"{path}:1: empty file (expected a header line)")
     return lines

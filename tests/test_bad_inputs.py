@@ -14,8 +14,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 from conftest import RECIPE, sets, write_dataset
+
 from distill.cli import main
 from distill.config import load_recipe
 from distill.errors import ConfigError
@@ -452,6 +452,7 @@ def test_prompt_with_a_query_text_of_no_tokens_is_a_config_error():
 
 def test_expert_gate_config_errors():
     from peft import LoraConfig, get_peft_model
+
     from teacher.moe_lora import ExpertGate
 
     class Tiny(torch.nn.Module):
