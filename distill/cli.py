@@ -71,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_args(args) -> None:
+    """Command-line numbers the recipe does not check (the others become `--set` overrides)."""
+    from distill.config import SEED_MAX
+    from distill.errors import ConfigError
+    if getattr(args, "seeds", None) is not None and args.seeds < 1:
+        raise ConfigError(f"--seeds: must be >= 1, got {args.seeds}")
+    if getattr(args, "seed", None) is not None and not 0 <= args.seed <= SEED_MAX:
+        raise ConfigError(f"--seed: must be in [0, {SEED_MAX}], got {args.seed}")
+
+
 def handler(args):
     """The function in distill.commands that runs `args.command` (and its action, e.g. `teacher infer`)."""
     from distill import commands
@@ -86,9 +96,11 @@ def handler(args):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_args(args)
         return handler(args)(args) or 0
     except AnyoError as e:
-        print(f"anyo: error: {e}", file=sys.stderr)
+        message = str(e).replace("\r", " ").replace("\n", " ")  # always one line
+        print(f"anyo: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("anyo: interrupted", file=sys.stderr)

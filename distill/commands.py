@@ -84,8 +84,6 @@ def cmd_distill(args) -> None:
 
 
 def cmd_run(args) -> None:
-    if args.seeds < 1:
-        raise ConfigError(f"--seeds {args.seeds}: must be >= 1")
     recipe, run = resolve(args)
     pipeline.run(recipe, run, prepare.run(recipe, run), args.seeds)
 

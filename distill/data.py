@@ -56,12 +56,23 @@ def data_files(cfg: DataConfig) -> tuple[Path, Path | None]:
 # ---------------------------------------------------------------- parsing
 
 def _read_lines(path: Path) -> list[str]:
+    """The file's lines, split on \\n only (a title may hold U+2028, \\x85 or \\x0c, which
+    `str.splitlines` would take for line breaks and so misnumber every later line)."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}:1: starts with a UTF-16 byte-order mark; save the file as UTF-8")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8") from None
-    lines = text.splitlines()
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte offset {e.start})") from None
+    if text.startswith("\ufeff"):
+        raise DataError(f"{path}:1: starts with a byte-order mark (BOM); save the file as UTF-8 without BOM")
+    lines = text.split("\n")
+    lines = [line.removesuffix("\r") for line in lines]
     if not lines or not lines[0].strip():
         raise DataError(f"{path}:1: empty file (expected a header line)")
     return lines
@@ -69,7 +80,13 @@ def _read_lines(path: Path) -> list[str]:
 
 def _header(path: Path, line: str) -> dict[str, int]:
     """Column name (without the `:type` suffix) -> index."""
-    return {c.split(":", 1)[0].strip(): i for i, c in enumerate(line.split("\t"))}
+    cols: dict[str, int] = {}
+    for i, c in enumerate(line.split("\t")):
+        name = c.split(":", 1)[0].strip()
+        if name and name in cols:
+            raise DataError(f"{path}:1: header repeats column `{name}`")
+        cols[name] = i
+    return cols
 
 
 def read_interactions(path: Path):

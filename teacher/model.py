@@ -162,7 +162,7 @@ def build_teacher(cfg: TeacherConfig, cf: SASRec, titles: list[str], adapter_dir
         try:
             backbone = get_peft_model(backbone, lora)
         except ValueError as e:
-            raise ConfigError(f"teacher.target_modules: {e}") from None
+            raise ConfigError(f"teacher.target_modules: {' '.join(str(e).split())}") from None
     else:
         backbone = PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=trainable)
     model = TeacherRetriever(backbone, tokenizer, cf, titles, cfg)

@@ -63,6 +63,7 @@ def run(recipe: Recipe, run: Path, split: Split, seed: int, name: str = "student
     torch.manual_seed(seed)  # the alignment map's initial weights must not depend on what ran before
     loss = distillation_loss(recipe, split, cache.dim)
     record = train_and_save(recipe, split, out, seed, loss, teacher=cache_lookup(cache, d.k),
-                            desc=f"distilled seed {seed}", inputs=wanted, extra={"loss_weights": loss.weights, "recipe": recipe.to_dict()},
+                            desc=f"distilled seed {seed}", inputs=wanted,
+                            extra={"loss_weights": loss.weights, "recipe": recipe.to_dict()},
                             init=init, epochs=d.epochs)
     return finish_training(out, record)
