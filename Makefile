@@ -18,6 +18,7 @@ demo: install
 	$(BIN)/anyo run recipes/ml100k.yaml --out $(RUN)
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 .PHONY: install demo test

@@ -21,7 +21,9 @@ import numpy as np
 
 from distill.artifacts import read_json
 from distill.config import load_recipe
-from distill.pipeline import model_dir, stage_distill, stage_prepare
+from distill.stages import distill as distill_stage
+from distill.stages import prepare
+from distill.stages.common import model_dir
 from distill.report import ndcg_per_user, paired_bootstrap
 
 TERMS = ("kd", "rank", "align")
@@ -42,7 +44,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/distill_ablation.md"))
     args = ap.parse_args()
     recipe = load_recipe(args.recipe)
-    split = stage_prepare(recipe, args.run)
+    split = prepare.run(recipe, args.run)
     seeds = [recipe.seed + i for i in range(args.seeds)]
     active = [t for t in TERMS if getattr(recipe.distill, f"{t}_weight") != 0]
     # label -> (run folder name, overrides)
@@ -53,7 +55,7 @@ def main() -> None:
         "distilled (all terms)": [finished(model_dir(args.run, "student_distilled", s, recipe)) for s in seeds]}
     for label, (name, sets) in variants.items():
         off = load_recipe(args.recipe, sets)
-        rows[label] = [stage_distill(off, args.run, split, s, name=name) | {"folder": model_dir(args.run, name, s, off)}
+        rows[label] = [distill_stage.run(off, args.run, split, s, name=name) | {"folder": model_dir(args.run, name, s, off)}
                        for s in seeds]
 
     def per_user(records: list[dict]) -> np.ndarray:

@@ -26,7 +26,8 @@ from distill.config import load_recipe
 from distill.data import prepare
 from distill.harness import ItemIndex, evaluate
 from distill.losses import WeightedLoss
-from student.train import build_student, encode, fit, own_loss
+from distill.trainer import Trainer
+from student.train import StudentTask, build_student, own_loss, trainer_config
 
 KEYS = ("HR@10", "NDCG@10", "MRR@10")
 
@@ -35,13 +36,15 @@ def anyo_curve(recipe, split, seed: int) -> tuple[list[dict], dict]:
     model = build_student(recipe, split)
     test = split.history("test")
 
-    def test_metrics(m) -> dict:
-        res = evaluate(split, encode(m, test), m.item_vectors().detach().numpy(), "test", (10,), mask_history=False)
-        return {f"test_{k}": res.metrics[k] for k in KEYS}
+    class TracedTask(StudentTask):  # validation plus test metrics for the curve (never for stopping)
+        def validate(self) -> dict:
+            res = evaluate(split, self.model.encode(test), self.model.item_vectors(), "test", (10,),
+                           mask_history=False)
+            return {**super().validate(), **{f"test_{k}": res.metrics[k] for k in KEYS}}
 
-    loss = WeightedLoss({"own": (1.0, own_loss(recipe, split))})
-    state, curve, best_epoch, seconds = fit(model, split, recipe, loss, seed, desc=f"anyo seed {seed}",
-                                            on_epoch=test_metrics)
+    loss = WeightedLoss({"own": (1.0, lambda: own_loss(recipe, split))})
+    result = Trainer(TracedTask(model, split, recipe, loss), trainer_config(recipe), seed, f"anyo seed {seed}").fit()
+    curve, best_epoch, seconds = result.curve, result.best_epoch, result.seconds
     best = next(c for c in curve if c["epoch"] == best_epoch)
     return curve, {"seed": seed, "best_epoch": best_epoch, "train_seconds": seconds,
                    **{k: best[f"test_{k}"] for k in KEYS}}
@@ -50,7 +53,7 @@ def anyo_curve(recipe, split, seed: int) -> tuple[list[dict], dict]:
 def serving_speed(recipe, split) -> dict:
     """Users/s for encoding test histories and searching the catalogue (top-10), batch 1 and 1024."""
     model = build_student(recipe, split).eval()
-    index = ItemIndex(model.item_vectors().detach().numpy())
+    index = ItemIndex(model.item_vectors())
     padded = torch.from_numpy(split.history("test").padded(recipe.data.max_len))
     out = {}
     for batch in (1, 1024):

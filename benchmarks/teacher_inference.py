@@ -57,7 +57,7 @@ def main() -> None:
     s = recipe.student
     cf = SASRec(SASRecConfig(split.n_items, recipe.data.max_len, s.hidden_size, s.num_layers, s.num_heads, 0.0))
     h = split.history("valid")
-    prompts = [h.row(u) for u in range(min(args.prompts, split.n_users))]
+    prompts = h.take(np.arange(min(args.prompts, split.n_users)))
     bs = recipe.teacher.eval_batch_size
     peak = matmul_peak()
     rows = {}
@@ -67,9 +67,9 @@ def main() -> None:
         model = wrap_backend(build_teacher(recipe.teacher, cf, split.titles).eval(), backend)
         tokens = int(model.prompts.lengths(prompts).sum())
         flops = decoder_flops_per_token(model) * tokens
-        model.encode_many(prompts[:bs], bs)  # warm-up
+        model.encode(prompts.take(np.arange(bs)), bs)  # warm-up
         t = time.perf_counter()
-        q = model.encode_many(prompts, bs)
+        q = model.encode(prompts, bs)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         sec = time.perf_counter() - t

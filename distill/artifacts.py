@@ -15,7 +15,37 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from distill.errors import ArtifactError
+import numpy as np
+
+from distill.errors import ArtifactError, ConfigError
+
+
+STAGE_MARKERS = ("manifest.json", "metrics.json", "teacher.json", "config.json", "report.json", "recipe.yaml")
+
+
+def _holds_artifacts(folder: Path) -> bool:
+    return any((folder / m).is_file() for m in STAGE_MARKERS)
+
+
+def check_file_target(path: Path, option: str) -> None:
+    """A file a command will write: not a folder, and not inside a run's stage folder or the run itself."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder, expected a file path")
+    if _holds_artifacts(path.parent):
+        raise ConfigError(f"{option} {path}: {path.parent} holds a run's artifacts; write elsewhere")
+
+
+def check_folder_target(path: Path, run: Path, option: str, keep: str) -> None:
+    """A folder a command will replace whole: never the run, a folder above it, or another stage's folder,
+    and, if it exists, only a previous output of the same command (it holds `keep`)."""
+    target, root = path.resolve(), run.resolve()
+    if target == root or target in root.parents:
+        raise ConfigError(f"{option} {path}: would replace the run folder {run}")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {path}: is a file, expected a folder")
+    if path.is_dir() and any(path.iterdir()) and not (path / keep).is_file():
+        raise ConfigError(f"{option} {path}: exists and is not an earlier output of this command "
+                          f"(no {keep}); choose a new folder")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -41,6 +71,17 @@ def write_json(path: str | Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def save_array(path: str | Path, array) -> None:
+    """np.save, atomically (a killed or failed write leaves no truncated .npy behind)."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(array), allow_pickle=False)
+
+
+def json_digest(obj) -> str:
+    """sha256 of a JSON-able object in canonical form (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 def read_json(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -51,9 +92,17 @@ def read_json(path: str | Path) -> dict:
         raise ArtifactError(f"{path}: not valid JSON ({e})") from None
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path):
-    """Yield a temporary path next to `path`; rename it to `path` on success."""
+    """Yield a temporary path next to `path`; on success it is flushed to disk and renamed to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -61,14 +110,27 @@ def atomic_file(path: str | Path):
     tmp = Path(tmp)
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def replace_dir(new: Path, path: Path) -> None:
+    """Put the complete folder `new` at `path`; an old `path` is set aside first and removed only
+    once the new one is in place, so a crash leaves one whole version, never none."""
+    old = None
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.replace(path, old / "old")
+    os.replace(new, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
-    """Yield a temporary folder next to `path`; it replaces `path` on success.
+    """Yield a temporary folder next to `path`; it replaces `path` on success (see replace_dir).
 
     On failure nothing is left: neither the temporary folder nor a partial `path`. A process
     killed inside the block cannot clean up, so the next writer of `path` removes its leftovers.
@@ -78,12 +140,15 @@ def atomic_dir(path: str | Path):
     leftover = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]+\.tmp")
     for old in path.parent.iterdir():
         if old.is_dir() and leftover.fullmatch(old.name):
+            if not path.exists() and (old / "old").is_dir():
+                os.replace(old / "old", path)  # killed between setting the old version aside and renaming
             shutil.rmtree(old, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill.data import Split
+from distill.data import Histories, Split
 
 
 class MostPop:
@@ -16,8 +16,8 @@ class MostPop:
         self.popularity = split.item_popularity().astype(np.float32)
         self.popularity[0] = 0.0
 
-    def encode_users(self, n_users: int) -> np.ndarray:
-        return np.ones((n_users, 1), dtype=np.float32)
+    def encode(self, histories: Histories) -> np.ndarray:
+        return np.ones((len(histories), 1), dtype=np.float32)
 
     def item_vectors(self) -> np.ndarray:
         return self.popularity[:, None]

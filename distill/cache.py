@@ -25,12 +25,25 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from distill.artifacts import atomic_file, read_json, sha256_file, write_json
-from distill.errors import ArtifactError
+from distill.artifacts import atomic_file, json_digest, read_json, replace_dir, sha256_file, write_json
+from distill.errors import ArtifactError, CorruptError, StaleError
 
 CACHE_FORMAT = 1
 FIELDS = {"user": np.int64, "position": np.int64, "query": np.float32, "topk_ids": np.int32, "topk_scores": np.float32}
 _NP = {"I64": np.int64, "I32": np.int32, "F32": np.float32}
+
+
+def cache_key(recipe, split, teacher_hash: str) -> dict:
+    """The inputs a cache (its manifest and every shard) is built from; `dim` is added by the writer."""
+    d = recipe.distill
+    return {"split_hash": split.hash, "teacher_hash": teacher_hash, "k": d.k, "positions": d.positions,
+            "shard_users": d.shard_users, "mask_history": recipe.eval.mask_history, "index": recipe.eval.index,
+            "n_items": split.n_items, "n_users": split.n_users}
+
+
+def staging_dir(folder: Path) -> Path:
+    """Where shards are written until the cache is complete; then it replaces `folder` whole."""
+    return folder.with_name(folder.name + ".partial")
 
 
 def shard_name(i: int) -> str:
@@ -58,7 +71,7 @@ def memmap_tensors(path: Path) -> dict[str, np.ndarray]:
             continue
         b, e = info["data_offsets"]
         if start + e > size:
-            raise ArtifactError(f"{path}: truncated (tensor {name} ends past the end of the file)")
+            raise CorruptError(f"{path}: truncated (tensor {name} ends past the end of the file)")
         out[name] = np.memmap(path, dtype=_NP[info["dtype"]], mode="r", offset=start + b, shape=tuple(info["shape"]))
     return out
 
@@ -78,20 +91,27 @@ def write_shard(path: Path, tensors: dict[str, np.ndarray], metadata: dict) -> N
                   metadata={"anyo": json.dumps(metadata, sort_keys=True)})
 
 
-def write_manifest(folder: Path, n_shards: int, meta: dict, item_table: np.ndarray) -> dict:
-    """Complete the cache: check all shards are present, hash them, write items + manifest."""
+def complete_cache(staging: Path, folder: Path, n_shards: int, meta: dict, item_table: np.ndarray) -> dict:
+    """Check every shard is in `staging`, hash them, write items + manifest, then put the cache at `folder`
+    (an older cache there stays whole until this one is complete)."""
     shards = []
     for i in range(n_shards):
-        p = folder / shard_name(i)
+        p = staging / shard_name(i)
         if not p.is_file():
             raise ArtifactError(f"{p}: missing; run `anyo teacher infer` again to finish the cache")
         t = memmap_tensors(p)
         shards.append({"file": p.name, "rows": int(len(t["user"])), "sha256": sha256_file(p)})
-    save_file({"item_table": np.ascontiguousarray(item_table, dtype=np.float32)}, str(folder / "items.safetensors"))
+    extra = [p for p in staging.glob("shard-*.safetensors") if p.name not in {s["file"] for s in shards}]
+    for p in extra:  # left by an earlier run with another shard size
+        p.unlink()
+    with atomic_file(staging / "items.safetensors") as tmp:
+        save_file({"item_table": np.ascontiguousarray(item_table, dtype=np.float32)}, str(tmp))
     manifest = {"format": CACHE_FORMAT, **meta, "shards": shards,
-                "items": {"file": "items.safetensors", "sha256": sha256_file(folder / "items.safetensors")},
+                "items": {"file": "items.safetensors", "sha256": sha256_file(staging / "items.safetensors")},
                 "dtypes": {k: np.dtype(v).name for k, v in FIELDS.items()}}
-    write_json(folder / "manifest.json", manifest)
+    manifest["manifest_sha256"] = json_digest(manifest)
+    write_json(staging / "manifest.json", manifest)
+    replace_dir(staging, folder)
     return manifest
 
 
@@ -111,31 +131,34 @@ class TeacherCache:
     def __init__(self, folder: str | Path, split_hash: str | None = None, n_items: int | None = None):
         self.folder = Path(folder)
         self.manifest = m = read_json(self.folder / "manifest.json")
+        if not isinstance(m, dict) or json_digest({k: v for k, v in m.items() if k != "manifest_sha256"}) \
+                != m.get("manifest_sha256"):
+            raise CorruptError(f"{self.folder / 'manifest.json'}: does not match its own sha256 (edited or truncated)")
         if m.get("format") != CACHE_FORMAT:
             raise ArtifactError(f"{self.folder / 'manifest.json'}: unknown cache format {m.get('format')}")
         if split_hash is not None and m.get("split_hash") != split_hash:
-            raise ArtifactError(f"{self.folder}: cache built from split {m.get('split_hash')}, this run's split is {split_hash}")
+            raise StaleError(f"{self.folder}: cache built from split {m.get('split_hash')}, this run's split is {split_hash}")
         if n_items is not None and m.get("n_items") != n_items:
-            raise ArtifactError(f"{self.folder}: cache has {m.get('n_items')} items, the split has {n_items}")
+            raise StaleError(f"{self.folder}: cache has {m.get('n_items')} items, the split has {n_items}")
         self.k, self.dim = int(m["k"]), int(m["dim"])
         self.shards = []
         for s in m["shards"]:
             path = self.folder / s["file"]
             if not path.is_file():
-                raise ArtifactError(f"{path}: shard missing")
+                raise CorruptError(f"{path}: shard missing")
             if sha256_file(path) != s["sha256"]:
-                raise ArtifactError(f"{path}: sha256 does not match manifest.json (corrupt or tampered shard)")
+                raise CorruptError(f"{path}: sha256 does not match manifest.json (corrupt or tampered shard)")
             t = memmap_tensors(path)
             n = s["rows"]
             want = {"user": (n,), "position": (n,), "query": (n, self.dim), "topk_ids": (n, self.k),
                     "topk_scores": (n, self.k)}
             for name, shape in want.items():
                 if name not in t or t[name].shape != shape:
-                    raise ArtifactError(f"{path}: tensor {name} has shape {t.get(name, np.empty(0)).shape}, expected {shape}")
+                    raise CorruptError(f"{path}: tensor {name} has shape {t.get(name, np.empty(0)).shape}, expected {shape}")
             self.shards.append(t)
         items = self.folder / m["items"]["file"]
         if sha256_file(items) != m["items"]["sha256"]:
-            raise ArtifactError(f"{items}: sha256 does not match manifest.json")
+            raise CorruptError(f"{items}: sha256 does not match manifest.json")
         self.item_table = memmap_tensors(items)["item_table"]
         # sorted (user, position) keys -> (shard, row)
         self.stride = int(max((int(t["position"].max()) for t in self.shards if len(t["position"])), default=0)) + 1

@@ -1,10 +1,9 @@
-"""The `anyo` command: thin drivers over the stages in `distill.pipeline`."""
+"""The `anyo` command: the argument parser and the table from subcommand to handler (distill.commands)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from distill.errors import AnyoError
 
@@ -56,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="student_distilled",
                    help="output folder inside RUN (e.g. one per ablation); default student_distilled")
 
+    baseline = sub.add_parser("baseline", help="baselines beside the teacher").add_subparsers(dest="action",
+                                                                                                required=True)
+    p = baseline.add_parser("llara", help="train the LLaRA-style generative recommender into RUN/llara "
+                                          "(needs RUN/student_alone)")
+    _recipe_args(p, seed=True)
+
     p = sub.add_parser("bench", help="write the teacher-vs-student report")
     p.add_argument("run", help="run folder")
     p.add_argument("--out", default=None, help="report folder (default RUN/report)")
@@ -72,13 +77,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_args(args) -> None:
+    """Command-line numbers the recipe does not check (the others become `--set` overrides)."""
+    from distill.config import SEED_MAX
+    from distill.errors import ConfigError
+    if getattr(args, "seeds", None) is not None and args.seeds < 1:
+        raise ConfigError(f"--seeds: must be >= 1, got {args.seeds}")
+    if getattr(args, "seed", None) is not None and not 0 <= args.seed <= SEED_MAX:
+        raise ConfigError(f"--seed: must be in [0, {SEED_MAX}], got {args.seed}")
+
+
+def handler(args):
+    """The function in distill.commands that runs `args.command` (and its action, e.g. `teacher infer`)."""
+    from distill import commands
+    table = {
+        "prepare": commands.cmd_prepare, "mostpop": commands.cmd_mostpop, "evaluate": commands.cmd_evaluate,
+        "student train": commands.cmd_student_train, "teacher train": commands.cmd_teacher_train,
+        "teacher infer": commands.cmd_teacher_infer, "distill": commands.cmd_distill, "bench": commands.cmd_bench,
+        "verify": commands.cmd_verify, "run": commands.cmd_run,
+        "baseline llara": commands.cmd_baseline_llara,
+    }
+    return table[" ".join(filter(None, (args.command, getattr(args, "action", None))))]
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from distill import pipeline
-        return pipeline.dispatch(args) or 0
+        _check_args(args)
+        return handler(args)(args) or 0
     except AnyoError as e:
-        print(f"anyo: error: {e}", file=sys.stderr)
+        message = str(e).replace("\r", " ").replace("\n", " ")  # always one line
+        print(f"anyo: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("anyo: interrupted", file=sys.stderr)

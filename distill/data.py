@@ -24,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 
 from distill.artifacts import atomic_dir, read_json, sha256_file
 from distill.config import DataConfig
-from distill.errors import ArtifactError, DataError
+from distill.errors import ArtifactError, CorruptError, DataError
 
 SPLIT_FORMAT = 1
 NUM_NEGATIVES = 19
@@ -56,12 +56,23 @@ def data_files(cfg: DataConfig) -> tuple[Path, Path | None]:
 # ---------------------------------------------------------------- parsing
 
 def _read_lines(path: Path) -> list[str]:
+    """The file's lines, split on \\n only (a title may hold U+2028, \\x85 or \\x0c, which
+    `str.splitlines` would take for line breaks and so misnumber every later line)."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}:1: starts with a UTF-16 byte-order mark; save the file as UTF-8")
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8") from None
-    lines = text.splitlines()
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte offset {e.start})") from None
+    if text.startswith("\ufeff"):
+        raise DataError(f"{path}:1: starts with a byte-order mark (BOM); save the file as UTF-8 without BOM")
+    lines = text.split("\n")
+    lines = [line.removesuffix("\r") for line in lines]
     if not lines or not lines[0].strip():
         raise DataError(f"{path}:1: empty file (expected a header line)")
     return lines
@@ -69,7 +80,13 @@ def _read_lines(path: Path) -> list[str]:
 
 def _header(path: Path, line: str) -> dict[str, int]:
     """Column name (without the `:type` suffix) -> index."""
-    return {c.split(":", 1)[0].strip(): i for i, c in enumerate(line.split("\t"))}
+    cols: dict[str, int] = {}
+    for i, c in enumerate(line.split("\t")):
+        name = c.split(":", 1)[0].strip()
+        if name and name in cols:
+            raise DataError(f"{path}:1: header repeats column `{name}`")
+        cols[name] = i
+    return cols
 
 
 def read_interactions(path: Path):
@@ -158,6 +175,9 @@ class Histories:
 
     def row(self, u: int) -> np.ndarray:
         return self.flat[self.offsets[u]: self.offsets[u + 1]]
+
+    def __iter__(self):
+        return (self.row(u) for u in range(len(self)))
 
     def row_ids(self) -> np.ndarray:
         """Row index of every element of `flat`."""
@@ -359,7 +379,7 @@ def _read_tsv_column(path: Path, col: int, expected_rows: int) -> list[str]:
     rows = path.read_text(encoding="utf-8").split("\n")[1:]
     rows = [r for r in rows if r]
     if len(rows) != expected_rows:
-        raise ArtifactError(f"{path}: {len(rows)} rows, manifest says {expected_rows}")
+        raise CorruptError(f"{path}: {len(rows)} rows, manifest says {expected_rows}")
     return [r.split("\t")[col] if len(r.split("\t")) > col else "" for r in rows]
 
 
@@ -370,7 +390,7 @@ def load_split(folder: str | Path) -> Split:
     if not tensors_path.is_file():
         raise ArtifactError(f"{tensors_path}: not found")
     if sha256_file(tensors_path) != manifest.get("split_sha256"):
-        raise ArtifactError(f"{tensors_path}: content does not match manifest.json (corrupt or edited)")
+        raise CorruptError(f"{tensors_path}: content does not match manifest.json (corrupt or edited)")
     t = load_file(str(tensors_path))
     seqs = Histories(t["sequence_items"], t["sequence_offsets"])
     n, n_items = manifest["n_users"], manifest["n_items"]

@@ -15,3 +15,11 @@ class ConfigError(AnyoError):
 
 class ArtifactError(AnyoError):
     """An artifact on disk is missing, corrupt, or was built from other inputs."""
+
+
+class StaleError(ArtifactError):
+    """An artifact is intact but was built from other inputs (split, upstream model, recipe)."""
+
+
+class CorruptError(ArtifactError):
+    """An artifact's files do not match its own record (edited, truncated, missing)."""

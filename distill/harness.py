@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
+from distill.config import faiss_reason
 from distill.data import Histories, Split
 from distill.errors import AnyoError
 
@@ -34,6 +35,11 @@ def check_vectors(name: str, x: np.ndarray, rows: int, dim: int | None = None) -
     if not np.isfinite(x).all():
         bad = int(np.argwhere(~np.isfinite(x))[0][0])
         raise AnyoError(f"{name}: row {bad} contains NaN or inf")
+    if x.dtype.itemsize > 4:  # float64 values beyond float32's range would become inf (and all-zero metrics)
+        over = np.abs(x) > np.finfo(np.float32).max
+        if over.any():
+            bad = int(np.argwhere(over)[0][0])
+            raise AnyoError(f"{name}: row {bad} holds a value beyond the float32 range (|x| > 3.4e38)")
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -51,13 +57,18 @@ class ItemIndex:
         if index == "brute":
             self.index = None
             return
+        where = f"index {index!r} (eval.index / --index)"
         try:
             base = faiss.index_factory(self.dim, index, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
-            raise AnyoError(f"--index {index!r}: not a valid FAISS index_factory string ({str(e).splitlines()[0]})") from None
-        if not base.is_trained:
-            base.train(self.items)
-        base.add(self.items)
+            raise AnyoError(f"{where}: cannot build it for {self.dim}-dimensional vectors: {faiss_reason(e)}") from None
+        try:
+            if not base.is_trained:
+                base.train(self.items)
+            base.add(self.items)
+        except RuntimeError as e:
+            raise AnyoError(f"{where}: cannot be trained on the catalogue's {self.n_rows} item vectors: "
+                            f"{faiss_reason(e)}") from None
         if faiss.get_num_gpus() > 0:
             base = faiss.index_cpu_to_all_gpus(base)
         self.index = base

@@ -1,4 +1,5 @@
-"""Report plots (matplotlib, Agg): quality bars with CI whiskers, quality vs latency (when measured)."""
+"""Report plots (matplotlib, Agg): quality bars with CI whiskers, quality vs latency (when measured), and
+the learning curves of every trained model. One colour per model throughout; legends sit outside the axes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"MostPop": "#8c8c8c", "student alone": "#4c72b0", "teacher": "#c44e52", "distilled student": "#55a868"}
+CURVES = (("train_loss", "training loss"), ("valid_NDCG@10", "validation NDCG@10"),
+          ("examples_per_second", "training examples/s"))
+
+
+def color(name: str) -> str:
+    return COLORS.get(name, "#8172b2")
 
 
 def plot_report(report: dict, out: Path) -> None:
@@ -19,26 +28,47 @@ def plot_report(report: dict, out: Path) -> None:
     vals = [models[n]["metrics"]["NDCG@10"] for n in names]
     ci = [models[n].get("NDCG@10_ci95", [v, v]) for n, v in zip(names, vals)]
     errs = [[v - lo for v, (lo, _) in zip(vals, ci)], [hi - v for v, (_, hi) in zip(vals, ci)]]
-    ax.bar(names, vals, yerr=errs, capsize=4, color=["#999", "#4c72b0", "#c44e52", "#55a868"][: len(names)],
-           label="test NDCG@10 (95% bootstrap CI over users)")
-    ax.set_ylabel("NDCG@10 (test, full ranking)")
-    _finish(fig, ax, title, out / "quality.png")
+    ax.bar(names, vals, yerr=errs, capsize=4, color=[color(n) for n in names])
+    ax.set_ylabel("NDCG@10 (test, full ranking)\nwhiskers: 95% bootstrap CI over users")
+    _finish(fig, ax, title, out / "quality.png", legend=False)
 
     latency = {n: models[n]["latency_ms"]["p50"] for n in names if "latency_ms" in models[n]}
-    if not latency:  # a quality-only report (bench.measure_cost false)
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for n, lat in latency.items():
-        ax.scatter(lat, models[n]["metrics"]["NDCG@10"], s=60, label=n)
-    ax.set_xscale("log")
-    ax.set_xlabel("latency per user at batch 1, p50 (ms, log scale)")
-    ax.set_ylabel("NDCG@10 (test)")
-    _finish(fig, ax, title, out / "quality_vs_latency.png")
+    if latency:  # absent from a quality-only report (bench.measure_cost false)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for n, lat in latency.items():
+            ax.scatter(lat, models[n]["metrics"]["NDCG@10"], s=60, label=n, color=color(n))
+        ax.set_xscale("log")
+        ax.set_xlabel("latency per user at batch 1, p50 (ms, log scale)")
+        ax.set_ylabel("NDCG@10 (test)")
+        _finish(fig, ax, title, out / "quality_vs_latency.png")
+    plot_curves(models, title, out / "curves.png")
 
 
-def _finish(fig, ax, title: str, path: Path) -> None:
+def plot_curves(models: dict, title: str, path: Path) -> None:
+    """Per epoch: training loss, validation NDCG@10 and examples/s of each trained model (every seed)."""
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(12, 3.6))
+    for name, m in models.items():
+        for seed, curve in enumerate(m.get("curves", [])):
+            epochs = [c["epoch"] for c in curve]
+            for ax, (key, _) in zip(axes, CURVES):
+                ax.plot(epochs, [c.get(key, float("nan")) for c in curve], marker=".", color=color(name),
+                        alpha=1.0 if seed == 0 else 0.4, label=name if seed == 0 else None)
+    for ax, (_, label) in zip(axes, CURVES):
+        ax.set_xlabel("epoch")
+        ax.set_title(label, fontsize=9)
+    axes[-1].set_yscale("log")
+    fig.suptitle(title + " (faint: other seeds)", fontsize=9)
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(len(labels), 1), frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _finish(fig, ax, title: str, path: Path, legend: bool = True) -> None:
     ax.set_title(title, fontsize=9)
-    ax.legend()
+    if legend:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

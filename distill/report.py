@@ -10,18 +10,15 @@ throughput at a large batch. Paired bootstrap CIs compare per-user NDCG@10.
 from __future__ import annotations
 
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
 
-from distill.artifacts import atomic_dir, read_json
-from distill.config import BenchConfig
-from distill.data import load_split
-from distill.errors import ArtifactError
+from distill.artifacts import atomic_dir
+from distill.config import Recipe
+from distill.data import Split, load_split
+from distill.registry import MODELS, current_records
 
-MODELS = {"MostPop": "mostpop", "student alone": "student_alone", "teacher": "teacher",
-          "distilled student": "student_distilled"}
 HEADLINE = ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR@10", "Coverage@10", "ARP@10")
 
 
@@ -45,54 +42,48 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int
     return {"mean_diff": float(diff.mean()), "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]}
 
 
-def seed_dirs(run: Path, name: str) -> list[Path]:
-    dirs = [run / name] + sorted((run / "seeds").glob(f"{name}-*"))
-    return [d for d in dirs if (d / "metrics.json").is_file()]
-
-
-def collect_quality(run: Path, split_hash: str) -> tuple[dict, dict, list[str]]:
-    """Per model: mean/std metrics over seeds; per model: per-user test NDCG@10 (seed-averaged)."""
-    models, per_user, missing = {}, {}, []
-    for label, name in MODELS.items():
-        dirs = seed_dirs(run, name)
-        if not dirs:
-            missing.append(label)
+def collect_quality(run: Path, recipe: Recipe, split: Split) -> dict:
+    """Per model (by label): mean/std metrics over its current seeds, curves, per-user test NDCG@10
+    (seed-averaged); seeds built from other inputs are left out and listed as stale."""
+    models, per_user, missing, stale = {}, {}, [], []
+    for name, entry in MODELS.items():
+        found, old = current_records(run, recipe, split, name)
+        stale += [str(d.relative_to(run)) for d in old]
+        if not found:
+            missing.append(entry.label)
             continue
-        records = [read_json(d / "metrics.json") for d in dirs]
-        for d, r in zip(dirs, records):
-            if r.get("split_hash") != split_hash:
-                raise ArtifactError(f"{d / 'metrics.json'}: stage {label!r} was built from split {r.get('split_hash')}, "
-                                    f"the run's split is {split_hash}")
-        keys = [k for k in records[0]["metrics"]]
+        dirs, records = [d for d, _ in found], [r for _, r in found]
+        keys = list(records[0]["metrics"])
         metrics = {k: float(np.mean([r["metrics"][k] for r in records])) for k in keys}
         metrics["HR@1(candidates)"] = float(np.mean([r["candidates"]["HR@1"] for r in records]))
         std = {k: float(np.std([r["metrics"][k] for r in records])) for k in keys}
-        models[label] = {"metrics": metrics, "metrics_std": std, "seeds": len(records), "dirs": [str(d) for d in dirs]}
+        models[entry.label] = {"name": name, "metrics": metrics, "metrics_std": std, "seeds": len(records),
+                               "dirs": [str(d) for d in dirs], "curves": [r["curve"] for r in records if "curve" in r]}
         ranks = [np.load(d / "test_ranks.npy", allow_pickle=False) for d in dirs if (d / "test_ranks.npy").is_file()]
         if ranks:
-            per_user[label] = np.mean([ndcg_per_user(r) for r in ranks], axis=0)
-            models[label]["NDCG@10_ci95"] = mean_ci(per_user[label])
-    return models, per_user, missing
+            per_user[entry.label] = np.mean([ndcg_per_user(r) for r in ranks], axis=0)
+            models[entry.label]["NDCG@10_ci95"] = mean_ci(per_user[entry.label])
+    return {"models": models, "per_user": per_user, "missing": missing, "stale": stale}
 
 
-def write_report(run: Path, out: Path, measure_cost: bool = True, inputs: dict | None = None,
-                 teacher_backends: list[str] | None = None) -> dict:
+def write_report(run: Path, recipe: Recipe, out: Path, inputs: dict) -> dict:
     from distill.artifacts import write_json
     run, out = Path(run), Path(out)
     split = load_split(run / "split")
-    models, per_user, missing = collect_quality(run, split.hash)
-    if measure_cost:
+    q = collect_quality(run, recipe, split)
+    models = q["models"]
+    if recipe.bench.measure_cost:
         from distill.serving import measure_costs
-        backends = teacher_backends or BenchConfig().teacher_backends
-        for label, cost in measure_costs(run, split, list(models), backends).items():
-            models[label].update(cost)
-    ratios = cost_ratios(models)
+        costs = measure_costs(run, split, [m["name"] for m in models.values()], recipe.bench.teacher_backends)
+        for m in models.values():
+            m.update(costs[m["name"]])
     comparisons = {}
     for other, key in (("student alone", "distilled_vs_alone"), ("teacher", "distilled_vs_teacher")):
-        if "distilled student" in per_user and other in per_user:
-            comparisons[key] = {"NDCG@10": paired_bootstrap(per_user["distilled student"], per_user[other])}
-    report = {"split_hash": split.hash, "dataset": Path(split.manifest["inputs"]["inter"]).stem, "machine": machine(), "models": models, "comparisons": comparisons,
-              "cost_ratios": ratios, "missing": missing, "inputs": inputs or {}}
+        if "distilled student" in q["per_user"] and other in q["per_user"]:
+            comparisons[key] = {"NDCG@10": paired_bootstrap(q["per_user"]["distilled student"], q["per_user"][other])}
+    report = {"split_hash": split.hash, "dataset": Path(split.manifest["inputs"]["inter"]).stem, "machine": machine(),
+              "models": models, "comparisons": comparisons, "cost_ratios": cost_ratios(models),
+              "missing": q["missing"], "stale": q["stale"], "inputs": inputs}
     with atomic_dir(out) as tmp:
         write_json(tmp / "report.json", report)
         (tmp / "report.md").write_text(markdown(report))
@@ -150,12 +141,6 @@ def markdown(report: dict) -> str:
                      f"{r['throughput']:,.1f}x the throughput")
     if report["missing"]:
         lines.append(f"\nMissing stages: {', '.join(report['missing'])}")
+    if report["stale"]:
+        lines.append(f"\nLeft out as stale (built from other inputs): {', '.join(report['stale'])}")
     return "\n".join(lines) + "\n"
-
-
-def cmd_bench(args) -> int:
-    run = Path(args.run)
-    if not (run / "split" / "manifest.json").is_file():
-        raise ArtifactError(f"{run}: not a run folder (no split/manifest.json)")
-    write_report(run, Path(args.out) if args.out else run / "report", measure_cost=not args.no_cost)
-    return 0

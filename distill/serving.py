@@ -6,7 +6,7 @@ the interpreter and torch, the same for every model) and no child pays for the
 imports. Latency is per user at batch 1 (encode + top-10 search with history
 masking), model loading excluded; throughput is users/s at a large batch
 (median of 3 passes).
-`python -m distill.serving RUN MODEL` measures one model from the shell.
+`python -m distill.serving RUN NAME [BACKEND]` measures one model (registry name) from the shell.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import numpy as np
 
 from distill.data import Split, load_split
 from distill.harness import Exclusions, ItemIndex
+from distill.registry import load_retriever
 
-LATENCY_USERS = {"MostPop": 200, "student alone": 200, "distilled student": 200, "teacher": 8}
+LATENCY_USERS = {"teacher": 8}   # per model name; the others: 200
 THROUGHPUT_USERS = {"teacher": 64}
 THROUGHPUT_PASSES = 3  # the median pass counts: one pass is at the mercy of a noisy machine
 clock = time.perf_counter  # module-level so a test can substitute a fake clock
@@ -33,60 +34,36 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def load_server(run: Path, split: Split, label: str):
-    """(encode(list of histories) -> (B, d) array, item vectors, params, trainable params, checkpoint bytes)."""
-    import torch
-    from student.model import load_student
-    if label == "MostPop":
-        from distill.baselines import MostPop
-        m = MostPop(split)
-        return (lambda hs: m.encode_users(len(hs))), m.item_vectors(), 0, 0, 0
-    if label in ("student alone", "distilled student"):
-        folder = run / ("student_alone" if label == "student alone" else "student_distilled")
-        model, _ = load_student(folder, split.hash, split.n_items)
-        from distill.data import Histories
-
-        @torch.inference_mode()
-        def encode(hs):
-            return model.encode_users(torch.from_numpy(Histories.from_rows(hs).padded(model.cfg.max_len))).numpy()
-        n = sum(p.numel() for p in model.parameters())
-        return encode, model.item_vectors().detach().numpy(), n, n, _dir_bytes(folder)
-    from teacher.model import load_teacher
-    cf, _ = load_student(run / "student_alone", split.hash, split.n_items)
-    model, _ = load_teacher(run / "teacher", cf, split.titles, split.hash)
-    backend = label.split("/")[1] if "/" in label else "hf"
-    if backend == "deepspeed":
-        from teacher.infer import wrap_backend
-        model = wrap_backend(model, "deepspeed")
+def parameter_counts(model) -> tuple[int, int]:
+    """(parameters, trained parameters) of a retriever; MostPop has none."""
+    if not hasattr(model, "parameters"):
+        return 0, 0
     params = sum(p.numel() for p in model.parameters() if not p.is_meta)
-    trainable = sum(v.numel() for v in model.heads_state().values()) + sum(
-        p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    encode = lambda hs: model.encode(hs).float().cpu().numpy()
-    import torch
-    return torch.inference_mode()(encode), model.item_table.detach().float().cpu().numpy(), params, trainable, _dir_bytes(run / "teacher")
+    trained = model.trained_parameter_count() if hasattr(model, "trained_parameter_count") else params
+    return params, trained
 
 
-def measure(run: Path, label: str) -> dict:
+def measure(run: Path, name: str, backend: str = "hf") -> dict:
     split = load_split(run / "split")
-    encode, items, params, trainable, ckpt = load_server(run, split, label)
+    model = load_retriever(run, split, name, backend)
+    items = model.item_vectors()
+    params, trained = parameter_counts(model)
     index = ItemIndex(items)
     hist = split.history("test")
     rng = np.random.default_rng(0)
-    base = label.split("/")[0]
 
     def serve(users: np.ndarray) -> None:
-        rows = [hist.row(u) for u in users]
-        exclude = Exclusions.from_histories(hist.take(users), len(items))
-        index.search(encode(rows), 10, exclude)
+        rows = hist.take(users)
+        index.search(model.encode(rows), 10, Exclusions.from_histories(rows, len(items)))
 
     serve(np.arange(2))  # warm-up
     lat = []
-    for u in rng.choice(split.n_users, size=min(LATENCY_USERS.get(base, 200), split.n_users), replace=False):
+    for u in rng.choice(split.n_users, size=min(LATENCY_USERS.get(name, 200), split.n_users), replace=False):
         t = clock()
         serve(np.array([u]))
         lat.append((clock() - t) * 1000)
-    n = min(THROUGHPUT_USERS.get(base, split.n_users), split.n_users)
-    batch = 1024 if base != "teacher" else 32
+    n = min(THROUGHPUT_USERS.get(name, split.n_users), split.n_users)
+    batch = 1024 if name != "teacher" else 32
     passes = []
     for _ in range(THROUGHPUT_PASSES):
         t = clock()
@@ -94,36 +71,34 @@ def measure(run: Path, label: str) -> dict:
             serve(np.arange(lo, min(n, lo + batch)))
         passes.append(clock() - t)
     throughput = n / float(np.median(passes))
-    return {"params": int(params), "trainable_params": int(trainable), "checkpoint_bytes": int(ckpt),
+    return {"params": int(params), "trainable_params": int(trained),
+            "checkpoint_bytes": int(_dir_bytes(run / name)) if params else 0,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95))},
             "throughput_users_per_s": float(throughput)}
 
 
-def measure_costs(run: Path, split: Split, labels: list[str], teacher_backends: list[str]) -> dict:
-    """Cost of each model; the teacher's top-level figures are its first backend's."""
+def measure_costs(run: Path, split: Split, names: list[str], teacher_backends: list[str]) -> dict:
+    """Cost of each model by name; the teacher's top-level figures are its first backend's."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "distill.serving"])
     out = {}
-    for label in labels:
-        variants = [f"{label}/{b}" for b in teacher_backends] if label == "teacher" else [label]
-        for v in variants:
+    for name in names:
+        for backend in teacher_backends if name == "teacher" else ["hf"]:
             pool = ctx.Pool(processes=1)  # a fresh child per model: its own peak RSS
             try:
-                cost = pool.apply(measure, (run, v))
+                cost = pool.apply(measure, (run, name, backend))
             except Exception as e:
-                raise RuntimeError(f"measuring {v} failed: {e}") from e
+                raise RuntimeError(f"measuring {name} ({backend}) failed: {e}") from e
             finally:
                 pool.close()
                 pool.join()
-            if label == "teacher":
-                out.setdefault(label, {}).update(cost if v == variants[0] else {})
-                out[label].setdefault("backends", {})[v.split("/")[1]] = {
+            out.setdefault(name, cost)
+            if name == "teacher":
+                out[name].setdefault("backends", {})[backend] = {
                     k: cost[k] for k in ("latency_ms", "throughput_users_per_s", "peak_rss_bytes")}
-            else:
-                out[label] = cost
     return out
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(Path(sys.argv[1]), sys.argv[2])))
+    print(json.dumps(measure(Path(sys.argv[1]), *sys.argv[2:])))

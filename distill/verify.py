@@ -1,78 +1,125 @@
-"""`anyo verify RUN`: one line per artifact — ok, stale (built from other inputs) or corrupt."""
+"""`anyo verify RUN`: one line per artifact — ok, stale, corrupt or incomplete — and a non-zero exit
+unless every artifact is ok.
+
+- stale: intact, but built from other inputs than the run's recipe (RUN/recipe.yaml), split or
+  upstream model (a StaleError);
+- corrupt: its files do not match its own record, or cannot be read at all;
+- incomplete: a stage that was interrupted (a resume folder, a cache still being written).
+Every check catches everything: a malformed file is reported, never a traceback.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from distill.artifacts import read_json
-from distill.errors import AnyoError
+from distill.errors import StaleError
+
+Row = tuple[str, str, str]
 
 
-def _check(name: str, fn) -> tuple[str, str, str]:
+def _check(name: str, fn) -> Row:
     try:
         return name, "ok", fn() or ""
-    except AnyoError as e:
-        text = str(e)
-        state = "stale" if "built from" in text or "trained on split" in text else "corrupt"
-        return name, state, text
+    except StaleError as e:
+        return name, "stale", str(e)
+    except Exception as e:  # noqa: BLE001 — anything unreadable is corrupt, and verify must never crash
+        return name, "corrupt", str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def verify_run(run: Path) -> list[tuple[str, str, str]]:
-    from distill.cache import TeacherCache
-    from distill.data import load_split
+def _record(folder: Path, split, inputs: dict | None) -> dict:
+    """metrics.json and test_ranks.npy of a stage, checked against the split and the expected inputs."""
+    record = read_json(folder / "metrics.json")
+    if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict) or "NDCG@10" not in record["metrics"]:
+        raise ValueError(f"{folder / 'metrics.json'}: not a metrics record (no metrics.NDCG@10)")
+    ranks = np.load(folder / "test_ranks.npy", allow_pickle=False)
+    if ranks.shape != (split.n_users,):
+        raise ValueError(f"{folder / 'test_ranks.npy'}: shape {ranks.shape}, expected ({split.n_users},)")
+    if record.get("split_hash") != split.hash:
+        raise StaleError(f"{folder / 'metrics.json'}: built from split {record.get('split_hash')}, "
+                         f"the run's split is {split.hash}")
+    if inputs is not None and record.get("inputs") != inputs:
+        raise StaleError(f"{folder / 'metrics.json'}: built from other inputs than the run's recipe and "
+                         f"upstream artifacts")
+    return record
+
+
+def _model_rows(run: Path, recipe, split) -> list[Row]:
+    from distill.registry import MODELS
     from student.model import load_student
-    from teacher.model import checkpoint_hash
-
-    split = None
+    from teacher.model import check_teacher
     rows = []
+    for name, entry in MODELS.items():
+        folders = [run / name] + (sorted((run / "seeds").glob(f"{name}-*")) if entry.seeded else [])
+        for folder in (f for f in folders if f.is_dir()):
+            def check(folder=folder, entry=entry, name=name):
+                record = _record(folder, split, None)
+                if name == "teacher":
+                    check_teacher(folder, run / "student_alone", split.hash)
+                elif name != "mostpop":
+                    load_student(folder, split.hash, split.n_items)
+                _record(folder, split, entry.inputs(recipe, run, split, record.get("seed", recipe.seed)))
+                return f"test NDCG@10 {record['metrics']['NDCG@10']:.4f}"
+            rows.append(_check(str(folder.relative_to(run)), check))
+    return rows
 
-    def check_split():
-        nonlocal split
-        split = load_split(run / "split")
-        return f"hash {split.hash}"
 
-    rows.append(_check("split", check_split))
-    if split is None:
-        return rows
-    for name in ("student_alone", "student_distilled"):
-        for folder in [run / name] + sorted((run / "seeds").glob(f"{name}-*")):
-            if folder.is_dir():
-                rows.append(_check(str(folder.relative_to(run)), lambda f=folder: load_student(f, split.hash, split.n_items) and ""))
-
-    def check_teacher():
-        meta = read_json(run / "teacher" / "teacher.json")
-        if meta.get("split_hash") != split.hash:
-            raise AnyoError(f"teacher built from split {meta.get('split_hash')}, the run's split is {split.hash}")
-        if checkpoint_hash(run / "teacher") != meta.get("checkpoint_hash"):
-            raise AnyoError("adapter or heads do not match teacher.json")
-        return f"checkpoint {meta['checkpoint_hash']}"
-
-    if (run / "teacher").is_dir():
-        rows.append(_check("teacher", check_teacher))
-
-    def check_cache():
+def _cache_row(run: Path, recipe, split) -> Row:
+    def check():
+        from distill.cache import TeacherCache
+        from distill.stages.infer import up_to_date
         cache = TeacherCache(run / "teacher_cache", split.hash, split.n_items)
-        teacher = read_json(run / "teacher" / "teacher.json")["checkpoint_hash"]
-        if cache.manifest["teacher_hash"] != teacher:
-            raise AnyoError(f"cache built from teacher {cache.manifest['teacher_hash']}, the run's teacher is {teacher}")
+        if up_to_date(recipe, run, split) is None:
+            raise StaleError("cache built from another teacher or other distill options than the run's")
         return f"{len(cache)} queries, K={cache.k}"
+    return _check("teacher_cache", check)
 
-    if (run / "teacher_cache").is_dir():
-        rows.append(_check("teacher_cache", check_cache))
 
-    def check_report():
+def _report_row(run: Path, recipe) -> Row:
+    def check():
+        from distill.stages.report import inputs
         report = read_json(run / "report" / "report.json")
-        if report.get("split_hash") != split.hash:
-            raise AnyoError(f"report built from split {report.get('split_hash')}, the run's split is {split.hash}")
+        if not isinstance(report, dict) or "models" not in report:
+            raise ValueError("report/report.json: not a report")
+        if report.get("inputs") != inputs(recipe, run):
+            raise StaleError("report built from other metrics or bench options: rerun `anyo bench`")
+    return _check("report", check)
 
+
+def verify_run(run: Path) -> list[Row]:
+    from distill.config import load_recipe
+    from distill.data import load_split
+    recipe_file = run / "recipe.yaml"
+    found: dict = {}
+
+    def recipe():
+        found["recipe"] = load_recipe(recipe_file if recipe_file.is_file() else None)
+        return "" if recipe_file.is_file() else "no recipe.yaml: checked against the default recipe"
+
+    def split():
+        found["split"] = load_split(run / "split")
+        return f"hash {found['split'].hash}"
+
+    rows = [_check("recipe", recipe), _check("split", split)]
+    if "recipe" not in found or "split" not in found:
+        return rows
+    recipe, split = found["recipe"], found["split"]
+    rows += _model_rows(run, recipe, split)
+    if (run / "teacher_cache").is_dir():
+        rows.append(_cache_row(run, recipe, split))
     if (run / "report").is_dir():
-        rows.append(_check("report", check_report))
+        rows.append(_report_row(run, recipe))
+    for leftover in sorted(run.glob("*.resume")) + sorted(run.glob("seeds/*.resume")) + sorted(run.glob("*.partial")):
+        rows.append((str(leftover.relative_to(run)), "incomplete", "interrupted; rerun the command to finish it"))
     return rows
 
 
 def cmd_verify(args) -> int:
-    rows = verify_run(Path(args.run))
+    run = Path(args.run)
+    rows = verify_run(run)
     width = max(len(r[0]) for r in rows)
     for name, state, why in rows:
-        print(f"{name:<{width}}  {state:<7}  {why}")
+        print(f"{name:<{width}}  {state:<10}  {why}")
     return 0 if all(state == "ok" for _, state, _ in rows) else 1

@@ -12,13 +12,15 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from distill.artifacts import atomic_dir, read_json
-from distill.errors import ArtifactError
+from distill.data import Histories
+from distill.errors import CorruptError, StaleError
 
 
 @dataclass
@@ -106,15 +108,22 @@ class SASRec(nn.Module):
         """(B, T) left-padded histories -> (B, d) user vectors (the last position)."""
         return self.forward(histories[:, -self.cfg.max_len:], last_only=True)[:, -1]
 
-    def item_vectors(self) -> torch.Tensor:
-        """(N+1, d) output item table; row 0 is padding."""
+    @property
+    def item_table(self) -> torch.Tensor:
+        """(N+1, d) output item table (trainable); row 0 is padding."""
         return self.item_emb.weight
 
-    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(..., d) -> (..., N+1) inner products with every item; padding column is -inf."""
-        s = hidden @ self.item_emb.weight.T
-        s[..., 0] = float("-inf")
-        return s
+    # ------------------------------------------------ the retriever protocol (distill.registry)
+    @torch.inference_mode()
+    def encode(self, histories: Histories, batch_size: int = 1024) -> np.ndarray:
+        """(n, d) float32 user vectors from the last max_len items of each history."""
+        padded = torch.from_numpy(histories.padded(self.cfg.max_len))
+        return torch.cat([self.encode_users(padded[i:i + batch_size])
+                          for i in range(0, len(padded), batch_size)]).numpy()
+
+    def item_vectors(self) -> np.ndarray:
+        """(N+1, d) float32 item table; row 0 is padding."""
+        return self.item_emb.weight.detach().numpy()
 
 
 def save_student(model: SASRec, folder: Path, meta: dict) -> None:
@@ -128,18 +137,18 @@ def load_student(folder: Path, split_hash: str | None = None, n_items: int | Non
     folder = Path(folder)
     meta = read_json(folder / "config.json")
     if split_hash is not None and meta.get("split_hash") != split_hash:
-        raise ArtifactError(f"{folder / 'config.json'}: checkpoint built from split {meta.get('split_hash')}, "
+        raise StaleError(f"{folder / 'config.json'}: checkpoint built from split {meta.get('split_hash')}, "
                             f"this run's split is {split_hash}")
     cfg = SASRecConfig(**meta["model"])
     if n_items is not None and cfg.n_items != n_items:
-        raise ArtifactError(f"{folder / 'config.json'}: checkpoint has {cfg.n_items} items, the split has {n_items}")
+        raise StaleError(f"{folder / 'config.json'}: checkpoint has {cfg.n_items} items, the split has {n_items}")
     model = SASRec(cfg)
     weights = folder / "model.safetensors"
     if not weights.is_file():
-        raise ArtifactError(f"{weights}: not found")
+        raise CorruptError(f"{weights}: not found")
     try:
         model.load_state_dict(load_file(str(weights)))
     except Exception as e:  # safetensors raises several types for truncated or foreign files
-        raise ArtifactError(f"{weights}: cannot load ({str(e).splitlines()[0]})") from None
+        raise CorruptError(f"{weights}: cannot load ({str(e).splitlines()[0]})") from None
     model.eval()
     return model, meta

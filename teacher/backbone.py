@@ -91,6 +91,8 @@ def load_backbone(model: str, num_layers: int | None = None, dtype: str = "float
         raise ConfigError(f"teacher.model: {folder} is a {config.model_type!r} model, not a decoder-only LM")
     model_class = (AutoModelForCausalLM if with_head else AutoModel)._model_mapping[type(config)]
     if num_layers is not None:
+        if num_layers < 1:  # zero layers would make a model that only embeds tokens
+            raise ConfigError(f"teacher.num_layers: must be >= 1, got {num_layers}")
         full = config.num_hidden_layers
         if num_layers > full:
             raise ConfigError(f"teacher.num_layers: {num_layers} > the model's {full} layers")
@@ -101,6 +103,9 @@ def load_backbone(model: str, num_layers: int | None = None, dtype: str = "float
             dropped = "|".join(str(i) for i in range(num_layers, full))
             model_class = type(model_class.__name__, (model_class,),
                                {"_keys_to_ignore_on_load_unexpected": [rf"layers\.({dropped})\."]})
-    backbone = model_class.from_pretrained(folder, config=config, dtype=DTYPES[dtype])
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        backbone = model_class.from_pretrained(folder, config=config, dtype=DTYPES[dtype])
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:  # missing/truncated weights, no tokenizer files
+        raise ConfigError(f"teacher.model: cannot load {folder} ({' '.join(str(e).split())[:300]})") from None
     return backbone, tokenizer, folder

@@ -19,6 +19,7 @@ import torch
 
 from distill.config import Recipe
 from distill.data import Split
+from distill.positions import next_items, prefixes, training_positions
 from distill.resources import decoder_step_bytes, optimizer_bytes, require_memory
 from distill.trainer import StepOutput, Trainer, TrainerConfig
 from student.model import SASRec
@@ -26,21 +27,12 @@ from teacher.generative import (GenerativeRecommender, build_generative, save_ge
                                 training_candidates)
 
 
-def training_examples(split: Split) -> tuple[np.ndarray, np.ndarray]:
-    """Every (user, t) with 1 <= t < len(train_u): history seq[:t] predicts seq[t] (as the dense teacher's)."""
-    lengths = split.history("train").lengths
-    pairs = np.maximum(lengths - 1, 0)
-    users = np.repeat(np.arange(split.n_users), pairs)
-    t = np.arange(pairs.sum()) - np.repeat(np.cumsum(pairs) - pairs, pairs) + 1
-    return users, t
-
-
 class GenerativeTask:
-    metric = "score"
+    metric = "valid_HR@1"   # early stopping reads the validation HR@1 of the generated answers
 
     def __init__(self, model: GenerativeRecommender, split: Split):
         self.model, self.split, self.cfg = model, split, model.cfg
-        self.users, self.positions = training_examples(split)
+        self.users, self.positions = training_positions(split)
         self.per_epoch = min(self.cfg.examples_per_epoch, len(self.users))
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         n = self.cfg.valid_users
@@ -57,20 +49,16 @@ class GenerativeTask:
         """(users, positions, targets, candidates in prompt order) per batch."""
         pick = rng.choice(len(self.users), size=self.per_epoch, replace=False)
         users, pos = self.users[pick], self.positions[pick]
-        seq = self.split.sequences
-        targets = seq.flat[seq.offsets[users] + pos]
+        targets = next_items(self.split, users, pos)
         cands, _ = training_candidates(self.split, users, targets, rng, self.cfg.num_candidates)
         b = self.cfg.batch_size
         return [(users[lo:lo + b], pos[lo:lo + b], targets[lo:lo + b], cands[lo:lo + b])
                 for lo in range(0, self.per_epoch, b)]
 
-    def histories(self, users: np.ndarray, positions: np.ndarray) -> list[np.ndarray]:
-        seq = self.split.sequences
-        return [seq.flat[seq.offsets[u]: seq.offsets[u] + t] for u, t in zip(users.tolist(), positions.tolist())]
-
     def step(self, batch) -> StepOutput:
         users, pos, targets, cands = batch
-        hist = self.histories(users, pos)
+        found = prefixes(self.split, users, pos)
+        hist = [found.row(i) for i in range(len(found))]
         prompts = self.model.prompts(hist, cands, targets)
         loss, _ = self.model.loss(prompts, self.model.cf_histories(hist))
         return StepOutput(loss, len(users), int(prompts.attention_mask.sum()))
@@ -84,7 +72,7 @@ class GenerativeTask:
     def validate(self) -> dict[str, float]:
         m = score_candidates(self.model, self.split, "valid", self.cfg.eval_batch_size, self.valid_users,
                              desc="llara valid").metrics
-        return {"score": m["HR@1"], "valid_HR@1": m["HR@1"], "valid_ValidRatio": m["ValidRatio"],
+        return {"valid_HR@1": m["HR@1"], "valid_ValidRatio": m["ValidRatio"],
                 "valid_HR@1_valid": m["HR@1_valid"]}
 
     def snapshot(self) -> dict[str, torch.Tensor]:

@@ -17,26 +17,13 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.artifacts import read_json
-from distill.cache import shard_metadata, shard_name, write_manifest, write_shard
+from distill.cache import cache_key, complete_cache, shard_metadata, shard_name, staging_dir, write_shard
 from distill.config import Recipe
-from distill.data import Split
-from distill.errors import ArtifactError, ConfigError
+from distill.data import Histories, Split
+from distill.errors import ArtifactError, ConfigError, StaleError
+from distill.positions import prefixes, scored_positions
 from distill.resources import decoder_step_bytes, require_memory
 from teacher.model import TeacherRetriever
-from teacher.train import prefixes
-
-def query_plan(split: Split, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """(users, t) of every query, grouped by user: last P training positions, then valid, then test."""
-    lengths = split.sequences.lengths
-    train_len = lengths - 2
-    n_train = np.clip(train_len - 1, 0, positions)                # t in [max(1, L_tr - P), L_tr - 1]
-    per_user = n_train + 2
-    users = np.repeat(np.arange(split.n_users), per_user)
-    within = np.arange(per_user.sum()) - np.repeat(np.cumsum(per_user) - per_user, per_user)
-    first = np.repeat(train_len - n_train, per_user)
-    t = first + within          # the last two land on L-2 (valid) and L-1 (test)
-    return users, t
-
 
 def wrap_backend(model: TeacherRetriever, backend: str) -> TeacherRetriever:
     """Put the decoder behind `deepspeed.init_inference` (or leave it as transformers runs it)."""
@@ -66,7 +53,7 @@ def distributed() -> tuple[int, int]:
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
-def score_shard(model: TeacherRetriever, histories: list[np.ndarray], k: int, batch_size: int, mask_history: bool,
+def score_shard(model: TeacherRetriever, histories: Histories, k: int, batch_size: int, mask_history: bool,
                 index: str, bar) -> dict[str, np.ndarray]:
     order = np.argsort(model.prompts.lengths(histories), kind="stable")
     n, D = len(histories), model.out_projector.out_features
@@ -74,7 +61,7 @@ def score_shard(model: TeacherRetriever, histories: list[np.ndarray], k: int, ba
            "topk_scores": np.empty((n, k), np.float32)}
     for lo in range(0, n, batch_size):
         rows = order[lo:lo + batch_size]
-        o = model.get_teacher_outputs([histories[i] for i in rows], k, mask_history, index)
+        o = model.get_teacher_outputs(histories.take(rows), k, mask_history, index)
         out["query"][rows] = o.query.numpy()
         out["topk_ids"][rows] = o.topk_ids.numpy()
         out["topk_scores"][rows] = o.topk_scores.numpy()
@@ -82,9 +69,24 @@ def score_shard(model: TeacherRetriever, histories: list[np.ndarray], k: int, ba
     return out
 
 
+def pending_shards(staging: Path, shards: list[int], meta: dict) -> list[int]:
+    """The shards not yet complete in `staging` for exactly `meta` (a resumed run keeps the others)."""
+    todo = []
+    for i in shards:
+        path = staging / shard_name(i)
+        try:
+            if path.is_file() and shard_metadata(path) == meta:
+                continue
+        except ArtifactError:
+            pass
+        todo.append(i)
+    return todo
+
+
 def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher_hash: str, out: Path,
                   backend: str) -> dict | None:
-    """Score this rank's shards into `out`; rank 0 writes the manifest. Returns the manifest (rank 0)."""
+    """Score this rank's shards into OUT.partial/; rank 0 completes it and puts it at `out`, replacing
+    an older cache only then. Returns the manifest (rank 0)."""
     d = recipe.distill
     if d.k > split.n_items:
         raise ConfigError(f"distill.k: {d.k} is larger than the catalogue ({split.n_items} items)")
@@ -94,28 +96,13 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
                    "teacher.eval_batch_size", model.device)
     rank, world = distributed()
     model = wrap_backend(model.eval(), backend)
-    users, t = query_plan(split, d.positions)
-    meta = {"split_hash": split.hash, "teacher_hash": teacher_hash, "k": d.k, "positions": d.positions,
-            "shard_users": d.shard_users,
-            "mask_history": recipe.eval.mask_history, "dim": model.out_projector.out_features,
-            "n_items": split.n_items, "n_users": split.n_users}
-    shard_users = d.shard_users
-    n_shards = -(-split.n_users // shard_users)
-    out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (out / "manifest.json").unlink(missing_ok=True)  # the cache is incomplete until rank 0 rewrites it
-    mine = [i for i in range(n_shards) if i % world == rank]
-    todo = []
-    for i in mine:
-        path = out / shard_name(i)
-        if path.is_file():
-            try:
-                if shard_metadata(path) == meta:
-                    continue
-            except ArtifactError:
-                pass
-        todo.append(i)
-    rows_of = lambda i: np.flatnonzero((users >= i * shard_users) & (users < (i + 1) * shard_users))
+    users, t = scored_positions(split, d.positions)
+    meta = {**cache_key(recipe, split, teacher_hash), "dim": model.out_projector.out_features}
+    n_shards = -(-split.n_users // d.shard_users)
+    staging = staging_dir(out)
+    staging.mkdir(parents=True, exist_ok=True)
+    todo = pending_shards(staging, [i for i in range(n_shards) if i % world == rank], meta)
+    rows_of = lambda i: np.flatnonzero((users >= i * d.shard_users) & (users < (i + 1) * d.shard_users))
     total = sum(len(rows_of(i)) for i in todo)
     start, tokens = time.perf_counter(), 0
     with tqdm(total=total, desc=f"teacher infer ({backend}, rank {rank})", unit="prompt") as bar:
@@ -125,30 +112,39 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
             tokens += int(model.prompts.lengths(hist).sum())
             scored = score_shard(model, hist, d.k, recipe.teacher.eval_batch_size, recipe.eval.mask_history,
                                  recipe.eval.index, bar)
-            write_shard(out / shard_name(i), {"user": users[rows], "position": t[rows], **scored}, meta)
+            write_shard(staging / shard_name(i), {"user": users[rows], "position": t[rows], **scored}, meta)
     seconds = time.perf_counter() - start
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
         return None
-    manifest = write_manifest(out, n_shards, meta, model.item_table.detach().float().cpu().numpy())
-    size = sum(p.stat().st_size for p in out.iterdir())
+    manifest = complete_cache(staging, out, n_shards, meta, model.item_vectors())
     rate = total / seconds if total and seconds > 0 else float("nan")
-    print(f"teacher cache: {sum(s['rows'] for s in manifest['shards'])} queries in {n_shards} shards, "
-          f"{size / 2**20:.1f} MiB at {out}; scored {total} prompts in {seconds:.0f}s "
-          f"({rate:.1f} prompts/s, {tokens / max(seconds, 1e-9):.0f} tokens/s, backend {backend})")
+    print(f"teacher cache: {sum(s['rows'] for s in manifest['shards'])} queries in {n_shards} shards at {out}; "
+          f"scored {total} prompts in {seconds:.0f}s ({rate:.1f} prompts/s, "
+          f"{tokens / max(seconds, 1e-9):.0f} tokens/s, backend {backend})")
     return manifest
 
 
 def merge(recipe: Recipe, split: Split, teacher_dir: Path, out: Path) -> dict:
-    """Complete the manifest from shards written elsewhere (e.g. by several machines on a shared folder)."""
-    meta_t = read_json(teacher_dir / "teacher.json")
+    """Complete a cache whose shards were written into OUT.partial/ by separate jobs (e.g. machines
+    sharing a folder); every shard must have been built from this run's split, teacher and options."""
     from safetensors.numpy import load_file
-    heads = load_file(str(teacher_dir / "heads.safetensors"))
-    first = out / shard_name(0)
-    if not first.is_file():
-        raise ArtifactError(f"{first}: no shards to merge")
-    meta = shard_metadata(first)
-    if meta.get("split_hash") != split.hash or meta.get("teacher_hash") != meta_t["checkpoint_hash"]:
-        raise ArtifactError(f"{first}: shards were built from another split or teacher")
-    return write_manifest(out, -(-split.n_users // meta["shard_users"]), meta, heads["item_table"])
+    teacher_hash = read_json(teacher_dir / "teacher.json")["checkpoint_hash"]
+    staging = staging_dir(out)
+    key = cache_key(recipe, split, teacher_hash)
+    n_shards = -(-split.n_users // recipe.distill.shard_users)
+    metas = []
+    for i in range(n_shards):
+        path = staging / shard_name(i)
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing; run `anyo teacher infer` to write it, then merge again")
+        meta = shard_metadata(path)
+        if {k: meta.get(k) for k in key} != key:
+            wrong = sorted(k for k in key if meta.get(k) != key[k])
+            raise StaleError(f"{path}: built with other {', '.join(wrong)} than this run's recipe and teacher")
+        metas.append(meta)
+    if any(m != metas[0] for m in metas):
+        raise StaleError(f"{staging}: shards were built with different options")
+    items = load_file(str(teacher_dir / "heads.safetensors"))["item_table"]
+    return complete_cache(staging, out, n_shards, metas[0], items)

@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from distill.artifacts import atomic_dir, read_json, sha256_files
 from distill.config import TeacherConfig
-from distill.data import Histories
-from distill.errors import ArtifactError
+from distill.data import Histories, Split
+from distill.errors import ConfigError, CorruptError, StaleError
 from distill.harness import Exclusions, ItemIndex
 from student.model import SASRec
 from teacher.backbone import load_backbone
@@ -58,7 +58,7 @@ class TeacherRetriever(nn.Module):
         self.in_projector = make_in_projector(d_cf, H)
         self.out_projector = nn.Linear(H, d_cf)
         self.register_buffer("cf_weight", torch.tensor(0.0))  # w, saved with the heads
-        self.item_table = nn.Parameter(cf.item_vectors().detach().clone(),           # (N+1, D)
+        self.item_table = nn.Parameter(cf.item_table.detach().clone(),           # (N+1, D)
                                        requires_grad=cfg.train_item_table)
         self.gate = ExpertGate(backbone, d_cf, cfg.num_experts, cfg.lora_r) if cfg.adapter == "moe_lora" else None
         self._index: ItemIndex | None = None
@@ -97,43 +97,53 @@ class TeacherRetriever(nn.Module):
         q = self.out_projector(pooled.float())                                    # (B, D)
         return blend_queries(q, cf_repr, self.cf_weight) if blend else q
 
-    def encode(self, histories: list[np.ndarray], padding_side: str = "left", blend: bool = True) -> torch.Tensor:
-        """Histories (item ids, oldest first) -> (B, D) query vectors."""
-        cf_hist = torch.from_numpy(Histories.from_rows(histories).padded(self.cf.cfg.max_len))
+    def train(self, mode: bool = True) -> "TeacherRetriever":
+        super().train(mode)
+        self.cf.eval()  # frozen: the gate and q_CF must see the same CF representations as at inference
+        return self
+
+    def query(self, histories: Histories, padding_side: str = "left", blend: bool = True) -> torch.Tensor:
+        """Histories (item ids, oldest first) -> (B, D) query vectors, differentiable."""
+        cf_hist = torch.from_numpy(histories.padded(self.cf.cfg.max_len))
         return self(self.prompts(histories, padding_side), cf_hist, blend)
 
+    # ------------------------------------------------ the retriever protocol (distill.registry)
     @torch.inference_mode()
-    def encode_many(self, histories: list[np.ndarray], batch_size: int, desc: str | None = None,
-                    blend: bool = True) -> np.ndarray:
-        """(n, D) query vectors, batched by prompt length so padding stays small."""
+    def encode(self, histories: Histories, batch_size: int | None = None, desc: str | None = None,
+               blend: bool = True) -> np.ndarray:
+        """(n, D) float32 query vectors, batched by prompt length so padding stays small."""
         from tqdm.auto import tqdm
+        batch_size = batch_size or self.cfg.eval_batch_size
         order = np.argsort(self.prompts.lengths(histories), kind="stable")
         out = np.empty((len(histories), self.out_projector.out_features), dtype=np.float32)
         for lo in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
             rows = order[lo:lo + batch_size]
-            out[rows] = self.encode([histories[i] for i in rows], blend=blend).float().cpu().numpy()
+            out[rows] = self.query(histories.take(rows), blend=blend).float().cpu().numpy()
         return out
 
-    # ------------------------------------------------------------ retrieval
-    def item_vectors(self) -> torch.Tensor:
-        """(N+1, D) item table; row 0 is padding."""
-        return self.item_table
+    def item_vectors(self) -> np.ndarray:
+        """(N+1, D) float32 item table; row 0 is padding."""
+        return self.item_table.detach().float().cpu().numpy()
 
+    # ------------------------------------------------------------ retrieval
     def invalidate_index(self) -> None:
         self._index = None
 
     @torch.inference_mode()
-    def get_teacher_outputs(self, histories: list[np.ndarray], k: int, mask_history: bool = True,
+    def get_teacher_outputs(self, histories: Histories, k: int, mask_history: bool = True,
                             index: str = "Flat") -> TeacherOutputs:
         """Query vectors and the top-k items over the whole catalogue (via the harness index)."""
         if self._index is None or self._index.kind != index:
-            self._index = ItemIndex(self.item_table.detach().float().cpu().numpy(), index)
-        q = self.encode(histories).float().cpu()
-        exclude = None
-        if mask_history:
-            exclude = Exclusions.from_histories(Histories.from_rows(histories), len(self.item_table))
+            self._index = ItemIndex(self.item_vectors(), index)
+        q = self.query(histories).float().cpu()
+        exclude = Exclusions.from_histories(histories, len(self.item_table)) if mask_history else None
         ids, scores = self._index.search(q.numpy(), k, exclude)
         return TeacherOutputs(q, torch.from_numpy(ids), torch.from_numpy(scores) / self.cfg.temperature)
+
+    def trained_parameter_count(self) -> int:
+        """Parameters training changed: the heads and the LoRA weights (the backbone is frozen)."""
+        return sum(v.numel() for v in self.heads_state().values()) + sum(
+            p.numel() for n, p in self.named_parameters() if "lora_" in n)
 
     def heads_state(self) -> dict[str, torch.Tensor]:
         """Everything trained outside peft: projectors, gate, item table, CF weight."""
@@ -157,7 +167,7 @@ def attach_adapter(backbone: nn.Module, cfg: TeacherConfig, adapter_dir: Path | 
         try:
             backbone = get_peft_model(backbone, lora)
         except ValueError as e:
-            raise ArtifactError(f"teacher.target_modules: {e}") from None
+            raise ConfigError(f"teacher.target_modules: {' '.join(str(e).split())}") from None
     else:
         backbone = PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=trainable)
     return backbone
@@ -200,20 +210,37 @@ def checkpoint_hash(folder: Path) -> str:
     return sha256_files(files)[:16]
 
 
-def load_teacher(folder: Path, cf: SASRec, titles: list[str], split_hash: str) -> tuple[TeacherRetriever, dict]:
-    from distill.config import config_from_dict
-    folder = Path(folder)
+def check_teacher(folder: Path, cf_dir: Path, split_hash: str) -> dict:
+    """teacher.json, if the teacher in `folder` is intact and was built on this split and the CF model in
+    `cf_dir` (StaleError otherwise; CorruptError when its files do not match its record)."""
+    from distill.artifacts import sha256_file
+    folder, cf_dir = Path(folder), Path(cf_dir)
     meta = read_json(folder / "teacher.json")
+    if not isinstance(meta, dict) or "teacher" not in meta:
+        raise CorruptError(f"{folder / 'teacher.json'}: not a teacher record")
     if meta.get("split_hash") != split_hash:
-        raise ArtifactError(f"{folder / 'teacher.json'}: teacher trained on split {meta.get('split_hash')}, "
-                            f"this run's split is {split_hash}")
+        raise StaleError(f"{folder / 'teacher.json'}: teacher built from split {meta.get('split_hash')}, "
+                         f"this run's split is {split_hash}")
+    cf_sha = sha256_file(cf_dir / "model.safetensors") if (cf_dir / "model.safetensors").is_file() else None
+    if meta.get("inputs", {}).get("cf_sha256") != cf_sha:
+        raise StaleError(f"{folder / 'teacher.json'}: teacher built from another CF model than {cf_dir} "
+                         f"(retrain the teacher: `anyo teacher train`)")
     if checkpoint_hash(folder) != meta.get("checkpoint_hash"):
-        raise ArtifactError(f"{folder}: adapter or heads do not match teacher.json (corrupt or edited)")
+        raise CorruptError(f"{folder}: adapter or heads do not match teacher.json (corrupt or edited)")
+    return meta
+
+
+def load_teacher(folder: Path, cf_dir: Path, split: Split) -> tuple[TeacherRetriever, dict]:
+    """The teacher in `folder`, on the CF model in `cf_dir` it was trained with (see check_teacher)."""
+    from distill.config import config_from_dict
+    from student.model import load_student
+    meta = check_teacher(folder, cf_dir, split.hash)
+    cf, _ = load_student(cf_dir, split.hash, split.n_items)
     cfg = config_from_dict(TeacherConfig, meta["teacher"], "teacher.")
-    model = build_teacher(cfg, cf, titles, folder / "adapter", trainable=False)
-    heads = load_file(str(folder / "heads.safetensors"))
+    model = build_teacher(cfg, cf, split.titles, Path(folder) / "adapter", trainable=False)
+    heads = load_file(str(Path(folder) / "heads.safetensors"))
     missing = set(model.heads_state()) - set(heads)
     if missing or heads["item_table"].shape != model.item_table.shape:
-        raise ArtifactError(f"{folder / 'heads.safetensors'}: does not fit this split/teacher ({sorted(missing)[:3]})")
+        raise CorruptError(f"{folder}/heads.safetensors: does not fit this split/teacher ({sorted(missing)[:3]})")
     model.load_state_dict(heads, strict=False)
     return model.eval(), meta

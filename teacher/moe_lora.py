@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from distill.errors import ConfigError
+
 
 class ExpertGate(nn.Module):
     """Gate network (CF sequence representation -> softmax over experts) plus the lora_A hooks."""
@@ -23,15 +25,16 @@ class ExpertGate(nn.Module):
         super().__init__()
         from peft.tuners.lora import LoraLayer
 
-        if rank % num_experts:
-            raise ValueError(f"num_experts {num_experts} must divide the LoRA rank {rank}")
+        if num_experts < 1 or rank % num_experts:
+            raise ConfigError(f"teacher.num_experts: num_experts {num_experts} must divide lora_r {rank}")
         self.num_experts, self.slice = num_experts, rank // num_experts
         self.net = nn.Linear(cf_dim, num_experts)
         self._current: torch.Tensor | None = None
         self._handles = [m.lora_A[adapter].register_forward_hook(self._scale)
                          for m in peft_model.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
         if not self._handles:
-            raise ValueError("no LoRA layer found to gate: check teacher.target_modules")
+            raise ConfigError("teacher.target_modules: no LoRA layer found to gate (moe_lora needs at least one "
+                              "adapted module)")
 
     def gates(self, cf_repr: torch.Tensor) -> torch.Tensor:
         """(B, cf_dim) -> (B, E) expert weights."""

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from distill.config import TeacherConfig
+from distill.errors import ConfigError
 
 HISTORY_TOKEN = "[HistoryEmb]"
 
@@ -35,7 +36,8 @@ class PromptBuilder:
         self.prefix = np.asarray(bos + encode(cfg.instruction), dtype=np.int64)
         self.suffix = np.asarray(encode(cfg.query_text), dtype=np.int64)
         if len(self.suffix) == 0:
-            raise ValueError("teacher.query_text must not be empty: its last token is pooled")
+            raise ConfigError(f"teacher.query_text: {cfg.query_text!r} gives no tokens with this tokenizer "
+                              "(its last token is pooled)")
         titles = [(" " + t) if (cfg.use_titles and t) else "" for t in titles]
         title_ids = tokenizer(titles, add_special_tokens=False)["input_ids"] if any(titles) else [[] for _ in titles]
         # per item: its title tokens then the [HistoryEmb] token

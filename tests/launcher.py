@@ -24,7 +24,7 @@ import peft  # noqa: F401
 import torch  # noqa: F401
 from transformers.models.llama import modeling_llama  # noqa: F401
 
-import distill.pipeline  # noqa: F401
+import distill.commands  # noqa: F401
 import student.train  # noqa: F401
 import teacher.model  # noqa: F401
 from distill.cli import main

@@ -3,7 +3,7 @@ import pytest
 
 from distill.cli import main
 from distill.config import DataConfig
-from distill.data import build_split, load_split, prepare, save_split, split_hash, to_hf_datasets, data_files
+from distill.data import build_split, prepare, to_hf_datasets, data_files
 from distill.errors import DataError
 
 HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"

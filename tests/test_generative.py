@@ -276,7 +276,7 @@ def test_save_load_round_trip(tmp_path, model, split, cf):
 @pytest.mark.parametrize("override,key", [
     ("llara.num_candidates=0", "llara.num_candidates: must be 20"),
     ("llara.num_candidates=10", "llara.num_candidates"),
-    ("llara.batch_size=0", "llara.batch_size: must be > 0"),
+    ("llara.batch_size=0", "llara.batch_size: must be >= 1"),
     ("llara.examples_per_epoch=-1", "llara.examples_per_epoch"),
     ("llara.lr=0", "llara.lr"),
     ("llara.warmup_ratio=1.5", "llara.warmup_ratio"),
@@ -329,3 +329,35 @@ def test_trainer_fits_the_task_and_keeps_the_best_epoch(split, cf, adapter_cfg):
     before = {k: v.clone() for k, v in task.snapshot().items()}
     task.restore(fit.best_state)
     assert all(torch.equal(task.trainable[k], fit.best_state[k]) for k in before)
+
+
+# ---------------------------------------------------------------- the stage
+
+def test_baseline_llara_stage_writes_its_folder_and_is_skipped_when_up_to_date(tmp_path, toy_data, tiny_llama,
+                                                                                tiny_causal_llama, capsys):
+    import json
+    from conftest import sets, tiny_recipe_overrides
+    from distill.cli import main
+    run = tmp_path / "run"
+    overrides = tiny_recipe_overrides(toy_data, tiny_llama) + [
+        f"teacher.model={tiny_causal_llama}", "llara.examples_per_epoch=16", "llara.batch_size=8",
+        "llara.epochs=2", "llara.patience=2", "llara.valid_users=8", "llara.eval_batch_size=20", "llara.max_history=5"]
+    assert main(["baseline", "llara", RECIPE, "--out", str(run)] + sets(overrides)) == 2   # no CF model yet
+    assert "student_alone: not found" in capsys.readouterr().err
+    assert main(["student", "train", RECIPE, "--out", str(run)] + sets(overrides)) == 0
+    assert main(["baseline", "llara", RECIPE, "--out", str(run)] + sets(overrides)) == 0
+    out = run / "llara"
+    for name in ("adapter/adapter_model.safetensors", "heads.safetensors", "llara.json", "metrics.json",
+                 "test_outputs.json"):
+        assert (out / name).is_file(), name
+    assert not (run / "llara.resume").exists()
+    record = json.loads((out / "metrics.json").read_text())
+    m = record["candidates"]
+    assert set(m) >= {"HR@1", "ValidRatio", "HR@1_valid"} and m["users"] == 40
+    assert record["valid_ratio"] == m["ValidRatio"] and 0 <= m["HR@1"] <= m["ValidRatio"] <= 1
+    assert [c["epoch"] for c in record["curve"]] == [1, 2]
+    assert record["examples_per_second"] > 0 and record["train_seconds"] > 0
+    assert len(json.loads((out / "test_outputs.json").read_text())) == 40
+    capsys.readouterr()
+    assert main(["baseline", "llara", RECIPE, "--out", str(run)] + sets(overrides)) == 0
+    assert "up to date" in capsys.readouterr().out

@@ -32,10 +32,10 @@ from distill.artifacts import sha256_file
 # chains start their clock (a file whose appearance means the stage is under way; None: process start)
 STAGES = [
     ("prepare", "distill.data.build_split:1", None),
-    ("student", "student.train.save_resume:1", "student_alone.resume/state.json"),
-    ("teacher", "teacher.train.save_resume:1", "teacher.resume/state.json"),
-    ("infer", "teacher.infer.write_shard:1", "teacher_cache/shard-00000.safetensors"),
-    ("distill", "student.train.save_resume:1", "student_distilled.resume/state.json"),
+    ("student", "distill.trainer.save_resume:1", "student_alone.resume/state.json"),
+    ("teacher", "distill.trainer.save_resume:1", "teacher.resume/state.json"),
+    ("infer", "teacher.infer.write_shard:1", "teacher_cache.partial/shard-00000.safetensors"),
+    ("distill", "distill.trainer.save_resume:1", "student_distilled.resume/state.json"),
     ("bench", "distill.report.collect_quality:1", "student_distilled/metrics.json"),
 ]
 

@@ -60,8 +60,8 @@ def test_alignment_cosine_hand_computation():
 
 def test_teacher_tensors_get_no_gradient_and_student_does():
     x = inputs(torch.randn(3, 3))
-    loss = WeightedLoss({"own": (1.0, SoftmaxLoss()), "kd": (1.0, SoftTargetKL(2.0)),
-                         "rank": (0.5, RankingDistillation(7)), "align": (0.1, EmbeddingAlignment(4, 5))})
+    loss = WeightedLoss({"own": (1.0, SoftmaxLoss), "kd": (1.0, lambda: SoftTargetKL(2.0)),
+                         "rank": (0.5, lambda: RankingDistillation(7)), "align": (0.1, lambda: EmbeddingAlignment(4, 5))})
     total, parts = loss(x)
     total.backward()
     assert set(parts) == {"own", "kd", "rank", "align"}
@@ -69,11 +69,26 @@ def test_teacher_tensors_get_no_gradient_and_student_does():
     assert x.teacher.scores.grad is None and x.teacher.query.grad is None
 
 
+def test_total_is_the_weighted_sum_of_the_terms():
+    x = inputs(torch.randn(3, 3))
+    terms = {"own": SoftmaxLoss(), "kd": SoftTargetKL(2.0), "align": EmbeddingAlignment(4, 5)}
+    weights = {"own": 0.7, "kd": 1.9, "align": 0.3}
+    total, parts = WeightedLoss({n: (weights[n], lambda t=t: t) for n, t in terms.items()})(x)
+    by_hand = sum(weights[n] * terms[n](x).item() for n in terms)
+    assert total.item() == pytest.approx(by_hand, rel=1e-6)
+    assert parts == pytest.approx({n: terms[n](x).item() for n in terms}, rel=1e-6)
+    doubled, _ = WeightedLoss({n: (2 * weights[n], lambda t=t: t) for n, t in terms.items()})(x)
+    assert doubled.item() == pytest.approx(2 * by_hand, rel=1e-6)
+
+
 def test_zero_weight_terms_are_not_built_and_teacherless_batches_use_own_loss():
-    loss = WeightedLoss({"own": (1.0, SoftmaxLoss()), "kd": (0.0, SoftTargetKL(1.0))})
+    def never():
+        raise AssertionError("a term of weight 0 was built")
+
+    loss = WeightedLoss({"own": (1.0, SoftmaxLoss), "kd": (0.0, never)})
     assert list(loss.terms) == ["own"] and not loss.needs_teacher
     x = inputs()
     x.teacher = None
-    loss = WeightedLoss({"own": (1.0, SoftmaxLoss()), "kd": (1.0, SoftTargetKL(1.0))})
+    loss = WeightedLoss({"own": (1.0, SoftmaxLoss), "kd": (1.0, lambda: SoftTargetKL(1.0))})
     total, parts = loss(x)
     assert set(parts) == {"own"}

@@ -10,6 +10,7 @@ import pytest
 from conftest import RECIPE, sets
 from distill.cache import TeacherCache, memmap_tensors
 from distill.cli import main
+from distill.config import load_recipe
 from distill.data import load_split
 from distill.errors import ArtifactError
 
@@ -68,10 +69,10 @@ def test_report_schema(tiny_run):
                 "peak_rss_bytes", "latency_ms", "throughput_users_per_s"} <= set(m)
         assert set(m["latency_ms"]) == {"p50", "p95"}
     assert set(r["models"]["teacher"]["backends"]) == {"hf"}  # the tiny recipe's bench.teacher_backends
-    teacher, student = r["models"]["teacher"], r["models"]["distilled student"]
-    assert r["cost_ratios"]["params"] == pytest.approx(teacher["params"] / student["params"])
-    assert r["cost_ratios"]["throughput"] == pytest.approx(
-        student["throughput_users_per_s"] / teacher["throughput_users_per_s"])
+    assert r["models"]["teacher"]["params"] > 100 * r["models"]["distilled student"]["params"]
+    for name in ("student alone", "teacher", "distilled student"):   # the curves the report draws
+        curve = r["models"][name]["curves"][0]
+        assert {"epoch", "train_loss", "valid_NDCG@10", "examples_per_second"} <= set(curve[0])
     for key in ("distilled_vs_alone", "distilled_vs_teacher"):
         ci = r["comparisons"][key]["NDCG@10"]
         assert ci["ci95"][0] <= ci["mean_diff"] <= ci["ci95"][1]
@@ -108,13 +109,17 @@ def test_resume_after_crash_equals_clean_run(tiny_run, tmp_path):
     run, overrides = tiny_run
     clean = cache_arrays(run / "teacher_cache")
     crashed = copy_run(run, tmp_path / "c")
-    shutil.copytree(run / "teacher_cache", crashed / "teacher_cache")
+    staging = crashed / "teacher_cache.partial"
+    shutil.copytree(run / "teacher_cache", staging)
     # a crash after the first shard: later shards and the manifest never written, a temp file left behind
-    for p in sorted((crashed / "teacher_cache").glob("shard-*"))[1:]:
+    for p in sorted(staging.glob("shard-*"))[1:]:
         p.unlink()
-    (crashed / "teacher_cache" / "manifest.json").unlink()
-    (crashed / "teacher_cache" / ".shard-00001.safetensors.x.tmp").write_bytes(b"partial")
+    (staging / "manifest.json").unlink()
+    (staging / ".shard-00001.safetensors.x.tmp").write_bytes(b"partial")
+    kept = (staging / "shard-00000.safetensors").stat().st_mtime_ns
     assert infer(crashed, overrides) == 0
+    assert (crashed / "teacher_cache" / "shard-00000.safetensors").stat().st_mtime_ns == kept  # not rescored
+    assert not staging.exists()
     resumed = cache_arrays(crashed / "teacher_cache")
     assert clean.keys() == resumed.keys()
     assert all(np.array_equal(clean[k], resumed[k]) for k in clean)
@@ -162,16 +167,17 @@ def test_two_process_gloo_sharding_equals_one_process(tiny_run, launcher, tmp_pa
     assert all(np.array_equal(one[k], many[k]) for k in one)
 
 
-def test_bootstrap_ci_on_constructed_cases():
+def test_bootstrap_ci_covers_a_known_difference():
     from distill.report import paired_bootstrap
     rng = np.random.default_rng(0)
-    a = rng.random(500)
-    same = paired_bootstrap(a, a.copy())
-    assert same["ci95"][0] <= 0 <= same["ci95"][1]
-    noisy = paired_bootstrap(a, rng.permutation(a))
-    assert noisy["ci95"][0] < 0 < noisy["ci95"][1]
-    better = paired_bootstrap(a + 0.05 + 0.01 * rng.random(500), a)
-    assert better["ci95"][0] > 0
+    n, shift, noise = 2000, 0.05, 0.02
+    b = rng.random(n)
+    a = b + shift + rng.normal(0, noise, n)                      # per-user difference: mean 0.05, sd 0.02
+    ci = paired_bootstrap(a, b)
+    assert ci["mean_diff"] == pytest.approx(shift, abs=3 * noise / np.sqrt(n))
+    lo, hi = ci["ci95"]
+    assert lo < shift < hi
+    assert (hi - lo) == pytest.approx(2 * 1.96 * noise / np.sqrt(n), rel=0.15)  # the analytic 95% width
 
 
 def test_distill_refuses_cache_from_another_split(tiny_run, tmp_path, capsys):
@@ -211,15 +217,46 @@ def test_latency_excludes_model_loading(tiny_run, monkeypatch):
         now[0] += 1e-3
         return now[0]
 
-    real = serving.load_server
+    real = serving.load_retriever
 
     def slow_load(*args):
         now[0] += 1000.0
         return real(*args)
 
     monkeypatch.setattr(serving, "clock", tick)
-    monkeypatch.setattr(serving, "load_server", slow_load)
-    cost = serving.measure(run, "student alone")
+    monkeypatch.setattr(serving, "load_retriever", slow_load)
+    cost = serving.measure(run, "student_alone")
     assert cost["latency_ms"]["p50"] == pytest.approx(1.0) and cost["latency_ms"]["p95"] == pytest.approx(1.0)
     n_users = load_split(run / "split").n_users
     assert cost["throughput_users_per_s"] == pytest.approx(n_users / 1e-3)  # each pass: two clock readings
+
+
+def test_run_records_its_recipe_and_bench_then_run_remeasures_nothing(tiny_run, tmp_path, capsys):
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run[0], run)
+    recorded = load_recipe(run / "recipe.yaml")
+    assert recorded.to_dict() == load_recipe(RECIPE, tiny_run[1]).to_dict()
+    shutil.rmtree(run / "report")
+    assert main(["bench", str(run)]) == 0
+    before = (run / "report" / "report.json").read_bytes()
+    capsys.readouterr()
+    assert main(["run", str(run / "recipe.yaml"), "--out", str(run)]) == 0
+    assert "report up to date" in capsys.readouterr().out
+    assert (run / "report" / "report.json").read_bytes() == before
+
+
+def test_report_and_verify_leave_out_seeds_built_from_another_recipe(tiny_run, tmp_path, capsys):
+    run = tmp_path / "s"
+    shutil.copytree(tiny_run[0], run)
+    foreign = run / "seeds" / "student_alone-7"
+    shutil.copytree(run / "student_alone", foreign)
+    record = json.loads((foreign / "metrics.json").read_text())
+    record["seed"], record["inputs"]["seed"], record["inputs"]["recipe"] = 7, 7, "another-recipe"
+    (foreign / "metrics.json").write_text(json.dumps(record))
+    assert main(["bench", str(run), "--no-cost"]) == 0
+    r = json.loads((run / "report" / "report.json").read_text())
+    assert r["models"]["student alone"]["seeds"] == 1 and r["stale"] == ["seeds/student_alone-7"]
+    capsys.readouterr()
+    assert main(["verify", str(run)]) == 1
+    lines = {l.split()[0]: l.split()[1] for l in capsys.readouterr().out.splitlines()}
+    assert lines["seeds/student_alone-7"] == "stale" and lines["student_alone"] == "ok"

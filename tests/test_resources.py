@@ -28,8 +28,3 @@ def test_too_large_for_memory_fails_early(tiny_run, tmp_path, little_memory, cap
     err = capsys.readouterr().err
     assert setting in err and "GiB" in err
     assert not (run / folder).exists() or not any((run / folder).iterdir())
-
-
-def test_estimates_grow_with_the_batch():
-    small = resources.student_step_bytes(8, 50, 1000, 64, 2)
-    assert resources.student_step_bytes(64, 50, 1000, 64, 2) == 8 * small

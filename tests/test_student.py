@@ -1,14 +1,12 @@
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from distill.config import DataConfig
 from distill.data import Histories, build_split
 from distill.errors import ArtifactError
 from distill.losses import LossInputs, NegativeSampler, SoftmaxLoss, WeightedLoss
 from student.model import SASRec, SASRecConfig, load_student, save_student
-from student.train import fit, training_windows
+from distill.positions import training_windows
+from student.train import fit
 
 
 def model(n_items=20, max_len=8, seed=0):
@@ -101,5 +99,5 @@ def test_early_stopping_never_reads_test(tiny_recipe, monkeypatch):
 
     monkeypatch.setattr(split, "targets", guarded)
     m = SASRec(SASRecConfig(split.n_items, 10, 16, 1, 2, 0.0))
-    state, curve, best_epoch, _ = fit(m, split, tiny_recipe, WeightedLoss({"own": (1.0, SoftmaxLoss())}), seed=0)
-    assert len(curve) == tiny_recipe.student.epochs and 1 <= best_epoch <= len(curve)
+    result = fit(m, split, tiny_recipe, WeightedLoss({"own": (1.0, SoftmaxLoss)}), seed=0)
+    assert len(result.curve) == tiny_recipe.student.epochs and 1 <= result.best_epoch <= len(result.curve)

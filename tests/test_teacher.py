@@ -30,8 +30,21 @@ def make(tiny_recipe, split, cf, seed=0, **changes):
 
 
 def histories(split, n=6):
-    h = split.history("test")
-    return [h.row(u) for u in range(n)]
+    return split.history("test").take(np.arange(n))
+
+
+@pytest.fixture
+def cf_dir(tmp_path, split, cf):
+    from student.model import save_student
+    save_student(cf, tmp_path / "student_alone", {"split_hash": split.hash})
+    return tmp_path / "student_alone"
+
+
+def saved(t, folder, split, cf_dir):
+    from distill.artifacts import sha256_file
+    save_teacher(t, folder, {"split_hash": split.hash,
+                             "inputs": {"cf_sha256": sha256_file(cf_dir / "model.safetensors")}})
+    return folder
 
 
 def test_lm_head_is_absent(tiny_recipe, split, cf):
@@ -58,7 +71,7 @@ def test_left_and_right_padding_pool_the_same_vector(tiny_recipe, split, cf):
     t = make(tiny_recipe, split, cf)
     h = histories(split)
     with torch.no_grad():
-        left, right = t.encode(h, "left"), t.encode(h, "right")
+        left, right = t.query(h, "left"), t.query(h, "right")
     assert torch.allclose(left, right, atol=1e-5)
 
 
@@ -71,7 +84,7 @@ def test_single_expert_moe_equals_plain_lora(tiny_recipe, split, cf):
     moe.load_state_dict(lora.state_dict(), strict=False)
     h = histories(split)
     with torch.no_grad():
-        assert torch.allclose(lora.encode(h), moe.encode(h), atol=1e-5)
+        assert torch.allclose(lora.query(h), moe.query(h), atol=1e-5)
 
 
 def test_gate_differs_per_history_and_receives_gradient(tiny_recipe, split, cf):
@@ -79,25 +92,59 @@ def test_gate_differs_per_history_and_receives_gradient(tiny_recipe, split, cf):
     for n, p in t.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1)
-    from distill.data import Histories
     h = histories(split)
-    g = t.gate.gates(t.cf.encode_users(torch.from_numpy(Histories.from_rows(h).padded(10))))
+    g = t.gate.gates(t.cf.encode_users(torch.from_numpy(h.padded(10))))
     assert not torch.allclose(g[0], g[1])
-    t.encode(h).pow(2).sum().backward()
+    t.query(h).pow(2).sum().backward()
     assert t.gate.net.weight.grad is not None and t.gate.net.weight.grad.abs().sum() > 0
 
 
-def test_adapter_save_load_round_trip(tmp_path, tiny_recipe, split, cf):
+@pytest.mark.parametrize("expert", [0, 1])
+def test_one_hot_gate_equals_lora_with_the_other_experts_slice_zeroed(tiny_recipe, split, cf, expert):
+    lora = make(tiny_recipe, split, cf, adapter="lora", lora_r=4, num_experts=1)
+    for n, p in lora.named_parameters():
+        if "lora_" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    moe = make(tiny_recipe, split, cf, adapter="moe_lora", lora_r=4, num_experts=2)
+    moe.load_state_dict(lora.state_dict(), strict=False)
+    moe.gate.gates = lambda cf_repr: torch.eye(2)[[expert] * len(cf_repr)]   # one-hot on `expert`
+    other = slice(2, 4) if expert == 0 else slice(0, 2)                        # the other expert's rank slice
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_A" in n:
+                p[other] = 0.0
+    h = histories(split)
+    with torch.no_grad():
+        assert torch.allclose(moe.query(h), lora.query(h), atol=1e-5)
+
+
+def test_frozen_cf_encoder_stays_in_eval_mode_while_training(tiny_recipe, split, cf):
+    t = make(tiny_recipe, split, cf).train()
+    assert t.training and not t.cf.training and not any(m.training for m in t.cf.modules())
+
+
+def test_adapter_save_load_round_trip(tmp_path, tiny_recipe, split, cf, cf_dir):
     t = make(tiny_recipe, split, cf)
     for p in t.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.1)
-    save_teacher(t, tmp_path / "teacher", {"split_hash": split.hash})
-    assert (tmp_path / "teacher" / "adapter" / "adapter_model.safetensors").is_file()
-    loaded, _ = load_teacher(tmp_path / "teacher", cf, split.titles, split.hash)
+    folder = saved(t, tmp_path / "teacher", split, cf_dir)
+    assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+    loaded, _ = load_teacher(folder, cf_dir, split)
     h = histories(split)
     with torch.no_grad():
-        assert torch.equal(t.encode(h), loaded.encode(h))
+        assert torch.equal(t.query(h), loaded.query(h))
+
+
+def test_teacher_on_a_retrained_cf_model_is_stale(tmp_path, tiny_recipe, split, cf, cf_dir):
+    from distill.errors import StaleError
+    from student.model import save_student
+    folder = saved(make(tiny_recipe, split, cf), tmp_path / "teacher", split, cf_dir)
+    torch.manual_seed(1)
+    retrained = SASRec(SASRecConfig(split.n_items, 10, hidden_size=16, num_layers=1, num_heads=2, dropout=0.0))
+    save_student(retrained, cf_dir, {"split_hash": split.hash})
+    with pytest.raises(StaleError, match="another CF model"):
+        load_teacher(folder, cf_dir, split)
 
 
 def test_teacher_outputs_match_brute_force(tiny_recipe, split, cf):
@@ -130,23 +177,20 @@ def test_bad_backbones(tmp_path, tiny_llama):
 
 @pytest.mark.parametrize("w", [0.0, 0.3, 1.0])
 def test_query_blends_llm_and_cf_retrievers(tiny_recipe, split, cf, w):
-    from student.train import encode
     t = make(tiny_recipe, split, cf, train_item_table=False)
     h = split.history("valid")
-    rows = [h.row(u) for u in range(len(h))]
     with torch.no_grad():
-        llm = t.encode(rows, blend=False).numpy()
+        llm = t.encode(h, blend=False)
         t.cf_weight.fill_(w)
-        q = t.encode(rows).numpy()
-    np.testing.assert_allclose(q, (1 - w) * llm + w * encode(cf, h), rtol=1e-5, atol=1e-6)
+        q = t.encode(h)
+    np.testing.assert_allclose(q, (1 - w) * llm + w * cf.encode(h), rtol=1e-5, atol=1e-6)
     assert not t.item_table.requires_grad
-    np.testing.assert_array_equal(t.item_table.detach().numpy(), cf.item_vectors().detach().numpy())
+    np.testing.assert_array_equal(t.item_vectors(), cf.item_vectors())
 
 
-def test_cf_weight_round_trips(tmp_path, tiny_recipe, split, cf):
+def test_cf_weight_round_trips(tmp_path, tiny_recipe, split, cf, cf_dir):
     t = make(tiny_recipe, split, cf)
     with torch.no_grad():
         t.cf_weight.fill_(0.7)
-    save_teacher(t, tmp_path / "teacher", {"split_hash": split.hash})
-    loaded, _ = load_teacher(tmp_path / "teacher", cf, split.titles, split.hash)
+    loaded, _ = load_teacher(saved(t, tmp_path / "teacher", split, cf_dir), cf_dir, split)
     assert loaded.cf_weight.item() == pytest.approx(0.7)

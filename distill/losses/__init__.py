@@ -8,6 +8,7 @@ the cache has them) and returns a scalar. A term whose weight is 0 is never buil
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -40,12 +41,16 @@ class LossInputs:
 
 
 class WeightedLoss(nn.Module):
-    """sum_i weight_i * term_i(inputs); terms that need the teacher are skipped when it has no rows."""
+    """sum_i weight_i * term_i(inputs); terms that need the teacher are skipped when it has no rows.
 
-    def __init__(self, terms: dict[str, tuple[float, nn.Module]]):
+    Terms are given as (weight, factory): a term whose weight is 0 is never built, so it draws no
+    random numbers and holds no parameters.
+    """
+
+    def __init__(self, terms: dict[str, tuple[float, Callable[[], nn.Module]]]):
         super().__init__()
         self.weights = {n: w for n, (w, _) in terms.items() if w > 0}
-        self.terms = nn.ModuleDict({n: t for n, (w, t) in terms.items() if w > 0})
+        self.terms = nn.ModuleDict({n: build() for n, (w, build) in terms.items() if w > 0})
 
     @property
     def needs_teacher(self) -> bool:

@@ -10,15 +10,21 @@ When the number of negatives reaches N, S is every item and the loss is the full
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from distill.errors import ConfigError
 
 
 class NegativeSampler:
     """Draws shared negatives per batch: uniform over 1..N, or proportional to popularity."""
 
     def __init__(self, n_items: int, num: int, popularity: torch.Tensor | None = None):
+        if num < 1:  # no negatives: the loss would be -log(1) = 0 and nothing would train
+            raise ConfigError(f"num_negatives: the sampled softmax needs at least 1 negative, got {num}")
         self.n_items, self.num = n_items, num
         self.probs = None
         if popularity is not None:
@@ -45,6 +51,8 @@ class NegativeSampler:
 class SoftmaxLoss(nn.Module):
     def __init__(self, temperature: float = 1.0, sampler: NegativeSampler | None = None, in_batch: bool = False):
         super().__init__()
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ConfigError(f"temperature: must be a finite number > 0, got {temperature}")
         self.temperature, self.sampler, self.in_batch = temperature, sampler, in_batch
 
     def forward(self, inputs) -> torch.Tensor:

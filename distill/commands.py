@@ -1,0 +1,133 @@
+"""The `anyo` subcommands: thin handlers that check their arguments, then call a stage.
+
+Every command that takes a recipe resolves it (file + `--set` + flags) and records it as
+RUN/recipe.yaml, so `anyo run RUN/recipe.yaml --out RUN` reproduces the run (ablation
+variants written with `anyo distill --name` record theirs in their metrics.json only).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from distill.artifacts import atomic_file, check_file_target, check_folder_target, write_json
+from distill.config import Recipe, load_recipe
+from distill.errors import AnyoError, ConfigError
+from distill.registry import STAGE_FOLDERS
+from distill.stages import common
+from distill.stages import distill as distill_stage
+from distill.stages import infer, mostpop, pipeline, prepare, report, student, teacher
+
+FLAG_KEYS = {"backend": "distill.backend", "positions": "distill.positions", "k": "distill.k"}
+
+
+def resolve(args, record: bool = True) -> tuple[Recipe, Path]:
+    """The recipe with `--set` and flag overrides; RUN/recipe.yaml records it."""
+    overrides = list(args.set) + [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items()
+                                  if getattr(args, flag, None) is not None]
+    recipe = load_recipe(args.recipe, overrides)
+    run = Path(args.out)
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"--out {run}: is a file, expected a run folder")
+    if record:
+        with atomic_file(run / "recipe.yaml") as tmp:
+            tmp.write_text(recipe.to_yaml())
+    return recipe, run
+
+
+def seed_of(args, recipe: Recipe) -> int:
+    return args.seed if args.seed is not None else recipe.seed
+
+
+def cmd_prepare(args) -> None:
+    recipe, run = resolve(args)
+    prepare.run(recipe, run)
+
+
+def cmd_mostpop(args) -> None:
+    recipe, run = resolve(args)
+    split = prepare.run(recipe, run)
+    common.print_table({"MostPop": common.table_row(mostpop.run(recipe, run, split))})
+
+
+def cmd_student_train(args) -> None:
+    recipe, run = resolve(args)
+    split = prepare.run(recipe, run)
+    record = student.run(recipe, run, split, seed_of(args, recipe))
+    common.print_table({"MostPop": common.table_row(mostpop.run(recipe, run, split)),
+                        "student alone": common.table_row(record)})
+
+
+def cmd_teacher_train(args) -> None:
+    recipe, run = resolve(args)
+    split = prepare.run(recipe, run)
+    common.print_table({"teacher": common.table_row(teacher.run(recipe, run, split, seed_of(args, recipe)))})
+
+
+def cmd_teacher_infer(args) -> None:
+    recipe, run = resolve(args)
+    infer.run(recipe, run, prepare.run(recipe, run), merge_only=args.merge)
+
+
+def cmd_distill(args) -> None:
+    name = args.name
+    other_stage = name in STAGE_FOLDERS and name != "student_distilled"
+    if not name or other_stage or any(c in name for c in "/\\:") or name.startswith(".") or name.endswith(".resume"):
+        raise ConfigError(f"--name {name!r}: must be a plain folder name, not another stage's "
+                          f"({', '.join(f for f in STAGE_FOLDERS if f != 'student_distilled')})")
+    recipe, run = resolve(args, record=name == "student_distilled")
+    split = prepare.run(recipe, run)
+    record = distill_stage.run(recipe, run, split, seed_of(args, recipe), name)
+    common.print_table({"distilled student": common.table_row(record)})
+
+
+def cmd_run(args) -> None:
+    recipe, run = resolve(args)
+    pipeline.run(recipe, run, prepare.run(recipe, run), args.seeds)
+
+
+def cmd_bench(args) -> None:
+    """The report stage on a finished run, with the recipe the run recorded."""
+    run = Path(args.run)
+    if not (run / "split" / "manifest.json").is_file():
+        raise ConfigError(f"{run}: not a run folder (no split/manifest.json)")
+    recipe_file = run / "recipe.yaml"
+    recipe = load_recipe(recipe_file if recipe_file.is_file() else None,
+                         ["bench.measure_cost=false"] if args.no_cost else [])
+    out = Path(args.out) if args.out else run / "report"
+    check_folder_target(out, run, "--out", keep="report.json")
+    report.run(recipe, run, out)
+
+
+def cmd_evaluate(args) -> None:
+    from distill.data import load_split
+    from distill.harness import evaluate
+    check_file_target(Path(args.out), "--out")
+    split = load_split(args.split)
+    vectors = []
+    for path in (args.user_vectors, args.item_vectors):
+        if not Path(path).is_file():
+            raise AnyoError(f"{path}: file not found")
+        try:
+            vectors.append(np.load(path, allow_pickle=False))
+        except (ValueError, OSError) as e:
+            raise AnyoError(f"{path}: not a readable .npy array ({e})") from None
+    res = evaluate(split, vectors[0], vectors[1], args.stage, mask_history=not args.no_mask_history,
+                   protocol=args.protocol, index=args.index, names=(args.user_vectors, args.item_vectors))
+    write_json(args.out, {"metrics": res.metrics, **res.options})
+    print(json.dumps(res.metrics, indent=1))
+
+
+def cmd_verify(args) -> int:
+    from distill.verify import cmd_verify as verify
+    return verify(args)
+
+
+# ---------------------------------------------------------------- baselines (issue 14)
+
+def cmd_baseline_llara(args) -> None:
+    from distill.stages import llara
+    recipe, run = resolve(args)
+    llara.run(recipe, run, prepare.run(recipe, run), seed_of(args, recipe))

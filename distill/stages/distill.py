@@ -1,0 +1,69 @@
+"""Stage `distill`: the student trained from the teacher cache, in RUN/student_distilled (or RUN/NAME)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.artifacts import sha256_file
+from distill.cache import TeacherCache
+from distill.config import Recipe
+from distill.data import Split
+from distill.errors import ConfigError
+from distill.losses import EmbeddingAlignment, RankingDistillation, SoftTargetKL, TeacherTargets, WeightedLoss
+from distill.stages.common import finish_training, finished_training, model_dir
+
+
+def inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
+    wanted = {"split_hash": split.hash, "recipe": recipe.section_hash("data", "student", "distill", "eval"),
+              "seed": seed, "cache_sha256": sha256_file(run / "teacher_cache" / "manifest.json")}
+    if recipe.distill.warm_start:
+        wanted["init_sha256"] = sha256_file(model_dir(run, "student_alone", seed, recipe) / "model.safetensors")
+    return wanted
+
+
+def distillation_loss(recipe: Recipe, split: Split, teacher_dim: int) -> WeightedLoss:
+    """own + KL + ranking + alignment, weighted as the recipe declares (a term of weight 0 is never built)."""
+    from student.train import own_loss
+    d = recipe.distill
+    return WeightedLoss({
+        "own": (d.own_weight, lambda: own_loss(recipe, split)),
+        "kd": (d.kd_weight, lambda: SoftTargetKL(d.temperature)),
+        "rank": (d.rank_weight, lambda: RankingDistillation(split.n_items, d.rank_lambda, d.rank_negatives)),
+        "align": (d.align_weight, lambda: EmbeddingAlignment(recipe.student.hidden_size, teacher_dim, d.align)),
+    })
+
+
+def cache_lookup(cache: TeacherCache, k: int):
+    """The trainer's (users, positions) -> TeacherTargets view of the cache."""
+    def lookup(users: np.ndarray, positions: np.ndarray) -> TeacherTargets:
+        rows = cache.lookup(users, positions, k)
+        return TeacherTargets(torch.from_numpy(np.flatnonzero(rows.found)), torch.from_numpy(rows.topk_ids),
+                              torch.from_numpy(np.ascontiguousarray(rows.topk_scores)),
+                              torch.from_numpy(np.ascontiguousarray(rows.query)))
+    return lookup
+
+
+def run(recipe: Recipe, run: Path, split: Split, seed: int, name: str = "student_distilled") -> dict:
+    from student.model import load_student
+    from student.train import train_and_save
+    d = recipe.distill
+    cache = TeacherCache(run / "teacher_cache", split.hash, split.n_items)
+    if d.k > cache.k:
+        raise ConfigError(f"distill.k: {d.k} is larger than the cache's K = {cache.k} ({cache.folder})")
+    out = model_dir(run, name, seed, recipe)
+    wanted = inputs(recipe, run, split, seed)
+    if (record := finished_training(out, wanted)) is not None:
+        print(f"distilled student (seed {seed}) up to date in {out}")
+        return record
+    init = load_student(model_dir(run, "student_alone", seed, recipe), split.hash, split.n_items)[0] \
+        if d.warm_start else None
+    torch.manual_seed(seed)  # the alignment map's initial weights must not depend on what ran before
+    loss = distillation_loss(recipe, split, cache.dim)
+    record = train_and_save(recipe, split, out, seed, loss, teacher=cache_lookup(cache, d.k),
+                            desc=f"distilled seed {seed}", inputs=wanted,
+                            extra={"loss_weights": loss.weights, "recipe": recipe.to_dict()},
+                            init=init, epochs=d.epochs)
+    return finish_training(out, record)

@@ -1,0 +1,30 @@
+"""Stage `mostpop`: the MostPop floor in RUN/mostpop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distill.artifacts import save_array, write_json
+from distill.baselines import MostPop
+from distill.config import Recipe
+from distill.data import Split
+from distill.harness import evaluate_model, metrics_record
+from distill.stages.common import up_to_date
+
+
+def inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
+    return {"split_hash": split.hash, "eval": recipe.section_hash("eval")}
+
+
+def run(recipe: Recipe, run: Path, split: Split) -> dict:
+    path = run / "mostpop" / "metrics.json"
+    wanted = inputs(recipe, run, split, recipe.seed)
+    if (record := up_to_date(path, wanted)) is not None:
+        return record
+    model = MostPop(split)
+    results = evaluate_model(split, lambda stage: model.encode(split.history(stage)), model.item_vectors(),
+                             recipe.eval)
+    record = metrics_record(results, split, inputs=wanted)
+    save_array(path.parent / "test_ranks.npy", results["test"].ranks)
+    write_json(path, record)
+    return record

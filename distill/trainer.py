@@ -1,0 +1,178 @@
+"""The one training loop: epochs, validation, early stopping, best snapshot, curve, resume.
+
+Every trained model (the SASRec student, the LLM teacher, the generative baseline)
+plugs in as a `TrainingTask`: it owns its model, batches and loss; the `Trainer`
+owns everything around them. One epoch is
+
+    for batch in task.batches(rng, gen):            # the task's batch specs for this epoch
+        out = task.step(batch)                       # loss of one forward pass
+        (out.loss / grad_accum).backward()           # optimiser + scheduler step every grad_accum batches
+    record = task.validate()                         # {task.metric: validation NDCG@10 or HR@1, ...}
+
+The best epoch's `task.snapshot()` is kept. With `resume=(out, inputs)` the whole
+state (current and best snapshots, optimiser, scheduler, RNGs, curve) is saved to
+OUT.resume/ after every epoch and a killed run continues from it bit for bit
+(see distill.resume).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from distill.resume import load_optimizer_state, load_resume, optimizer_state, resume_dir, save_resume
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar
+    examples: int       # training examples in the batch
+    tokens: int = 0     # input tokens (LLM tasks), for tokens/s
+
+
+class TrainingTask(Protocol):
+    """What a model provides to be trained by `Trainer`."""
+
+    metric: str                                                    # key of validate() that early stopping reads
+    def parameters(self) -> list[torch.nn.Parameter]: ...        # optimised
+    def num_batches(self) -> int: ...                              # batches per epoch
+    def batches(self, rng: np.random.Generator, gen: torch.Generator) -> list[Any]: ...  # one epoch's batch specs
+    def step(self, batch: Any) -> StepOutput: ...
+    def train(self) -> None: ...
+    def eval(self) -> None: ...
+    def validate(self) -> dict[str, float]: ...                  # metric (higher is better) + curve fields
+    def snapshot(self) -> dict[str, torch.Tensor]: ...           # everything needed to restore this epoch
+    def restore(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int
+    patience: int
+    lr: float
+    weight_decay: float = 0.0
+    schedule: str = "constant"   # transformers scheduler name: constant, cosine, linear
+    warmup_ratio: float = 0.0
+    grad_accum: int = 1
+
+
+@dataclass
+class FitResult:
+    best_state: dict[str, torch.Tensor]
+    best_epoch: int
+    best_score: float
+    curve: list[dict] = field(default_factory=list)
+    seconds: float = 0.0         # training time (validation excluded)
+    examples: int = 0
+    tokens: int = 0
+
+    def rates(self) -> dict[str, float]:
+        if not self.seconds:
+            return {}
+        rates = {"examples_per_second": self.examples / self.seconds}
+        if self.tokens:
+            rates["tokens_per_second"] = self.tokens / self.seconds
+        return rates
+
+
+@dataclass
+class _Progress:
+    epoch: int = 0
+    best: float = -math.inf
+    best_epoch: int = 0
+    stale: int = 0
+    examples: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    curve: list[dict] = field(default_factory=list)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainerConfig, steps_per_epoch: int):
+    from transformers import get_scheduler
+    total = steps_per_epoch * cfg.epochs
+    warmup = math.ceil(cfg.warmup_ratio * total) if cfg.warmup_ratio > 0 else 0
+    return get_scheduler(cfg.schedule, opt, num_warmup_steps=warmup, num_training_steps=total)
+
+
+class Trainer:
+    def __init__(self, task: TrainingTask, cfg: TrainerConfig, seed: int, desc: str,
+                 resume: tuple[Path, dict] | None = None):
+        self.task, self.cfg, self.desc, self.resume = task, cfg, desc, resume
+        torch.manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.opt = torch.optim.AdamW(task.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = build_scheduler(self.opt, cfg, math.ceil(task.num_batches() / cfg.grad_accum))
+
+    def fit(self) -> FitResult:
+        p, best_state = self._load()
+        for epoch in range(p.epoch + 1, self.cfg.epochs + 1):
+            if p.stale >= self.cfg.patience:
+                break
+            loss = self._epoch(epoch, p)
+            self.task.eval()
+            record = self.task.validate()
+            p.epoch = epoch
+            p.curve.append({"epoch": epoch, "examples": p.examples, "seconds": round(p.train_seconds, 2),
+                            "train_loss": loss, "examples_per_second": p.examples / max(p.train_seconds, 1e-9),
+                            **record})
+            print(f"{self.desc} epoch {epoch}: loss {loss:.4f}  " + "  ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+                + f"  ({p.examples / max(p.train_seconds, 1e-9):.1f} examples/s)")
+            if record[self.task.metric] > p.best:
+                p.best, p.best_epoch, p.stale, best_state = record[self.task.metric], epoch, 0, self.task.snapshot()
+            else:
+                p.stale += 1
+            self._save(p, best_state)
+        return FitResult(best_state, p.best_epoch, p.best, p.curve, p.train_seconds, p.examples, p.tokens)
+
+    def _epoch(self, epoch: int, p: _Progress) -> float:
+        self.task.train()
+        batches = self.task.batches(self.rng, self.gen)
+        total, t0 = 0.0, time.perf_counter()
+        bar = tqdm(batches, desc=f"{self.desc} epoch {epoch}", leave=False)
+        for i, batch in enumerate(bar, 1):
+            out = self.task.step(batch)
+            (out.loss / self.cfg.grad_accum).backward()
+            if i % self.cfg.grad_accum == 0 or i == len(batches):
+                self.opt.step()
+                self.sched.step()
+                self.opt.zero_grad(set_to_none=True)
+            total += out.loss.item()
+            p.examples += out.examples
+            p.tokens += out.tokens
+            bar.set_postfix(loss=f"{total / i:.4f}")
+        p.train_seconds += time.perf_counter() - t0
+        return total / max(len(batches), 1)
+
+    # ---------------------------------------------------------------- resume
+    def _save(self, p: _Progress, best_state: dict | None) -> None:
+        if self.resume is None:
+            return
+        out, inputs = self.resume
+        opt_tensors, opt_meta = optimizer_state(self.opt)
+        save_resume(out, {"current": self.task.snapshot(), "best": best_state or {}, "optim": opt_tensors,
+                          "rng": {"torch": torch.get_rng_state(), "order": self.gen.get_state()}},
+                    {"inputs": inputs, "progress": vars(p), "optimizer": opt_meta,
+                     "scheduler": self.sched.state_dict(), "numpy_rng": self.rng.bit_generator.state})
+
+    def _load(self) -> tuple[_Progress, dict | None]:
+        if self.resume is None or (saved := load_resume(*self.resume)) is None:
+            return _Progress(), None
+        groups, meta = saved
+        self.task.restore(groups["current"])
+        load_optimizer_state(self.opt, groups.get("optim", {}), meta["optimizer"])
+        self.sched.load_state_dict(meta["scheduler"])
+        torch.set_rng_state(groups["rng"]["torch"])
+        self.gen.set_state(groups["rng"]["order"])
+        self.rng.bit_generator.state = meta["numpy_rng"]
+        p = _Progress(**meta["progress"])
+        print(f"{self.desc}: resuming after epoch {p.epoch} from {resume_dir(self.resume[0])}")
+        return p, groups.get("best") or None
