@@ -361,3 +361,14 @@ def test_baseline_llara_stage_writes_its_folder_and_is_skipped_when_up_to_date(t
     capsys.readouterr()
     assert main(["baseline", "llara", RECIPE, "--out", str(run)] + sets(overrides)) == 0
     assert "up to date" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_real_smollm2_loads_with_its_tied_head_from_the_gguf_cache():
+    """The dequantized GGUF cache is keyed for AutoModel; AutoModelForCausalLM reads it and ties the head."""
+    from teacher.backbone import dequantized_folder, embedded_gguf, load_backbone
+    lm, tokenizer, folder = load_backbone("smollm2-135m", num_layers=2, with_head=True)
+    assert folder == dequantized_folder(embedded_gguf())
+    assert type(lm).__name__ == "LlamaForCausalLM" and len(lm.model.layers) == 2
+    assert lm.lm_head.weight.data_ptr() == lm.model.embed_tokens.weight.data_ptr()
+    assert tokenizer.eos_token_id is not None
