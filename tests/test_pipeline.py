@@ -69,7 +69,7 @@ def test_report_schema(tiny_run):
                 "peak_rss_bytes", "latency_ms", "throughput_users_per_s"} <= set(m)
         assert set(m["latency_ms"]) == {"p50", "p95"}
     assert set(r["models"]["teacher"]["backends"]) == {"hf"}  # the tiny recipe's bench.teacher_backends
-    assert r["models"]["teacher"]["params"] > 100 * r["models"]["distilled student"]["params"]
+    assert r["models"]["teacher"]["params"] > r["models"]["distilled student"]["params"] > 0
     for name in ("student alone", "teacher", "distilled student"):   # the curves the report draws
         curve = r["models"][name]["curves"][0]
         assert {"epoch", "train_loss", "valid_NDCG@10", "examples_per_second"} <= set(curve[0])
