@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.artifacts import atomic_file, check_file_target, check_folder_target, write_json
+from distill.artifacts import STAGE_MARKERS, atomic_file, check_file_target, check_folder_target, write_json
 from distill.config import Recipe, load_recipe
 from distill.errors import AnyoError, ConfigError
 from distill.registry import STAGE_FOLDERS
@@ -31,6 +31,9 @@ def resolve(args, record: bool = True) -> tuple[Recipe, Path]:
     run = Path(args.out)
     if run.exists() and not run.is_dir():
         raise ConfigError(f"--out {run}: is a file, expected a run folder")
+    stage_files = [m for m in STAGE_MARKERS if m != "recipe.yaml" and (run / m).is_file()]
+    if stage_files:
+        raise ConfigError(f"--out {run}: is a stage folder (holds {stage_files[0]}), expected the run folder")
     if record:
         with atomic_file(run / "recipe.yaml") as tmp:
             tmp.write_text(recipe.to_yaml())

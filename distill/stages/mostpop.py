@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.artifacts import save_array, write_json
+from distill.artifacts import save_array, write_record
 from distill.baselines import MostPop
 from distill.config import Recipe
 from distill.data import Split
@@ -26,5 +26,4 @@ def run(recipe: Recipe, run: Path, split: Split) -> dict:
                              recipe.eval)
     record = metrics_record(results, split, inputs=wanted)
     save_array(path.parent / "test_ranks.npy", results["test"].ranks)
-    write_json(path, record)
-    return record
+    return write_record(path, record, files=[path.parent / "test_ranks.npy"])
