@@ -223,6 +223,9 @@ def atomic_dir(path: str | Path):
                 _fsync(f)
         replace_dir(tmp, path)
     except Exception as e:
+        if isinstance(e, OSError) and e.errno and str(e.filename or "").startswith(str(tmp)):
+            # name the folder being written, not its temporary twin
+            raise OSError(e.errno, os.strerror(e.errno), str(path) + str(e.filename)[len(str(tmp)):]) from e
         if (err := as_os_error(e, path)) is not e:
             raise err from e
         raise

@@ -141,7 +141,7 @@ def test_full_disk_mid_write_is_one_line_and_leaves_nothing_partial(base, tmp_pa
     monkeypatch.setattr(np, "save", full)
     line = one_line(capsys, ["mostpop", RECIPE, "--out", str(run)] + sets(base[1]), "no space left on device")
     assert str(run / "mostpop" / "test_ranks.npy") in line
-    assert digest(run) == before and not (run / "mostpop").exists()
+    assert digest(run) == before and not (run / "mostpop").exists() and not list(run.glob(".mostpop.*"))
     monkeypatch.undo()
 
     class SafetensorError(Exception):
@@ -157,7 +157,7 @@ def test_full_disk_mid_write_is_one_line_and_leaves_nothing_partial(base, tmp_pa
     line = one_line(capsys, ["prepare", RECIPE, "--out", str(run)] + sets(base[1]), "no space left on device")
     assert str(run / "split") in line
     assert not (run / "split").exists() and not list(run.glob(".split.*"))
-    with pytest.raises(OSError, match="no space"):  # the same through atomic_file directly
+    with pytest.raises(OSError, match="(?i)no space"):  # the same through atomic_file directly
         with artifacts.atomic_file(tmp_path / "x.safetensors") as tmp:
             rust_full(tmp)
     assert not list(tmp_path.glob(".x.safetensors.*"))
@@ -176,14 +176,12 @@ def tiny_disk(tmp_path):
 
 
 def test_prepare_into_a_full_disk(tiny_disk, base, capsys):
-    (tiny_disk / "filler").write_bytes(b"")
-    with open(tiny_disk / "filler", "wb") as f:  # fill the disk to its last block
-        try:
+    try:
+        with open(tiny_disk / "filler", "wb", buffering=0) as f:  # fill the disk to its last block
             while True:
                 f.write(b"\0" * 4096)
-                f.flush()
-        except OSError:
-            pass
+    except OSError:
+        pass
     run = tiny_disk / "run"
     line = one_line(capsys, ["prepare", RECIPE, "--out", str(run)] + sets(base[1]), "no space left on device")
     assert str(tiny_disk) in line
