@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 from distill.errors import AnyoError
@@ -105,6 +107,27 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("anyo: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        print(f"anyo: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+
+
+# what the machine, not the program, can cause while writing or reading a run: one line, exit status 2
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO,
+               errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE,
+               errno.EXDEV, errno.ENOTEMPTY, errno.ELOOP}
+
+
+def os_error_line(e: OSError) -> str:
+    """`PATH: no space left on device` (the path the system call failed on, and what the system said)."""
+    reason = os.strerror(e.errno).lower() if e.errno else str(e)
+    path = e.filename if e.filename is not None else None
+    if e.filename2 is not None:
+        path = f"{e.filename} -> {e.filename2}"
+    message = f"{path}: {reason}" if path is not None else reason
+    return message.replace("\r", " ").replace("\n", " ")
 
 
 if __name__ == "__main__":

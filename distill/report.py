@@ -67,7 +67,7 @@ def collect_quality(run: Path, recipe: Recipe, split: Split) -> dict:
 
 
 def write_report(run: Path, recipe: Recipe, out: Path, inputs: dict) -> dict:
-    from distill.artifacts import write_json
+    from distill.artifacts import write_record
     run, out = Path(run), Path(out)
     split = load_split(run / "split")
     q = collect_quality(run, recipe, split)
@@ -85,8 +85,8 @@ def write_report(run: Path, recipe: Recipe, out: Path, inputs: dict) -> dict:
               "models": models, "comparisons": comparisons, "cost_ratios": cost_ratios(models),
               "missing": q["missing"], "stale": q["stale"], "inputs": inputs}
     with atomic_dir(out) as tmp:
-        write_json(tmp / "report.json", report)
         (tmp / "report.md").write_text(markdown(report))
+        report = write_record(tmp / "report.json", report, files=[tmp / "report.md"])
         from distill.plots import plot_report
         plot_report(report, tmp)
     print(markdown(report))

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distill.resume import load_optimizer_state, load_resume, optimizer_state, resume_dir, save_resume
+from distill.resume import load_optimizer_state, load_resume, optimizer_state, resume_dir, save_resume, set_aside
 
 
 @dataclass
@@ -164,15 +164,31 @@ class Trainer:
                      "scheduler": self.sched.state_dict(), "numpy_rng": self.rng.bit_generator.state})
 
     def _load(self) -> tuple[_Progress, dict | None]:
-        if self.resume is None or (saved := load_resume(*self.resume)) is None:
+        if self.resume is None:
+            return _Progress(), None
+        saved = load_resume(*self.resume, groups_needed=("current", "rng"),
+                            meta_needed=("progress", "optimizer", "scheduler", "numpy_rng"))
+        if saved is None:
             return _Progress(), None
         groups, meta = saved
-        self.task.restore(groups["current"])
-        load_optimizer_state(self.opt, groups.get("optim", {}), meta["optimizer"])
-        self.sched.load_state_dict(meta["scheduler"])
-        torch.set_rng_state(groups["rng"]["torch"])
-        self.gen.set_state(groups["rng"]["order"])
-        self.rng.bit_generator.state = meta["numpy_rng"]
-        p = _Progress(**meta["progress"])
+        fresh = (self.task.snapshot(), self.opt.state_dict(), self.sched.state_dict(), torch.get_rng_state(),
+                 self.gen.get_state(), self.rng.bit_generator.state)
+        try:
+            self.task.restore(groups["current"])
+            load_optimizer_state(self.opt, groups.get("optim", {}), meta["optimizer"])
+            self.sched.load_state_dict(meta["scheduler"])
+            torch.set_rng_state(groups["rng"]["torch"])
+            self.gen.set_state(groups["rng"]["order"])
+            self.rng.bit_generator.state = meta["numpy_rng"]
+            p = _Progress(**meta["progress"])
+        except Exception as e:  # noqa: BLE001 — a state that does not fit: start again exactly as a fresh run
+            self.task.restore(fresh[0])
+            self.opt.load_state_dict(fresh[1])
+            self.sched.load_state_dict(fresh[2])
+            torch.set_rng_state(fresh[3])
+            self.gen.set_state(fresh[4])
+            self.rng.bit_generator.state = fresh[5]
+            set_aside(self.resume[0], str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return _Progress(), None
         print(f"{self.desc}: resuming after epoch {p.epoch} from {resume_dir(self.resume[0])}")
         return p, groups.get("best") or None

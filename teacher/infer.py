@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distill.artifacts import read_json
+from distill.artifacts import read_record
 from distill.cache import cache_key, complete_cache, shard_metadata, shard_name, staging_dir, write_shard
 from distill.config import Recipe
 from distill.data import Histories, Split
@@ -130,7 +130,7 @@ def merge(recipe: Recipe, split: Split, teacher_dir: Path, out: Path) -> dict:
     """Complete a cache whose shards were written into OUT.partial/ by separate jobs (e.g. machines
     sharing a folder); every shard must have been built from this run's split, teacher and options."""
     from safetensors.numpy import load_file
-    teacher_hash = read_json(teacher_dir / "teacher.json")["checkpoint_hash"]
+    teacher_hash = read_record(teacher_dir / "teacher.json", "checkpoint_hash")["checkpoint_hash"]
     staging = staging_dir(out)
     key = cache_key(recipe, split, teacher_hash)
     metas = {path: shard_metadata(path) for path in sorted(staging.glob("shard-*.safetensors"))}

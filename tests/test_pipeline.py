@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import RECIPE, sets
+from distill.artifacts import write_record
 from distill.cache import TeacherCache, memmap_tensors
 from distill.cli import main
 from distill.config import load_recipe
@@ -252,7 +253,7 @@ def test_report_and_verify_leave_out_seeds_built_from_another_recipe(tiny_run, t
     shutil.copytree(run / "student_alone", foreign)
     record = json.loads((foreign / "metrics.json").read_text())
     record["seed"], record["inputs"]["seed"], record["inputs"]["recipe"] = 7, 7, "another-recipe"
-    (foreign / "metrics.json").write_text(json.dumps(record))
+    write_record(foreign / "metrics.json", record, files=[foreign / "test_ranks.npy"])  # as if trained so
     assert main(["bench", str(run), "--no-cost"]) == 0
     r = json.loads((run / "report" / "report.json").read_text())
     assert r["models"]["student alone"]["seeds"] == 1 and r["stale"] == ["seeds/student_alone-7"]
