@@ -140,7 +140,7 @@ def cmd_evaluate(args) -> None:
             raise AnyoError(f"{path}: not a readable .npy array ({e})") from None
     res = evaluate(split, vectors[0], vectors[1], args.stage, mask_history=not args.no_mask_history,
                    protocol=args.protocol, index=args.index, names=(args.user_vectors, args.item_vectors))
-    write_json(args.out, {"metrics": res.metrics, **res.options})
+    write_json(args.out, {"metrics": res.metrics, "by_popularity": res.by_popularity, **res.options})
     print(json.dumps(res.metrics, indent=1))
 
 

@@ -40,7 +40,8 @@ class StepOutput:
 class TrainingTask(Protocol):
     """What a model provides to be trained by `Trainer`."""
 
-    metric: str                                                    # key of validate() that early stopping reads
+    metric: str                                                    # key of validate() that picks the best epoch
+    patience_metrics: tuple[str, ...]                              # keys whose improvement resets the patience
     def parameters(self) -> list[torch.nn.Parameter]: ...        # optimised
     def num_batches(self) -> int: ...                              # batches per epoch
     def batches(self, rng: np.random.Generator, gen: torch.Generator) -> list[Any]: ...  # one epoch's batch specs
@@ -88,6 +89,7 @@ class _Progress:
     best: float = -math.inf
     best_epoch: int = 0
     stale: int = 0
+    best_seen: dict = field(default_factory=dict)  # best value so far of each patience metric
     examples: int = 0
     tokens: int = 0
     train_seconds: float = 0.0
@@ -127,9 +129,10 @@ class Trainer:
                 f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
                 + f"  ({p.examples / max(p.train_seconds, 1e-9):.1f} examples/s)")
             if record[self.task.metric] > p.best:
-                p.best, p.best_epoch, p.stale, best_state = record[self.task.metric], epoch, 0, self.task.snapshot()
-            else:
-                p.stale += 1
+                p.best, p.best_epoch, best_state = record[self.task.metric], epoch, self.task.snapshot()
+            improved = [k for k in self.task.patience_metrics if record[k] > p.best_seen.get(k, -math.inf)]
+            p.best_seen.update({k: record[k] for k in improved})
+            p.stale = 0 if improved else p.stale + 1
             self._save(p, best_state)
         return FitResult(best_state, p.best_epoch, p.best, p.curve, p.train_seconds, p.examples, p.tokens)
 

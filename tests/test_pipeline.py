@@ -76,7 +76,8 @@ def test_report_schema(tiny_run):
         assert {"epoch", "train_loss", "valid_NDCG@10", "examples_per_second"} <= set(curve[0])
     for key in ("distilled_vs_alone", "distilled_vs_teacher"):
         ci = r["comparisons"][key]["NDCG@10"]
-        assert ci["ci95"][0] <= ci["mean_diff"] <= ci["ci95"][1]
+        assert ci["ci95"][0] <= ci["mean_diff"] <= ci["ci95"][1] and ci["ci_method"] == "seeds+users"
+        assert len(ci["per_seed"]) == 1
 
 
 def copy_run(run: Path, dest: Path) -> Path:
@@ -169,7 +170,7 @@ def test_two_process_gloo_sharding_equals_one_process(tiny_run, launcher, tmp_pa
 
 
 def test_bootstrap_ci_covers_a_known_difference():
-    from distill.report import paired_bootstrap
+    from distill.stats import paired_bootstrap
     rng = np.random.default_rng(0)
     n, shift, noise = 2000, 0.05, 0.02
     b = rng.random(n)
@@ -261,3 +262,21 @@ def test_report_and_verify_leave_out_seeds_built_from_another_recipe(tiny_run, t
     assert main(["verify", str(run)]) == 1
     lines = {l.split()[0]: l.split()[1] for l in capsys.readouterr().out.splitlines()}
     assert lines["seeds/student_alone-7"] == "stale" and lines["student_alone"] == "ok"
+
+
+def test_two_level_bootstrap_includes_the_seed_spread():
+    from distill.stats import paired_bootstrap, seed_bootstrap
+    rng = np.random.default_rng(1)
+    n, seeds, shift = 3000, 5, 0.01
+    b = rng.random((seeds, n))
+    offsets = np.array([-0.03, -0.01, 0.0, 0.02, 0.04])                 # seed-to-seed spread of A - B
+    a = b + shift + offsets[:, None] + rng.normal(0, 0.01, (seeds, n))
+    two = seed_bootstrap(a, b)
+    users_only = paired_bootstrap(a.mean(axis=0), b.mean(axis=0))
+    width = lambda c: c["ci95"][1] - c["ci95"][0]
+    assert width(two) > 3 * width(users_only)
+    assert two["ci95"][0] < shift + offsets.mean() < two["ci95"][1]
+    assert two["per_seed"] == pytest.approx((shift + offsets).tolist(), abs=0.002)
+    assert two["mean_diff"] == pytest.approx(users_only["mean_diff"])
+    single = seed_bootstrap(a, b[:1])                                   # B with one seed: unpaired
+    assert len(single["per_seed"]) == seeds and single["seeds"] == [seeds, 1]
