@@ -246,6 +246,9 @@ def dispatch(args) -> int:
     if args.command == "bench":
         from distill.report import cmd_bench
         return cmd_bench(args)
+    if args.command in ("export", "recommend", "serve"):  # serving: distill/export.py, distill/server.py
+        from distill.export import cmd_serving
+        return cmd_serving(args)
     overrides = list(args.set)
     for flag, key in (("backend", "distill.backend"), ("positions", "distill.positions"), ("k", "distill.k")):
         if getattr(args, flag, None) is not None:
