@@ -14,7 +14,6 @@ all of them named; an empty or too long history; k outside 1..catalogue size; wr
 The ranking is `distill.recommender.Recommender`'s, the same as the evaluation harness's.
 """
 
-from __future__ import annotations
 
 import json
 import os
@@ -150,17 +149,25 @@ def create_app(exported):
             e = next(e for e in errors if e.get("type") == "json_invalid")
             ctx = (e.get("ctx") or {}).get("error", "")
             return JSONResponse({"detail": f"body: malformed JSON{f' ({ctx})' if ctx else ''}"}, status_code=400)
-        lines = []
-        for e in errors[:5]:
+        lines, done = [], set()
+        for e in errors:
+            loc = tuple(e.get("loc", ()))
             msg = e.get("msg", "invalid")
+            if loc and loc[-1] in ("str", "int"):  # one item id failed both halves of str | int
+                loc, msg = loc[:-1], "expected an item id (a JSON string or integer)"
+            if loc in done:
+                continue
+            done.add(loc)
             if e.get("type") == "too_long":
                 ctx = e.get("ctx") or {}
                 got = f"{ctx['actual_length']:,} items, " if isinstance(ctx.get("actual_length"), int) else ""
-                msg = f"too long ({got}at most {ctx.get('max_length', '?')})"
+                most = ctx.get("max_length")
+                msg = f"too long ({got}at most {most:,})" if isinstance(most, int) else f"too long ({got.rstrip(', ')})"
             elif e.get("type") == "too_short":
                 msg = "must not be empty"
-            lines.append(f"{_field(e.get('loc', ()))}: {msg}")
-        more = f" (and {len(errors) - 5} more errors)" if len(errors) > 5 else ""
+            lines.append(f"{_field(loc)}: {msg}")
+        more = f" (and {len(lines) - 5} more errors)" if len(lines) > 5 else ""
+        lines = lines[:5]
         return JSONResponse({"detail": "; ".join(lines) + more}, status_code=422)
 
     @app.exception_handler(Problem)
