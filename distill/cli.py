@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     # ---- end serving
 
     p = sub.add_parser("run", help="the whole pipeline, each stage skipped when up to date")

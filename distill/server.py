@@ -218,10 +218,6 @@ def create_app(exported):
     return app
 
 
-def threads_per_worker(workers: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
-
-
 def app_from_env():
     """uvicorn factory for --workers > 1: each worker loads (and verifies) the export itself."""
     import torch
@@ -240,7 +236,9 @@ def cmd_serve(args) -> int:
         raise AnyoError(f"--workers {args.workers}: expected 1 or more")
     if not 0 <= args.port <= 65535:
         raise AnyoError(f"--port {args.port}: expected 0..65535")
-    threads = threads_per_worker(args.workers)
+    threads = getattr(args, "threads", 1)
+    if threads < 1:
+        raise AnyoError(f"--threads {threads}: expected 1 or more")
     torch.set_num_threads(threads)
     exported = load_export(args.dir)  # refuses a tampered export before anything listens
     print(f"serving {exported.manifest['model']} ({exported.n_items:,} items, split {exported.manifest['split_hash']}) "
