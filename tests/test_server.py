@@ -71,17 +71,25 @@ def test_health_and_docs(server):
     assert client.get("/docs").status_code == 200
 
 
+def same(got: list[dict], want: list[dict]) -> bool:
+    """Same items in the same order; scores equal up to float32 rounding (a batch is padded to its
+    longest history and multiplied in other blocks than one history alone)."""
+    return [(g["item"], g["title"]) for g in got] == [(w["item"], w["title"]) for w in want] and \
+        [g["score"] for g in got] == pytest.approx([w["score"] for w in want], rel=1e-5, abs=1e-6)
+
+
 def test_recommend_matches_the_exported_model(server):
     client, run, out = server
     split = load_split(run / "split")
     exp = load_export(out)
     hists = [[split.items[i] for i in split.history("test").row(u)] for u in range(5)]
     r = client.post("/recommend", json={"history": hists[0], "k": 7})
-    assert r.status_code == 200 and r.json() == {"items": exp.recommend(hists[0], 7)}
+    assert r.status_code == 200 and list(r.json()) == ["items"] and same(r.json()["items"], exp.recommend(hists[0], 7))
     r = client.post("/recommend/batch", json={"histories": hists, "k": 4})
-    assert r.status_code == 200 and r.json() == {"results": [{"items": exp.recommend(h, 4)} for h in hists]}
+    assert r.status_code == 200 and list(r.json()) == ["results"] and len(r.json()["results"]) == len(hists)
+    assert all(same(got["items"], exp.recommend(h, 4)) for got, h in zip(r.json()["results"], hists))
     r = client.post("/recommend", json={"history": hists[0], "k": 3, "include_seen": True})
-    assert r.json() == {"items": exp.recommend(hists[0], 3, include_seen=True)}
+    assert same(r.json()["items"], exp.recommend(hists[0], 3, include_seen=True))
 
 
 def test_integer_ids_are_matched_as_strings(tiny_run, server):
