@@ -10,8 +10,8 @@
     DIR/README.md           the model card
     DIR/manifest.json       format, model, split hash, catalogue size, sha256 of every file above
 
-`load_export` checks every hash before it reads anything and refuses a missing, extra or
-edited file with an ArtifactError naming it.
+`load_export` checks every listed hash before it reads anything and refuses a missing or
+edited file with an ArtifactError naming it (the CLI prints it on one line and exits 2).
 """
 
 from __future__ import annotations
