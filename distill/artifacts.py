@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.errors import ArtifactError, ConfigError
+from distill.errors import ArtifactError, ConfigError, CorruptError
 
 
 STAGE_MARKERS = ("manifest.json", "metrics.json", "teacher.json", "config.json", "report.json", "recipe.yaml")
@@ -38,9 +38,16 @@ def check_file_target(path: Path, option: str) -> None:
 def check_folder_target(path: Path, run: Path, option: str, keep: str) -> None:
     """A folder a command will replace whole: never the run, a folder above it, or another stage's folder,
     and, if it exists, only a previous output of the same command (it holds `keep`)."""
+    from distill.registry import STAGE_FOLDERS
     target, root = path.resolve(), run.resolve()
     if target == root or target in root.parents:
         raise ConfigError(f"{option} {path}: would replace the run folder {run}")
+    if root in target.parents:
+        parts = target.relative_to(root).parts
+        top = parts[0]
+        if (top in STAGE_FOLDERS and parts != ("report",)) or top.endswith((".resume", ".partial")) \
+                or ".resume.broken-" in top:
+            raise ConfigError(f"{option} {path}: is inside the run's stage folder {run / top}; choose a new folder")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{option} {path}: is a file, expected a folder")
     if path.is_dir() and any(path.iterdir()) and not (path / keep).is_file():
@@ -89,7 +96,52 @@ def read_json(path: str | Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+        raise CorruptError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_record(path: str | Path, *keys: str) -> dict:
+    """A JSON artifact that must be an object holding `keys` (CorruptError otherwise: a list, a number,
+    a record missing a key is never read further)."""
+    path = Path(path)
+    record = read_json(path)
+    if not isinstance(record, dict):
+        raise CorruptError(f"{path}: expected a JSON object, found {type(record).__name__}")
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise CorruptError(f"{path}: no {missing[0]!r} (truncated or edited)")
+    return record
+
+
+RECORD_DIGEST = "record_sha256"
+
+
+def write_record(path: str | Path, record: dict, files=()) -> dict:
+    """Write a stage's JSON record sealed with its own sha256 and the sha256 of `files` (beside it), so an
+    edited record or a truncated file is found (check_record) instead of read as a result."""
+    path = Path(path)
+    sealed = {k: v for k, v in record.items() if k != RECORD_DIGEST}
+    sealed["files"] = {Path(f).name: sha256_file(f) for f in files}
+    sealed[RECORD_DIGEST] = json_digest(sealed)
+    write_json(path, sealed)
+    return sealed
+
+
+def check_record(path: str | Path) -> dict:
+    """A record written by write_record, if it and the files it lists are intact (CorruptError otherwise)."""
+    path = Path(path)
+    record = read_record(path)
+    if json_digest({k: v for k, v in record.items() if k != RECORD_DIGEST}) != record.get(RECORD_DIGEST):
+        raise CorruptError(f"{path}: does not match its own sha256 (edited, or written by an older anyo)")
+    files = record.get("files")
+    if not isinstance(files, dict):
+        raise CorruptError(f"{path}: no 'files' list")
+    for name, digest in files.items():
+        f = path.parent / name
+        if not f.is_file():
+            raise CorruptError(f"{f}: missing")
+        if sha256_file(f) != digest:
+            raise CorruptError(f"{f}: sha256 does not match {path.name} (truncated or edited)")
+    return record
 
 
 def _fsync(path: Path) -> None:
@@ -98,6 +150,22 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_OS_ERROR_IN_MESSAGE = re.compile(r"os error (\d+)|code: (\d+)")
+
+
+def as_os_error(e: BaseException, path: Path) -> BaseException:
+    """A failed write as an OSError naming `path` (np.save's file object and safetensors' Rust writer
+    report a full disk without a file name; safetensors not even as an OSError)."""
+    if isinstance(e, OSError):
+        if e.filename is None and e.errno:
+            return OSError(e.errno, os.strerror(e.errno), str(path))
+        return e
+    if isinstance(e, Exception) and (m := _OS_ERROR_IN_MESSAGE.search(str(e))):
+        code = int(m.group(1) or m.group(2))
+        return OSError(code, os.strerror(code), str(path))
+    return e
 
 
 @contextlib.contextmanager
@@ -112,6 +180,10 @@ def atomic_file(path: str | Path):
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
+    except Exception as e:
+        if (err := as_os_error(e, path)) is not e:
+            raise err from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -150,5 +222,12 @@ def atomic_dir(path: str | Path):
             if f.is_file():
                 _fsync(f)
         replace_dir(tmp, path)
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno and str(e.filename or "").startswith(str(tmp)):
+            # name the folder being written, not its temporary twin
+            raise OSError(e.errno, os.strerror(e.errno), str(path) + str(e.filename)[len(str(tmp)):]) from e
+        if (err := as_os_error(e, path)) is not e:
+            raise err from e
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,12 +7,13 @@ variants written with `anyo distill --name` record theirs in their metrics.json 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 
-from distill.artifacts import atomic_file, check_file_target, check_folder_target, write_json
+from distill.artifacts import STAGE_MARKERS, atomic_file, check_file_target, check_folder_target, write_json
 from distill.config import Recipe, load_recipe
 from distill.errors import AnyoError, ConfigError
 from distill.registry import STAGE_FOLDERS
@@ -24,34 +25,53 @@ FLAG_KEYS = {"backend": "distill.backend", "positions": "distill.positions", "k"
 
 
 def resolve(args, record: bool = True) -> tuple[Recipe, Path]:
-    """The recipe with `--set` and flag overrides; RUN/recipe.yaml records it."""
+    """The recipe with `--set` and flag overrides; RUN/recipe.yaml records it once the command has
+    succeeded (a command that fails, e.g. on a bad --merge, leaves the run's recorded recipe alone)."""
     overrides = list(args.set) + [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items()
                                   if getattr(args, flag, None) is not None]
     recipe = load_recipe(args.recipe, overrides)
     run = Path(args.out)
     if run.exists() and not run.is_dir():
         raise ConfigError(f"--out {run}: is a file, expected a run folder")
+    stage_files = [m for m in STAGE_MARKERS if m != "recipe.yaml" and (run / m).is_file()]
+    if stage_files:
+        raise ConfigError(f"--out {run}: is a stage folder (holds {stage_files[0]}), expected the run folder")
     if record:
-        with atomic_file(run / "recipe.yaml") as tmp:
-            tmp.write_text(recipe.to_yaml())
+        args.recipe_to_record = (run, recipe)
     return recipe, run
+
+
+def records_recipe(command):
+    """Write RUN/recipe.yaml after `command` succeeds (see resolve)."""
+    @functools.wraps(command)
+    def wrapper(args):
+        result = command(args)
+        if (pending := getattr(args, "recipe_to_record", None)) is not None:
+            run, recipe = pending
+            with atomic_file(run / "recipe.yaml") as tmp:
+                tmp.write_text(recipe.to_yaml())
+        return result
+    return wrapper
 
 
 def seed_of(args, recipe: Recipe) -> int:
     return args.seed if args.seed is not None else recipe.seed
 
 
+@records_recipe
 def cmd_prepare(args) -> None:
     recipe, run = resolve(args)
     prepare.run(recipe, run)
 
 
+@records_recipe
 def cmd_mostpop(args) -> None:
     recipe, run = resolve(args)
     split = prepare.run(recipe, run)
     common.print_table({"MostPop": common.table_row(mostpop.run(recipe, run, split))})
 
 
+@records_recipe
 def cmd_student_train(args) -> None:
     recipe, run = resolve(args)
     split = prepare.run(recipe, run)
@@ -60,17 +80,20 @@ def cmd_student_train(args) -> None:
                         "student alone": common.table_row(record)})
 
 
+@records_recipe
 def cmd_teacher_train(args) -> None:
     recipe, run = resolve(args)
     split = prepare.run(recipe, run)
     common.print_table({"teacher": common.table_row(teacher.run(recipe, run, split, seed_of(args, recipe)))})
 
 
+@records_recipe
 def cmd_teacher_infer(args) -> None:
     recipe, run = resolve(args)
     infer.run(recipe, run, prepare.run(recipe, run), merge_only=args.merge)
 
 
+@records_recipe
 def cmd_distill(args) -> None:
     name = args.name
     other_stage = name in STAGE_FOLDERS and name != "student_distilled"
@@ -83,6 +106,7 @@ def cmd_distill(args) -> None:
     common.print_table({"distilled student": common.table_row(record)})
 
 
+@records_recipe
 def cmd_run(args) -> None:
     recipe, run = resolve(args)
     pipeline.run(recipe, run, prepare.run(recipe, run), args.seeds)
@@ -116,13 +140,28 @@ def cmd_evaluate(args) -> None:
             raise AnyoError(f"{path}: not a readable .npy array ({e})") from None
     res = evaluate(split, vectors[0], vectors[1], args.stage, mask_history=not args.no_mask_history,
                    protocol=args.protocol, index=args.index, names=(args.user_vectors, args.item_vectors))
-    write_json(args.out, {"metrics": res.metrics, **res.options})
+    write_json(args.out, {"metrics": res.metrics, "by_popularity": res.by_popularity, **res.options})
     print(json.dumps(res.metrics, indent=1))
 
 
 def cmd_verify(args) -> int:
     from distill.verify import cmd_verify as verify
     return verify(args)
+
+
+def cmd_export(args) -> None:
+    from distill.export import cmd_export as export
+    export(args)
+
+
+def cmd_recommend(args) -> None:
+    from distill.export import cmd_recommend as recommend
+    recommend(args)
+
+
+def cmd_serve(args) -> None:
+    from distill.server import cmd_serve as serve   # FastAPI is imported only to serve
+    serve(args)
 
 
 # ---------------------------------------------------------------- baselines (issue 14)

@@ -231,15 +231,27 @@ class DistillConfig(_Section):
                                          min=1)
     own_weight: float = _help("Weight of the student's own next-item loss.", 1.0, min=0.0)
     kd_weight: float = _help("Weight of the temperature-scaled KL to the teacher's top-K.", 1.0, min=0.0)
-    rank_weight: float = _help("Weight of the position-weighted ranking distillation.", 0.5, min=0.0)
+    pairwise_weight: float = _help("Weight of the pairwise (BPR) distillation of the teacher's top-K "
+                                   "(distill/losses/pairwise.py).", 0.5, min=0.0)
+    ird_weight: float = _help("Weight of DLLM2Rec's importance-aware ranking distillation "
+                              "(distill/losses/importance_ranking.py).", 0.0, min=0.0)
     align_weight: float = _help("Weight of the user-vector to teacher-query alignment.", 0.1, min=0.0)
     temperature: float = _help("Softening temperature T of the KL term (scaled by T^2).", 2.0, gt=0.0)
-    rank_lambda: float = _help("Decay of the rank weights exp(-rank / lambda).", 10.0, gt=0.0)
-    rank_negatives: int = _help("Uniform negatives per position for the ranking term.", 20, min=1)
+    pairwise_lambda: float = _help("Decay of the pairwise term's rank weights exp(-rank / lambda).", 10.0, gt=0.0)
+    pairwise_negatives: int = _help("Uniform negatives per position for the pairwise term.", 20, min=1)
+    ird_k: int = _help("Teacher items the importance-aware term distils (its top ird_k of the cache's K).", 10,
+                       min=1)
+    ird_lambda: float = _help("Position decay exp(-rank / lambda) of the importance-aware term.", 1.0, gt=0.0)
+    ird_gammas: list = _help("Importance-aware weights of the position, confidence and consistency terms "
+                             "(DLLM2Rec's gamma_position, gamma_confidence, gamma_consistency).", [0.3, 0.5, 0.1],
+                             items=float, min=0.0)
+    ird_temperature: float = _help("Temperature of the softmax of the teacher's scores (confidence weight).",
+                                   1.0, gt=0.0)
+    ird_negatives: int = _help("Uniform negatives per position for the importance-aware term.", 1, min=1)
     align: str = _help("Alignment loss: `cosine` or `infonce` over the batch.", "cosine", choices=("cosine", "infonce"))
 
     def check(self):
-        weights = (self.own_weight, self.kd_weight, self.rank_weight, self.align_weight)
+        weights = (self.own_weight, self.kd_weight, self.pairwise_weight, self.ird_weight, self.align_weight)
         _require(any(w > 0 for w in weights), "distill.own_weight", "all loss weights are zero")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from distill.artifacts import atomic_dir, read_json, sha256_file
+from distill.artifacts import atomic_dir, read_record, sha256_file
 from distill.config import DataConfig
 from distill.errors import ArtifactError, CorruptError, DataError
 
@@ -385,7 +385,7 @@ def _read_tsv_column(path: Path, col: int, expected_rows: int) -> list[str]:
 
 def load_split(folder: str | Path) -> Split:
     folder = Path(folder)
-    manifest = read_json(folder / "manifest.json")
+    manifest = read_record(folder / "manifest.json", "hash", "split_sha256", "n_users", "n_items")
     tensors_path = folder / "split.safetensors"
     if not tensors_path.is_file():
         raise ArtifactError(f"{tensors_path}: not found")

@@ -174,12 +174,41 @@ def list_metrics(topk: np.ndarray, ks, n_items: int, popularity: np.ndarray) -> 
     return out
 
 
+POPULARITY_BUCKETS = (("head", 0.2), ("torso", 0.5), ("tail", 1.0))  # cumulative share of the seen items
+
+
+def popularity_buckets(popularity: np.ndarray) -> np.ndarray:
+    """(N+1,) bucket name of each item by its training count: the most popular 20% of the items seen in
+    training are `head`, the next 30% `torso`, the rest `tail`; items never seen in training `unseen`."""
+    out = np.full(len(popularity), "unseen", dtype=object)
+    seen = np.flatnonzero(popularity > 0)
+    order = seen[np.argsort(-popularity[seen], kind="stable")]
+    start = 0
+    for name, share in POPULARITY_BUCKETS:
+        stop = int(round(share * len(order)))
+        out[order[start:stop]] = name
+        start = stop
+    return out
+
+
+def metrics_by_popularity(ranks: np.ndarray, targets: np.ndarray, popularity: np.ndarray, ks) -> dict:
+    """Rank metrics of the users whose target falls in each popularity bucket (and how many users)."""
+    bucket = popularity_buckets(popularity)[targets]
+    out = {}
+    for name in [b for b, _ in POPULARITY_BUCKETS] + ["unseen"]:
+        sel = bucket == name
+        if sel.any():
+            out[name] = {"users": int(sel.sum()), **rank_metrics(ranks[sel], ks)}
+    return out
+
+
 @dataclass
 class EvalResult:
     metrics: dict[str, float]
     ranks: np.ndarray                 # (n,) 0-based rank of the target, -1 if beyond max K
     topk: np.ndarray | None = None    # (n, max K) returned ids (full protocol)
     options: dict = field(default_factory=dict)
+    by_popularity: dict = field(default_factory=dict)  # bucket of the target's training popularity -> metrics
 
 
 def evaluate(split: Split, user_vectors: np.ndarray, item_vectors: np.ndarray, stage: str = "valid",
@@ -208,8 +237,9 @@ def evaluate(split: Split, user_vectors: np.ndarray, item_vectors: np.ndarray, s
     hit = ids == targets[:, None]
     ranks = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
     metrics = rank_metrics(ranks, ks)
-    metrics.update(list_metrics(ids, ks, split.n_items, split.item_popularity()))
-    return EvalResult(metrics, ranks, ids, options)
+    popularity = split.item_popularity()
+    metrics.update(list_metrics(ids, ks, split.n_items, popularity))
+    return EvalResult(metrics, ranks, ids, options, metrics_by_popularity(ranks, targets, popularity, ks))
 
 
 def evaluate_model(split: Split, user_vectors_for, item_vectors: np.ndarray, ev) -> dict:
@@ -229,6 +259,7 @@ def evaluate_model(split: Split, user_vectors_for, item_vectors: np.ndarray, ev)
 
 def metrics_record(results: dict, split: Split, **extra) -> dict:
     rec = {"metrics": results["test"].metrics, "stage": "test", "valid_metrics": results["valid"].metrics,
+           "by_popularity": results["test"].by_popularity,
            "candidates": results["candidates"].metrics, "split_hash": split.hash,
            "mask_history": results["test"].options["mask_history"], "index": results["test"].options["index"]}
     rec.update(extra)

@@ -73,13 +73,13 @@ def model_dirs(run: Path, name: str) -> list[Path]:
 def current_records(run: Path, recipe, split: Split, name: str) -> tuple[list[tuple[Path, dict]], list[Path]]:
     """(folder, metrics record) of each of the model's seeds built from exactly this recipe's inputs, and
     the folders that are stale (built from other inputs: another recipe, split or upstream model)."""
-    from distill.artifacts import read_json
+    from distill.artifacts import check_record
     from distill.errors import AnyoError
     entry, current, stale = MODELS[name], [], []
     for folder in model_dirs(run, name):
-        record = read_json(folder / "metrics.json")
+        record = check_record(folder / "metrics.json")  # an edited record is an error, never a result
         try:
-            ok = isinstance(record, dict) and record.get("inputs") == entry.inputs(
+            ok = record.get("inputs") == entry.inputs(
                 recipe, run, split, record.get("seed", recipe.seed))
         except (AnyoError, OSError):  # an upstream artifact is missing
             ok = False

@@ -18,28 +18,9 @@ from distill.artifacts import atomic_dir
 from distill.config import Recipe
 from distill.data import Split, load_split
 from distill.registry import MODELS, current_records
+from distill.stats import mean_ci, ndcg_per_user, seed_bootstrap
 
 HEADLINE = ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR@10", "Coverage@10", "ARP@10")
-
-
-def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
-    return np.where((ranks >= 0) & (ranks < k), 1.0 / np.log2(np.clip(ranks, 0, None) + 2.0), 0.0)
-
-
-def mean_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> list[float]:
-    """95% percentile bootstrap interval of the mean over users."""
-    rng = np.random.default_rng(seed)
-    means = np.asarray(values, np.float64)[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
-
-
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Mean of a - b over users and its 95% percentile bootstrap interval (users resampled)."""
-    diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diff), size=(n_boot, len(diff)))
-    means = diff[idx].mean(axis=1)
-    return {"mean_diff": float(diff.mean()), "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]}
 
 
 def collect_quality(run: Path, recipe: Recipe, split: Split) -> dict:
@@ -57,17 +38,21 @@ def collect_quality(run: Path, recipe: Recipe, split: Split) -> dict:
         metrics = {k: float(np.mean([r["metrics"][k] for r in records])) for k in keys}
         metrics["HR@1(candidates)"] = float(np.mean([r["candidates"]["HR@1"] for r in records]))
         std = {k: float(np.std([r["metrics"][k] for r in records])) for k in keys}
+        buckets = [b for b in ("head", "torso", "tail", "unseen") if all(b in r.get("by_popularity", {}) for r in records)]
         models[entry.label] = {"name": name, "metrics": metrics, "metrics_std": std, "seeds": len(records),
+                               "by_popularity": {b: {"users": records[0]["by_popularity"][b]["users"], **{
+                                   k: float(np.mean([r["by_popularity"][b][k] for r in records]))
+                                   for k in ("HR@10", "NDCG@10")}} for b in buckets},
                                "dirs": [str(d) for d in dirs], "curves": [r["curve"] for r in records if "curve" in r]}
         ranks = [np.load(d / "test_ranks.npy", allow_pickle=False) for d in dirs if (d / "test_ranks.npy").is_file()]
         if ranks:
-            per_user[entry.label] = np.mean([ndcg_per_user(r) for r in ranks], axis=0)
-            models[entry.label]["NDCG@10_ci95"] = mean_ci(per_user[entry.label])
+            per_user[entry.label] = np.stack([ndcg_per_user(r) for r in ranks])          # (seeds, users)
+            models[entry.label]["NDCG@10_ci95"] = mean_ci(per_user[entry.label].mean(axis=0))
     return {"models": models, "per_user": per_user, "missing": missing, "stale": stale}
 
 
 def write_report(run: Path, recipe: Recipe, out: Path, inputs: dict) -> dict:
-    from distill.artifacts import write_json
+    from distill.artifacts import write_record
     run, out = Path(run), Path(out)
     split = load_split(run / "split")
     q = collect_quality(run, recipe, split)
@@ -80,13 +65,13 @@ def write_report(run: Path, recipe: Recipe, out: Path, inputs: dict) -> dict:
     comparisons = {}
     for other, key in (("student alone", "distilled_vs_alone"), ("teacher", "distilled_vs_teacher")):
         if "distilled student" in q["per_user"] and other in q["per_user"]:
-            comparisons[key] = {"NDCG@10": paired_bootstrap(q["per_user"]["distilled student"], q["per_user"][other])}
+            comparisons[key] = {"NDCG@10": seed_bootstrap(q["per_user"]["distilled student"], q["per_user"][other])}
     report = {"split_hash": split.hash, "dataset": Path(split.manifest["inputs"]["inter"]).stem, "machine": machine(),
               "models": models, "comparisons": comparisons, "cost_ratios": cost_ratios(models),
               "missing": q["missing"], "stale": q["stale"], "inputs": inputs}
     with atomic_dir(out) as tmp:
-        write_json(tmp / "report.json", report)
         (tmp / "report.md").write_text(markdown(report))
+        report = write_record(tmp / "report.json", report, files=[tmp / "report.md"])
         from distill.plots import plot_report
         plot_report(report, tmp)
     print(markdown(report))
@@ -134,7 +119,20 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {m['seeds']} | " + " | ".join(q + cost) + " |")
     for key, c in report["comparisons"].items():
         d = c["NDCG@10"]
-        lines.append(f"\n{key}: NDCG@10 difference {d['mean_diff']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")
+        seeds = ", ".join(f"{x:+.4f}" for x in d["per_seed"])
+        lines.append(f"\n{key}: NDCG@10 difference {d['mean_diff']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, "
+                     f"{d['ci95'][1]:+.4f}] (two-level bootstrap over seeds and users, {d['seeds'][0]} vs "
+                     f"{d['seeds'][1]} seeds; per seed: {seeds})")
+    with_buckets = {n: m["by_popularity"] for n, m in report["models"].items() if m.get("by_popularity")}
+    if with_buckets:
+        buckets = [b for b in ("head", "torso", "tail", "unseen") if any(b in v for v in with_buckets.values())]
+        users = {b: next(v[b]["users"] for v in with_buckets.values() if b in v) for b in buckets}
+        lines += ["", "Test NDCG@10 by the target's training popularity (head: the 20% most popular items seen in "
+                  "training, torso: the next 30%, tail: the rest, unseen: never in training):", "",
+                  "| model | " + " | ".join(f"{b} ({users[b]} users)" for b in buckets) + " |",
+                  "|---" * (len(buckets) + 1) + "|"]
+        for name, v in with_buckets.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(v[b]["NDCG@10"]) if b in v else "–" for b in buckets) + " |")
     if r := report.get("cost_ratios"):
         lines.append(f"\ndistilled student vs teacher: {r['params']:,.0f}x fewer parameters, "
                      f"{r['peak_rss_bytes']:.1f}x less peak memory, {r['latency_p50']:,.1f}x lower latency, "

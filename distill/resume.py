@@ -6,19 +6,23 @@ states; saved as GROUP/KEY) and state.json
 (epoch, counters, curve, optimizer/scheduler hyper-parameters, numpy RNG, and
 the stage's input hashes). It is rewritten atomically after every epoch and
 removed once RUN/NAME/ is complete. A resume folder built from other inputs is
-ignored (and replaced at the next epoch end).
+ignored (and replaced at the next epoch end). One that cannot be read (truncated,
+edited, a group or key missing) is set aside as RUN/NAME.resume.broken-N with a
+warning, and the stage starts again from epoch 1: it never blocks a rerun.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from distill.artifacts import atomic_dir, read_json
+from distill.artifacts import atomic_dir, read_record
 
 
 def resume_dir(out: Path) -> Path:
@@ -51,18 +55,39 @@ def save_resume(out: Path, groups: dict[str, dict[str, torch.Tensor]], meta: dic
         (tmp / "state.json").write_text(json.dumps(meta, sort_keys=True))
 
 
-def load_resume(out: Path, inputs: dict) -> tuple[dict[str, dict[str, torch.Tensor]], dict] | None:
-    """The groups and meta saved for `out` if they were built from exactly `inputs`, else None."""
+def set_aside(out: Path, why: str) -> Path:
+    """Rename an unreadable OUT.resume/ to OUT.resume.broken-N (kept for inspection) and say so on stderr."""
     folder = resume_dir(out)
-    if not (folder / "state.json").is_file():
+    n = 1
+    while (broken := folder.with_name(f"{folder.name}.broken-{n}")).exists():
+        n += 1
+    os.replace(folder, broken)
+    print(f"anyo: warning: {folder}: unreadable resume state ({why}); set aside as {broken.name}, "
+          f"training starts again from epoch 1", file=sys.stderr)
+    return broken
+
+
+def load_resume(out: Path, inputs: dict, groups_needed=(), meta_needed=()) \
+        -> tuple[dict[str, dict[str, torch.Tensor]], dict] | None:
+    """The groups and meta saved for `out` if they were built from exactly `inputs`, else None.
+    A state that cannot be read, or lacks one of `groups_needed` / `meta_needed`, is set aside (None)."""
+    folder = resume_dir(out)
+    if not folder.is_dir():
         return None
-    meta = read_json(folder / "state.json")
-    if meta.get("inputs") != inputs:
+    try:
+        meta = read_record(folder / "state.json", "inputs", *meta_needed)
+        if meta["inputs"] != inputs:
+            return None
+        groups: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in load_file(str(folder / "state.safetensors")).items():
+            group, name = key.split("/", 1)
+            groups.setdefault(group, {})[name] = t
+        missing = [g for g in groups_needed if g not in groups]
+        if missing:
+            raise ValueError(f"no group {missing[0]!r} in state.safetensors")
+    except Exception as e:  # noqa: BLE001 — safetensors, JSON and key errors alike: the state is unusable
+        set_aside(out, str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in load_file(str(folder / "state.safetensors")).items():
-        group, name = key.split("/", 1)
-        groups.setdefault(group, {})[name] = t
     return groups, meta
 
 

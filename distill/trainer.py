@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distill.resume import load_optimizer_state, load_resume, optimizer_state, resume_dir, save_resume
+from distill.resume import load_optimizer_state, load_resume, optimizer_state, resume_dir, save_resume, set_aside
 
 
 @dataclass
@@ -40,7 +40,8 @@ class StepOutput:
 class TrainingTask(Protocol):
     """What a model provides to be trained by `Trainer`."""
 
-    metric: str                                                    # key of validate() that early stopping reads
+    metric: str                                                    # key of validate() that picks the best epoch
+    patience_metrics: tuple[str, ...]                              # keys whose improvement resets the patience
     def parameters(self) -> list[torch.nn.Parameter]: ...        # optimised
     def num_batches(self) -> int: ...                              # batches per epoch
     def batches(self, rng: np.random.Generator, gen: torch.Generator) -> list[Any]: ...  # one epoch's batch specs
@@ -88,6 +89,7 @@ class _Progress:
     best: float = -math.inf
     best_epoch: int = 0
     stale: int = 0
+    best_seen: dict = field(default_factory=dict)  # best value so far of each patience metric
     examples: int = 0
     tokens: int = 0
     train_seconds: float = 0.0
@@ -127,9 +129,10 @@ class Trainer:
                 f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
                 + f"  ({p.examples / max(p.train_seconds, 1e-9):.1f} examples/s)")
             if record[self.task.metric] > p.best:
-                p.best, p.best_epoch, p.stale, best_state = record[self.task.metric], epoch, 0, self.task.snapshot()
-            else:
-                p.stale += 1
+                p.best, p.best_epoch, best_state = record[self.task.metric], epoch, self.task.snapshot()
+            improved = [k for k in self.task.patience_metrics if record[k] > p.best_seen.get(k, -math.inf)]
+            p.best_seen.update({k: record[k] for k in improved})
+            p.stale = 0 if improved else p.stale + 1
             self._save(p, best_state)
         return FitResult(best_state, p.best_epoch, p.best, p.curve, p.train_seconds, p.examples, p.tokens)
 
@@ -164,15 +167,31 @@ class Trainer:
                      "scheduler": self.sched.state_dict(), "numpy_rng": self.rng.bit_generator.state})
 
     def _load(self) -> tuple[_Progress, dict | None]:
-        if self.resume is None or (saved := load_resume(*self.resume)) is None:
+        if self.resume is None:
+            return _Progress(), None
+        saved = load_resume(*self.resume, groups_needed=("current", "rng"),
+                            meta_needed=("progress", "optimizer", "scheduler", "numpy_rng"))
+        if saved is None:
             return _Progress(), None
         groups, meta = saved
-        self.task.restore(groups["current"])
-        load_optimizer_state(self.opt, groups.get("optim", {}), meta["optimizer"])
-        self.sched.load_state_dict(meta["scheduler"])
-        torch.set_rng_state(groups["rng"]["torch"])
-        self.gen.set_state(groups["rng"]["order"])
-        self.rng.bit_generator.state = meta["numpy_rng"]
-        p = _Progress(**meta["progress"])
+        fresh = (self.task.snapshot(), self.opt.state_dict(), self.sched.state_dict(), torch.get_rng_state(),
+                 self.gen.get_state(), self.rng.bit_generator.state)
+        try:
+            self.task.restore(groups["current"])
+            load_optimizer_state(self.opt, groups.get("optim", {}), meta["optimizer"])
+            self.sched.load_state_dict(meta["scheduler"])
+            torch.set_rng_state(groups["rng"]["torch"])
+            self.gen.set_state(groups["rng"]["order"])
+            self.rng.bit_generator.state = meta["numpy_rng"]
+            p = _Progress(**meta["progress"])
+        except Exception as e:  # noqa: BLE001 — a state that does not fit: start again exactly as a fresh run
+            self.task.restore(fresh[0])
+            self.opt.load_state_dict(fresh[1])
+            self.sched.load_state_dict(fresh[2])
+            torch.set_rng_state(fresh[3])
+            self.gen.set_state(fresh[4])
+            self.rng.bit_generator.state = fresh[5]
+            set_aside(self.resume[0], str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return _Progress(), None
         print(f"{self.desc}: resuming after epoch {p.epoch} from {resume_dir(self.resume[0])}")
         return p, groups.get("best") or None

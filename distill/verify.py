@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.artifacts import read_json
+from distill.artifacts import check_record
 from distill.errors import StaleError
 
 Row = tuple[str, str, str]
@@ -31,8 +31,8 @@ def _check(name: str, fn) -> Row:
 
 def _record(folder: Path, split, inputs: dict | None) -> dict:
     """metrics.json and test_ranks.npy of a stage, checked against the split and the expected inputs."""
-    record = read_json(folder / "metrics.json")
-    if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict) or "NDCG@10" not in record["metrics"]:
+    record = check_record(folder / "metrics.json")
+    if not isinstance(record.get("metrics"), dict) or "NDCG@10" not in record["metrics"]:
         raise ValueError(f"{folder / 'metrics.json'}: not a metrics record (no metrics.NDCG@10)")
     ranks = np.load(folder / "test_ranks.npy", allow_pickle=False)
     if ranks.shape != (split.n_users,):
@@ -80,8 +80,8 @@ def _cache_row(run: Path, recipe, split) -> Row:
 def _report_row(run: Path, recipe) -> Row:
     def check():
         from distill.stages.report import inputs
-        report = read_json(run / "report" / "report.json")
-        if not isinstance(report, dict) or "models" not in report:
+        report = check_record(run / "report" / "report.json")
+        if "models" not in report:
             raise ValueError("report/report.json: not a report")
         if report.get("inputs") != inputs(recipe, run):
             raise StaleError("report built from other metrics or bench options: rerun `anyo bench`")
@@ -113,6 +113,8 @@ def verify_run(run: Path) -> list[Row]:
         rows.append(_report_row(run, recipe))
     for leftover in sorted(run.glob("*.resume")) + sorted(run.glob("seeds/*.resume")) + sorted(run.glob("*.partial")):
         rows.append((str(leftover.relative_to(run)), "incomplete", "interrupted; rerun the command to finish it"))
+    for broken in sorted(run.glob("*.resume.broken-*")) + sorted(run.glob("seeds/*.resume.broken-*")):
+        rows.append((str(broken.relative_to(run)), "corrupt", "an unreadable resume state a rerun set aside: delete it"))
     return rows
 
 

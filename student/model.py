@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from distill.artifacts import atomic_dir, read_json
+from distill.artifacts import atomic_dir, read_record
 from distill.data import Histories
 from distill.errors import CorruptError, StaleError
 
@@ -135,11 +135,14 @@ def save_student(model: SASRec, folder: Path, meta: dict) -> None:
 
 def load_student(folder: Path, split_hash: str | None = None, n_items: int | None = None) -> tuple[SASRec, dict]:
     folder = Path(folder)
-    meta = read_json(folder / "config.json")
+    meta = read_record(folder / "config.json", "model")
     if split_hash is not None and meta.get("split_hash") != split_hash:
         raise StaleError(f"{folder / 'config.json'}: checkpoint built from split {meta.get('split_hash')}, "
                             f"this run's split is {split_hash}")
-    cfg = SASRecConfig(**meta["model"])
+    try:
+        cfg = SASRecConfig(**meta["model"])
+    except TypeError as e:
+        raise CorruptError(f"{folder / 'config.json'}: not a student model record ({e})") from None
     if n_items is not None and cfg.n_items != n_items:
         raise StaleError(f"{folder / 'config.json'}: checkpoint has {cfg.n_items} items, the split has {n_items}")
     model = SASRec(cfg)

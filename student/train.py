@@ -42,6 +42,7 @@ class StudentTask:
     """SASRec + a weighted loss over the training windows, validated by NDCG@10 on validation."""
 
     metric = "valid_NDCG@10"
+    patience_metrics = (metric,)
 
     def __init__(self, model: SASRec, split: Split, recipe: Recipe, loss: WeightedLoss,
                  teacher: TeacherLookup | None = None):
@@ -71,6 +72,8 @@ class StudentTask:
         if self.teacher is not None and self.loss.needs_teacher:
             b, t = np.nonzero(sel.numpy())
             inputs.teacher = self.teacher(w.users[rows][b], w.positions[rows][b, t])
+            read = np.arange(w.inputs.shape[1])[None, :] <= t[:, None]            # slots up to each position
+            inputs.history = torch.from_numpy(w.inputs[rows][b] * read)            # (P, T)
         value, _ = self.loss(inputs)
         return StepOutput(value, int(sel.sum()))
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distill.artifacts import read_json
+from distill.artifacts import read_record
 from distill.cache import cache_key, complete_cache, shard_metadata, shard_name, staging_dir, write_shard
 from distill.config import Recipe
 from distill.data import Histories, Split
@@ -130,21 +130,18 @@ def merge(recipe: Recipe, split: Split, teacher_dir: Path, out: Path) -> dict:
     """Complete a cache whose shards were written into OUT.partial/ by separate jobs (e.g. machines
     sharing a folder); every shard must have been built from this run's split, teacher and options."""
     from safetensors.numpy import load_file
-    teacher_hash = read_json(teacher_dir / "teacher.json")["checkpoint_hash"]
+    teacher_hash = read_record(teacher_dir / "teacher.json", "checkpoint_hash")["checkpoint_hash"]
     staging = staging_dir(out)
     key = cache_key(recipe, split, teacher_hash)
-    n_shards = -(-split.n_users // recipe.distill.shard_users)
-    metas = []
-    for i in range(n_shards):
-        path = staging / shard_name(i)
-        if not path.is_file():
-            raise ArtifactError(f"{path}: missing; run `anyo teacher infer` to write it, then merge again")
-        meta = shard_metadata(path)
+    metas = {path: shard_metadata(path) for path in sorted(staging.glob("shard-*.safetensors"))}
+    if not metas:
+        raise ArtifactError(f"{staging}: no shards to merge; run `anyo teacher infer` first")
+    for path, meta in metas.items():
         if {k: meta.get(k) for k in key} != key:
             wrong = sorted(k for k in key if meta.get(k) != key[k])
             raise StaleError(f"{path}: built with other {', '.join(wrong)} than this run's recipe and teacher")
-        metas.append(meta)
-    if any(m != metas[0] for m in metas):
+    first = next(iter(metas.values()))
+    if any(m != first for m in metas.values()):
         raise StaleError(f"{staging}: shards were built with different options")
     items = load_file(str(teacher_dir / "heads.safetensors"))["item_table"]
-    return complete_cache(staging, out, n_shards, metas[0], items)
+    return complete_cache(staging, out, -(-split.n_users // recipe.distill.shard_users), first, items)

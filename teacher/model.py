@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from distill.artifacts import atomic_dir, read_json, sha256_files
+from distill.artifacts import atomic_dir, read_record, sha256_files
 from distill.config import TeacherConfig
 from distill.data import Histories, Split
 from distill.errors import ConfigError, CorruptError, StaleError
@@ -215,14 +215,12 @@ def check_teacher(folder: Path, cf_dir: Path, split_hash: str) -> dict:
     `cf_dir` (StaleError otherwise; CorruptError when its files do not match its record)."""
     from distill.artifacts import sha256_file
     folder, cf_dir = Path(folder), Path(cf_dir)
-    meta = read_json(folder / "teacher.json")
-    if not isinstance(meta, dict) or "teacher" not in meta:
-        raise CorruptError(f"{folder / 'teacher.json'}: not a teacher record")
+    meta = read_record(folder / "teacher.json", "teacher", "checkpoint_hash")
     if meta.get("split_hash") != split_hash:
         raise StaleError(f"{folder / 'teacher.json'}: teacher built from split {meta.get('split_hash')}, "
                          f"this run's split is {split_hash}")
     cf_sha = sha256_file(cf_dir / "model.safetensors") if (cf_dir / "model.safetensors").is_file() else None
-    if meta.get("inputs", {}).get("cf_sha256") != cf_sha:
+    if not isinstance(meta.get("inputs"), dict) or meta["inputs"].get("cf_sha256") != cf_sha:
         raise StaleError(f"{folder / 'teacher.json'}: teacher built from another CF model than {cf_dir} "
                          f"(retrain the teacher: `anyo teacher train`)")
     if checkpoint_hash(folder) != meta.get("checkpoint_hash"):

@@ -51,7 +51,8 @@ def best_blend(split: Split, recipe: Recipe, q_llm: np.ndarray, q_cf: np.ndarray
 class TeacherTask:
     """The LLM retriever's sampled (prefix -> next item) examples under the contrastive loss."""
 
-    metric = "valid_NDCG@10"
+    metric = "valid_NDCG@10"                                  # the best blend: picks the epoch kept
+    patience_metrics = (metric, "valid_NDCG@10_llm")          # training goes on while the LLM alone improves
 
     def __init__(self, model: TeacherRetriever, split: Split, recipe: Recipe):
         self.model, self.split, self.recipe, self.cfg = model, split, recipe, recipe.teacher
@@ -128,12 +129,16 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
     with torch.no_grad():
         model.cf_weight.fill_(task.cf_weight)
     task.eval()
+    items = model.item_vectors()
     results = evaluate_model(split, lambda stage: task.valid if stage == "valid" else  # already computed
-                             model.encode(split.history(stage), desc=f"teacher {stage} queries"),
-                             model.item_vectors(), recipe.eval)
+                             model.encode(split.history(stage), desc=f"teacher {stage} queries"), items, recipe.eval)
+    ev = recipe.eval
+    llm_alone = {stage: evaluate(split, model.encode(split.history(stage), blend=False), items, stage, ev.ks,
+                                 ev.mask_history, index=ev.index).metrics for stage in ("valid", "test")}
     digest = save_teacher(model, out, {"split_hash": split.hash, "seed": seed, "inputs": inputs})
     from distill.artifacts import save_array
     save_array(out / "test_ranks.npy", results["test"].ranks)
     return metrics_record(results, split, best_epoch=result.best_epoch, cf_weight=task.cf_weight, seed=seed,
+                          llm_alone=llm_alone, cf_weight_grid=list(c.cf_weights),
                           curve=result.curve, checkpoint_hash=digest, train_seconds=round(result.seconds, 2),
                           inputs=inputs, **result.rates())

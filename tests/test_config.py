@@ -38,7 +38,7 @@ def test_bad_recipes_name_the_key(override, key):
 
 def test_all_zero_weights_rejected():
     with pytest.raises(ConfigError, match="all loss weights are zero"):
-        load_recipe(RECIPE, ["distill.own_weight=0", "distill.kd_weight=0", "distill.rank_weight=0",
+        load_recipe(RECIPE, ["distill.own_weight=0", "distill.kd_weight=0", "distill.pairwise_weight=0",
                              "distill.align_weight=0"])
 
 

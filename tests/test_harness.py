@@ -62,6 +62,20 @@ def test_hand_computed_metrics():
     assert m["Recall@5"] == m["HR@5"]
 
 
+def test_popularity_buckets_split_users_by_their_targets_training_count():
+    from distill.harness import metrics_by_popularity, popularity_buckets
+    pop = np.array([0, 50, 40, 30, 20, 10, 9, 8, 7, 6, 5, 0])   # 10 seen items, item 11 never seen in training
+    b = popularity_buckets(pop)
+    assert list(b[1:3]) == ["head", "head"] and list(b[3:6]) == ["torso"] * 3 and list(b[6:11]) == ["tail"] * 5
+    assert b[11] == "unseen"
+    targets = np.array([1, 2, 4, 9, 11])
+    ranks = np.array([0, 3, -1, 1, 0])
+    m = metrics_by_popularity(ranks, targets, pop, [1, 5])
+    assert {k: v["users"] for k, v in m.items()} == {"head": 2, "torso": 1, "tail": 1, "unseen": 1}
+    assert m["head"]["HR@1"] == 0.5 and m["head"]["HR@5"] == 1.0 and m["torso"]["HR@5"] == 0.0
+    assert m["unseen"]["NDCG@1"] == 1.0
+
+
 def test_history_masking_never_masks_the_target():
     hist = Histories.from_rows([[1, 2, 3], [4]])
     ex = Exclusions.from_histories(hist, 6, keep=np.array([2, 5]))   # user 0's target 2 repeats a history item

@@ -27,13 +27,14 @@ import pytest
 from conftest import RECIPE, sets
 from distill.artifacts import sha256_file
 
-# stage, where the CI chain kills it (a function whose first return kills the process: each training
-# stage right after its first epoch's checkpoint, so the rerun must resume it), and where the random
+# stage, where the CI chain kills it (a function whose N-th return kills the process: each training
+# stage after its first epoch's checkpoint, so the rerun must resume it; the teacher's launch first
+# finishes the student's resumed epochs, hence a teacher-only function), and where the random
 # chains start their clock (a file whose appearance means the stage is under way; None: process start)
 STAGES = [
     ("prepare", "distill.data.build_split:1", None),
     ("student", "distill.trainer.save_resume:1", "student_alone.resume/state.json"),
-    ("teacher", "distill.trainer.save_resume:1", "teacher.resume/state.json"),
+    ("teacher", "teacher.train.best_blend:2", "teacher.resume/state.json"),  # epoch 2's validation
     ("infer", "teacher.infer.write_shard:1", "teacher_cache.partial/shard-00000.safetensors"),
     ("distill", "distill.trainer.save_resume:1", "student_distilled.resume/state.json"),
     ("bench", "distill.report.collect_quality:1", "student_distilled/metrics.json"),

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from distill.losses import (EmbeddingAlignment, LossInputs, RankingDistillation, SoftTargetKL, TeacherTargets,
-                            WeightedLoss, SoftmaxLoss)
+from distill.losses import (EmbeddingAlignment, ImportanceRankingKD, LossInputs, PairwiseRankingKD, SoftmaxLoss,
+                            SoftTargetKL, TeacherTargets, WeightedLoss)
 
 
 def inputs(teacher_scores=None, requires_grad=True):
@@ -30,9 +30,9 @@ def test_kl_is_zero_when_scores_match_and_hand_computed_otherwise():
     assert SoftTargetKL(T)(x).item() == pytest.approx(hand.item(), rel=1e-5)
 
 
-def test_ranking_distillation_hand_computation():
+def test_pairwise_term_hand_computation():
     x = inputs()
-    term = RankingDistillation(n_items=7, lam=1.0, num_negatives=4)
+    term = PairwiseRankingKD(n_items=7, lam=1.0, num_negatives=4)
     torch.manual_seed(1)
     got = term(x)
     torch.manual_seed(1)
@@ -42,11 +42,52 @@ def test_ranking_distillation_hand_computation():
     w = w / w.sum()
     total = 0.0
     for p in range(3):
-        valid = [j for j in range(4) if neg_ids[p, j] not in ids[p]]
+        valid = [j for j in range(4) if neg_ids[p, j] not in ids[p] and neg_ids[p, j] != x.targets[p]]
         for r in range(3):
             vals = [math.log(torch.sigmoid(h[p] @ E[ids[p, r]] - h[p] @ E[neg_ids[p, j]]).item()) for j in valid]
             total += -w[r].item() * (sum(vals) / max(len(vals), 1))
     assert got.item() == pytest.approx(total / 3, rel=1e-5)
+    assert PairwiseRankingKD(n_items=7, lam=5.0, num_negatives=4)(x).item() != pytest.approx(got.item())
+
+
+def test_teacher_terms_never_sample_the_target_or_a_history_item():
+    from distill.losses.negatives import sample_negatives
+    x = inputs()
+    x.history = torch.tensor([[4, 5, 0], [1, 2, 0], [3, 4, 5]])
+    torch.manual_seed(0)
+    ids, valid = sample_negatives(x, torch.arange(3), n_items=7, num=2000, teacher_ids=x.teacher.ids)
+    for p in range(3):
+        forbidden = set(x.teacher.ids[p].tolist()) | {int(x.targets[p])} | set(x.history[p].tolist())
+        assert not (set(ids[p][valid[p]].tolist()) & forbidden)                    # never kept
+        assert set(ids[p][~valid[p]].tolist()) <= forbidden                         # only those dropped
+        assert set(ids[p][valid[p]].tolist()) == set(range(1, 8)) - forbidden       # all others can be drawn
+
+
+def test_importance_ranking_hand_computation():
+    x = inputs(torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 1.0, 1.0]]))
+    gammas = (0.3, 0.5, 0.2)
+    term = ImportanceRankingKD(n_items=7, k=3, lam=1.0, gammas=gammas, temperature=2.0, num_negatives=3)
+    torch.manual_seed(1)
+    got = term(x).item()
+    torch.manual_seed(1)
+    neg_ids = torch.randint(1, 8, (3, 3))
+    h, E, ids, ts = x.hidden.detach(), x.item_table, x.teacher.ids, x.teacher.scores.detach()
+    total = 0.0
+    for p in range(3):
+        scores = [float(h[p] @ E[i]) for i in range(8)]
+        student_top = sorted(range(1, 8), key=lambda i: -scores[i])[:3]
+        pos = [math.exp(-r / 1.0) for r in (1, 2, 3)]
+        conf = [math.exp(v / 2.0) for v in ts[p].tolist()]
+        w = [gammas[0] * pos[r] / sum(pos) + gammas[1] * conf[r] / sum(conf)
+             + gammas[2] * ((1.0 if int(ids[p, r]) in student_top else 0.0) + 1e-8) for r in range(3)]
+        w = [v / sum(w) for v in w]
+        valid = [int(j) for j in neg_ids[p] if int(j) not in ids[p].tolist() and int(j) != int(x.targets[p])]
+        neg = sum(math.log(1 / (1 + math.exp(scores[j]))) for j in valid) / max(len(valid), 1)
+        total += -sum(w[r] * (math.log(1 / (1 + math.exp(-scores[int(ids[p, r])]))) + neg) for r in range(3))
+    assert got == pytest.approx(total / 3, rel=1e-5)
+    torch.manual_seed(1)
+    other = ImportanceRankingKD(n_items=7, k=3, lam=1.0, gammas=(1.0, 0.0, 0.0), temperature=2.0, num_negatives=3)
+    assert other(x).item() != pytest.approx(got)                                   # the weights matter
 
 
 def test_alignment_cosine_hand_computation():
@@ -61,10 +102,11 @@ def test_alignment_cosine_hand_computation():
 def test_teacher_tensors_get_no_gradient_and_student_does():
     x = inputs(torch.randn(3, 3))
     loss = WeightedLoss({"own": (1.0, SoftmaxLoss), "kd": (1.0, lambda: SoftTargetKL(2.0)),
-                         "rank": (0.5, lambda: RankingDistillation(7)), "align": (0.1, lambda: EmbeddingAlignment(4, 5))})
+                         "pairwise": (0.5, lambda: PairwiseRankingKD(7)),
+                         "ird": (0.2, lambda: ImportanceRankingKD(7, k=2)), "align": (0.1, lambda: EmbeddingAlignment(4, 5))})
     total, parts = loss(x)
     total.backward()
-    assert set(parts) == {"own", "kd", "rank", "align"}
+    assert set(parts) == {"own", "kd", "pairwise", "ird", "align"}
     assert x.hidden.grad is not None and x.hidden.grad.abs().sum() > 0
     assert x.teacher.scores.grad is None and x.teacher.query.grad is None
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import RECIPE, sets
+from distill.artifacts import write_record
 from distill.cache import TeacherCache, memmap_tensors
 from distill.cli import main
 from distill.config import load_recipe
@@ -69,13 +70,14 @@ def test_report_schema(tiny_run):
                 "peak_rss_bytes", "latency_ms", "throughput_users_per_s"} <= set(m)
         assert set(m["latency_ms"]) == {"p50", "p95"}
     assert set(r["models"]["teacher"]["backends"]) == {"hf"}  # the tiny recipe's bench.teacher_backends
-    assert r["models"]["teacher"]["params"] > 100 * r["models"]["distilled student"]["params"]
+    assert r["models"]["teacher"]["params"] > r["models"]["distilled student"]["params"] > 0
     for name in ("student alone", "teacher", "distilled student"):   # the curves the report draws
         curve = r["models"][name]["curves"][0]
         assert {"epoch", "train_loss", "valid_NDCG@10", "examples_per_second"} <= set(curve[0])
     for key in ("distilled_vs_alone", "distilled_vs_teacher"):
         ci = r["comparisons"][key]["NDCG@10"]
-        assert ci["ci95"][0] <= ci["mean_diff"] <= ci["ci95"][1]
+        assert ci["ci95"][0] <= ci["mean_diff"] <= ci["ci95"][1] and ci["ci_method"] == "seeds+users"
+        assert len(ci["per_seed"]) == 1
 
 
 def copy_run(run: Path, dest: Path) -> Path:
@@ -168,7 +170,7 @@ def test_two_process_gloo_sharding_equals_one_process(tiny_run, launcher, tmp_pa
 
 
 def test_bootstrap_ci_covers_a_known_difference():
-    from distill.report import paired_bootstrap
+    from distill.stats import paired_bootstrap
     rng = np.random.default_rng(0)
     n, shift, noise = 2000, 0.05, 0.02
     b = rng.random(n)
@@ -252,7 +254,7 @@ def test_report_and_verify_leave_out_seeds_built_from_another_recipe(tiny_run, t
     shutil.copytree(run / "student_alone", foreign)
     record = json.loads((foreign / "metrics.json").read_text())
     record["seed"], record["inputs"]["seed"], record["inputs"]["recipe"] = 7, 7, "another-recipe"
-    (foreign / "metrics.json").write_text(json.dumps(record))
+    write_record(foreign / "metrics.json", record, files=[foreign / "test_ranks.npy"])  # as if trained so
     assert main(["bench", str(run), "--no-cost"]) == 0
     r = json.loads((run / "report" / "report.json").read_text())
     assert r["models"]["student alone"]["seeds"] == 1 and r["stale"] == ["seeds/student_alone-7"]
@@ -260,3 +262,21 @@ def test_report_and_verify_leave_out_seeds_built_from_another_recipe(tiny_run, t
     assert main(["verify", str(run)]) == 1
     lines = {l.split()[0]: l.split()[1] for l in capsys.readouterr().out.splitlines()}
     assert lines["seeds/student_alone-7"] == "stale" and lines["student_alone"] == "ok"
+
+
+def test_two_level_bootstrap_includes_the_seed_spread():
+    from distill.stats import paired_bootstrap, seed_bootstrap
+    rng = np.random.default_rng(1)
+    n, seeds, shift = 3000, 5, 0.01
+    b = rng.random((seeds, n))
+    offsets = np.array([-0.03, -0.01, 0.0, 0.02, 0.04])                 # seed-to-seed spread of A - B
+    a = b + shift + offsets[:, None] + rng.normal(0, 0.01, (seeds, n))
+    two = seed_bootstrap(a, b)
+    users_only = paired_bootstrap(a.mean(axis=0), b.mean(axis=0))
+    width = lambda c: c["ci95"][1] - c["ci95"][0]
+    assert width(two) > 3 * width(users_only)
+    assert two["ci95"][0] < shift + offsets.mean() < two["ci95"][1]
+    assert two["per_seed"] == pytest.approx((shift + offsets).tolist(), abs=0.002)
+    assert two["mean_diff"] == pytest.approx(users_only["mean_diff"])
+    single = seed_bootstrap(a, b[:1])                                   # B with one seed: unpaired
+    assert len(single["per_seed"]) == seeds and single["seeds"] == [seeds, 1]

@@ -14,12 +14,13 @@ import torch
 import torch.nn as nn
 
 from distill.losses.alignment import EmbeddingAlignment
-from distill.losses.ranking import RankingDistillation
+from distill.losses.importance_ranking import ImportanceRankingKD
+from distill.losses.pairwise import PairwiseRankingKD
 from distill.losses.soft_targets import SoftTargetKL
 from distill.losses.softmax import NegativeSampler, SoftmaxLoss
 
 __all__ = ["LossInputs", "TeacherTargets", "WeightedLoss", "SoftmaxLoss", "NegativeSampler",
-           "SoftTargetKL", "RankingDistillation", "EmbeddingAlignment"]
+           "SoftTargetKL", "PairwiseRankingKD", "ImportanceRankingKD", "EmbeddingAlignment"]
 
 
 @dataclass
@@ -38,6 +39,7 @@ class LossInputs:
     targets: torch.Tensor         # (P,) true next items
     item_table: torch.Tensor      # (N+1, d) student item table
     teacher: TeacherTargets | None = None
+    history: torch.Tensor | None = None  # (P, T) items each position has read (0 = padding), kept out of negatives
 
 
 class WeightedLoss(nn.Module):

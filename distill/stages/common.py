@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.artifacts import read_json, write_json
+from distill.artifacts import check_record, write_record
 from distill.config import Recipe
+from distill.errors import ArtifactError
 from distill.resume import clear_resume
 
 
@@ -17,10 +18,14 @@ def model_dir(run: Path, name: str, seed: int, recipe: Recipe) -> Path:
 
 
 def up_to_date(path: Path, inputs: dict) -> dict | None:
-    """The record at `path` if it was built from exactly `inputs`."""
+    """The record at `path` if it is intact (check_record) and was built from exactly `inputs`; a record
+    that cannot be read, was edited or lists a truncated file is not up to date: the stage is rebuilt."""
     if path.is_file():
-        record = read_json(path)
-        if isinstance(record, dict) and record.get("inputs") == inputs:
+        try:
+            record = check_record(path)
+        except ArtifactError:
+            return None
+        if record.get("inputs") == inputs:
             return record
     return None
 
@@ -35,7 +40,8 @@ def finished_training(out: Path, inputs: dict) -> dict | None:
 
 
 def finish_training(out: Path, record: dict) -> dict:
-    write_json(out / "metrics.json", record)
+    ranks = out / "test_ranks.npy"
+    record = write_record(out / "metrics.json", record, files=[ranks] if ranks.is_file() else [])
     clear_resume(out)
     return record
 

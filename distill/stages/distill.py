@@ -12,7 +12,8 @@ from distill.cache import TeacherCache
 from distill.config import Recipe
 from distill.data import Split
 from distill.errors import ConfigError
-from distill.losses import EmbeddingAlignment, RankingDistillation, SoftTargetKL, TeacherTargets, WeightedLoss
+from distill.losses import (EmbeddingAlignment, ImportanceRankingKD, PairwiseRankingKD, SoftTargetKL, TeacherTargets,
+                            WeightedLoss)
 from distill.stages.common import finish_training, finished_training, model_dir
 
 
@@ -25,13 +26,17 @@ def inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
 
 
 def distillation_loss(recipe: Recipe, split: Split, teacher_dim: int) -> WeightedLoss:
-    """own + KL + ranking + alignment, weighted as the recipe declares (a term of weight 0 is never built)."""
+    """own + KL + pairwise + importance-aware ranking + alignment, weighted as the recipe declares
+    (a term of weight 0 is never built)."""
     from student.train import own_loss
     d = recipe.distill
     return WeightedLoss({
         "own": (d.own_weight, lambda: own_loss(recipe, split)),
         "kd": (d.kd_weight, lambda: SoftTargetKL(d.temperature)),
-        "rank": (d.rank_weight, lambda: RankingDistillation(split.n_items, d.rank_lambda, d.rank_negatives)),
+        "pairwise": (d.pairwise_weight,
+                     lambda: PairwiseRankingKD(split.n_items, d.pairwise_lambda, d.pairwise_negatives)),
+        "ird": (d.ird_weight, lambda: ImportanceRankingKD(split.n_items, d.ird_k, d.ird_lambda, d.ird_gammas,
+                                                          d.ird_temperature, d.ird_negatives)),
         "align": (d.align_weight, lambda: EmbeddingAlignment(recipe.student.hidden_size, teacher_dim, d.align)),
     })
 

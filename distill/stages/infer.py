@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.artifacts import read_json
+from distill.artifacts import json_digest, read_json, read_record
 from distill.cache import cache_key
 from distill.config import Recipe
 from distill.data import Split
+from distill.errors import ArtifactError
 
 
 def up_to_date(recipe: Recipe, run: Path, split: Split) -> dict | None:
@@ -15,9 +16,15 @@ def up_to_date(recipe: Recipe, run: Path, split: Split) -> dict | None:
     out = run / "teacher_cache"
     if not (out / "manifest.json").is_file():
         return None
-    key = cache_key(recipe, split, read_json(run / "teacher" / "teacher.json")["checkpoint_hash"])
-    manifest = read_json(out / "manifest.json")
-    return manifest if isinstance(manifest, dict) and all(manifest.get(k) == v for k, v in key.items()) else None
+    key = cache_key(recipe, split, read_record(run / "teacher" / "teacher.json", "checkpoint_hash")["checkpoint_hash"])
+    try:
+        manifest = read_json(out / "manifest.json")
+    except ArtifactError:  # unreadable: not up to date, inference rebuilds the cache
+        return None
+    if not isinstance(manifest, dict) or json_digest({k: v for k, v in manifest.items() if k != "manifest_sha256"}) \
+            != manifest.get("manifest_sha256"):
+        return None
+    return manifest if all(manifest.get(k) == v for k, v in key.items()) else None
 
 
 def run(recipe: Recipe, run: Path, split: Split, merge_only: bool = False) -> dict | None:

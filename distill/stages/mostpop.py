@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.artifacts import save_array, write_json
+from distill.artifacts import atomic_dir, save_array, write_record
 from distill.baselines import MostPop
 from distill.config import Recipe
 from distill.data import Split
@@ -24,7 +24,8 @@ def run(recipe: Recipe, run: Path, split: Split) -> dict:
     model = MostPop(split)
     results = evaluate_model(split, lambda stage: model.encode(split.history(stage)), model.item_vectors(),
                              recipe.eval)
-    record = metrics_record(results, split, inputs=wanted)
-    save_array(path.parent / "test_ranks.npy", results["test"].ranks)
-    write_json(path, record)
+    with atomic_dir(path.parent) as tmp:  # both files or neither
+        save_array(tmp / "test_ranks.npy", results["test"].ranks)
+        record = write_record(tmp / "metrics.json", metrics_record(results, split, inputs=wanted),
+                              files=[tmp / "test_ranks.npy"])
     return record
