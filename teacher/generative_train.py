@@ -28,7 +28,8 @@ from teacher.generative import (GenerativeRecommender, build_generative, save_ge
 
 
 class GenerativeTask:
-    metric = "valid_HR@1"   # early stopping reads the validation HR@1 of the generated answers
+    metric = "valid_HR@1"   # the best epoch: validation HR@1 of the generated answers
+    patience_metrics = (metric, "valid_ValidRatio")   # training goes on while it learns to name a candidate
 
     def __init__(self, model: GenerativeRecommender, split: Split):
         self.model, self.split, self.cfg = model, split, model.cfg
