@@ -209,8 +209,10 @@ def markdown(r: dict, args, wall: float) -> str:
         "shorter (no candidate list) in one forward pass, while the generative model also decodes its answer token "
         "by token. " + ("Confirmed." if speed > 1 and lat > 1 else "Not confirmed on this run."),
         f"- *Memory*: peak RSS {mib(d['peak_rss'])} vs {mib(g['peak_rss'])} in inference, {mib(td['peak_rss'])} vs "
-        f"{mib(tg['peak_rss'])} in training. The 4-layer SmolLM2 weights dominate both; the saving that matters is "
-        "the untied head of larger LLMs (above) and the KV cache generation keeps for the 20-candidate prompt. "
+        f"{mib(tg['peak_rss'])} in training. The backbone weights are common to both; the generative model reads "
+        f"{g['prompt_tokens_per_user'] / d['tokens_per_user']:.1f}x the tokens per user (the 20-candidate list), so "
+        "its activations, its KV cache while decoding and its vocabulary-sized logits take the difference; with an "
+        "untied head (Llama-2-7B) it would also hold the head's weights. "
         + ("Confirmed (the dense teacher uses over 5% less in both)."
            if d["peak_rss"] < 0.95 * g["peak_rss"] and td["peak_rss"] < 0.95 * tg["peak_rss"]
            else "Not confirmed at this scale: the two differ by less than 5%, within what allocator noise moves."),
