@@ -276,6 +276,13 @@ class BenchConfig(_Section):
     teacher_backends: list = _help("Inference backends the teacher's serving cost is measured with "
                                    "(deepspeed, hf), each in its own process.", ["hf", "deepspeed"],
                                    items=str, nonempty=True, choices=("hf", "deepspeed"))
+    users: typing.Optional[int] = _help("Test users every model serves in the throughput sweep (the same users for "
+                                        "every model); unset = all test users.", None, min=1)
+    latency_users: int = _help("Users timed one at a time (batch 1) for the latency percentiles, the same for "
+                               "every model.", 100, min=1)
+    batch_sizes: list = _help("Batch sizes of the throughput sweep; the report's throughput is each model's best.",
+                              [1, 32, 256, 1024], items=int, nonempty=True, min=1)
+    passes: int = _help("Passes per batch size; the median pass counts.", 3, min=1)
 
 
 @dataclass

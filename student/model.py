@@ -125,6 +125,14 @@ class SASRec(nn.Module):
         """(N+1, d) float32 item table; row 0 is padding."""
         return self.item_emb.weight.detach().numpy()
 
+    def flops_per_user(self, histories: Histories) -> np.ndarray:
+        """(n,) multiply-adds x 2 to encode each history (every block over all T positions, the last
+        block's attention and MLP at the last one) and score the catalogue."""
+        d, L, N = self.cfg.hidden_size, self.cfg.num_layers, self.cfg.n_items
+        T = np.minimum(histories.lengths, self.cfg.max_len).astype(np.float64)
+        per_token = 2 * (12 * d * d) + 2 * 2 * T * d            # qkv + proj + MLP (4d), then scores and values
+        return (L - 1) * T * per_token + 2 * 3 * d * d * T + per_token + 2 * (N + 1) * d
+
 
 def save_student(model: SASRec, folder: Path, meta: dict) -> None:
     """Checkpoint = model.safetensors + config.json (+ metadata such as the split hash)."""

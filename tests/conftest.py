@@ -77,7 +77,7 @@ def tiny_recipe_overrides(data: Path, model: Path) -> list[str]:
             "teacher.eval_batch_size=16",
             "distill.epochs=3", "distill.positions=2", "distill.k=5", "distill.backend=hf",
             "distill.shard_users=16",
-            "bench.teacher_backends=[hf]"]
+            "bench.teacher_backends=[hf]", "bench.batch_sizes=[1, 32]", "bench.latency_users=20", "bench.passes=1"]
 
 
 @pytest.fixture
