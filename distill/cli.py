@@ -65,6 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every artifact of a run: ok, stale or corrupt")
     p.add_argument("run", help="run folder")
 
+    p = sub.add_parser("export", help="write RUN's student as a self-contained folder a service loads")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--out", required=True, help="export folder (outside the run; new, empty or a previous export)")
+    p.add_argument("--model", choices=["student_distilled", "student_alone"], default="student_distilled")
+    p = sub.add_parser("recommend", help="top-K next items for one history from an exported folder")
+    p.add_argument("dir", help="an `anyo export` folder")
+    p.add_argument("--history", required=True, help="raw item ids as in your data, oldest first: ID,ID,...")
+    p.add_argument("-k", type=int, default=10, help="how many items (default 10)")
+    p.add_argument("--json", action="store_true", help='print {"items": [{"item", "title", "score"}, ...]}')
+    p.add_argument("--include-seen", action="store_true", help="do not exclude the history's items")
+    p = sub.add_parser("serve", help="serve an exported folder over HTTP (FastAPI + uvicorn)")
+    p.add_argument("dir", help="an `anyo export` folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+
     p = sub.add_parser("run", help="the whole pipeline, each stage skipped when up to date")
     p.add_argument("recipe")
     p.add_argument("--out", required=True)
@@ -91,6 +108,7 @@ def handler(args):
         "student train": commands.cmd_student_train, "teacher train": commands.cmd_teacher_train,
         "teacher infer": commands.cmd_teacher_infer, "distill": commands.cmd_distill, "bench": commands.cmd_bench,
         "verify": commands.cmd_verify, "run": commands.cmd_run,
+        "export": commands.cmd_export, "recommend": commands.cmd_recommend, "serve": commands.cmd_serve,
     }
     return table[" ".join(filter(None, (args.command, getattr(args, "action", None))))]
 

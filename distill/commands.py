@@ -147,3 +147,18 @@ def cmd_evaluate(args) -> None:
 def cmd_verify(args) -> int:
     from distill.verify import cmd_verify as verify
     return verify(args)
+
+
+def cmd_export(args) -> None:
+    from distill.export import cmd_export as export
+    export(args)
+
+
+def cmd_recommend(args) -> None:
+    from distill.export import cmd_recommend as recommend
+    recommend(args)
+
+
+def cmd_serve(args) -> None:
+    from distill.server import cmd_serve as serve   # FastAPI is imported only to serve
+    serve(args)

@@ -80,7 +80,7 @@ DESTRUCTIVE = [
     ("train-out-stage", lambda r, o: ["student", "train", RECIPE, "--out", str(r / "student_alone")] + sets(o),
      "is a stage folder"),
     ("merge-without-shards", lambda r, o: ["teacher", "infer", RECIPE, "--out", str(r), "--merge"] + sets(o),
-     "missing"),
+     "no shards to merge"),
 ]
 
 

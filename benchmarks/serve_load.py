@@ -1,0 +1,357 @@
+"""Load test of `anyo serve` plus the in-process serving path; writes benchmarks/serving.md.
+
+    python benchmarks/serve_load.py --export DIR [--clients 8] [--seconds 20] [--split RUN/split]
+
+1. In process (the `Recommender` that `anyo recommend` and `anyo serve` use): users/s at
+   batch 1, 32, 256 and 1,024 (encode + top-10 with the history masked; median of 3 passes),
+   latency p50/p95 at batch 1, and the encoder's achieved FLOP/s against a torch matmul
+   (2,048 x 2,048 x 2,048 sgemm) measured here with the same thread count.
+2. Over HTTP: starts `anyo serve DIR` on 127.0.0.1 on a free port (a subprocess), drives
+   POST /recommend from `--clients` threads, each with its own keep-alive `http.client`
+   connection, for `--seconds` seconds (at most `--max-requests` requests in all), while one
+   more thread sends the bad inputs of tests/test_server.py in turn; then stops the server.
+   Reports requests/s, latency p50/p95/p99, errors among good requests, bad inputs answered
+   4xx, and the server's RSS at start and end.
+
+Histories are the split's test histories with `--split` (raw ids from users' data), else
+random histories of 5 to 100 catalogue items (seeded). Loopback only; stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATE = "2026-11-30"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def histories_for(exp, split_dir: str | None, n: int, seed: int = 0) -> list[list[str]]:
+    if split_dir:
+        from distill.data import load_split
+        split = load_split(split_dir)
+        if split.hash != exp.manifest["split_hash"]:
+            raise SystemExit(f"--split {split_dir}: split {split.hash}, the export was built from {exp.manifest['split_hash']}")
+        hist = split.history("test")
+        return [[split.items[i] for i in hist.row(u % split.n_users)] for u in range(n)]
+    rng = np.random.default_rng(seed)
+    return [[exp.raw_ids[i] for i in rng.choice(np.arange(1, exp.n_items + 1), size=min(exp.n_items - 1, int(rng.integers(5, 101))),
+                                                replace=False)] for _ in range(n)]
+
+
+# ---------------------------------------------------------------- in process
+
+def in_process(exp, hists: list[list[str]], threads: int) -> dict:
+    import torch
+    from distill.data import Histories
+    from distill.recommender import encoder_flops
+    torch.set_num_threads(threads)
+    rec = exp.recommender
+    rows = [exp.to_internal(h) for h in hists]
+    clock = time.perf_counter
+
+    def batches(b):
+        return [Histories.from_rows(rows[i:i + b]) for i in range(0, len(rows) - b + 1, b)]
+
+    out = {"threads": threads, "throughput": {}, "cpu_throughput": {}}
+    for b in (1, 32, 256, 1024):
+        hs = batches(b)[: (256 if b == 1 else 2048) // b]
+        rec.top_k(hs[0], 10)  # warm-up
+        passes, cpu = [], []
+        for _ in range(3):
+            t, c = clock(), time.process_time()
+            for h in hs:
+                rec.top_k(h, 10)
+            passes.append(clock() - t)
+            cpu.append(time.process_time() - c)
+        out["throughput"][b] = len(hs) * b / float(np.median(passes))
+        out["cpu_throughput"][b] = len(hs) * b / float(np.median(cpu))  # users per CPU-second (all threads)
+    lat, lat_cpu = [], []
+    for h in batches(1)[:256]:
+        t, c = clock(), time.thread_time()
+        rec.top_k(h, 10)
+        lat.append((clock() - t) * 1000)
+        lat_cpu.append((time.thread_time() - c) * 1000)
+    out["latency_ms"] = {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
+                         "cpu_p50": float(np.percentile(lat_cpu, 50))}
+    # encoder alone at batch 1,024 (chunked as in serving), and FLOP/s
+    hs = batches(1024)
+    widths = [min(rec.max_len, int(h.lengths.max())) for h in hs]
+    enc = []
+    for _ in range(3):
+        t = clock()
+        for h in hs:
+            rec.encode(h)
+        enc.append(clock() - t)
+    users = len(hs) * 1024
+    flops = sum(encoder_flops(rec.model.cfg, w, rec.n_rows)["encode"] * 1024 for w in widths)
+    # per user, the histories' own widths (the batch is padded to its longest, so that is what runs)
+    out["encode_users_per_s"] = users / float(np.median(enc))
+    out["encode_gflops"] = flops / float(np.median(enc)) / 1e9
+    out["flops_per_user"] = encoder_flops(rec.model.cfg, max(widths), rec.n_rows)
+    a, b_ = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    torch.mm(a, b_)
+    mm = []
+    for _ in range(5):
+        t = clock()
+        torch.mm(a, b_)
+        mm.append(clock() - t)
+    out["matmul_gflops"] = 2 * 2048 ** 3 / float(np.median(mm)) / 1e9
+    return out
+
+
+# ---------------------------------------------------------------- over HTTP
+
+def rss_bytes(pid: int) -> int:
+    import psutil
+    p = psutil.Process(pid)
+    return sum(q.memory_info().rss for q in [p] + p.children(recursive=True))
+
+
+def bad_requests(exp, max_history: int) -> list[tuple[str, bytes, str, str]]:
+    """(path, body, content type, what) for each bad input the load test sends."""
+    good = [exp.raw_ids[1], exp.raw_ids[2]]
+    j = lambda o: json.dumps(o).encode()
+    return [("/recommend", j({"history": good + ["no-such-item"]}), "application/json", "unknown id"),
+            ("/recommend", j({"history": []}), "application/json", "empty history"),
+            ("/recommend", j({"history": good, "k": 0}), "application/json", "k = 0"),
+            ("/recommend", j({"history": good, "k": exp.n_items + 1}), "application/json", "k > catalogue"),
+            ("/recommend", j({"history": good[0]}), "application/json", "history not a list"),
+            ("/recommend", j({"history": list(range(1_000_000))}), "application/json", "a million ids"),
+            ("/recommend", j({"history": ["1"] * (max_history + 1)}), "application/json", "history too long"),
+            ("/recommend", b'{"history": [1, 2', "application/json", "malformed JSON"),
+            ("/recommend", j({"history": good}), "text/plain", "wrong content type"),
+            ("/recommend/batch", j({"histories": [good, []]}), "application/json", "empty history in a batch")]
+
+
+def http_load(args, exp, hists: list[list[str]]) -> dict:
+    from distill.server import MAX_HISTORY
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "distill.cli", "serve", args.export, "--port", str(port),
+           "--workers", str(args.workers), "--threads", str(args.threads)]
+    server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    c.close()
+                    break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"server did not start: {server.stderr.read().decode()[-2000:] if server.poll() is not None else 'timeout'}")
+            time.sleep(0.2)
+        rss_start = rss_bytes(server.pid)
+        import psutil
+        cpu0 = sum(sum(q.cpu_times()[:2]) for q in [psutil.Process(server.pid)] + psutil.Process(server.pid).children(recursive=True))
+        bodies = [json.dumps({"history": h, "k": 10}).encode() for h in hists]
+        stop = threading.Event()
+        lock = threading.Lock()
+        lat: list[float] = []
+        errors: dict[str, int] = {}
+        count = [0]
+
+        def note_error(what):
+            with lock:
+                errors[what] = errors.get(what, 0) + 1
+
+        def client(i: int) -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            headers = {"content-type": "application/json"}
+            mine, j = [], i
+            while not stop.is_set():
+                with lock:
+                    if count[0] >= args.max_requests:
+                        break
+                    count[0] += 1
+                body = bodies[j % len(bodies)]
+                j += args.clients
+                t = time.perf_counter()
+                try:
+                    conn.request("POST", "/recommend", body, headers)
+                    r = conn.getresponse()
+                    data = r.read()
+                    dt = (time.perf_counter() - t) * 1000
+                    if r.status != 200 or not json.loads(data)["items"]:
+                        note_error(f"HTTP {r.status}")
+                    else:
+                        mine.append(dt)
+                except (OSError, http.client.HTTPException) as e:
+                    note_error(type(e).__name__)
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.close()
+            with lock:
+                lat.extend(mine)
+
+        bad = bad_requests(exp, MAX_HISTORY)
+        bad_results: list[tuple[str, int]] = []
+
+        def bad_client() -> None:
+            n = 0
+            while not stop.is_set() and n < 20 * len(bad):
+                path, body, ctype, what = bad[n % len(bad)]
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                try:
+                    conn.request("POST", path, body, {"content-type": ctype})
+                    bad_results.append((what, conn.getresponse().status))
+                except (OSError, http.client.HTTPException):
+                    bad_results.append((what, -1))
+                finally:
+                    conn.close()
+                n += 1
+                stop.wait(0.25)
+
+        workers = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+        workers.append(threading.Thread(target=bad_client))
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        stop.wait(args.seconds)
+        stop.set()
+        for w in workers:
+            w.join(timeout=60)
+        elapsed = time.perf_counter() - t0
+        rss_end = rss_bytes(server.pid)
+        cpu1 = sum(sum(q.cpu_times()[:2]) for q in [psutil.Process(server.pid)] + psutil.Process(server.pid).children(recursive=True))
+        # the server still answers after everything
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("POST", "/recommend", bodies[0], {"content-type": "application/json"})
+        after = c.getresponse().status
+        c.close()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    ok = np.asarray(lat)
+    return {"requests": len(ok), "seconds": elapsed, "rps": len(ok) / elapsed,
+            "p50": float(np.percentile(ok, 50)), "p95": float(np.percentile(ok, 95)),
+            "p99": float(np.percentile(ok, 99)), "errors": errors,
+            "bad": {"sent": len(bad_results), "answered_4xx": sum(400 <= s < 500 for _, s in bad_results),
+                    "kinds": sorted({what for what, _ in bad_results}),
+                    "not_4xx": sorted({f"{w}: {s}" for w, s in bad_results if not 400 <= s < 500})},
+            "rss_start": rss_start, "rss_end": rss_end, "after_status": after,
+            "server_cpu_ms_per_request": (cpu1 - cpu0) * 1000 / max(1, len(ok) + len(bad_results))}
+
+
+# ---------------------------------------------------------------- report
+
+def write_md(path: Path, args, exp, procs: list[dict], http: dict | None, machine: str) -> None:
+    cmd = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
+    tag = f"(`{cmd}`, {DATE})"
+    cfg = exp.recommender.model.cfg
+    lines = ["# Serving benchmark", "",
+             f"Model: `{exp.manifest['model']}` from `{args.export}` (SASRec {cfg.hidden_size}d x {cfg.num_layers} "
+             f"layers, max_len {cfg.max_len}, {exp.n_items:,} items, split {exp.manifest['split_hash']}). "
+             f"Machine: {machine}. Histories: {'test histories of ' + args.split if args.split else 'random'}. "
+             "Every figure: command and date beside it; this sandbox's 2 cores are shared with other "
+             "jobs, so figures move a lot from one run to the next.", "",
+             "## In process (encode + top-10, history masked)", "",
+             "Wall-clock users/s; in brackets users per CPU-second of this process (less sensitive to the "
+             "other jobs on the machine). Latency p50 / p95 wall-clock, p50 of the thread's CPU time in brackets.", "",
+             "| torch threads | batch 1 | batch 32 | batch 256 | batch 1,024 | p50 / p95 at batch 1 | encoder alone at 1,024 | encoder FLOP/s | matmul peak | share of peak | source |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in procs:
+        t, c = p["throughput"], p["cpu_throughput"]
+        lines.append(f"| {p['threads']} | " + " | ".join(f"{t[b]:,.0f} ({c[b]:,.0f})" for b in (1, 32, 256, 1024)) +
+                     f" | {p['latency_ms']['p50']:.2f} / {p['latency_ms']['p95']:.2f} ms ({p['latency_ms']['cpu_p50']:.2f} ms) | "
+                     f"{p['encode_users_per_s']:,.0f} users/s | {p['encode_gflops']:.1f} GFLOP/s | "
+                     f"{p['matmul_gflops']:.1f} GFLOP/s | {p['encode_gflops'] / p['matmul_gflops']:.0%} | {tag} |")
+    f = procs[0]["flops_per_user"]
+    lines += ["", f"FLOPs per user (2 x multiply-adds, history {cfg.max_len} long): encoder {f['encode'] / 1e6:.2f} M, "
+              f"scoring against the catalogue {f['score'] / 1e6:.2f} M (LayerNorm, GELU, softmax not counted). "
+              f"Targets: >= 15,000 users/s at batch 1,024; p50 <= 0.5 ms at batch 1.", ""]
+    if http:
+        b = http["bad"]
+        lines += ["## Over HTTP (`anyo serve`, POST /recommend, k = 10)", "",
+                  "| clients | workers x threads | seconds | requests | requests/s | p50 | p95 | p99 | errors (good requests) | bad inputs answered 4xx | server RSS start -> end | server CPU per request | source |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+                  f"| {args.clients} | {args.workers} x {args.threads} | {http['seconds']:.1f} | {http['requests']:,} | "
+                  f"{http['rps']:,.0f} | {http['p50']:.2f} ms | {http['p95']:.2f} ms | {http['p99']:.2f} ms | "
+                  f"{sum(http['errors'].values())} | {b['answered_4xx']} of {b['sent']} | "
+                  f"{http['rss_start'] / 2**20:.0f} -> {http['rss_end'] / 2**20:.0f} MiB | "
+                  f"{http['server_cpu_ms_per_request']:.2f} ms | {tag} |", "",
+                  f"Bad inputs sent during the load, in turn: {', '.join(b['kinds'])}."
+                  + (f" Not answered 4xx: {', '.join(b['not_4xx'])}." if b["not_4xx"] else "")
+                  + f" A good request after the load: HTTP {http['after_status']}."
+                  + (f" Errors: {json.dumps(http['errors'])}." if http["errors"] else ""),
+                  "The clients run in one Python process (threads, `http.client`, keep-alive) on the same 2 cores "
+                  "as the server. Target: p50 <= 3 ms with 8 concurrent clients.", ""]
+    best = max(procs, key=lambda p: p["throughput"][1024])
+    fast = min(procs, key=lambda p: p["latency_ms"]["p50"])
+    rows = [(">= 15,000 users/s at batch 1,024 (encode + top-10, seen masked)",
+             f"{best['throughput'][1024]:,.0f} users/s ({best['threads']} thread(s))", best["throughput"][1024] >= 15_000),
+            ("p50 <= 0.5 ms per user at batch 1, in process",
+             f"{fast['latency_ms']['p50']:.2f} ms ({fast['threads']} thread(s))", fast["latency_ms"]["p50"] <= 0.5)]
+    if http:
+        rows.append(("HTTP p50 <= 3 ms with 8 concurrent clients", f"{http['p50']:.2f} ms with {args.clients}",
+                     http["p50"] <= 3 and args.clients >= 8))
+        rows.append(("0 errors among good requests; every bad input 4xx",
+                     f"{sum(http['errors'].values())} errors; {http['bad']['answered_4xx']} of {http['bad']['sent']} 4xx",
+                     not http["errors"] and http["bad"]["answered_4xx"] == http["bad"]["sent"]))
+    lines += ["## Targets", "", "| target | measured | met | source |", "|---|---|---|---|"]
+    lines += [f"| {t} | {m} | {'yes' if ok else 'no'} | {tag} |" for t, m, ok in rows]
+    lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--export", required=True, help="an `anyo export` folder")
+    ap.add_argument("--split", default=None, help="RUN/split: use its test histories (else random histories)")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--max-requests", type=int, default=1_000_000)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each server worker")
+    ap.add_argument("--in-process-threads", default="1,2", help="torch thread counts measured in process")
+    ap.add_argument("--no-http", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "serving.md"))
+    args = ap.parse_args()
+    if not 1 <= args.clients <= 64 or not 0 < args.seconds <= 600:
+        raise SystemExit("--clients must be 1..64 and --seconds 0..600")
+    from distill.export import load_export
+    exp = load_export(args.export)
+    hists = histories_for(exp, args.split, 2048)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}"
+    load0 = os.getloadavg()[0]
+    procs = []
+    for t in [int(x) for x in args.in_process_threads.split(",") if x]:
+        procs.append(in_process(exp, hists, t))
+        print(json.dumps(procs[-1]), flush=True)
+    http = None if args.no_http else http_load(args, exp, hists)
+    if http:
+        print(json.dumps(http), flush=True)
+    machine += f"; load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    write_md(Path(args.out), args, exp, procs, http, machine)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

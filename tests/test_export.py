@@ -1,0 +1,155 @@
+"""`anyo export` / `anyo recommend`: the served ranking is the evaluated ranking; tampering is refused."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from distill.cli import main
+from distill.data import Histories, load_split
+from distill.errors import ArtifactError
+from distill.export import load_export
+from distill.harness import Exclusions, ItemIndex
+from distill.recommender import Recommender
+from student.model import SASRecConfig
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    run, _ = tiny_run
+    out = tmp_path_factory.mktemp("export") / "distilled"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    return run, out
+
+
+def test_export_folder_is_self_contained(exported):
+    run, out = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    names = {"model.safetensors", "config.json", "items.tsv", "items.faiss", "metrics.json", "README.md"}
+    assert set(manifest["files"]) == names and {p.name for p in out.iterdir()} == names | {"manifest.json"}
+    split = load_split(run / "split")
+    card = (out / "README.md").read_text()
+    metrics = json.loads((run / "student_distilled" / "metrics.json").read_text())
+    assert split.hash in card and f"{metrics['metrics']['NDCG@10']:.4f}" in card
+    exp = load_export(out)
+    assert exp.raw_ids[1:] == split.items[1:] and exp.n_items == split.n_items
+
+
+def test_served_ranking_is_the_harness_ranking(exported):
+    """For every test user: the target's position in the served list is the one in test_ranks.npy."""
+    run, out = exported
+    split = load_split(run / "split")
+    exp = load_export(out)
+    hist, targets = split.history("test"), split.targets("test")
+    ranks = np.load(run / "student_distilled" / "test_ranks.npy")
+    k = ranks.max() + 1 if ranks.max() >= 0 else 20
+    k = max(int(k), 20)
+    raw = [[split.items[i] for i in hist.row(u)] for u in range(split.n_users)]
+    served = exp.recommend_many(raw, k=min(k, split.n_items))
+    # the harness never masks the target: compare where the target is not in the history
+    fair = np.array([targets[u] not in set(hist.row(u).tolist()) for u in range(split.n_users)])
+    assert fair.sum() >= split.n_users // 2
+    got = np.array([next((r for r, it in enumerate(items) if it["item"] == split.items[targets[u]]), -1)
+                    for u, items in enumerate(served)])
+    got = np.where(got >= 20, -1, got)  # test_ranks covers the harness's max K (20)
+    assert np.array_equal(got[fair], ranks[fair])
+    # and the whole lists equal the harness's search over the same vectors with the same masking
+    from student.train import encode
+    users = encode(exp.recommender.model, hist)
+    ids, _ = ItemIndex(exp.recommender.items.numpy()).search(users, 10, Exclusions.from_histories(hist, split.n_items + 1))
+    served_ids = [[exp.id_of[it["item"]] for it in items[:10]] for items in served]
+    assert [list(r[r > 0]) for r in ids] == served_ids
+
+
+def test_recommend_cli_json_and_seen_items(exported, capsys):
+    run, out = exported
+    split = load_split(run / "split")
+    history = [split.items[i] for i in split.history("test").row(0)]
+    capsys.readouterr()
+    assert main(["recommend", str(out), "--history", ",".join(history), "-k", "5", "--json"]) == 0
+    items = json.loads(capsys.readouterr().out)["items"]
+    assert len(items) == 5 and not set(it["item"] for it in items) & set(history)
+    assert items == load_export(out).recommend(history, 5)
+    assert [it["score"] for it in items] == sorted((it["score"] for it in items), reverse=True)
+    assert main(["recommend", str(out), "--history", ",".join(history), "-k", "5", "--include-seen", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["items"] == load_export(out).recommend(history, 5, include_seen=True)
+    assert main(["recommend", str(out), "--history", f"{history[0]},nope,zilch", "--json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("anyo: error:") and "'nope'" in err and "'zilch'" in err and "\n" not in err
+
+
+def test_tampered_or_missing_file_is_refused(exported, tmp_path, capsys):
+    _, out = exported
+    for name, damage in [("items.tsv", lambda p: p.write_text(p.read_text().replace("\t", " ", 1))),
+                         ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:-1] + b"\0")),
+                         ("items.faiss", lambda p: p.unlink())]:
+        copy = tmp_path / name
+        shutil.copytree(out, copy)
+        damage(copy / name)
+        with pytest.raises(ArtifactError, match=name):
+            load_export(copy)
+        capsys.readouterr()
+        assert main(["recommend", str(copy), "--history", "x"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("anyo: error:") and name in err and err.count("\n") == 1
+
+
+def test_export_refuses_unsafe_out(exported, tmp_path, capsys):
+    run, out = exported
+    for bad in (run / "export", run / "student_distilled" / "x", run):
+        assert main(["export", str(run), "--out", str(bad)]) == 2
+        assert "inside the run folder" in capsys.readouterr().err
+        assert not (run / "export").exists() and not (run / "student_distilled" / "x").exists()
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    assert main(["export", str(run), "--out", str(user)]) == 2
+    assert "not an anyo export" in capsys.readouterr().err and (user / "notes.txt").read_text() == "keep me"
+    # a previous export is replaced (atomically), with the other model
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    assert main(["export", str(run), "--out", str(again), "--model", "student_alone"]) == 0
+    assert load_export(again).manifest["model"] == "student_alone"
+
+
+class IntegerModel(torch.nn.Module):
+    """A stand-in encoder with small-integer user and item vectors: every score is exact, so ties are exact."""
+
+    def __init__(self, n_items: int, dim: int = 4):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.cfg = SASRecConfig(n_items=n_items, max_len=8)
+        self.table = torch.randint(-2, 3, (5, dim), generator=g).float()[torch.arange(n_items + 1) % 5]
+        self.table[0] = 0
+
+    def encode_users(self, padded):
+        return torch.stack([padded[:, -1] % 3 - 1, padded[:, -2] % 2, padded.sum(1) % 3 - 1,
+                            torch.ones(len(padded), dtype=torch.int64)], 1).float()
+
+    def item_vectors(self):
+        return self.table
+
+
+def test_ties_are_broken_by_lower_id_like_the_harness():
+    """Items are 8 copies of 5 vectors (exact 8-way ties across every cut): the torch path equals the harness's
+    exact path ("brute", ties by lower id everywhere); above the threshold the harness's FAISS search is used."""
+    model = IntegerModel(40)
+    rng = np.random.default_rng(0)
+    hist = Histories.from_rows([rng.integers(1, 41, size=rng.integers(2, 12)) for _ in range(64)])
+    rec = Recommender(model)
+    users = rec.encode(hist).numpy()
+    items = model.item_vectors().numpy()
+    exclude = Exclusions.from_histories(hist, 41)
+    for k in (1, 3, 7, 10, 40):
+        ids, scores = rec.top_k(hist, k)
+        want, want_scores = ItemIndex(items, "brute").search(users, k, exclude)
+        assert np.array_equal(ids, want) and np.array_equal(scores, want_scores), k
+        assert (ids[:, -1] == -1).all() if k == 40 else (ids > 0).all()
+        # the FAISS path is the harness's Flat search itself (which, at exact ties across its search
+        # depth, may keep a higher id: FAISS's heap does not order ties)
+        flat, _ = ItemIndex(items, "Flat").search(users, k, exclude)
+        assert np.array_equal(Recommender(model, torch_max_items=10).top_k(hist, k)[0], flat)
+    want, _ = ItemIndex(items, "brute").search(users, 7)
+    assert np.array_equal(rec.top_k(hist, 7, exclude_seen=False)[0], want)
