@@ -34,10 +34,8 @@ class Recommender:
                  index: ItemIndex | None = None):
         self.model = model.eval()
         self.max_len = int(model.cfg.max_len)
-        with torch.inference_mode():
-            table = model.item_vectors().detach() if item_vectors is None else torch.from_numpy(
-                np.ascontiguousarray(item_vectors, dtype=np.float32))
-        self.items = table.float().contiguous()              # (N+1, d)
+        table = model.item_vectors() if item_vectors is None else item_vectors
+        self.items = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32))   # (N+1, d)
         self.items_t = self.items.t().contiguous()           # (d, N+1): the matmul reads rows contiguously
         self.n_rows = self.items.shape[0]
         self.use_torch = self.n_rows <= torch_max_items

@@ -68,7 +68,7 @@ def test_report_schema(tiny_run):
         m = r["models"][name]
         assert {"metrics", "metrics_std", "seeds", "params", "trainable_params", "checkpoint_bytes",
                 "peak_rss_bytes", "latency_ms", "throughput_users_per_s"} <= set(m)
-        assert set(m["latency_ms"]) == {"p50", "p95"}
+        assert set(m["latency_ms"]) == {"p50", "p95", "users"}
     assert set(r["models"]["teacher"]["backends"]) == {"hf"}  # the tiny recipe's bench.teacher_backends
     for m in r["models"].values():                   # every model on the same users, the teacher included
         assert m["latency_ms"]["users"] == 20 and m["users"] == 40 and set(m["throughput_by_batch"]) == {"1", "32"}
