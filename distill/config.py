@@ -130,18 +130,47 @@ class _Section:
         """Checks that involve more than one field."""
 
 
+DATA_FORMATS = ("recbole", "parquet", "csv", "jsonl")
+
+
+@dataclass
+class ColumnsConfig(_Section):
+    key: typing.ClassVar[str] = "data.columns"
+    user: str = _help("Column of the interactions holding the user token.", "user_id", nonempty=True)
+    item: str = _help("Column of the interactions (and of data.items) holding the item token.", "item_id",
+                      nonempty=True)
+    time: str = _help("Column of the interactions holding the timestamp (a number or a date-time); optional "
+                      "for RecBole files (file order then).", "timestamp", nonempty=True)
+    title: str = _help("Column of data.items holding the title (parquet, csv, jsonl; RecBole files use "
+                       "data.title_field).", "title", nonempty=True)
+
+
 @dataclass
 class DataConfig(_Section):
     key: typing.ClassVar[str] = "data"
-    name: str = _help("Data set name: `ml-100k` is the embedded copy; with `path`, the file stem of NAME.inter.",
-                      "ml-100k", nonempty=True)
-    path: typing.Optional[str] = _help("Folder holding NAME.inter (and optionally NAME.item); unset = embedded data.",
-                                       None, nonempty=True)
+    name: str = _help("Data set name: `ml-100k` is the embedded copy; with `path` (format recbole), the file stem "
+                      "of NAME.inter.", "ml-100k", nonempty=True)
+    path: typing.Optional[str] = _help("recbole: folder holding NAME.inter (and optionally NAME.item), unset = "
+                                       "embedded data; parquet/csv/jsonl: the interactions file.", None, nonempty=True)
+    format: str = _help("Format of the data files: `recbole` (atomic .inter/.item), `parquet`, `csv` (with a "
+                        "header) or `jsonl` (one JSON object a line), read with `datasets`.", "recbole",
+                        choices=DATA_FORMATS)
+    items: typing.Optional[str] = _help("parquet/csv/jsonl: optional item file in the same format with the "
+                                        "columns.item and columns.title columns.", None, nonempty=True)
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     title_field: typing.Optional[str] = _help("Column of NAME.item holding the title; unset = first token_seq column.",
                                               None, nonempty=True)
     max_len: int = _help("Longest history a model reads (older items are cut).", 50, min=2)
     min_interactions: int = _help("k-core filter on users and items; 0 disables it.", 0, min=0)
     seed: int = _help("Seed for the 19 negatives of the candidate protocol.", 2024, min=0, max=SEED_MAX)
+
+    def check(self):
+        if self.format == "recbole":
+            _require(self.items is None, "data.items", "applies to parquet, csv and jsonl (a RecBole folder's "
+                                                       "NAME.item is found next to NAME.inter)")
+        else:
+            _require(self.path is not None, "data.path", f"required with data.format {self.format} "
+                                                         f"(the interactions file)")
 
 
 @dataclass
