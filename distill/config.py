@@ -255,6 +255,12 @@ class DistillConfig(_Section):
     k: int = _help("Top-K teacher items kept per query in the cache.", 50, min=1)
     backend: str = _help("Teacher inference backend: `deepspeed` or `hf`.", "deepspeed", choices=("deepspeed", "hf"))
     shard_users: int = _help("Users per teacher-cache shard (the unit of resume and of work per rank).", 128, min=1)
+    guard_samples: int = _help("Prompts scored both by the inference backend and by the hf float32 reference "
+                               "before a cache is written with any other backend or dtype (teacher/guard.py).", 64,
+                               min=1)
+    guard_tolerance: typing.Optional[float] = _help("Largest relative query difference the guard accepts; unset = "
+                                                    "by dtype (float32 1e-4, bfloat16 2e-2, float16 1e-2).", None,
+                                                    gt=0.0)
     warm_start: bool = _help("Start the distilled student from the student-alone checkpoint of the same seed.", False)
     epochs: typing.Optional[int] = _help("Maximum epochs of the distilled training; unset = student.epochs.", None,
                                          min=1)
