@@ -296,7 +296,8 @@ class EvalConfig(_Section):
     ks: list = _help("Cut-offs K of HR/NDCG/MRR/Recall/coverage; must include 10 (early stopping and the "
                      "report read NDCG@10).", [1, 5, 10, 20], items=int, nonempty=True, min=1)
     mask_history: bool = _help("Exclude the user's history (never the target) from the ranking.", True)
-    index: str = _help("FAISS index_factory string; `Flat` is exact search.", "Flat", nonempty=True)
+    index: str = _help("FAISS index_factory string; `Flat` is exact search. Search parameters follow a `?`: "
+                       "`IVF1024,Flat?nprobe=32`, `HNSW32?efSearch=128`.", "Flat", nonempty=True)
 
     def check(self):
         _require(10 in self.ks, "eval.ks", f"must include 10 (early stopping and the report use NDCG@10), "
@@ -347,11 +348,20 @@ def check_index_string(index: str, dim: int) -> None:
     if index in ("Flat", "brute"):
         return
     import faiss
+    factory, params = split_index_string(index)
     try:
-        faiss.index_factory(dim, index, faiss.METRIC_INNER_PRODUCT)
+        built = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        if params:
+            faiss.ParameterSpace().set_index_parameters(built, params)
     except RuntimeError as e:
         raise ConfigError(f"eval.index: cannot build {index!r} for {dim}-dimensional vectors "
                           f"(student.hidden_size): {faiss_reason(e)}") from None
+
+
+def split_index_string(index: str) -> tuple[str, str]:
+    """`FACTORY?PARAMS` -> (factory string, search parameters such as `nprobe=32` or `efSearch=128`)."""
+    factory, _, params = index.partition("?")
+    return factory.strip(), params.strip()
 
 
 def faiss_reason(e: Exception) -> str:
