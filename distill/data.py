@@ -33,7 +33,7 @@ from distill.artifacts import atomic_dir, read_record, sha256_file
 from distill.config import DataConfig
 from distill.errors import ArtifactError, CorruptError, DataError
 
-SPLIT_FORMAT = 2
+SPLIT_FORMAT = 3
 NUM_NEGATIVES = 19
 STAGES = ("valid", "test")
 
@@ -276,30 +276,45 @@ def _kcore(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
         keep = new
 
 
-def _sample_negatives(seqs: Histories, n_items: int, rng: np.random.Generator, source: Path) -> np.ndarray:
-    """(n, 19) distinct items outside each user's whole sequence, uniform.
+def _first_occurrences(cand: np.ndarray) -> np.ndarray:
+    """(r, M) bool: True where a row's value appears for the first time in that row."""
+    order = np.argsort(cand, axis=1, kind="stable")
+    ranked = np.take_along_axis(cand, order, axis=1)
+    repeat = np.zeros_like(cand, dtype=bool)
+    repeat[:, 1:] = ranked[:, 1:] == ranked[:, :-1]                     # later copies, in sorted order
+    first = np.empty_like(repeat)
+    np.put_along_axis(first, order, ~repeat, axis=1)
+    return first
 
-    A user who has seen almost the whole catalogue draws from every item except
-    its validation and test targets instead.
+
+def _sample_negatives(seqs: Histories, n_items: int, rng: np.random.Generator, source: Path) -> np.ndarray:
+    """(n, 19) distinct items outside each user's whole sequence, uniform, drawn for all users at once.
+
+    Each round draws M candidates for every user still pending and keeps the first 19 distinct unseen
+    ones; users with fewer than 19 go to the next round with 4M. A user who has seen almost the whole
+    catalogue draws from every item except its validation and test targets instead.
     """
     if n_items < NUM_NEGATIVES + 2:
         raise DataError(f"{source}: {n_items} items; the candidate protocol needs at least {NUM_NEGATIVES + 2}")
-    n = len(seqs)
+    n, stride = len(seqs), n_items + 1
+    seen = np.unique(seqs.row_ids().astype(np.int64) * stride + seqs.flat)   # sorted (user, item) keys
+    dense = n_items - np.bincount(seen // stride, minlength=n) < NUM_NEGATIVES
+    if dense.any():
+        last_two = np.concatenate([seqs.offsets[1:] - 2, seqs.offsets[1:] - 1])
+        users = np.concatenate([np.arange(n)] * 2)
+        keep = ~dense[seen // stride]
+        seen = np.union1d(seen[keep], (users * stride + seqs.flat[last_two])[dense[users]])
     out = np.empty((n, NUM_NEGATIVES), dtype=np.int64)
-    for u in range(n):  # once per split, not a hot path; rejection is cheap for sparse users
-        row = seqs.row(u).tolist()
-        seen = set(row)
-        if n_items - len(seen) < NUM_NEGATIVES:
-            seen = set(row[-2:])
-        picked: list[int] = []
-        while len(picked) < NUM_NEGATIVES:
-            for c in rng.integers(1, n_items + 1, size=2 * NUM_NEGATIVES).tolist():
-                if c not in seen:
-                    seen.add(c)
-                    picked.append(c)
-                    if len(picked) == NUM_NEGATIVES:
-                        break
-        out[u] = picked
+    pending, m = np.arange(n), 4 * NUM_NEGATIVES
+    while len(pending):
+        cand = rng.integers(1, n_items + 1, size=(len(pending), m))
+        keys = pending[:, None] * stride + cand
+        hit = seen[np.searchsorted(seen, keys).clip(max=len(seen) - 1)] == keys
+        ok = ~hit & _first_occurrences(cand)
+        done = ok.sum(axis=1) >= NUM_NEGATIVES
+        first = np.argsort(~ok[done], axis=1, kind="stable")[:, :NUM_NEGATIVES]   # valid positions, in order
+        out[pending[done]] = np.take_along_axis(cand[done], first, axis=1)
+        pending, m = pending[~done], 4 * m
     return out
 
 

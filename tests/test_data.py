@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -245,3 +246,21 @@ def test_bad_format_and_missing_path_are_named(tmp_path):
         load_recipe(None, ["data.format=csv"])
     with pytest.raises(ConfigError, match=r"data.columns.usr: unknown key"):
         load_recipe(None, ["data.columns.usr=x"])
+
+
+def test_negatives_for_dense_users_and_in_one_vectorised_draw():
+    from distill.data import Histories, _sample_negatives
+    n_items = 40
+    sparse = [1, 2, 3]
+    all_but_19 = list(range(1, 22))                  # 19 unseen items: exactly those are drawn
+    all_but_5 = list(range(1, 36))                   # too few unseen: only the last two are excluded
+    seqs = Histories.from_rows([sparse, all_but_19, all_but_5])
+    neg = _sample_negatives(seqs, n_items, np.random.default_rng(0), Path("x"))
+    assert not set(neg[0]) & set(sparse) and len(set(neg[0])) == 19
+    assert set(neg[1]) == set(range(22, 41))
+    assert len(set(neg[2])) == 19 and not set(neg[2]) & {34, 35}
+    again = _sample_negatives(seqs, n_items, np.random.default_rng(0), Path("x"))
+    assert np.array_equal(neg, again)
+    counts = np.bincount(_sample_negatives(Histories.from_rows([sparse] * 2000), n_items,
+                                           np.random.default_rng(1), Path("x")).ravel(), minlength=41)
+    assert counts[:4].sum() == 0 and counts[4:].min() > 0.7 * counts[4:].mean()   # uniform over the unseen
