@@ -63,7 +63,6 @@ def histories_for(exp, split_dir: str | None, n: int, seed: int = 0) -> list[lis
 def in_process(exp, hists: list[list[str]], threads: int) -> dict:
     import torch
     from distill.data import Histories
-    from distill.recommender import encoder_flops
     torch.set_num_threads(threads)
     rec = exp.recommender
     rows = [exp.to_internal(h) for h in hists]
@@ -103,11 +102,12 @@ def in_process(exp, hists: list[list[str]], threads: int) -> dict:
             rec.encode(h)
         enc.append(clock() - t)
     users = len(hs) * 1024
-    flops = sum(encoder_flops(rec.model.cfg, w, rec.n_rows)["encode"] * 1024 for w in widths)
+    flops = float(rec.model.encoder_flops(np.array(widths)).sum()) * 1024
     # per user, the histories' own widths (the batch is padded to its longest, so that is what runs)
     out["encode_users_per_s"] = users / float(np.median(enc))
     out["encode_gflops"] = flops / float(np.median(enc)) / 1e9
-    out["flops_per_user"] = encoder_flops(rec.model.cfg, max(widths), rec.n_rows)
+    out["flops_per_user"] = {"encode": float(rec.model.encoder_flops(max(widths))),
+                             "score": 2.0 * rec.model.cfg.hidden_size * rec.n_rows}
     a, b_ = torch.randn(2048, 2048), torch.randn(2048, 2048)
     torch.mm(a, b_)
     mm = []

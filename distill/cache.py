@@ -91,9 +91,10 @@ def write_shard(path: Path, tensors: dict[str, np.ndarray], metadata: dict) -> N
                   metadata={"anyo": json.dumps(metadata, sort_keys=True)})
 
 
-def complete_cache(staging: Path, folder: Path, n_shards: int, meta: dict, item_table: np.ndarray) -> dict:
+def complete_cache(staging: Path, folder: Path, n_shards: int, meta: dict, item_table: np.ndarray,
+                   fields: dict | None = None) -> dict:
     """Check every shard is in `staging`, hash them, write items + manifest, then put the cache at `folder`
-    (an older cache there stays whole until this one is complete)."""
+    (an older cache there stays whole until this one is complete); `fields` are added to the manifest."""
     shards = []
     for i in range(n_shards):
         p = staging / shard_name(i)
@@ -108,7 +109,7 @@ def complete_cache(staging: Path, folder: Path, n_shards: int, meta: dict, item_
         save_file({"item_table": np.ascontiguousarray(item_table, dtype=np.float32)}, str(tmp))
     manifest = {"format": CACHE_FORMAT, **meta, "shards": shards,
                 "items": {"file": "items.safetensors", "sha256": sha256_file(staging / "items.safetensors")},
-                "dtypes": {k: np.dtype(v).name for k, v in FIELDS.items()}}
+                "dtypes": {k: np.dtype(v).name for k, v in FIELDS.items()}, **(fields or {})}
     manifest["manifest_sha256"] = json_digest(manifest)
     write_json(staging / "manifest.json", manifest)
     replace_dir(staging, folder)

@@ -130,18 +130,47 @@ class _Section:
         """Checks that involve more than one field."""
 
 
+DATA_FORMATS = ("recbole", "parquet", "csv", "jsonl")
+
+
+@dataclass
+class ColumnsConfig(_Section):
+    key: typing.ClassVar[str] = "data.columns"
+    user: str = _help("Column of the interactions holding the user token.", "user_id", nonempty=True)
+    item: str = _help("Column of the interactions (and of data.items) holding the item token.", "item_id",
+                      nonempty=True)
+    time: str = _help("Column of the interactions holding the timestamp (a number or a date-time); optional "
+                      "for RecBole files (file order then).", "timestamp", nonempty=True)
+    title: str = _help("Column of data.items holding the title (parquet, csv, jsonl; RecBole files use "
+                       "data.title_field).", "title", nonempty=True)
+
+
 @dataclass
 class DataConfig(_Section):
     key: typing.ClassVar[str] = "data"
-    name: str = _help("Data set name: `ml-100k` is the embedded copy; with `path`, the file stem of NAME.inter.",
-                      "ml-100k", nonempty=True)
-    path: typing.Optional[str] = _help("Folder holding NAME.inter (and optionally NAME.item); unset = embedded data.",
-                                       None, nonempty=True)
+    name: str = _help("Data set name: `ml-100k` is the embedded copy; with `path` (format recbole), the file stem "
+                      "of NAME.inter.", "ml-100k", nonempty=True)
+    path: typing.Optional[str] = _help("recbole: folder holding NAME.inter (and optionally NAME.item), unset = "
+                                       "embedded data; parquet/csv/jsonl: the interactions file.", None, nonempty=True)
+    format: str = _help("Format of the data files: `recbole` (atomic .inter/.item), `parquet`, `csv` (with a "
+                        "header) or `jsonl` (one JSON object a line), read with `datasets`.", "recbole",
+                        choices=DATA_FORMATS)
+    items: typing.Optional[str] = _help("parquet/csv/jsonl: optional item file in the same format with the "
+                                        "columns.item and columns.title columns.", None, nonempty=True)
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     title_field: typing.Optional[str] = _help("Column of NAME.item holding the title; unset = first token_seq column.",
                                               None, nonempty=True)
     max_len: int = _help("Longest history a model reads (older items are cut).", 50, min=2)
     min_interactions: int = _help("k-core filter on users and items; 0 disables it.", 0, min=0)
     seed: int = _help("Seed for the 19 negatives of the candidate protocol.", 2024, min=0, max=SEED_MAX)
+
+    def check(self):
+        if self.format == "recbole":
+            _require(self.items is None, "data.items", "applies to parquet, csv and jsonl (a RecBole folder's "
+                                                       "NAME.item is found next to NAME.inter)")
+        else:
+            _require(self.path is not None, "data.path", f"required with data.format {self.format} "
+                                                         f"(the interactions file)")
 
 
 @dataclass
@@ -226,6 +255,12 @@ class DistillConfig(_Section):
     k: int = _help("Top-K teacher items kept per query in the cache.", 50, min=1)
     backend: str = _help("Teacher inference backend: `deepspeed` or `hf`.", "deepspeed", choices=("deepspeed", "hf"))
     shard_users: int = _help("Users per teacher-cache shard (the unit of resume and of work per rank).", 128, min=1)
+    guard_samples: int = _help("Prompts scored both by the inference backend and by the hf float32 reference "
+                               "before a cache is written with any other backend or dtype (teacher/guard.py).", 64,
+                               min=1)
+    guard_tolerance: typing.Optional[float] = _help("Largest relative query difference the guard accepts; unset = "
+                                                    "by dtype (float32 1e-4, bfloat16 2e-2, float16 1e-2).", None,
+                                                    gt=0.0)
     warm_start: bool = _help("Start the distilled student from the student-alone checkpoint of the same seed.", False)
     epochs: typing.Optional[int] = _help("Maximum epochs of the distilled training; unset = student.epochs.", None,
                                          min=1)
@@ -261,7 +296,8 @@ class EvalConfig(_Section):
     ks: list = _help("Cut-offs K of HR/NDCG/MRR/Recall/coverage; must include 10 (early stopping and the "
                      "report read NDCG@10).", [1, 5, 10, 20], items=int, nonempty=True, min=1)
     mask_history: bool = _help("Exclude the user's history (never the target) from the ranking.", True)
-    index: str = _help("FAISS index_factory string; `Flat` is exact search.", "Flat", nonempty=True)
+    index: str = _help("FAISS index_factory string; `Flat` is exact search. Search parameters follow a `?`: "
+                       "`IVF1024,Flat?nprobe=32`, `HNSW32?efSearch=128`.", "Flat", nonempty=True)
 
     def check(self):
         _require(10 in self.ks, "eval.ks", f"must include 10 (early stopping and the report use NDCG@10), "
@@ -276,6 +312,13 @@ class BenchConfig(_Section):
     teacher_backends: list = _help("Inference backends the teacher's serving cost is measured with "
                                    "(deepspeed, hf), each in its own process.", ["hf", "deepspeed"],
                                    items=str, nonempty=True, choices=("hf", "deepspeed"))
+    users: typing.Optional[int] = _help("Test users every model serves in the throughput sweep (the same users for "
+                                        "every model); unset = all test users.", None, min=1)
+    latency_users: int = _help("Users timed one at a time (batch 1) for the latency percentiles, the same for "
+                               "every model.", 100, min=1)
+    batch_sizes: list = _help("Batch sizes of the throughput sweep; the report's throughput is each model's best.",
+                              [1, 32, 256, 1024], items=int, nonempty=True, min=1)
+    passes: int = _help("Passes per batch size; the median pass counts.", 3, min=1)
 
 
 # ---------------------------------------------------------------- LLaRA-style generative baseline (issue 14)
@@ -354,11 +397,20 @@ def check_index_string(index: str, dim: int) -> None:
     if index in ("Flat", "brute"):
         return
     import faiss
+    factory, params = split_index_string(index)
     try:
-        faiss.index_factory(dim, index, faiss.METRIC_INNER_PRODUCT)
+        built = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        if params:
+            faiss.ParameterSpace().set_index_parameters(built, params)
     except RuntimeError as e:
         raise ConfigError(f"eval.index: cannot build {index!r} for {dim}-dimensional vectors "
                           f"(student.hidden_size): {faiss_reason(e)}") from None
+
+
+def split_index_string(index: str) -> tuple[str, str]:
+    """`FACTORY?PARAMS` -> (factory string, search parameters such as `nprobe=32` or `efSearch=128`)."""
+    factory, _, params = index.partition("?")
+    return factory.strip(), params.strip()
 
 
 def faiss_reason(e: Exception) -> str:

@@ -1,7 +1,8 @@
-"""The one data protocol: RecBole atomic files -> leave-one-out split.
+"""The one data protocol: interactions (RecBole atomic files, Parquet, CSV, JSONL) -> leave-one-out split.
 
 Protocol (DESIGN.md section 2):
-  * each user's interactions ordered by timestamp, stable on ties (file order second);
+  * users in the order of their tokens (as strings), each user's interactions ordered by
+    timestamp, ties broken by the item token: nothing depends on the order of the rows;
   * optional k-core filter on users and items;
   * users with fewer than 3 interactions dropped (and counted);
   * items mapped to ids 1..N in order of first appearance after sorting, 0 is padding;
@@ -10,6 +11,12 @@ Protocol (DESIGN.md section 2):
 
 A user's whole sequence is stored once (flat array + offsets, CSR style); the
 training, validation and test views are slices of it.
+
+Every format feeds the same vectorised builder (`_assemble`: tokens -> sorted codes with
+numpy, no per-row Python); Parquet/CSV/JSONL are read with `datasets` (Arrow, memory-mapped).
+The split hash is computed from the content (the sorted sequences with their tokens and
+timestamps, the titles, the options), so the same data gives the same hash in every format
+and row order.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from distill.artifacts import atomic_dir, read_record, sha256_file
 from distill.config import DataConfig
 from distill.errors import ArtifactError, CorruptError, DataError
 
-SPLIT_FORMAT = 1
+SPLIT_FORMAT = 3
 NUM_NEGATIVES = 19
 STAGES = ("valid", "test")
 
@@ -44,7 +51,15 @@ def embedded_ml100k() -> Path:
 
 
 def data_files(cfg: DataConfig) -> tuple[Path, Path | None]:
-    """The .inter file and the optional .item file a data config points to."""
+    """The interactions file and the optional item file a data config points to."""
+    if cfg.format != "recbole":
+        inter = Path(cfg.path)
+        if not inter.is_file():
+            raise DataError(f"{inter}: file not found (data.path, format {cfg.format})")
+        item = Path(cfg.items) if cfg.items else None
+        if item is not None and not item.is_file():
+            raise DataError(f"{item}: file not found (data.items)")
+        return inter, item
     folder = Path(cfg.path) if cfg.path else embedded_ml100k()
     inter = folder / f"{cfg.name}.inter"
     if not inter.is_file():
@@ -89,14 +104,14 @@ def _header(path: Path, line: str) -> dict[str, int]:
     return cols
 
 
-def read_interactions(path: Path):
+def read_interactions(path: Path, user: str = "user_id", item: str = "item_id", time: str = "timestamp"):
     """Parse NAME.inter -> (user tokens, item tokens, timestamps) in file order."""
     lines = _read_lines(path)
     cols = _header(path, lines[0])
-    for needed in ("user_id", "item_id"):
+    for needed in (user, item):
         if needed not in cols:
             raise DataError(f"{path}:1: header has no `{needed}` column (got: {lines[0].strip()!r})")
-    iu, ii, it = cols["user_id"], cols["item_id"], cols.get("timestamp")
+    iu, ii, it = cols[user], cols[item], cols.get(time)
     width = len(cols)
     users, items, times = [], [], []
     for n, line in enumerate(lines[1:], start=2):
@@ -261,97 +276,239 @@ def _kcore(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
         keep = new
 
 
-def _sample_negatives(seqs: Histories, n_items: int, rng: np.random.Generator, source: Path) -> np.ndarray:
-    """(n, 19) distinct items outside each user's whole sequence, uniform.
+def _first_occurrences(cand: np.ndarray) -> np.ndarray:
+    """(r, M) bool: True where a row's value appears for the first time in that row."""
+    order = np.argsort(cand, axis=1, kind="stable")
+    ranked = np.take_along_axis(cand, order, axis=1)
+    repeat = np.zeros_like(cand, dtype=bool)
+    repeat[:, 1:] = ranked[:, 1:] == ranked[:, :-1]                     # later copies, in sorted order
+    first = np.empty_like(repeat)
+    np.put_along_axis(first, order, ~repeat, axis=1)
+    return first
 
-    A user who has seen almost the whole catalogue draws from every item except
-    its validation and test targets instead.
+
+def _sample_negatives(seqs: Histories, n_items: int, rng: np.random.Generator, source: Path) -> np.ndarray:
+    """(n, 19) distinct items outside each user's whole sequence, uniform, drawn for all users at once.
+
+    Each round draws M candidates for every user still pending and keeps the first 19 distinct unseen
+    ones; users with fewer than 19 go to the next round with 4M. A user who has seen almost the whole
+    catalogue draws from every item except its validation and test targets instead.
     """
     if n_items < NUM_NEGATIVES + 2:
         raise DataError(f"{source}: {n_items} items; the candidate protocol needs at least {NUM_NEGATIVES + 2}")
-    n = len(seqs)
+    n, stride = len(seqs), n_items + 1
+    seen = np.unique(seqs.row_ids().astype(np.int64) * stride + seqs.flat)   # sorted (user, item) keys
+    dense = n_items - np.bincount(seen // stride, minlength=n) < NUM_NEGATIVES
+    if dense.any():
+        last_two = np.concatenate([seqs.offsets[1:] - 2, seqs.offsets[1:] - 1])
+        users = np.concatenate([np.arange(n)] * 2)
+        keep = ~dense[seen // stride]
+        seen = np.union1d(seen[keep], (users * stride + seqs.flat[last_two])[dense[users]])
     out = np.empty((n, NUM_NEGATIVES), dtype=np.int64)
-    for u in range(n):  # once per split, not a hot path; rejection is cheap for sparse users
-        row = seqs.row(u).tolist()
-        seen = set(row)
-        if n_items - len(seen) < NUM_NEGATIVES:
-            seen = set(row[-2:])
-        picked: list[int] = []
-        while len(picked) < NUM_NEGATIVES:
-            for c in rng.integers(1, n_items + 1, size=2 * NUM_NEGATIVES).tolist():
-                if c not in seen:
-                    seen.add(c)
-                    picked.append(c)
-                    if len(picked) == NUM_NEGATIVES:
-                        break
-        out[u] = picked
+    pending, m = np.arange(n), 4 * NUM_NEGATIVES
+    while len(pending):
+        cand = rng.integers(1, n_items + 1, size=(len(pending), m))
+        keys = pending[:, None] * stride + cand
+        hit = seen[np.searchsorted(seen, keys).clip(max=len(seen) - 1)] == keys
+        ok = ~hit & _first_occurrences(cand)
+        done = ok.sum(axis=1) >= NUM_NEGATIVES
+        first = np.argsort(~ok[done], axis=1, kind="stable")[:, :NUM_NEGATIVES]   # valid positions, in order
+        out[pending[done]] = np.take_along_axis(cand[done], first, axis=1)
+        pending, m = pending[~done], 4 * m
     return out
 
 
-def split_hash(inter: Path, item: Path | None, cfg: DataConfig) -> str:
+# ---------------------------------------------------------------- Parquet / CSV / JSONL through `datasets`
+
+def _read_table(path: Path, fmt: str):
+    """The file as a pyarrow Table, read by `datasets` (Arrow, memory-mapped from its cache)."""
+    import datasets
+    from datasets import Dataset
+
+    reader = {"parquet": Dataset.from_parquet, "csv": Dataset.from_csv, "jsonl": Dataset.from_json}[fmt]
+    datasets.disable_progress_bars()
+    try:
+        ds = reader(str(path))
+    except Exception as e:  # noqa: BLE001 - datasets/pyarrow/pandas raise many types for a malformed file
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise DataError(f"{path}: cannot read as {fmt} (data.format): {reason}") from None
+    return ds.data.table
+
+
+def _column(table, path: Path, name: str, key: str):
+    if name not in table.column_names:
+        raise DataError(f"{path}: no column `{name}` ({key}); columns: {', '.join(table.column_names)}")
+    col = table.column(name)
+    if col.null_count:
+        import pyarrow.compute as pc
+        row = int(pc.index(pc.is_null(col), True).as_py())
+        raise DataError(f"{path}: column `{name}` ({key}) has {col.null_count} empty values (first at row {row})")
+    return col
+
+
+def _tokens(col):
+    """(codes, tokens): tokens = the column's distinct values as strings in sorted order, codes = each row's
+    index into them. Hashing is done by Arrow on the raw values, sorting only on the distinct strings."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    enc = pc.dictionary_encode(col)
+    idx = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    names = np.asarray(enc.dictionary.cast(pa.string()).to_numpy(zero_copy_only=False), dtype=str)
+    order = np.argsort(names, kind="stable")
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return rank[idx], names[order]
+
+
+def _times(col, path: Path, name: str) -> np.ndarray:
+    import pyarrow as pa
+
+    if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
+        col = col.cast(pa.timestamp("us")).cast(pa.int64())
+    elif not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        raise DataError(f"{path}: column `{name}` (data.columns.time) holds {col.type}, expected numbers or dates")
+    t = np.asarray(col.to_numpy(), dtype=np.float64)
+    bad = ~np.isfinite(t)
+    if bad.any():
+        raise DataError(f"{path}: column `{name}` (data.columns.time) row {int(np.argmax(bad))}: "
+                        f"timestamp {t[bad][0]!r} is not finite")
+    return t
+
+
+def _read_formatted(cfg: DataConfig, inter: Path, item: Path | None):
+    c = cfg.columns
+    table = _read_table(inter, cfg.format)
+    if table.num_rows == 0:
+        raise DataError(f"{inter}: no interactions")
+    u_codes, u_tokens = _tokens(_column(table, inter, c.user, "data.columns.user"))
+    i_codes, i_tokens = _tokens(_column(table, inter, c.item, "data.columns.item"))
+    ts = _times(_column(table, inter, c.time, "data.columns.time"), inter, c.time)
+    titles = None
+    if item is not None:
+        import pyarrow as pa
+        it = _read_table(item, cfg.format)
+        keys = np.asarray(_column(it, item, c.item, "data.columns.item").cast(pa.string())
+                          .to_numpy(zero_copy_only=False), dtype=str)
+        if c.title not in it.column_names:
+            raise DataError(f"{item}: no column `{c.title}` (data.columns.title); columns: {', '.join(it.column_names)}")
+        vals = it.column(c.title).cast(pa.string()).fill_null("")  # an empty title is allowed
+        vals = np.asarray(vals.to_numpy(zero_copy_only=False), dtype=object)
+        last = len(keys) - 1 - np.unique(keys[::-1], return_index=True)[1]  # a repeated item: its last row
+        titles = (keys[last], vals[last])
+    return u_codes, u_tokens, i_codes, i_tokens, ts, titles
+
+
+# ---------------------------------------------------------------- the vectorised builder
+
+@dataclass
+class _Data:
+    """Sorted, filtered interactions with their content hash (everything but the negatives)."""
+
+    users: list[str]
+    items: list[str]
+    titles: list[str]
+    sequences: Histories
+    users_before: int
+    hash: str
+    inter: Path
+    item: Path | None
+
+
+def _lookup_titles(items: np.ndarray, titles) -> list[str]:
+    """Titles of `items` (tokens) from (sorted keys, values); "" when unknown."""
+    if titles is None:
+        return [""] * len(items)
+    keys, vals = titles
+    pos = np.searchsorted(keys, items).clip(max=max(len(keys) - 1, 0))
+    hit = (keys[pos] == items) if len(keys) else np.zeros(len(items), bool)
+    return [str(vals[p]).strip() if h else "" for p, h in zip(pos.tolist(), hit.tolist())]
+
+
+def _content_hash(cfg: DataConfig, users, items, titles, seqs: Histories, times: np.ndarray) -> str:
     import hashlib
-    options = {"format": SPLIT_FORMAT, "min_interactions": cfg.min_interactions, "seed": cfg.seed,
-               "title_field": cfg.title_field}
+    options = {"format": SPLIT_FORMAT, "min_interactions": cfg.min_interactions, "seed": cfg.seed}
     h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
-    h.update(sha256_file(inter).encode())
-    h.update(sha256_file(item).encode() if item else b"-")
+    for part in (users, items, titles):
+        h.update(str(len(part)).encode() + b"\0" + "\x1f".join(part).encode("utf-8", "surrogatepass") + b"\0")
+    for arr in (seqs.offsets.astype("<i8"), seqs.flat.astype("<i8"), times.astype("<f8")):
+        h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()[:16]
 
 
-def build_split(cfg: DataConfig) -> Split:
-    inter, item = data_files(cfg)
-    user_tok, item_tok, ts = read_interactions(inter)
-    titles_raw = read_titles(item, cfg.title_field)
+def _assemble(cfg: DataConfig, u_codes, u_tokens, i_codes, i_tokens, ts, titles, inter, item) -> _Data:
+    """Codes (indices into sorted token arrays) -> sorted, filtered sequences; vectorised."""
+    keep = _kcore(u_codes, i_codes, cfg.min_interactions) if cfg.min_interactions > 0 else np.ones(len(u_codes), bool)
+    counts = np.bincount(u_codes[keep], minlength=len(u_tokens))
+    keep &= counts[u_codes] >= 3
+    users_before = int(len(u_tokens))
 
-    u_names, u_idx = np.unique(np.asarray(user_tok, dtype=object), return_inverse=True)
-    i_names, i_idx = np.unique(np.asarray(item_tok, dtype=object), return_inverse=True)
-    # users in order of first appearance in the file
-    first_u = np.full(len(u_names), len(u_idx))
-    np.minimum.at(first_u, u_idx, np.arange(len(u_idx)))
-    u_rank = np.empty(len(u_names), dtype=np.int64)
-    u_rank[np.argsort(first_u, kind="stable")] = np.arange(len(u_names))
-    u_idx = u_rank[u_idx]
-    u_names = u_names[np.argsort(first_u, kind="stable")]
-
-    keep = _kcore(u_idx, i_idx, cfg.min_interactions) if cfg.min_interactions > 0 else np.ones(len(u_idx), bool)
-    counts = np.bincount(u_idx[keep], minlength=len(u_names))
-    keep &= counts[u_idx] >= 3
-    users_before = int(np.unique(u_idx).size)
-
-    order = np.lexsort((np.arange(len(ts)), ts, u_idx))  # by user, then time, then file order
+    order = np.lexsort((i_codes, ts, u_codes))  # by user token, then time, then item token
     order = order[keep[order]]
-    su, si = u_idx[order], i_idx[order]
+    if not len(order):
+        raise DataError(f"{inter}: no user has 3 or more interactions after filtering")
+    su, si, st = u_codes[order], i_codes[order], ts[order]
 
     # items 1..N in order of first appearance after sorting
-    _, first_pos = np.unique(si, return_index=True)
-    kept_items = np.unique(si)
+    kept_items, first_pos = np.unique(si, return_index=True)
     item_order = kept_items[np.argsort(first_pos, kind="stable")]
-    item_id = np.zeros(len(i_names), dtype=np.int64)
+    item_id = np.zeros(len(i_tokens), dtype=np.int64)
     item_id[item_order] = np.arange(1, len(item_order) + 1)
 
-    kept_users, lens = np.unique(su, return_counts=True)
-    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]])
+    offsets = np.append(starts, len(su)).astype(np.int64)
     seqs = Histories(item_id[si], offsets)
-    items = ["[PAD]"] + [str(t) for t in i_names[item_order]]
-    titles = [""] + [titles_raw.get(t, "") for t in items[1:]]
-    users = [str(t) for t in u_names[kept_users]]
-    if not users:
-        raise DataError(f"{inter}: no user has 3 or more interactions after filtering")
+    item_tokens = i_tokens[item_order]
+    items = ["[PAD]"] + item_tokens.tolist()
+    title_list = [""] + _lookup_titles(item_tokens, titles)
+    users = u_tokens[su[starts]].tolist()
+    digest = _content_hash(cfg, users, items, title_list, seqs, st)
+    return _Data(users, items, title_list, seqs, users_before, digest, inter, item)
 
+
+def _read_data(cfg: DataConfig) -> _Data:
+    inter, item = data_files(cfg)
+    if cfg.format == "recbole":
+        import pyarrow as pa
+        c = cfg.columns
+        user_tok, item_tok, ts = read_interactions(inter, c.user, c.item, c.time)
+        raw = read_titles(item, cfg.title_field)
+        u_codes, u_tokens = _tokens(pa.array(user_tok, pa.string()))
+        i_codes, i_tokens = _tokens(pa.array(item_tok, pa.string()))
+        keys = np.asarray(sorted(raw), dtype=str)
+        titles = (keys, np.asarray([raw[k] for k in keys.tolist()], dtype=object)) if raw else None
+    else:
+        u_codes, u_tokens, i_codes, i_tokens, ts, titles = _read_formatted(cfg, inter, item)
+    return _assemble(cfg, u_codes, u_tokens, i_codes, i_tokens, ts, titles, inter, item)
+
+
+def split_hash(cfg: DataConfig) -> str:
+    """The hash of the split `cfg` gives: of its content, not of the files' bytes or format."""
+    return _read_data(cfg).hash
+
+
+def _finish(d: _Data, cfg: DataConfig) -> Split:
     rng = np.random.default_rng(cfg.seed)
-    negatives = {s: _sample_negatives(seqs, len(items) - 1, rng, inter) for s in STAGES}
+    negatives = {s: _sample_negatives(d.sequences, len(d.items) - 1, rng, d.inter) for s in STAGES}
+    lens = d.sequences.lengths
     manifest = {
         "format": SPLIT_FORMAT,
-        "hash": split_hash(inter, item, cfg),
-        "inputs": {"inter": str(inter), "item": str(item) if item else None},
+        "hash": d.hash,
+        "inputs": {"inter": str(d.inter), "item": str(d.item) if d.item else None, "format": cfg.format},
         "options": {"min_interactions": cfg.min_interactions, "seed": cfg.seed, "title_field": cfg.title_field},
-        "n_users": len(users),
-        "n_items": len(items) - 1,
-        "n_interactions": int(offsets[-1]),
-        "dropped_users": users_before - len(users),
+        "n_users": len(d.users),
+        "n_items": len(d.items) - 1,
+        "n_interactions": int(d.sequences.offsets[-1]),
+        "dropped_users": d.users_before - len(d.users),
         "max_sequence_length": int(lens.max()),
     }
-    return Split(users, items, titles, seqs, negatives, manifest)
+    return Split(d.users, d.items, d.titles, d.sequences, negatives, manifest)
+
+
+def build_split(cfg: DataConfig) -> Split:
+    return _finish(_read_data(cfg), cfg)
 
 
 # ---------------------------------------------------------------- on disk
@@ -406,16 +563,15 @@ def prepare(cfg: DataConfig, folder: str | Path) -> tuple[Split, bool]:
     Returns the split and whether it was (re)built.
     """
     folder = Path(folder)
-    inter, item = data_files(cfg)
-    wanted = split_hash(inter, item, cfg)
+    data = _read_data(cfg)
     if (folder / "manifest.json").is_file():
         try:
             split = load_split(folder)
-            if split.hash == wanted:
+            if split.hash == data.hash:
                 return split, False
         except ArtifactError:
             pass
-    split = build_split(cfg)
+    split = _finish(data, cfg)
     save_split(split, folder)
     return load_split(folder), True
 

@@ -126,7 +126,7 @@ def export(run: str | Path, out: str | Path, model_name: str = "student_distille
     split = load_split(run / "split")
     model, meta = load_student(src, split.hash, split.n_items)
     metrics = read_json(src / "metrics.json")
-    items = model.item_vectors().detach().numpy().astype(np.float32)
+    items = model.item_vectors().astype(np.float32)
 
     cost = machine = None
     report_path = run / "report" / "report.json"
@@ -258,7 +258,7 @@ def load_export(folder: str | Path, torch_max_items: int | None = None) -> Expor
     model, meta = load_student(folder, manifest["split_hash"], manifest["n_items"])
     raw, titles = _read_items(folder / "items.tsv", manifest["n_items"])
     index = faiss.read_index(str(folder / "items.faiss"))
-    items = model.item_vectors().detach().numpy()
+    items = model.item_vectors()
     if index.ntotal != len(items) or index.d != items.shape[1]:
         raise ArtifactError(f"{folder / 'items.faiss'}: {index.ntotal} x {index.d}, the model's item table is "
                             f"{items.shape[0]} x {items.shape[1]}")

@@ -3,7 +3,9 @@
 A model plugs in by providing query vectors (one per user, `encode_users`) and
 an item table (`item_vectors()`, N+1 rows, row 0 padding). Search is exact
 maximum inner product (`faiss.IndexFlatIP`) by default; any `index_factory`
-string gives an approximate index; `brute` is a numpy path kept for tests.
+string gives an approximate index, with its search parameters after a `?`
+(`IVF1024,Flat?nprobe=32`, `HNSW32?efSearch=128`, as faiss.ParameterSpace reads them);
+`brute` is a numpy path kept for tests.
 Within a returned list, ties are broken by the lower item id in every path.
 """
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from distill.config import faiss_reason
+from distill.config import faiss_reason, split_index_string
 from distill.data import Histories, Split
 from distill.errors import AnyoError
 
@@ -58,8 +60,9 @@ class ItemIndex:
             self.index = None
             return
         where = f"index {index!r} (eval.index / --index)"
+        factory, params = split_index_string(index)
         try:
-            base = faiss.index_factory(self.dim, index, faiss.METRIC_INNER_PRODUCT)
+            base = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
             raise AnyoError(f"{where}: cannot build it for {self.dim}-dimensional vectors: {faiss_reason(e)}") from None
         try:
@@ -69,6 +72,11 @@ class ItemIndex:
         except RuntimeError as e:
             raise AnyoError(f"{where}: cannot be trained on the catalogue's {self.n_rows} item vectors: "
                             f"{faiss_reason(e)}") from None
+        if params:
+            try:
+                faiss.ParameterSpace().set_index_parameters(base, params)
+            except RuntimeError as e:
+                raise AnyoError(f"{where}: cannot set {params!r}: {faiss_reason(e)}") from None
         if faiss.get_num_gpus() > 0:
             base = faiss.index_cpu_to_all_gpus(base)
         self.index = base

@@ -34,10 +34,8 @@ class Recommender:
                  index: ItemIndex | None = None):
         self.model = model.eval()
         self.max_len = int(model.cfg.max_len)
-        with torch.inference_mode():
-            table = model.item_vectors().detach() if item_vectors is None else torch.from_numpy(
-                np.ascontiguousarray(item_vectors, dtype=np.float32))
-        self.items = table.float().contiguous()              # (N+1, d)
+        table = model.item_vectors() if item_vectors is None else item_vectors
+        self.items = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32))   # (N+1, d)
         self.items_t = self.items.t().contiguous()           # (d, N+1): the matmul reads rows contiguously
         self.n_rows = self.items.shape[0]
         self.use_torch = self.n_rows <= torch_max_items
@@ -112,16 +110,3 @@ class Recommender:
     def recommend(self, rows: list, k: int = 10, exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Lists of internal ids -> (B, k) ids and scores."""
         return self.top_k(Histories.from_rows(rows), k, exclude_seen)
-
-
-def encoder_flops(cfg, width: int, n_rows: int) -> dict:
-    """Multiply-adds x 2 of one user's encode (a history `width` long) and of scoring it against n_rows items.
-
-    Every layer but the last runs all `width` positions; the last one computes q, k, v for all
-    positions (keys and values span the history) but attention, projection and MLP for the last
-    position only (`SASRec.forward(last_only=True)`). LayerNorm, GELU and softmax are not counted.
-    """
-    d, t, L = cfg.hidden_size, width, cfg.num_layers
-    full = 24 * d * d * t + 4 * t * t * d          # qkv 6d^2 + proj 2d^2 + MLP 16d^2 per position; QK^T and AV
-    last = 6 * d * d * t + 4 * t * d + 18 * d * d  # qkv for all positions; one query's attention, proj, MLP
-    return {"encode": (L - 1) * full + last, "score": 2 * d * n_rows}

@@ -3,8 +3,10 @@
 Quality comes from each model's metrics.json and per-user test ranks (written by
 its training stage through the shared harness); cost is measured here, on this
 machine, for each model: parameters, checkpoint size, peak RSS while serving,
-latency per user at batch 1 (p50/p95, search included, loading excluded) and
-throughput at a large batch. Paired bootstrap CIs compare per-user NDCG@10.
+latency per user at batch 1 (p50/p95, search included, loading excluded), a
+throughput sweep over batch sizes on the same users for every model, and FLOPs per
+user from each model's shapes (distill.serving). Comparisons of per-user NDCG@10 use
+a two-level bootstrap over seeds and users (distill.stats).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def write_report(run: Path, recipe: Recipe, out: Path, inputs: dict) -> dict:
     models = q["models"]
     if recipe.bench.measure_cost:
         from distill.serving import measure_costs
-        costs = measure_costs(run, split, [m["name"] for m in models.values()], recipe.bench.teacher_backends)
+        costs = measure_costs(run, split, [m["name"] for m in models.values()], recipe.bench)
         for m in models.values():
             m.update(costs[m["name"]])
     comparisons = {}
@@ -86,7 +88,8 @@ def cost_ratios(models: dict) -> dict:
         return {}
     return {"params": t["params"] / s["params"], "peak_rss_bytes": t["peak_rss_bytes"] / s["peak_rss_bytes"],
             "latency_p50": t["latency_ms"]["p50"] / s["latency_ms"]["p50"],
-            "throughput": s["throughput_users_per_s"] / t["throughput_users_per_s"]}
+            "throughput": s["throughput_users_per_s"] / t["throughput_users_per_s"],   # best batch against best
+            "flops_per_user": t["flops_per_user"] / s["flops_per_user"]}
 
 
 def machine() -> str:
@@ -123,6 +126,16 @@ def markdown(report: dict) -> str:
         lines.append(f"\n{key}: NDCG@10 difference {d['mean_diff']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, "
                      f"{d['ci95'][1]:+.4f}] (two-level bootstrap over seeds and users, {d['seeds'][0]} vs "
                      f"{d['seeds'][1]} seeds; per seed: {seeds})")
+    swept = {n: m for n, m in report["models"].items() if "throughput_by_batch" in m}
+    if swept:
+        batches = list(next(iter(swept.values()))["throughput_by_batch"])
+        lines += ["", f"Serving: users/s at each batch size (the same {next(iter(swept.values()))['users']} test users "
+                  "for every model, encode + top-10 search with the history masked), and FLOPs per user from the "
+                  "models' shapes:", "", "| model | " + " | ".join(f"batch {b}" for b in batches)
+                  + " | latency p95 (ms) | MFLOP/user |", "|---" * (len(batches) + 3) + "|"]
+        for n, m in swept.items():
+            lines.append(f"| {n} | " + " | ".join(_count(m["throughput_by_batch"].get(b)) for b in batches)
+                         + f" | {_fmt(m['latency_ms']['p95'])} | {m['flops_per_user'] / 1e6:,.2f} |")
     with_buckets = {n: m["by_popularity"] for n, m in report["models"].items() if m.get("by_popularity")}
     if with_buckets:
         buckets = [b for b in ("head", "torso", "tail", "unseen") if any(b in v for v in with_buckets.values())]
@@ -136,7 +149,8 @@ def markdown(report: dict) -> str:
     if r := report.get("cost_ratios"):
         lines.append(f"\ndistilled student vs teacher: {r['params']:,.0f}x fewer parameters, "
                      f"{r['peak_rss_bytes']:.1f}x less peak memory, {r['latency_p50']:,.1f}x lower latency, "
-                     f"{r['throughput']:,.1f}x the throughput")
+                     f"{r['throughput']:,.1f}x the throughput (each at its best batch size; "
+                     f"{r['flops_per_user']:,.0f}x fewer FLOPs per user by the models' shapes)")
     if report["missing"]:
         lines.append(f"\nMissing stages: {', '.join(report['missing'])}")
     if report["stale"]:

@@ -3,9 +3,10 @@
 Each model is measured in its own child process, forked from a forkserver that
 has already imported torch, so its peak resident memory is its own (on top of
 the interpreter and torch, the same for every model) and no child pays for the
-imports. Latency is per user at batch 1 (encode + top-10 search with history
-masking), model loading excluded; throughput is users/s at a large batch
-(median of 3 passes).
+imports. Every model serves the same users (recipe section `bench`): latency per user at
+batch 1 (encode + top-10 search with history masking, model loading excluded), and a
+throughput sweep over batch sizes (median of its passes); the report compares each
+model's best throughput, and the FLOPs per user each model's shapes imply.
 `python -m distill.serving RUN NAME [BACKEND]` measures one model (registry name) from the shell.
 """
 
@@ -24,9 +25,6 @@ from distill.data import Split, load_split
 from distill.harness import Exclusions, ItemIndex
 from distill.registry import load_retriever
 
-LATENCY_USERS = {"teacher": 8}   # per model name; the others: 200
-THROUGHPUT_USERS = {"teacher": 64}
-THROUGHPUT_PASSES = 3  # the median pass counts: one pass is at the mercy of a noisy machine
 clock = time.perf_counter  # module-level so a test can substitute a fake clock
 
 
@@ -43,14 +41,16 @@ def parameter_counts(model) -> tuple[int, int]:
     return params, trained
 
 
-def measure(run: Path, name: str, backend: str = "hf") -> dict:
+def measure(run: Path, name: str, backend: str, bench) -> dict:
+    """One model's serving cost: encode + top-10 search with the history masked, model loading excluded.
+    Every model serves the same users: `bench.latency_users` one at a time, then the first `bench.users`
+    test users at each batch size of `bench.batch_sizes` (median of `bench.passes` passes)."""
     split = load_split(run / "split")
     model = load_retriever(run, split, name, backend)
     items = model.item_vectors()
     params, trained = parameter_counts(model)
     index = ItemIndex(items)
     hist = split.history("test")
-    rng = np.random.default_rng(0)
 
     def serve(users: np.ndarray) -> None:
         rows = hist.take(users)
@@ -58,36 +58,40 @@ def measure(run: Path, name: str, backend: str = "hf") -> dict:
 
     serve(np.arange(2))  # warm-up
     lat = []
-    for u in rng.choice(split.n_users, size=min(LATENCY_USERS.get(name, 200), split.n_users), replace=False):
+    for u in np.random.default_rng(0).choice(split.n_users, size=min(bench.latency_users, split.n_users),
+                                             replace=False):
         t = clock()
         serve(np.array([u]))
         lat.append((clock() - t) * 1000)
-    n = min(THROUGHPUT_USERS.get(name, split.n_users), split.n_users)
-    batch = 1024 if name != "teacher" else 32
-    passes = []
-    for _ in range(THROUGHPUT_PASSES):
-        t = clock()
-        for lo in range(0, n, batch):
-            serve(np.arange(lo, min(n, lo + batch)))
-        passes.append(clock() - t)
-    throughput = n / float(np.median(passes))
+    users = np.arange(min(bench.users or split.n_users, split.n_users))
+    sweep = {}
+    for batch in bench.batch_sizes:
+        passes = []
+        for _ in range(bench.passes):
+            t = clock()
+            for lo in range(0, len(users), batch):
+                serve(users[lo:lo + batch])
+            passes.append(clock() - t)
+        sweep[str(batch)] = len(users) / float(np.median(passes))
     return {"params": int(params), "trainable_params": int(trained),
             "checkpoint_bytes": int(_dir_bytes(run / name)) if params else 0,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95))},
-            "throughput_users_per_s": float(throughput)}
+            "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
+                           "users": len(lat)},
+            "throughput_users_per_s": max(sweep.values()), "throughput_by_batch": sweep, "users": len(users),
+            "flops_per_user": float(np.mean(model.flops_per_user(hist.take(users))))}
 
 
-def measure_costs(run: Path, split: Split, names: list[str], teacher_backends: list[str]) -> dict:
+def measure_costs(run: Path, split: Split, names: list[str], bench) -> dict:
     """Cost of each model by name; the teacher's top-level figures are its first backend's."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "distill.serving"])
     out = {}
     for name in names:
-        for backend in teacher_backends if name == "teacher" else ["hf"]:
+        for backend in bench.teacher_backends if name == "teacher" else ["hf"]:
             pool = ctx.Pool(processes=1)  # a fresh child per model: its own peak RSS
             try:
-                cost = pool.apply(measure, (run, name, backend))
+                cost = pool.apply(measure, (run, name, backend, bench))
             except Exception as e:
                 raise RuntimeError(f"measuring {name} ({backend}) failed: {e}") from e
             finally:
@@ -96,9 +100,12 @@ def measure_costs(run: Path, split: Split, names: list[str], teacher_backends: l
             out.setdefault(name, cost)
             if name == "teacher":
                 out[name].setdefault("backends", {})[backend] = {
-                    k: cost[k] for k in ("latency_ms", "throughput_users_per_s", "peak_rss_bytes")}
+                    k: cost[k] for k in ("latency_ms", "throughput_users_per_s", "throughput_by_batch",
+                                         "peak_rss_bytes")}
     return out
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(Path(sys.argv[1]), *sys.argv[2:])))
+    from distill.config import BenchConfig
+    print(json.dumps(measure(Path(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "hf",
+                             BenchConfig())))

@@ -125,6 +125,21 @@ class SASRec(nn.Module):
         """(N+1, d) float32 item table; row 0 is padding."""
         return self.item_emb.weight.detach().numpy()
 
+    def encoder_flops(self, width) -> np.ndarray:
+        """Multiply-adds x 2 to encode a history `width` long (array-like). Every block but the last runs
+        all positions; the last computes q, k, v for all positions (keys and values span the history) but
+        attention, projection and MLP for the last one only (forward(last_only=True)). LayerNorm, GELU
+        and softmax are not counted."""
+        d, L, t = self.cfg.hidden_size, self.cfg.num_layers, np.asarray(width, np.float64)
+        full = 24 * d * d * t + 4 * t * t * d          # qkv 6d^2 + proj 2d^2 + MLP 16d^2 per position; QK^T, AV
+        last = 6 * d * d * t + 4 * t * d + 18 * d * d  # qkv for all positions; one query's attention, proj, MLP
+        return (L - 1) * full + last
+
+    def flops_per_user(self, histories: Histories) -> np.ndarray:
+        """(n,) FLOPs to encode each history and score it against the whole catalogue."""
+        width = np.minimum(histories.lengths, self.cfg.max_len)
+        return self.encoder_flops(width) + 2 * self.cfg.hidden_size * (self.cfg.n_items + 1)
+
 
 def save_student(model: SASRec, folder: Path, meta: dict) -> None:
     """Checkpoint = model.safetensors + config.json (+ metadata such as the split hash)."""

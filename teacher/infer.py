@@ -23,7 +23,9 @@ from distill.data import Histories, Split
 from distill.errors import ArtifactError, ConfigError, StaleError
 from distill.positions import prefixes, scored_positions
 from distill.resources import decoder_step_bytes, require_memory
+from teacher import guard
 from teacher.model import TeacherRetriever
+
 
 def wrap_backend(model: TeacherRetriever, backend: str) -> TeacherRetriever:
     """Put the decoder behind `deepspeed.init_inference` (or leave it as transformers runs it)."""
@@ -95,8 +97,18 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
                    f"an inference batch ({recipe.teacher.eval_batch_size} prompts of up to {longest} tokens)",
                    "teacher.eval_batch_size", model.device)
     rank, world = distributed()
-    model = wrap_backend(model.eval(), backend)
     users, t = scored_positions(split, d.positions)
+    model = model.eval()
+    dtype = guard.backbone_dtype(model)
+    if guard.needs_guard(backend, dtype):  # checked before anything is written, the staging folder included
+        sample = guard.sample(split, users, t, d.guard_samples)
+        ref = guard.reference(model, sample, recipe.teacher.eval_batch_size)
+        model = wrap_backend(model, backend)
+        checked = guard.compare(model.encode(sample, recipe.teacher.eval_batch_size), ref, backend, dtype,
+                                d.guard_tolerance)
+    else:
+        model = wrap_backend(model, backend)
+        checked = guard.unchecked(backend, dtype)
     meta = {**cache_key(recipe, split, teacher_hash), "dim": model.out_projector.out_features}
     n_shards = -(-split.n_users // d.shard_users)
     staging = staging_dir(out)
@@ -118,7 +130,7 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
         torch.distributed.barrier()
     if rank != 0:
         return None
-    manifest = complete_cache(staging, out, n_shards, meta, model.item_vectors())
+    manifest = complete_cache(staging, out, n_shards, meta, model.item_vectors(), {"guard": checked})
     rate = total / seconds if total and seconds > 0 else float("nan")
     print(f"teacher cache: {sum(s['rows'] for s in manifest['shards'])} queries in {n_shards} shards at {out}; "
           f"scored {total} prompts in {seconds:.0f}s ({rate:.1f} prompts/s, "
@@ -144,4 +156,6 @@ def merge(recipe: Recipe, split: Split, teacher_dir: Path, out: Path) -> dict:
     if any(m != first for m in metas.values()):
         raise StaleError(f"{staging}: shards were built with different options")
     items = load_file(str(teacher_dir / "heads.safetensors"))["item_table"]
-    return complete_cache(staging, out, -(-split.n_users // recipe.distill.shard_users), first, items)
+    return complete_cache(staging, out, -(-split.n_users // recipe.distill.shard_users), first, items,
+                          {"guard": {"checked": None, "reason": "merged from shards written by separate jobs; "
+                                     "each job's guard ran before it wrote its shards"}})

@@ -125,6 +125,16 @@ class TeacherRetriever(nn.Module):
         """(N+1, D) float32 item table; row 0 is padding."""
         return self.item_table.detach().float().cpu().numpy()
 
+    def flops_per_user(self, histories: Histories) -> np.ndarray:
+        """(n,) 2 x the decoder weights each prompt token passes through plus attention over the prompt,
+        the CF encoder (the gate and q_CF) and the catalogue scoring."""
+        c = self.backbone.config
+        layers = [p for n, p in self.backbone.named_parameters() if ".layers." in n and "lora_" not in n]
+        tokens = self.prompts.lengths(histories).astype(np.float64)
+        decoder = tokens * (2 * sum(p.numel() for p in layers) + 4 * tokens * c.hidden_size * c.num_hidden_layers)
+        heads = 2 * sum(p.numel() for p in self.out_projector.parameters())
+        return decoder + self.cf.flops_per_user(histories) + heads
+
     # ------------------------------------------------------------ retrieval
     def invalidate_index(self) -> None:
         self._index = None

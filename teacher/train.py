@@ -104,7 +104,7 @@ class TeacherTask:
         state = {f"param.{n}": p.detach().clone() for n, p in self.trainable.items()}
         if self.valid is not None:
             state["valid.queries"] = torch.from_numpy(self.valid.copy())
-            state["valid.cf_weight"] = torch.tensor(self.cf_weight)
+            state["valid.cf_weight"] = torch.tensor(self.cf_weight, dtype=torch.float64)
         return state
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:

@@ -62,6 +62,23 @@ def toy_data(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data"))
 
 
+@pytest.fixture(scope="module")
+def split(toy_data):
+    """The toy split with histories of at most 10 items (test_harness.py has its own)."""
+    from distill.config import DataConfig
+    from distill.data import build_split
+    return build_split(DataConfig(name="toy", path=str(toy_data), max_len=10))
+
+
+@pytest.fixture(scope="module")
+def cf(split):
+    """A random SASRec on the toy split: the CF model a teacher reads."""
+    import torch
+    from student.model import SASRec, SASRecConfig
+    torch.manual_seed(0)
+    return SASRec(SASRecConfig(split.n_items, 10, hidden_size=16, num_layers=1, num_heads=2, dropout=0.0))
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
@@ -77,7 +94,7 @@ def tiny_recipe_overrides(data: Path, model: Path) -> list[str]:
             "teacher.eval_batch_size=16",
             "distill.epochs=3", "distill.positions=2", "distill.k=5", "distill.backend=hf",
             "distill.shard_users=16",
-            "bench.teacher_backends=[hf]"]
+            "bench.teacher_backends=[hf]", "bench.batch_sizes=[1, 32]", "bench.latency_users=20", "bench.passes=1"]
 
 
 @pytest.fixture

@@ -1,8 +1,12 @@
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from distill.cli import main
-from distill.config import DataConfig
+from distill.config import ColumnsConfig, DataConfig, load_recipe
+from distill.errors import ConfigError
 from distill.data import build_split, prepare, to_hf_datasets, data_files
 from distill.errors import DataError
 
@@ -18,7 +22,8 @@ def write(folder, inter: str, item: str | None = None, name="hand"):
 
 
 def test_leave_one_out_on_hand_made_file(tmp_path):
-    # user b has equal timestamps: file order breaks the tie; user c has 2 interactions and is dropped
+    # user b has equal timestamps: the item token breaks the tie (x before z, whatever the file order);
+    # user c has 2 interactions and is dropped
     rows = [("a", "x", 3), ("a", "y", 1), ("a", "z", 2), ("a", "w", 4),
             ("b", "z", 5), ("b", "x", 5), ("b", "v", 6),
             ("c", "x", 1), ("c", "y", 2)] + [("d", f"f{i}", i) for i in range(25)]  # d fills the catalogue
@@ -27,15 +32,15 @@ def test_leave_one_out_on_hand_made_file(tmp_path):
     s = build_split(cfg)
     assert s.users == ["a", "b", "d"]
     assert s.manifest["dropped_users"] == 1
-    # a sorted: y(1) z(2) x(3) w(4) -> ids y=1 z=2 x=3 w=4; b: z x v -> v=5
+    # a sorted: y(1) z(2) x(3) w(4) -> ids y=1 z=2 x=3 w=4; b: x z v -> v=5
     assert s.items[:6] == ["[PAD]", "y", "z", "x", "w", "v"]
     assert s.titles[1] == "Why" and s.titles[3] == "The X" and s.titles[2] == ""
     assert s.sequences.row(0).tolist() == [1, 2, 3, 4]
-    assert s.sequences.row(1).tolist() == [2, 3, 5]
+    assert s.sequences.row(1).tolist() == [3, 2, 5]
     assert s.targets("test").tolist()[:2] == [4, 5]
-    assert s.targets("valid").tolist()[:2] == [3, 3]
+    assert s.targets("valid").tolist()[:2] == [3, 2]
     assert s.history("train").row(0).tolist() == [1, 2]
-    assert s.history("valid").row(1).tolist() == [2]
+    assert s.history("valid").row(1).tolist() == [3]
     assert s.history("test").row(0).tolist() == [1, 2, 3]
 
 
@@ -101,3 +106,161 @@ def test_bad_inter_files(tmp_path, inter, message, capsys):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="nope.inter: file not found"):
         data_files(DataConfig(name="nope", path=str(tmp_path)))
+
+
+# ---------------------------------------------------------------- Parquet / CSV / JSONL
+
+def recbole_frames(folder, name):
+    """A RecBole .inter/.item pair as pandas frames (tokens as strings, columns renamed to the defaults
+    without `:type`), like a user's own export."""
+    import pandas as pd
+    inter = pd.read_csv(folder / f"{name}.inter", sep="\t", dtype=str, keep_default_na=False)
+    inter.columns = [c.split(":")[0] for c in inter.columns]
+    inter["timestamp"] = inter["timestamp"].astype(float)
+    item = pd.read_csv(folder / f"{name}.item", sep="\t", dtype=str, keep_default_na=False, quoting=3)
+    item.columns = [c.split(":")[0] for c in item.columns]
+    title = [c for c in item.columns if c.endswith("title")][0]
+    item = item[["item_id", title]].rename(columns={title: "title"})
+    return inter, item
+
+
+def write_format(frame, path, fmt):
+    if fmt == "parquet":
+        frame.to_parquet(path, index=False)
+    elif fmt == "csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_json(path, orient="records", lines=True)
+    return str(path)
+
+
+def convert(tmp_path, folder, name, fmt, shuffle_seed=0, rename=None):
+    inter, item = recbole_frames(folder, name)
+    inter = inter.sample(frac=1.0, random_state=shuffle_seed).reset_index(drop=True)  # rows shuffled
+    item = item.sample(frac=1.0, random_state=shuffle_seed + 1).reset_index(drop=True)
+    if rename:
+        inter = inter.rename(columns=rename)
+    ext = {"parquet": "parquet", "csv": "csv", "jsonl": "jsonl"}[fmt]
+    return (write_format(inter, tmp_path / f"{name}-inter.{ext}", fmt),
+            write_format(item, tmp_path / f"{name}-items.{ext}", fmt))
+
+
+def assert_same_split(a, b):
+    assert a.hash == b.hash
+    assert a.users == b.users and a.items == b.items and a.titles == b.titles
+    assert np.array_equal(a.sequences.flat, b.sequences.flat)
+    assert np.array_equal(a.sequences.offsets, b.sequences.offsets)
+    for stage in ("valid", "test"):
+        assert np.array_equal(a.negatives[stage], b.negatives[stage])
+    assert a.manifest["dropped_users"] == b.manifest["dropped_users"]
+
+
+def tied_toy(tmp_path):
+    """The conftest toy data with many timestamps repeated (ties broken by the item token)."""
+    from conftest import write_dataset
+    folder = write_dataset(tmp_path / "toy", n_users=30, n_items=40, seed=3)
+    lines = (folder / "toy.inter").read_text().splitlines()
+    rows = [line.split("\t") for line in lines[1:]]
+    for r in rows:
+        r[3] = str(int(float(r[3])) // 30 * 30)  # coarse clock: several items share a timestamp
+    (folder / "toy.inter").write_text("\n".join([lines[0]] + ["\t".join(r) for r in rows]) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_formats_and_row_order_give_the_recbole_split(tmp_path, fmt):
+    folder = tied_toy(tmp_path)
+    ref = build_split(DataConfig(name="toy", path=str(folder)))
+    inter = [line.split("\t") for line in (folder / "toy.inter").read_text().splitlines()[1:]]
+    assert len({(r[0], r[3]) for r in inter}) < len(inter)  # the data really has ties
+    for seed in (0, 1):
+        path, items = convert(tmp_path, folder, "toy", fmt, shuffle_seed=seed)
+        got = build_split(DataConfig(format=fmt, path=path, items=items))
+        assert_same_split(got, ref)
+    # a recbole file with its rows shuffled too
+    lines = (folder / "toy.inter").read_text().splitlines()
+    body = lines[1:]
+    np.random.default_rng(5).shuffle(body)
+    (tmp_path / "shuf").mkdir()
+    (tmp_path / "shuf" / "toy.inter").write_text("\n".join([lines[0]] + body) + "\n")
+    (tmp_path / "shuf" / "toy.item").write_text((folder / "toy.item").read_text())
+    assert_same_split(build_split(DataConfig(name="toy", path=str(tmp_path / "shuf"))), ref)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_ml100k_converted_and_shuffled_equals_recbole(tmp_path, fmt):
+    from distill.data import embedded_ml100k
+    ref = build_split(DataConfig())
+    path, items = convert(tmp_path, embedded_ml100k(), "ml-100k", fmt, shuffle_seed=7)
+    assert_same_split(build_split(DataConfig(format=fmt, path=path, items=items)), ref)
+
+
+def test_column_mapping(tmp_path):
+    folder = tied_toy(tmp_path)
+    ref = build_split(DataConfig(name="toy", path=str(folder)))
+    path, items = convert(tmp_path, folder, "toy", "csv",
+                          rename={"user_id": "visitor", "item_id": "item_id", "timestamp": "ts"})
+    cols = ColumnsConfig(user="visitor", time="ts")
+    assert_same_split(build_split(DataConfig(format="csv", path=path, items=items, columns=cols)), ref)
+    # a different title changes the hash
+    import pandas as pd
+    frame = pd.read_csv(items, dtype=str)
+    frame.loc[0, "title"] = "something else"
+    frame.to_csv(items, index=False)
+    assert build_split(DataConfig(format="csv", path=path, items=items, columns=cols)).hash != ref.hash
+
+
+@pytest.mark.parametrize("rename,cols,message", [
+    ({"user_id": "uid"}, {}, "no column `user_id` (data.columns.user)"),
+    ({}, {"item": "movie"}, "no column `movie` (data.columns.item)"),
+    ({"timestamp": "when"}, {}, "no column `timestamp` (data.columns.time)"),
+])
+def test_missing_column_is_named(tmp_path, rename, cols, message, capsys):
+    folder = tied_toy(tmp_path)
+    path, items = convert(tmp_path, folder, "toy", "parquet", rename=rename)
+    cfg = DataConfig(format="parquet", path=path, columns=ColumnsConfig(**cols))
+    with pytest.raises(DataError, match=re.escape(message)) as e:
+        build_split(cfg)
+    assert path in str(e.value) and "\n" not in str(e.value)
+    recipe = tmp_path / "r.yaml"
+    extra = "".join(f"    {k}: {v}\n" for k, v in cols.items())
+    recipe.write_text(f"data:\n  format: parquet\n  path: {path}\n" + (f"  columns:\n{extra}" if extra else ""))
+    assert main(["prepare", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and path in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "split").exists()
+
+
+def test_missing_title_column_names_the_item_file(tmp_path):
+    folder = tied_toy(tmp_path)
+    path, items = convert(tmp_path, folder, "toy", "jsonl")
+    with pytest.raises(DataError, match=re.escape("no column `name` (data.columns.title)")) as e:
+        build_split(DataConfig(format="jsonl", path=path, items=items, columns=ColumnsConfig(title="name")))
+    assert items in str(e.value)
+
+
+def test_bad_format_and_missing_path_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.format: must be recbole or parquet or csv or jsonl, got 'xlsx'"):
+        load_recipe(None, ["data.format=xlsx"])
+    with pytest.raises(ConfigError, match=r"data.path: required with data.format csv"):
+        load_recipe(None, ["data.format=csv"])
+    with pytest.raises(ConfigError, match=r"data.columns.usr: unknown key"):
+        load_recipe(None, ["data.columns.usr=x"])
+
+
+def test_negatives_for_dense_users_and_in_one_vectorised_draw():
+    from distill.data import Histories, _sample_negatives
+    n_items = 40
+    sparse = [1, 2, 3]
+    all_but_19 = list(range(1, 22))                  # 19 unseen items: exactly those are drawn
+    all_but_5 = list(range(1, 36))                   # too few unseen: only the last two are excluded
+    seqs = Histories.from_rows([sparse, all_but_19, all_but_5])
+    neg = _sample_negatives(seqs, n_items, np.random.default_rng(0), Path("x"))
+    assert not set(neg[0]) & set(sparse) and len(set(neg[0])) == 19
+    assert set(neg[1]) == set(range(22, 41))
+    assert len(set(neg[2])) == 19 and not set(neg[2]) & {34, 35}
+    again = _sample_negatives(seqs, n_items, np.random.default_rng(0), Path("x"))
+    assert np.array_equal(neg, again)
+    counts = np.bincount(_sample_negatives(Histories.from_rows([sparse] * 2000), n_items,
+                                           np.random.default_rng(1), Path("x")).ravel(), minlength=41)
+    assert counts[:4].sum() == 0 and counts[4:].min() > 0.7 * counts[4:].mean()   # uniform over the unseen

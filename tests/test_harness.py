@@ -151,3 +151,17 @@ def test_evaluate_cli_rejects_bad_vectors(tmp_path, split, bad, msg, capsys):
     err = capsys.readouterr().err
     assert msg in err and ".npy" in err
     assert not (tmp_path / "m.json").exists()
+
+
+def test_index_search_parameters_after_a_question_mark():
+    from distill.config import check_index_string
+    from distill.errors import AnyoError
+    from distill.harness import ItemIndex
+    x = np.random.default_rng(0).normal(size=(2000, 8)).astype(np.float32)
+    assert ItemIndex(x, "IVF8,Flat?nprobe=8").index.nprobe == 8
+    assert ItemIndex(x, "HNSW8?efSearch=40").index.hnsw.efSearch == 40
+    exact = ItemIndex(x, "Flat").search(x[:20], 5)[0]
+    assert np.array_equal(ItemIndex(x, "IVF8,Flat?nprobe=8").search(x[:20], 5)[0], exact)  # every list probed
+    check_index_string("IVF8,Flat?nprobe=4", 8)
+    with pytest.raises(AnyoError, match="could not set parameter bogus"):
+        check_index_string("IVF8,Flat?bogus=4", 8)

@@ -32,7 +32,7 @@ from distill.artifacts import sha256_file
 # finishes the student's resumed epochs, hence a teacher-only function), and where the random
 # chains start their clock (a file whose appearance means the stage is under way; None: process start)
 STAGES = [
-    ("prepare", "distill.data.build_split:1", None),
+    ("prepare", "distill.data._finish:1", None),
     ("student", "distill.trainer.save_resume:1", "student_alone.resume/state.json"),
     ("teacher", "teacher.train.best_blend:2", "teacher.resume/state.json"),  # epoch 2's validation
     ("infer", "teacher.infer.write_shard:1", "teacher_cache.partial/shard-00000.safetensors"),

@@ -68,8 +68,13 @@ def test_report_schema(tiny_run):
         m = r["models"][name]
         assert {"metrics", "metrics_std", "seeds", "params", "trainable_params", "checkpoint_bytes",
                 "peak_rss_bytes", "latency_ms", "throughput_users_per_s"} <= set(m)
-        assert set(m["latency_ms"]) == {"p50", "p95"}
+        assert set(m["latency_ms"]) == {"p50", "p95", "users"}
     assert set(r["models"]["teacher"]["backends"]) == {"hf"}  # the tiny recipe's bench.teacher_backends
+    for m in r["models"].values():                   # every model on the same users, the teacher included
+        assert m["latency_ms"]["users"] == 20 and m["users"] == 40 and set(m["throughput_by_batch"]) == {"1", "32"}
+        assert m["throughput_users_per_s"] == max(m["throughput_by_batch"].values())
+    flops = {n: r["models"][n]["flops_per_user"] for n in ("MostPop", "student alone", "teacher")}
+    assert flops["teacher"] > flops["student alone"] > flops["MostPop"] > 0
     assert r["models"]["teacher"]["params"] > r["models"]["distilled student"]["params"] > 0
     for name in ("student alone", "teacher", "distilled student"):   # the curves the report draws
         curve = r["models"][name]["curves"][0]
@@ -227,10 +232,12 @@ def test_latency_excludes_model_loading(tiny_run, monkeypatch):
 
     monkeypatch.setattr(serving, "clock", tick)
     monkeypatch.setattr(serving, "load_retriever", slow_load)
-    cost = serving.measure(run, "student_alone")
+    from distill.config import BenchConfig
+    cost = serving.measure(run, "student_alone", "hf", BenchConfig(batch_sizes=[1, 1024], latency_users=30))
     assert cost["latency_ms"]["p50"] == pytest.approx(1.0) and cost["latency_ms"]["p95"] == pytest.approx(1.0)
     n_users = load_split(run / "split").n_users
-    assert cost["throughput_users_per_s"] == pytest.approx(n_users / 1e-3)  # each pass: two clock readings
+    assert cost["throughput_by_batch"] == pytest.approx({"1": n_users / 1e-3, "1024": n_users / 1e-3})  # 2 readings
+    assert cost["latency_ms"]["users"] == 30
 
 
 def test_run_records_its_recipe_and_bench_then_run_remeasures_nothing(tiny_run, tmp_path, capsys):

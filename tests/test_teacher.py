@@ -4,23 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from distill.data import build_split
 from distill.errors import ConfigError
 from student.model import SASRec, SASRecConfig
 from teacher.backbone import load_backbone
 from teacher.model import build_teacher, load_teacher, save_teacher
-
-
-@pytest.fixture(scope="module")
-def split(toy_data):
-    from distill.config import DataConfig
-    return build_split(DataConfig(name="toy", path=str(toy_data), max_len=10))
-
-
-@pytest.fixture(scope="module")
-def cf(split):
-    torch.manual_seed(0)
-    return SASRec(SASRecConfig(split.n_items, 10, hidden_size=16, num_layers=1, num_heads=2, dropout=0.0))
 
 
 def make(tiny_recipe, split, cf, seed=0, **changes):
