@@ -230,9 +230,11 @@ def test_unforced_generation_is_judged_and_left_padding_does_not_change_it(model
     cands, _ = candidate_sets(split, "test", users, 0)
     hist = split.history("test")
     histories = [hist.row(u) for u in users]
-    together = model.recommend(histories, cands)
-    alone = [model.recommend([histories[r]], cands[r:r + 1])[0] for r in range(len(users))]
-    assert together == alone
+    cf_hist = model.cf_histories(histories)
+    together = model.generate_ids(model.prompts(histories, cands), cf_hist, max_new_tokens=6)
+    alone = [model.generate_ids(model.prompts([histories[r]], cands[r:r + 1]), cf_hist[r:r + 1], 6)[0]
+             for r in range(len(users))]
+    assert together == alone and any(together)
     scores = score_candidates(model, split, "test", batch_size=4, users=users)
     assert 0.0 <= scores.metrics["HR@1"] <= scores.metrics["ValidRatio"] <= 1.0
     assert len(scores.outputs) == 6
