@@ -1,6 +1,5 @@
 """The LLaRA-style generative recommender (teacher/generative.py) on a tiny random causal Llama."""
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
