@@ -21,7 +21,14 @@ def _recipe_args(p: argparse.ArgumentParser, seed: bool = False) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anyo", description="Distil LLM retrievers into SASRec students.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _stage_commands(sub)
+    _run_commands(sub)
+    _serving_commands(sub)
+    return parser
 
+
+def _stage_commands(sub) -> None:
+    """One subcommand per stage of a run."""
     p = sub.add_parser("prepare", help="prepare the leave-one-out split into RUN/split")
     _recipe_args(p)
 
@@ -63,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(needs RUN/student_alone)")
     _recipe_args(p, seed=True)
 
+
+def _run_commands(sub) -> None:
+    """Commands over a whole run folder."""
     p = sub.add_parser("bench", help="write the teacher-vs-student report")
     p.add_argument("run", help="run folder")
     p.add_argument("--out", default=None, help="report folder (default RUN/report)")
@@ -71,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every artifact of a run: ok, stale or corrupt")
     p.add_argument("run", help="run folder")
 
+    p = sub.add_parser("run", help="the whole pipeline, each stage skipped when up to date")
+    p.add_argument("recipe")
+    p.add_argument("--out", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--seeds", type=int, default=1, help="train student-alone and distilled over this many seeds")
+
+
+def _serving_commands(sub) -> None:
+    """Export a trained student, recommend from it, serve it over HTTP."""
     p = sub.add_parser("export", help="write RUN's student as a self-contained folder a service loads")
     p.add_argument("run", help="run folder")
     p.add_argument("--out", required=True, help="export folder (outside the run; new, empty or a previous export)")
@@ -87,13 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
-
-    p = sub.add_parser("run", help="the whole pipeline, each stage skipped when up to date")
-    p.add_argument("recipe")
-    p.add_argument("--out", required=True)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--seeds", type=int, default=1, help="train student-alone and distilled over this many seeds")
-    return parser
 
 
 def _check_args(args) -> None:

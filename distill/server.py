@@ -20,6 +20,11 @@ import os
 from pathlib import Path
 from typing import Union
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
 MAX_HISTORY = 10_000        # ids in one history
 MAX_BATCH = 1_024           # histories in one batch request
 MAX_BATCH_IDS = 200_000     # ids in one batch request, all histories together
@@ -90,128 +95,137 @@ class BodyGuard:
                 f"(history: at most {MAX_HISTORY:,} ids; histories: at most {MAX_BATCH:,} lists)")
 
 
-def create_app(exported):
+ItemId = Union[StrictStr, StrictInt]
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    history: list[ItemId] = Field(min_length=1, max_length=MAX_HISTORY,
+                                  description="raw item ids as in the user's data (strings or integers), oldest first")
+    k: StrictInt = Field(10, description="how many items, 1..catalogue size")
+    include_seen: StrictBool = Field(False, description="also return items of the history")
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    histories: list[list[ItemId]] = Field(min_length=1, max_length=MAX_BATCH,
+                                          description=f"at most {MAX_BATCH} histories, {MAX_BATCH_IDS} ids in all")
+    k: StrictInt = Field(10, description="how many items per history, 1..catalogue size")
+    include_seen: StrictBool = False
+
+
+class Item(BaseModel):
+    item: str
+    title: str
+    score: float
+
+
+class Items(BaseModel):
+    items: list[Item]
+
+
+class Results(BaseModel):
+    results: list[Items]
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+    split_hash: str
+    n_items: int
+
+
+class Problem(Exception):
+    """A request FastAPI's validation accepted but the model cannot answer: (status, detail)."""
+
+    def __init__(self, status: int, detail: str):
+        self.status, self.detail = status, detail
+
+
+def validation_problem(errors: list[dict]) -> Problem:
+    """FastAPI's validation errors as one 400 (malformed JSON) or 422 naming each field, at most five."""
+    bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if bad_json is not None:
+        ctx = (bad_json.get("ctx") or {}).get("error", "")
+        return Problem(400, f"body: malformed JSON{f' ({ctx})' if ctx else ''}")
+    lines, done = [], set()
+    for e in errors:
+        loc, msg = tuple(e.get("loc", ())), e.get("msg", "invalid")
+        if loc and loc[-1] in ("str", "int"):  # one item id failed both halves of str | int
+            loc, msg = loc[:-1], "expected an item id (a JSON string or integer)"
+        if loc in done:
+            continue
+        done.add(loc)
+        if e.get("type") == "too_long":
+            ctx = e.get("ctx") or {}
+            got = f"{ctx['actual_length']:,} items, " if isinstance(ctx.get("actual_length"), int) else ""
+            most = ctx.get("max_length")
+            msg = f"too long ({got}at most {most:,})" if isinstance(most, int) else f"too long ({got.rstrip(', ')})"
+        elif e.get("type") == "too_short":
+            msg = "must not be empty"
+        lines.append(f"{_field(loc)}: {msg}")
+    more = f" (and {len(lines) - 5} more errors)" if len(lines) > 5 else ""
+    return Problem(422, "; ".join(lines[:5]) + more)
+
+
+def check_request(k: int, n_items: int, histories: list[list]) -> None:
+    """What the schema cannot say: k within the catalogue, each history's length, the batch's total."""
+    if not 1 <= k <= n_items:
+        raise Problem(422, f"k: {k} is not in 1..{n_items} (the catalogue size)")
+    for n, h in enumerate(histories):
+        if not h:
+            raise Problem(422, f"histories[{n}]: must not be empty")
+        if len(h) > MAX_HISTORY:
+            raise Problem(422, f"histories[{n}]: too long ({len(h):,} items, at most {MAX_HISTORY:,})")
+    total = sum(len(h) for h in histories)
+    if total > MAX_BATCH_IDS:
+        raise Problem(422, f"histories: {total:,} ids in all, at most {MAX_BATCH_IDS:,}")
+
+
+def answer(obj) -> Response:
+    return Response(json.dumps(obj, separators=(",", ":")), media_type="application/json")
+
+
+def create_app(exported) -> FastAPI:
     """The FastAPI app for a loaded export (`distill.export.load_export`)."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
-    from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
-
     from distill.errors import AnyoError
-
-    ItemId = Union[StrictStr, StrictInt]
-    n_items = exported.n_items
-    manifest = exported.manifest
-
-    class RecommendRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        history: list[ItemId] = Field(min_length=1, max_length=MAX_HISTORY,
-                                      description="raw item ids as in the user's data (strings or integers), oldest first")
-        k: StrictInt = Field(10, description=f"how many items, 1..catalogue size ({n_items})")
-        include_seen: StrictBool = Field(False, description="also return items of the history")
-
-    class BatchRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        histories: list[list[ItemId]] = Field(min_length=1, max_length=MAX_BATCH,
-                                              description=f"at most {MAX_BATCH} histories, {MAX_BATCH_IDS} ids in all")
-        k: StrictInt = Field(10, description=f"how many items per history, 1..{n_items}")
-        include_seen: StrictBool = False
-
-    class Item(BaseModel):
-        item: str
-        title: str
-        score: float
-
-    class Items(BaseModel):
-        items: list[Item]
-
-    class Results(BaseModel):
-        results: list[Items]
-
-    class Health(BaseModel):
-        status: str
-        model: str
-        split_hash: str
-        n_items: int
-
-    class Problem(Exception):
-        def __init__(self, status: int, detail: str):
-            self.status, self.detail = status, detail
-
+    manifest, n_items = exported.manifest, exported.n_items
     app = FastAPI(title="anyo recommender", version=str(manifest.get("format")),
                   description=f"{manifest['model']} exported by `anyo export` (split {manifest['split_hash']}, "
                               f"{n_items:,} items). Ranking = the evaluation harness's.")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            e = next(e for e in errors if e.get("type") == "json_invalid")
-            ctx = (e.get("ctx") or {}).get("error", "")
-            return JSONResponse({"detail": f"body: malformed JSON{f' ({ctx})' if ctx else ''}"}, status_code=400)
-        lines, done = [], set()
-        for e in errors:
-            loc = tuple(e.get("loc", ()))
-            msg = e.get("msg", "invalid")
-            if loc and loc[-1] in ("str", "int"):  # one item id failed both halves of str | int
-                loc, msg = loc[:-1], "expected an item id (a JSON string or integer)"
-            if loc in done:
-                continue
-            done.add(loc)
-            if e.get("type") == "too_long":
-                ctx = e.get("ctx") or {}
-                got = f"{ctx['actual_length']:,} items, " if isinstance(ctx.get("actual_length"), int) else ""
-                most = ctx.get("max_length")
-                msg = f"too long ({got}at most {most:,})" if isinstance(most, int) else f"too long ({got.rstrip(', ')})"
-            elif e.get("type") == "too_short":
-                msg = "must not be empty"
-            lines.append(f"{_field(loc)}: {msg}")
-        more = f" (and {len(lines) - 5} more errors)" if len(lines) > 5 else ""
-        lines = lines[:5]
-        return JSONResponse({"detail": "; ".join(lines) + more}, status_code=422)
+        return await problem(request, validation_problem(exc.errors()))
 
     @app.exception_handler(Problem)
     async def problem(request: Request, exc: Problem):
         return JSONResponse({"detail": exc.detail}, status_code=exc.status)
-
-    def check_k(k: int) -> None:
-        if not 1 <= k <= n_items:
-            raise Problem(422, f"k: {k} is not in 1..{n_items} (the catalogue size)")
-
-    def answer(obj) -> Response:
-        return Response(json.dumps(obj, separators=(",", ":")), media_type="application/json")
 
     @app.get("/health", response_model=Health)
     async def health():
         return answer({"status": "ok", "model": manifest["model"], "split_hash": manifest["split_hash"],
                        "n_items": n_items})
 
+    def answered(call, histories: list[list], k: int):
+        check_request(k, n_items, histories)
+        try:
+            return call()
+        except AnyoError as e:  # unknown item ids, named
+            raise Problem(422, str(e)) from None
+
     @app.post("/recommend", response_model=Items, responses={400: {}, 413: {}, 415: {}, 422: {}})
     async def recommend(req: RecommendRequest):
         """Top-k next items for one history; history items are excluded unless include_seen."""
-        check_k(req.k)
-        try:
-            items = exported.recommend(req.history, req.k, include_seen=req.include_seen)
-        except AnyoError as e:
-            raise Problem(422, str(e)) from None
+        items = answered(lambda: exported.recommend(req.history, req.k, include_seen=req.include_seen),
+                         [req.history], req.k)
         return answer({"items": items})
 
     @app.post("/recommend/batch", response_model=Results, responses={400: {}, 413: {}, 415: {}, 422: {}})
     async def recommend_batch(req: BatchRequest):
         """Top-k next items for each of several histories, in one encoder pass."""
-        check_k(req.k)
-        for n, h in enumerate(req.histories):
-            if not h:
-                raise Problem(422, f"histories[{n}]: must not be empty")
-            if len(h) > MAX_HISTORY:
-                raise Problem(422, f"histories[{n}]: too long ({len(h):,} items, at most {MAX_HISTORY:,})")
-        total = sum(len(h) for h in req.histories)
-        if total > MAX_BATCH_IDS:
-            raise Problem(422, f"histories: {total:,} ids in all, at most {MAX_BATCH_IDS:,}")
-        try:
-            lists = exported.recommend_many(req.histories, req.k, include_seen=req.include_seen)
-        except AnyoError as e:
-            raise Problem(422, str(e)) from None
+        lists = answered(lambda: exported.recommend_many(req.histories, req.k, include_seen=req.include_seen),
+                         req.histories, req.k)
         return answer({"results": [{"items": items} for items in lists]})
 
     app.add_middleware(BodyGuard)
