@@ -21,7 +21,7 @@ def color(name: str) -> str:
 
 def plot_report(report: dict, out: Path) -> None:
     models = report["models"]
-    names = list(models)
+    names = [n for n in models if "NDCG@10" in models[n]["metrics"]]   # the full-ranking models
     title = f"{report.get('dataset', 'data')} (split {report['split_hash'][:8]}) — {report['machine']}"
 
     fig, ax = plt.subplots(figsize=(7, 4))

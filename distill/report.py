@@ -50,7 +50,28 @@ def collect_quality(run: Path, recipe: Recipe, split: Split) -> dict:
         if ranks:
             per_user[entry.label] = np.stack([ndcg_per_user(r) for r in ranks])          # (seeds, users)
             models[entry.label]["NDCG@10_ci95"] = mean_ci(per_user[entry.label].mean(axis=0))
+    if (generative := generative_row(run, recipe, split)) is not None:
+        models["generative (LLaRA-style)"] = generative
     return {"models": models, "per_user": per_user, "missing": missing, "stale": stale}
+
+
+def generative_row(run: Path, recipe: Recipe, split: Split) -> dict | None:
+    """RUN/llara's candidate metrics, when it was built from this run's inputs. It answers among the 20
+    candidates only, so it has no full-ranking metrics and no retriever-protocol cost (its cost against
+    the dense teacher is benchmarks/seed_claims.py's)."""
+    from distill.artifacts import read_json
+    from distill.stages.llara import inputs
+    path = run / "llara" / "metrics.json"
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    if record.get("inputs") != inputs(recipe, run, split, record.get("seed", recipe.seed)):
+        return None
+    c = record["candidates"]
+    return {"name": "llara", "metrics": {"HR@1(candidates)": c["HR@1"], "ValidRatio": c["ValidRatio"]},
+            "metrics_std": {}, "seeds": 1, "full_ranking": "not applicable: generates a title among 20 candidates",
+            "examples_per_second": record.get("examples_per_second"),
+            "test_users_per_second": record.get("test_users_per_second")}
 
 
 def write_report(run: Path, recipe: Recipe, out: Path, inputs: dict) -> dict:
@@ -61,9 +82,9 @@ def write_report(run: Path, recipe: Recipe, out: Path, inputs: dict) -> dict:
     models = q["models"]
     if recipe.bench.measure_cost:
         from distill.serving import measure_costs
-        costs = measure_costs(run, split, [m["name"] for m in models.values()], recipe.bench)
+        costs = measure_costs(run, split, [m["name"] for m in models.values() if m["name"] in MODELS], recipe.bench)
         for m in models.values():
-            m.update(costs[m["name"]])
+            m.update(costs.get(m["name"], {}))
     comparisons = {}
     for other, key in (("student alone", "distilled_vs_alone"), ("teacher", "distilled_vs_teacher")):
         if "distilled student" in q["per_user"] and other in q["per_user"]:
@@ -111,11 +132,12 @@ def markdown(report: dict) -> str:
     lines = [f"# anyo report (split {report['split_hash']}, {report['machine']})", "",
              "Test split, full ranking over the whole catalogue, history masked; "
              "HR@1(cand) is the LLaRA 20-candidate protocol.", ""]
-    cols = ["HR@10", "NDCG@10", "MRR@10", "HR@1(candidates)", "Coverage@10"]
+    cols = ["HR@10", "NDCG@10", "MRR@10", "HR@1(candidates)", "Coverage@10", "ValidRatio"]
     lines.append("| model | seeds | " + " | ".join(cols) + " | params | peak RSS (MiB) | latency p50 (ms) | users/s |")
     lines.append("|---" * (len(cols) + 6) + "|")
     for name, m in report["models"].items():
-        q = [_fmt(m["metrics"].get(c), m["metrics_std"].get(c)) for c in cols]
+        q = ["n/a" if "full_ranking" in m and c not in m["metrics"] else _fmt(m["metrics"].get(c), m["metrics_std"].get(c))
+             for c in cols]
         rss = m.get("peak_rss_bytes")
         cost = [_count(m.get("params")), _count(None if rss is None else rss / 2**20),
                 _fmt(m.get("latency_ms", {}).get("p50")), _count(m.get("throughput_users_per_s"))]

@@ -66,6 +66,17 @@ def _model_rows(run: Path, recipe, split) -> list[Row]:
     return rows
 
 
+def _generative_row(run: Path, recipe, split) -> Row:
+    """RUN/llara: its sealed record, built from this run's split, CF model and recipe sections."""
+    def check():
+        from distill.stages.llara import inputs
+        record = check_record(run / "llara" / "metrics.json")
+        if record.get("inputs") != inputs(recipe, run, split, record.get("seed", recipe.seed)):
+            raise StaleError("llara/metrics.json: built from other inputs than the run's recipe and CF model")
+        return f"test HR@1 {record['candidates']['HR@1']:.4f} (20 candidates)"
+    return _check("llara", check)
+
+
 def _cache_row(run: Path, recipe, split) -> Row:
     def check():
         from distill.cache import TeacherCache
@@ -107,6 +118,8 @@ def verify_run(run: Path) -> list[Row]:
         return rows
     recipe, split = found["recipe"], found["split"]
     rows += _model_rows(run, recipe, split)
+    if (run / "llara").is_dir():
+        rows.append(_generative_row(run, recipe, split))
     if (run / "teacher_cache").is_dir():
         rows.append(_cache_row(run, recipe, split))
     if (run / "report").is_dir():

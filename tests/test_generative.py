@@ -362,6 +362,12 @@ def test_baseline_llara_stage_writes_its_folder_and_is_skipped_when_up_to_date(t
     capsys.readouterr()
     assert main(["baseline", "llara", RECIPE, "--out", str(run)] + sets(overrides)) == 0
     assert "up to date" in capsys.readouterr().out
+    assert main(["bench", str(run), "--no-cost"]) == 0                      # the report shows it as a row
+    row = json.loads((run / "report" / "report.json").read_text())["models"]["generative (LLaRA-style)"]
+    assert row["metrics"] == {"HR@1(candidates)": m["HR@1"], "ValidRatio": m["ValidRatio"]}
+    assert "| generative (LLaRA-style) | 1 | n/a | n/a | n/a |" in (run / "report" / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["verify", str(run)]) == 0 and "llara" in capsys.readouterr().out
 
 
 @pytest.mark.slow
