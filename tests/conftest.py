@@ -37,22 +37,27 @@ def write_dataset(folder: Path, n_users: int = 40, n_items: int = 60, seed: int 
     return folder
 
 
-def write_tiny_llama(folder: Path) -> Path:
-    """A 2-layer random Llama and a word-level tokenizer, saved like any HF model folder."""
+def write_tiny_llama(folder: Path, causal: bool = False) -> Path:
+    """A 2-layer random Llama (headless, or with its head tied as SmolLM2's when `causal`) and a
+    word-level tokenizer with an EOS, saved like any HF model folder."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel, PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    corpus = WORDS + "A user watched these movies in order : The next movie they will watch is".split()
-    tok.train_from_iterator([" ".join(corpus)], trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "<s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>")
+    corpus = WORDS + ("A user watched these movies in order : The next movie they will watch is Choose the next movie "
+                      "they will watch from candidates Answer item # (# ( )").split() + [str(i) for i in range(200)]
+    tok.train_from_iterator([" ".join(corpus)],
+                            trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
+                                   eos_token="</s>")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(fast) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id)
-    LlamaModel(cfg).save_pretrained(folder)
+                      pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+                      tie_word_embeddings=True)
+    (LlamaForCausalLM if causal else LlamaModel)(cfg).save_pretrained(folder)
     fast.save_pretrained(folder)
     return folder
 

@@ -7,56 +7,19 @@ import pytest
 import torch
 
 from distill.config import LlaraConfig, load_recipe
-from distill.data import build_split
 from distill.errors import ConfigError
-from student.model import SASRec, SASRecConfig
 from teacher.generative import (CANS_TOKEN, IGNORE, build_generative, candidate_sets, judge, load_generative,
                                 match_candidates, normalise, save_generative, score_candidates)
 from teacher.prompt import HISTORY_TOKEN
 
-from conftest import WORDS
+from conftest import write_tiny_llama
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "ml100k.yaml")
 
 
-def write_tiny_causal_llama(folder: Path) -> Path:
-    """A 2-layer random LlamaForCausalLM (head tied, as SmolLM2's) and a word-level tokenizer with an EOS."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    corpus = WORDS + "A user watched these movies in order : Choose the next movie they will watch from candidates " \
-                     "Answer item # (# ( )".split() + [str(i) for i in range(200)]
-    tok.train_from_iterator([" ".join(corpus)],
-                            trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "<s>", "</s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
-                                   eos_token="</s>")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(fast) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                      tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny_causal_llama(tmp_path_factory) -> Path:
-    return write_tiny_causal_llama(tmp_path_factory.mktemp("tiny-causal-llama"))
-
-
-@pytest.fixture(scope="module")
-def split(toy_data):
-    from distill.config import DataConfig
-    return build_split(DataConfig(name="toy", path=str(toy_data), max_len=10))
-
-
-@pytest.fixture(scope="module")
-def cf(split):
-    torch.manual_seed(0)
-    return SASRec(SASRecConfig(split.n_items, 10, hidden_size=16, num_layers=1, num_heads=2, dropout=0.0))
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-causal-llama"), causal=True)
 
 
 @pytest.fixture(scope="module")
@@ -367,7 +330,9 @@ def test_baseline_llara_stage_writes_its_folder_and_is_skipped_when_up_to_date(t
     assert row["metrics"] == {"HR@1(candidates)": m["HR@1"], "ValidRatio": m["ValidRatio"]}
     assert "| generative (LLaRA-style) | 1 | n/a | n/a | n/a |" in (run / "report" / "report.md").read_text()
     capsys.readouterr()
-    assert main(["verify", str(run)]) == 0 and "llara" in capsys.readouterr().out
+    main(["verify", str(run)])                      # (the --no-cost report is stale against the recipe's bench)
+    states = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert states["llara"] == "ok" and states["student_alone"] == "ok"
 
 
 @pytest.mark.slow
