@@ -31,10 +31,11 @@ def require_memory(need: int, what: str, setting: str, device: torch.device | st
                           f"is available on {torch.device(device).type}; lower {setting}")
 
 
-def student_step_bytes(batch: int, max_len: int, n_items: int, hidden: int, layers: int) -> int:
-    """One training step: full-softmax logits (+ softmax, grads) and the transformer's saved activations."""
+def student_step_bytes(batch: int, max_len: int, scored_items: int, hidden: int, layers: int) -> int:
+    """One training step: the logits over the items each position scores (the whole catalogue for the full
+    softmax, the negatives + 1 for the sampled one; + softmax, grads) and the transformer's saved activations."""
     tokens = batch * max_len
-    return FLOAT * (4 * tokens * (n_items + 1) + layers * tokens * (16 * hidden + 2 * max_len))
+    return FLOAT * (4 * tokens * scored_items + layers * tokens * (16 * hidden + 2 * max_len))
 
 
 def decoder_step_bytes(batch: int, seq_len: int, config, training: bool) -> int:

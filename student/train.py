@@ -50,7 +50,9 @@ class StudentTask:
         self.windows = training_windows(split.history("train"), model.cfg.max_len)
         self.batch_size = recipe.student.batch_size
         m = model.cfg
-        require_memory(student_step_bytes(min(self.batch_size, len(self.windows.inputs)), m.max_len, m.n_items,
+        s = recipe.student
+        scored = m.n_items + 1 if s.loss == "full" else s.num_negatives + 1
+        require_memory(student_step_bytes(min(self.batch_size, len(self.windows.inputs)), m.max_len, scored,
                                           m.hidden_size, m.num_layers), "a training step", "student.batch_size")
 
     def parameters(self) -> list[torch.nn.Parameter]:
