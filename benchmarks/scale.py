@@ -227,8 +227,10 @@ def fmt(x, digits=2):
 
 
 def write_report(res: dict, out: Path, command: str, date: str) -> None:
-    lines = [f"# Scale benchmark ({date})", "", f"`{command}` — 2-core x86_64 CPU VM, no GPU; every size in a fresh "
-             "process; peak RSS = that process's ru_maxrss.", ""]
+    commands = res.get("commands") or [command]
+    lines = [f"# Scale benchmark ({date})", "", "; ".join(f"`{c}`" for c in commands) + " (each run keeps the sections "
+             "it did not rerun) — 2-core x86_64 CPU VM, no GPU; every size in a fresh process; peak RSS = that "
+             "process's ru_maxrss.", ""]
     if res.get("prepare"):
         lines += ["## prepare (Parquet -> split)", "", "| interactions | users | items | seconds | read+sort+hash s | "
                   "negatives s | interactions/s | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
@@ -316,9 +318,14 @@ def main(argv=None):
         print(json.dumps(r))
         return
     command = "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    res = {"date": a.date}
+    previous = Path(a.out).with_suffix(".json")
+    res = json.loads(previous.read_text()) if previous.is_file() else {}   # sections not rerun are kept
+    res["date"] = a.date
+    res["commands"] = res.get("commands", []) + [command]
     with tempfile.TemporaryDirectory(prefix="anyo-scale-") as tmp:
         for kind in ("prepare", "student", "harness", "cache"):
+            if not sizes(getattr(a, kind)):
+                continue
             res[kind] = []
             for n in sizes(getattr(a, kind)):
                 r = run_worker(kind, n, Path(tmp), a.timeout)
