@@ -290,8 +290,6 @@ def parse_history(text: str) -> list[str]:
 
 
 def cmd_recommend(args) -> int:
-    import torch
-    torch.set_num_threads(1)  # one history: more threads only wait on each other on a busy machine
     exp = load_export(args.dir)
     history = parse_history(args.history)
     if not 1 <= args.k <= exp.n_items:
