@@ -183,6 +183,7 @@ def list_metrics(topk: np.ndarray, ks, n_items: int, popularity: np.ndarray) -> 
 
 
 POPULARITY_BUCKETS = (("head", 0.2), ("torso", 0.5), ("tail", 1.0))  # cumulative share of the seen items
+BUCKET_NAMES = tuple(name for name, _ in POPULARITY_BUCKETS) + ("unseen",)
 
 
 def popularity_buckets(popularity: np.ndarray) -> np.ndarray:
@@ -203,7 +204,7 @@ def metrics_by_popularity(ranks: np.ndarray, targets: np.ndarray, popularity: np
     """Rank metrics of the users whose target falls in each popularity bucket (and how many users)."""
     bucket = popularity_buckets(popularity)[targets]
     out = {}
-    for name in [b for b, _ in POPULARITY_BUCKETS] + ["unseen"]:
+    for name in BUCKET_NAMES:
         sel = bucket == name
         if sel.any():
             out[name] = {"users": int(sel.sum()), **rank_metrics(ranks[sel], ks)}

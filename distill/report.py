@@ -19,6 +19,7 @@ import numpy as np
 from distill.artifacts import atomic_dir
 from distill.config import Recipe
 from distill.data import Split, load_split
+from distill.harness import BUCKET_NAMES
 from distill.registry import MODELS, current_records
 from distill.stats import mean_ci, ndcg_per_user, seed_bootstrap
 
@@ -40,7 +41,7 @@ def collect_quality(run: Path, recipe: Recipe, split: Split) -> dict:
         metrics = {k: float(np.mean([r["metrics"][k] for r in records])) for k in keys}
         metrics["HR@1(candidates)"] = float(np.mean([r["candidates"]["HR@1"] for r in records]))
         std = {k: float(np.std([r["metrics"][k] for r in records])) for k in keys}
-        buckets = [b for b in ("head", "torso", "tail", "unseen") if all(b in r.get("by_popularity", {}) for r in records)]
+        buckets = [b for b in BUCKET_NAMES if all(b in r.get("by_popularity", {}) for r in records)]
         models[entry.label] = {"name": name, "metrics": metrics, "metrics_std": std, "seeds": len(records),
                                "by_popularity": {b: {"users": records[0]["by_popularity"][b]["users"], **{
                                    k: float(np.mean([r["by_popularity"][b][k] for r in records]))
@@ -160,7 +161,7 @@ def markdown(report: dict) -> str:
                          + f" | {_fmt(m['latency_ms']['p95'])} | {m['flops_per_user'] / 1e6:,.2f} |")
     with_buckets = {n: m["by_popularity"] for n, m in report["models"].items() if m.get("by_popularity")}
     if with_buckets:
-        buckets = [b for b in ("head", "torso", "tail", "unseen") if any(b in v for v in with_buckets.values())]
+        buckets = [b for b in BUCKET_NAMES if any(b in v for v in with_buckets.values())]
         users = {b: next(v[b]["users"] for v in with_buckets.values() if b in v) for b in buckets}
         lines += ["", "Test NDCG@10 by the target's training popularity (head: the 20% most popular items seen in "
                   "training, torso: the next 30%, tail: the rest, unseen: never in training):", "",
