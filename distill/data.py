@@ -276,15 +276,18 @@ def _kcore(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
         keep = new
 
 
-def _first_occurrences(cand: np.ndarray) -> np.ndarray:
-    """(r, M) bool: True where a row's value appears for the first time in that row."""
+def _usable(cand: np.ndarray, rows: np.ndarray, seen: np.ndarray, stride: int) -> np.ndarray:
+    """(r, M) bool: True where a candidate is not in its user's `seen` keys and is the first copy of its
+    value in the row. Looked up in sorted order (row by row, values ascending), which keeps the binary
+    searches into `seen` cache-friendly."""
     order = np.argsort(cand, axis=1, kind="stable")
     ranked = np.take_along_axis(cand, order, axis=1)
-    repeat = np.zeros_like(cand, dtype=bool)
-    repeat[:, 1:] = ranked[:, 1:] == ranked[:, :-1]                     # later copies, in sorted order
-    first = np.empty_like(repeat)
-    np.put_along_axis(first, order, ~repeat, axis=1)
-    return first
+    keys = rows[:, None] * stride + ranked                               # ascending over the whole array
+    ok = seen[np.searchsorted(seen, keys).clip(max=len(seen) - 1)] != keys
+    ok[:, 1:] &= ranked[:, 1:] != ranked[:, :-1]                         # later copies, in sorted order
+    out = np.empty_like(ok)
+    np.put_along_axis(out, order, ok, axis=1)
+    return out
 
 
 def _sample_negatives(seqs: Histories, n_items: int, rng: np.random.Generator, source: Path) -> np.ndarray:
@@ -297,7 +300,8 @@ def _sample_negatives(seqs: Histories, n_items: int, rng: np.random.Generator, s
     if n_items < NUM_NEGATIVES + 2:
         raise DataError(f"{source}: {n_items} items; the candidate protocol needs at least {NUM_NEGATIVES + 2}")
     n, stride = len(seqs), n_items + 1
-    seen = np.unique(seqs.row_ids().astype(np.int64) * stride + seqs.flat)   # sorted (user, item) keys
+    seen = np.sort(seqs.row_ids().astype(np.int64) * stride + seqs.flat)
+    seen = seen[np.r_[True, seen[1:] != seen[:-1]]]                       # sorted distinct (user, item) keys
     dense = n_items - np.bincount(seen // stride, minlength=n) < NUM_NEGATIVES
     if dense.any():
         last_two = np.concatenate([seqs.offsets[1:] - 2, seqs.offsets[1:] - 1])
@@ -308,12 +312,10 @@ def _sample_negatives(seqs: Histories, n_items: int, rng: np.random.Generator, s
     pending, m = np.arange(n), 4 * NUM_NEGATIVES
     while len(pending):
         cand = rng.integers(1, n_items + 1, size=(len(pending), m))
-        keys = pending[:, None] * stride + cand
-        hit = seen[np.searchsorted(seen, keys).clip(max=len(seen) - 1)] == keys
-        ok = ~hit & _first_occurrences(cand)
-        done = ok.sum(axis=1) >= NUM_NEGATIVES
-        first = np.argsort(~ok[done], axis=1, kind="stable")[:, :NUM_NEGATIVES]   # valid positions, in order
-        out[pending[done]] = np.take_along_axis(cand[done], first, axis=1)
+        ok = _usable(cand, pending, seen, stride)
+        first = ok & (np.cumsum(ok, axis=1) <= NUM_NEGATIVES)             # the first 19 usable, in order
+        done = first.sum(axis=1) == NUM_NEGATIVES
+        out[pending[done]] = cand[done][first[done]].reshape(-1, NUM_NEGATIVES)
         pending, m = pending[~done], 4 * m
     return out
 
@@ -438,6 +440,23 @@ def _content_hash(cfg: DataConfig, users, items, titles, seqs: Histories, times:
     return h.hexdigest()[:16]
 
 
+def _sort_order(u_codes, ts, i_codes, n_users: int, n_items: int) -> np.ndarray:
+    """Row order by user token, then time, then item token.
+
+    One stable int64 argsort of a packed (user, time, item) key when it fits in 63 bits (timestamps
+    as integer offsets, else as ranks), which is several times faster than a three-key lexsort.
+    Rows with equal keys are identical interactions, so the order among them does not matter.
+    """
+    t = ts - ts.min()
+    if not np.array_equal(t, np.floor(t)) or n_users * (int(t.max()) + 1) * n_items >= 2**63:
+        t = np.unique(ts, return_inverse=True)[1]
+    t = t.astype(np.int64)
+    span = int(t.max()) + 1
+    if n_users * span * n_items >= 2**63:
+        return np.lexsort((i_codes, ts, u_codes))
+    return np.argsort((u_codes * span + t) * n_items + i_codes, kind="stable")
+
+
 def _assemble(cfg: DataConfig, u_codes, u_tokens, i_codes, i_tokens, ts, titles, inter, item) -> _Data:
     """Codes (indices into sorted token arrays) -> sorted, filtered sequences; vectorised."""
     keep = _kcore(u_codes, i_codes, cfg.min_interactions) if cfg.min_interactions > 0 else np.ones(len(u_codes), bool)
@@ -445,15 +464,17 @@ def _assemble(cfg: DataConfig, u_codes, u_tokens, i_codes, i_tokens, ts, titles,
     keep &= counts[u_codes] >= 3
     users_before = int(len(u_tokens))
 
-    order = np.lexsort((i_codes, ts, u_codes))  # by user token, then time, then item token
+    order = _sort_order(u_codes, ts, i_codes, len(u_tokens), len(i_tokens))
     order = order[keep[order]]
     if not len(order):
         raise DataError(f"{inter}: no user has 3 or more interactions after filtering")
     su, si, st = u_codes[order], i_codes[order], ts[order]
 
     # items 1..N in order of first appearance after sorting
-    kept_items, first_pos = np.unique(si, return_index=True)
-    item_order = kept_items[np.argsort(first_pos, kind="stable")]
+    first_pos = np.full(len(i_tokens), len(si))
+    np.minimum.at(first_pos, si, np.arange(len(si)))
+    kept_items = np.flatnonzero(first_pos < len(si))
+    item_order = kept_items[np.argsort(first_pos[kept_items])]
     item_id = np.zeros(len(i_tokens), dtype=np.int64)
     item_id[item_order] = np.arange(1, len(item_order) + 1)
 

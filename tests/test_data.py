@@ -264,3 +264,19 @@ def test_negatives_for_dense_users_and_in_one_vectorised_draw():
     counts = np.bincount(_sample_negatives(Histories.from_rows([sparse] * 2000), n_items,
                                            np.random.default_rng(1), Path("x")).ravel(), minlength=41)
     assert counts[:4].sum() == 0 and counts[4:].min() > 0.7 * counts[4:].mean()   # uniform over the unseen
+
+
+@pytest.mark.parametrize("times", ["small ints", "fractions", "wide ints"])
+def test_packed_sort_order_equals_three_key_lexsort(times):
+    # the packed key must order exactly as (user, time, item) in every regime: integral timestamps
+    # packed as offsets, non-integral ones as ranks, and a span too wide for 63 bits (lexsort fallback)
+    from distill.data import _sort_order
+    rng = np.random.default_rng(0)
+    n, n_users, n_items = 5000, 50, 300
+    u, i = rng.integers(0, n_users, n), rng.integers(0, n_items, n)
+    t = {"small ints": rng.integers(0, 20, n).astype(float), "fractions": rng.integers(0, 20, n) / 7,
+         "wide ints": rng.integers(0, 2**62, n).astype(float)}[times]
+    order = _sort_order(u, t, i, n_users, n_items)
+    expected = np.lexsort((i, t, u))
+    for col in (u, t, i):
+        assert np.array_equal(col[order], col[expected])
