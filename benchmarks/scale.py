@@ -223,7 +223,9 @@ def sizes(text: str) -> list[int]:
 
 
 def fmt(x, digits=2):
-    return f"{x:,.{digits}f}" if isinstance(x, float) else f"{x:,}"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}" if x == x else "—"   # NaN: not measured (a worker that ran out of time)
+    return f"{x:,}" if isinstance(x, int) else str(x)
 
 
 def write_report(res: dict, out: Path, command: str, date: str) -> None:
@@ -258,7 +260,7 @@ def write_report(res: dict, out: Path, command: str, date: str) -> None:
                 continue
             for row in r["rows"]:
                 lines.append(f"| {r['size']:,} | `{row['index']}` | {fmt(row['build_s'])} | {fmt(row['search_s'], 3)} | "
-                             f"{row['recall@10']:.3f} | {fmt(row['speedup'], 1)}x | {fmt(r['peak_mib'], 0)} |")
+                             f"{row['recall@10']:.3f} | {fmt(row['speedup'], 1)}x | {fmt(r.get('peak_mib', '—'), 0)} |")
         lines.append("")
     if res.get("cache"):
         lines += ["## teacher cache: write (shards of 20,000) and read (open + lookups of 4,096 pairs) ", "",

@@ -271,6 +271,9 @@ class DistillConfig(_Section):
     ird_weight: float = _help("Weight of DLLM2Rec's importance-aware ranking distillation "
                               "(distill/losses/importance_ranking.py).", 0.0, min=0.0)
     align_weight: float = _help("Weight of the user-vector to teacher-query alignment.", 0.1, min=0.0)
+    ced_weight: float = _help("Weight gamma of DLLM2Rec's collaborative embedding distillation: the item table is "
+                              "e + gamma W e_teacher while training, folded into e after "
+                              "(student/embedding_distillation.py); 0 = off.", 0.0, min=0.0)
     temperature: float = _help("Softening temperature T of the KL term (scaled by T^2).", 2.0, gt=0.0)
     pairwise_lambda: float = _help("Decay of the pairwise term's rank weights exp(-rank / lambda).", 10.0, gt=0.0)
     pairwise_negatives: int = _help("Uniform negatives per position for the pairwise term.", 20, min=1)

@@ -77,6 +77,7 @@ class SASRec(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(d)
+        self.item_prior: nn.Module | None = None  # (N+1, d) added to item_emb while distilling, then folded
         nn.init.normal_(self.item_emb.weight, std=d ** -0.5)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         with torch.no_grad():
@@ -90,7 +91,7 @@ class SASRec(nn.Module):
         B, T = seq.shape
         valid = seq > 0                                                   # (B, T)
         pos = (valid.flip(1).cumsum(1).flip(1) - 1).clamp(min=0)          # 0 = most recent item
-        x = self.item_emb(seq) * self.cfg.hidden_size ** 0.5 + self.pos_emb(pos)
+        x = F.embedding(seq, self.item_table, padding_idx=0) * self.cfg.hidden_size ** 0.5 + self.pos_emb(pos)
         x = self.drop(x) * valid.unsqueeze(-1)
         causal = torch.ones(T, T, dtype=torch.bool, device=seq.device).tril()
         eye = torch.eye(T, dtype=torch.bool, device=seq.device)
@@ -110,8 +111,16 @@ class SASRec(nn.Module):
 
     @property
     def item_table(self) -> torch.Tensor:
-        """(N+1, d) output item table (trainable); row 0 is padding."""
-        return self.item_emb.weight
+        """(N+1, d) input and output item table (trainable); row 0 is padding."""
+        w = self.item_emb.weight
+        return w if self.item_prior is None else w + self.item_prior()
+
+    @torch.no_grad()
+    def fold_item_prior(self) -> None:
+        """Write item_emb + item_prior into item_emb and drop the prior: the same model, plain SASRec."""
+        if self.item_prior is not None:
+            self.item_emb.weight.copy_(self.item_table)
+            self.item_prior = None
 
     # ------------------------------------------------ the retriever protocol (distill.registry)
     @torch.inference_mode()
@@ -123,7 +132,7 @@ class SASRec(nn.Module):
 
     def item_vectors(self) -> np.ndarray:
         """(N+1, d) float32 item table; row 0 is padding."""
-        return self.item_emb.weight.detach().numpy()
+        return self.item_table.detach().numpy()
 
     def encoder_flops(self, width) -> np.ndarray:
         """Multiply-adds x 2 to encode a history `width` long (array-like). Every block but the last runs

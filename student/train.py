@@ -115,18 +115,24 @@ def fit(model: SASRec, split: Split, recipe: Recipe, loss: WeightedLoss, seed: i
 
 def train_and_save(recipe: Recipe, split: Split, out: Path, seed: int, loss: WeightedLoss,
                    teacher: TeacherLookup | None = None, desc: str = "student", inputs: dict | None = None,
-                   init: SASRec | None = None, epochs: int | None = None, extra: dict | None = None) -> dict:
+                   init: SASRec | None = None, epochs: int | None = None, extra: dict | None = None,
+                   item_prior: Callable[[], torch.nn.Module] | None = None) -> dict:
     """Train (from `init`'s weights if given), keep the best checkpoint in `out`, score test once.
 
     With `inputs` (the stage's input hashes) training is resumable and the record carries them.
+    `item_prior` builds a term added to the item table while training (student/embedding_distillation.py);
+    it is folded into the table before the model is scored and saved.
     """
     torch.manual_seed(seed)
     model = build_student(recipe, split)
     if init is not None:
         model.load_state_dict(init.state_dict())
+    if item_prior is not None:
+        model.item_prior = item_prior()
     resume = (out, inputs) if inputs is not None else None
     result = fit(model, split, recipe, loss, seed, teacher, desc, epochs, resume)
     model.load_state_dict({k[len("model."):]: v for k, v in result.best_state.items() if k.startswith("model.")})
+    model.fold_item_prior()
     model.eval()
     results = evaluate_model(split, lambda stage: model.encode(split.history(stage)), model.item_vectors(),
                              recipe.eval)

@@ -287,3 +287,20 @@ def test_two_level_bootstrap_includes_the_seed_spread():
     assert two["mean_diff"] == pytest.approx(users_only["mean_diff"])
     single = seed_bootstrap(a, b[:1])                                   # B with one seed: unpaired
     assert len(single["per_seed"]) == seeds and single["seeds"] == [seeds, 1]
+
+
+def test_distill_with_collaborative_embedding_saves_a_plain_student(tiny_run, tmp_path):
+    # the DLLM2Rec item-table term is trained, recorded and folded into the saved item table
+    run, overrides = tiny_run
+    other = copy_run(run, tmp_path / "c")
+    shutil.copytree(run / "teacher_cache", other / "teacher_cache")
+    rc = main(["distill", RECIPE, "--out", str(other)] + sets(overrides) + ["--set", "distill.ced_weight=0.5"])
+    assert rc == 0
+    record = json.loads((other / "student_distilled" / "metrics.json").read_text())
+    assert record["loss_weights"]["ced"] == 0.5
+    from safetensors.numpy import load_file
+    weights = load_file(str(other / "student_distilled" / "model.safetensors"))
+    assert not any(k.startswith("item_prior") for k in weights)   # folded into item_emb
+    plain = load_file(str(run / "student_distilled" / "model.safetensors"))
+    assert weights.keys() == plain.keys()
+    assert not np.allclose(weights["item_emb.weight"], plain["item_emb.weight"])

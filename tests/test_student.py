@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -101,3 +102,32 @@ def test_early_stopping_never_reads_test(tiny_recipe, monkeypatch):
     m = SASRec(SASRecConfig(split.n_items, 10, 16, 1, 2, 0.0))
     result = fit(m, split, tiny_recipe, WeightedLoss({"own": (1.0, SoftmaxLoss)}), seed=0)
     assert len(result.curve) == tiny_recipe.student.epochs and 1 <= result.best_epoch <= len(result.curve)
+
+
+def test_collaborative_embedding_hand_computation_and_fold(tmp_path):
+    from student.embedding_distillation import CollaborativeEmbedding
+    teacher = np.array([[9.0, 9.0, 9.0], [3.0, 4.0, 0.0], [0.0, 0.0, 1.0]] + [[1.0, 0.0, 0.0]] * 18)  # (21, 3)
+    torch.manual_seed(0)
+    ced = CollaborativeEmbedding(teacher, 16, weight=0.5)
+    scale = np.mean([5.0, 1.0] + [1.0] * 18)                       # mean norm of rows 1..N
+    t = torch.tensor(teacher, dtype=torch.float32) / scale
+    t[0] = 0                                                       # the padding row stays 0
+    expected = 0.5 * t @ ced.proj.weight.T                         # gamma * W e^T, (21, 16)
+    assert torch.allclose(ced(), expected, atol=1e-6) and not ced()[0].any()
+    ced.weight = 1.0
+    assert torch.allclose(ced(), 2 * expected, atol=1e-6)
+
+    m = model()
+    plain = m.item_vectors().copy()
+    m.item_prior = ced
+    x = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    assert np.allclose(m.item_vectors(), plain + 2 * expected.detach().numpy(), atol=1e-6)
+    with torch.no_grad():
+        before_users, before_items = m.encode_users(x), m.item_vectors().copy()
+    assert not torch.allclose(before_users, model().encode_users(x))  # the prior changes the inputs too
+    m.fold_item_prior()
+    assert m.item_prior is None and not any(k.startswith("item_prior") for k in m.state_dict())
+    save_student(m, tmp_path / "ck", {"split_hash": "abc"})
+    folded = load_student(tmp_path / "ck", "abc", 20)[0]           # a plain SASRec checkpoint
+    assert torch.allclose(folded.encode_users(x), before_users, atol=1e-5)
+    assert np.allclose(folded.item_vectors(), before_items, atol=1e-6)

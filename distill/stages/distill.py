@@ -15,6 +15,7 @@ from distill.errors import ConfigError
 from distill.losses import (EmbeddingAlignment, ImportanceRankingKD, PairwiseRankingKD, SoftTargetKL, TeacherTargets,
                             WeightedLoss)
 from distill.stages.common import finish_training, finished_training, model_dir
+from student.embedding_distillation import CollaborativeEmbedding
 
 
 def inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
@@ -67,8 +68,11 @@ def run(recipe: Recipe, run: Path, split: Split, seed: int, name: str = "student
         if d.warm_start else None
     torch.manual_seed(seed)  # the alignment map's initial weights must not depend on what ran before
     loss = distillation_loss(recipe, split, cache.dim)
+    prior = (lambda: CollaborativeEmbedding(cache.item_table, recipe.student.hidden_size, d.ced_weight)) \
+        if d.ced_weight > 0 else None
+    weights = {**loss.weights, **({"ced": d.ced_weight} if prior else {})}
     record = train_and_save(recipe, split, out, seed, loss, teacher=cache_lookup(cache, d.k),
                             desc=f"distilled seed {seed}", inputs=wanted,
-                            extra={"loss_weights": loss.weights, "recipe": recipe.to_dict()},
-                            init=init, epochs=d.epochs)
+                            extra={"loss_weights": weights, "recipe": recipe.to_dict()},
+                            init=init, epochs=d.epochs, item_prior=prior)
     return finish_training(out, record)

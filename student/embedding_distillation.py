@@ -1,0 +1,36 @@
+"""Collaborative embedding distillation (DLLM2Rec: Cui et al., "Distillation Matters: Empowering
+Sequential Recommenders to Match the Performance of Large Language Models", RecSys 2024, Sec. 3.3).
+
+The student's item embedding is its own collaborative vector plus a learned projection of the
+teacher's item-side vector:
+
+    e_i = e_i^S + gamma * W e_i^T          W: (d, D_T), no bias, so the padding row stays 0
+
+DLLM2Rec adds the projection on the input side of a model whose output layer is separate; anyo's
+SASRec ties its input and output item tables, so the sum is the item table on both sides. e^T is the
+teacher cache's item table (`items.safetensors`), scaled to a mean row norm of 1 so that gamma means
+the same for every teacher. The term is trained with the student and folded into e^S when training
+ends (`SASRec.fold_item_prior`): the saved student is a plain SASRec and serves at the same cost.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+class CollaborativeEmbedding(nn.Module):
+    """(N+1, d) additive item-table term gamma * W e^T, from a fixed (N+1, D_T) teacher item table."""
+
+    def __init__(self, teacher_items: np.ndarray, hidden_size: int, weight: float):
+        super().__init__()
+        table = torch.tensor(np.asarray(teacher_items, dtype=np.float32))          # (N+1, D_T)
+        table[0] = 0                                                                 # padding
+        scale = table[1:].norm(dim=1).mean().clamp(min=1e-12)
+        self.register_buffer("teacher_items", table / scale, persistent=False)
+        self.proj = nn.Linear(table.shape[1], hidden_size, bias=False)
+        self.weight = weight
+
+    def forward(self) -> torch.Tensor:
+        return self.weight * self.proj(self.teacher_items)                          # (N+1, d)
