@@ -29,7 +29,7 @@ from distill.stages import prepare
 from distill.stages.common import model_dir
 from distill.stats import ndcg_per_user, seed_bootstrap
 
-TERMS = ("kd", "pairwise", "ird", "align")
+TERMS = ("kd", "pairwise", "ird", "align", "ced")  # ced: student/embedding_distillation.py
 KEYS = ("HR@10", "NDCG@10", "MRR@10")
 
 
@@ -58,7 +58,9 @@ def main() -> None:
     variants["own loss only (no teacher)"] = ("ablation-own-only", [f"distill.{t}_weight=0" for t in active])
     rows: dict[str, list[dict]] = {
         "student alone": [finished(model_dir(args.run, "student_alone", s, recipe)) for s in seeds],
-        "distilled (all terms)": [finished(model_dir(args.run, "student_distilled", s, recipe)) for s in seeds]}
+        "distilled (the recipe's terms)": [distill_stage.run(recipe, args.run, split, s)
+                                           | {"folder": model_dir(args.run, "student_distilled", s, recipe)}
+                                           for s in seeds]}
     for label, (name, sets) in variants.items():
         off = load_recipe(args.recipe, sets)
         rows[label] = [distill_stage.run(off, args.run, split, s, name=name) | {"folder": model_dir(args.run, name, s, off)}
