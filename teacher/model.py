@@ -15,6 +15,7 @@ positions the CF model is already fitted, so the correction learns noise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -60,6 +61,14 @@ class TeacherRetriever(nn.Module):
         self.register_buffer("cf_weight", torch.tensor(0.0))  # w, saved with the heads
         self.item_table = nn.Parameter(cf.item_table.detach().clone(),           # (N+1, D)
                                        requires_grad=cfg.train_item_table)
+        self.item_text = None
+        if cfg.item_text:
+            if not any(titles[1:]):
+                raise ConfigError("teacher.item_text: the data has no item titles (data.items / data.columns.title)")
+            self.register_buffer("title_states", title_states(backbone, tokenizer, titles, cfg.max_title_tokens),
+                                 persistent=False)                                 # (N+1, H), recomputed at load
+            self.item_text = nn.Linear(H, d_cf, bias=False)
+            nn.init.zeros_(self.item_text.weight)                                 # starts as the CF item table
         self.gate = ExpertGate(backbone, d_cf, cfg.num_experts, cfg.lora_r) if cfg.adapter == "moe_lora" else None
         self._index: ItemIndex | None = None
 
@@ -75,6 +84,12 @@ class TeacherRetriever(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.item_table.device
+
+    def items(self) -> torch.Tensor:
+        """(N+1, D) item vectors: the item table, plus the projected title states with item_text."""
+        if self.item_text is None:
+            return self.item_table
+        return self.item_table + self.item_text(self.title_states)
 
     def forward(self, batch: PromptBatch, cf_histories: torch.Tensor, blend: bool = True) -> torch.Tensor:
         """Prompts + (B, max_len) CF histories -> (B, D) query vectors (q_LLM alone with blend=False)."""
@@ -123,7 +138,7 @@ class TeacherRetriever(nn.Module):
 
     def item_vectors(self) -> np.ndarray:
         """(N+1, D) float32 item table; row 0 is padding."""
-        return self.item_table.detach().float().cpu().numpy()
+        return self.items().detach().float().cpu().numpy()
 
     def flops_per_user(self, histories: Histories) -> np.ndarray:
         """(n,) 2 x the decoder weights each prompt token passes through plus attention over the prompt,
@@ -158,6 +173,31 @@ class TeacherRetriever(nn.Module):
     def heads_state(self) -> dict[str, torch.Tensor]:
         """Everything trained outside peft: projectors, gate, item table, CF weight."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("backbone.", "cf."))}
+
+
+@torch.no_grad()
+def title_states(backbone: nn.Module, tokenizer, titles: list[str], max_tokens: int,
+                 batch_size: int = 256) -> torch.Tensor:
+    """(N+1, H) float32: each title's mean last hidden state in the frozen backbone, adapters off
+    (0 for an item without a title and for padding row 0)."""
+    ids = [t[:max_tokens] for t in tokenizer([" " + t if t else "" for t in titles],
+                                             add_special_tokens=False)["input_ids"]]
+    out = torch.zeros(len(titles), backbone.config.hidden_size)
+    order = [i for i in np.argsort([len(t) for t in ids], kind="stable").tolist() if i > 0 and ids[i]]
+    off = backbone.disable_adapter() if hasattr(backbone, "disable_adapter") else contextlib.nullcontext()
+    device = next(backbone.parameters()).device
+    with off:
+        for lo in range(0, len(order), batch_size):
+            rows = order[lo:lo + batch_size]
+            lens = np.asarray([len(ids[i]) for i in rows])
+            mask = np.arange(lens.max()) < lens[:, None]                            # (B, T), right-padded
+            x = np.zeros(mask.shape, dtype=np.int64)
+            x[mask] = np.concatenate([ids[i] for i in rows])
+            mask = torch.from_numpy(mask).long()
+            h = backbone(input_ids=torch.from_numpy(x).to(device),
+                         attention_mask=mask.to(device)).last_hidden_state.float().cpu()   # (B, T, H)
+            out[rows] = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)         # (B, H)
+    return out
 
 
 def make_in_projector(d_cf: int, hidden: int) -> nn.Module:

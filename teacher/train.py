@@ -83,7 +83,7 @@ class TeacherTask:
         hist = prefixes(self.split, users, pos)
         q = self.model.query(hist, blend=False)                                  # (B, D) q_LLM
         targets = torch.from_numpy(next_items(self.split, users, pos)).to(q.device)
-        loss = self.loss(LossInputs(q, targets, self.model.item_table))
+        loss = self.loss(LossInputs(q, targets, self.model.items()))
         return StepOutput(loss, len(rows), int(self.model.prompts.lengths(hist).sum()))
 
     def train(self) -> None:

@@ -7,7 +7,7 @@ import torch
 from distill.errors import ConfigError
 from student.model import SASRec, SASRecConfig
 from teacher.backbone import load_backbone
-from teacher.model import build_teacher, load_teacher, save_teacher
+from teacher.model import build_teacher, load_teacher, save_teacher, title_states
 
 
 def make(tiny_recipe, split, cf, seed=0, **changes):
@@ -181,3 +181,35 @@ def test_cf_weight_round_trips(tmp_path, tiny_recipe, split, cf, cf_dir):
         t.cf_weight.fill_(0.7)
     loaded, _ = load_teacher(saved(t, tmp_path / "teacher", split, cf_dir), cf_dir, split)
     assert loaded.cf_weight.item() == pytest.approx(0.7)
+
+
+def test_item_text_adds_projected_title_states_and_starts_at_the_cf_table(tmp_path, tiny_recipe, split, cf, cf_dir):
+    t = make(tiny_recipe, split, cf, item_text=True)
+    assert torch.equal(t.items(), t.item_table)                            # the projection starts at 0
+    # one title by hand: the mean of the backbone's last hidden states over its tokens
+    tokenizer = load_backbone(t.cfg.model, t.cfg.num_layers, t.cfg.dtype)[1]
+    ids = tokenizer(" " + split.titles[3], add_special_tokens=False)["input_ids"][:t.cfg.max_title_tokens]
+    with torch.no_grad():
+        h = t.backbone.get_base_model()(input_ids=torch.tensor([ids])).last_hidden_state[0].mean(0)
+    assert torch.allclose(t.title_states[3], h, atol=1e-5) and not t.title_states[0].any()
+    # trained adapters do not change them (they are the frozen backbone's, recomputed at every load)
+    with torch.no_grad():
+        for m in t.backbone.modules():
+            if hasattr(m, "lora_B"):
+                torch.nn.init.normal_(m.lora_B["default"].weight)
+    assert torch.allclose(title_states(t.backbone, tokenizer, split.titles, t.cfg.max_title_tokens), t.title_states,
+                          atol=1e-5)
+    # a training step moves the items through their titles, and a save/load round trip keeps them
+    loss = -(t.items()[1:] @ torch.ones(t.item_table.shape[1])).sum()
+    loss.backward()
+    assert t.item_text.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        t.item_text.weight.normal_()
+    assert not np.allclose(t.item_vectors(), t.item_table.detach().numpy())
+    loaded, _ = load_teacher(saved(t, tmp_path / "teacher", split, cf_dir), cf_dir, split)
+    assert np.allclose(loaded.item_vectors(), t.item_vectors(), atol=1e-6)
+
+
+def test_item_text_without_titles_is_refused(tiny_recipe, split, cf):
+    with pytest.raises(ConfigError, match="teacher.item_text: the data has no item titles"):
+        make(tiny_recipe, dataclasses.replace(split, titles=[""] * len(split.titles)), cf, item_text=True)
