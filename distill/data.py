@@ -444,17 +444,20 @@ def _sort_order(u_codes, ts, i_codes, n_users: int, n_items: int) -> np.ndarray:
     """Row order by user token, then time, then item token.
 
     One stable int64 argsort of a packed (user, time, item) key when it fits in 63 bits (timestamps
-    as integer offsets, else as ranks), which is several times faster than a three-key lexsort.
-    Rows with equal keys are identical interactions, so the order among them does not matter.
+    as integer offsets, else as ranks), several times faster than a three-key lexsort; when even the
+    ranks do not fit, (user, time rank) packed and the item as a second lexsort key. Rows with equal
+    keys are identical interactions, so the order among them does not matter.
     """
-    t = ts - ts.min()
-    if not np.array_equal(t, np.floor(t)) or n_users * (int(t.max()) + 1) * n_items >= 2**63:
-        t = np.unique(ts, return_inverse=True)[1]
-    t = t.astype(np.int64)
+    exact = bool(np.all(np.abs(ts) <= 2**53)) and np.array_equal(ts, np.floor(ts))
+    t = ts.astype(np.int64) - np.int64(ts.min()) if exact else None          # integer offsets, no rounding
+    if t is None or n_users * (int(t.max()) + 1) * n_items >= 2**63:
+        t = np.unique(ts, return_inverse=True)[1].astype(np.int64)
     span = int(t.max()) + 1
-    if n_users * span * n_items >= 2**63:
-        return np.lexsort((i_codes, ts, u_codes))
-    return np.argsort((u_codes * span + t) * n_items + i_codes, kind="stable")
+    if n_users * span * n_items < 2**63:
+        return np.argsort((u_codes * span + t) * n_items + i_codes, kind="stable")
+    if n_users * span < 2**63:
+        return np.lexsort((i_codes, u_codes * span + t))
+    return np.lexsort((i_codes, t, u_codes))
 
 
 def _assemble(cfg: DataConfig, u_codes, u_tokens, i_codes, i_tokens, ts, titles, inter, item) -> _Data:

@@ -11,6 +11,8 @@ SASRec ties its input and output item tables, so the sum is the item table on bo
 teacher cache's item table (`items.safetensors`), scaled to a mean row norm of 1 so that gamma means
 the same for every teacher. The term is trained with the student and folded into e^S when training
 ends (`SASRec.fold_item_prior`): the saved student is a plain SASRec and serves at the same cost.
+W starts at 0 (DLLM2Rec initialises it at random), so a warm-started student starts exactly where the
+student alone ended; weight decay shrinks e and W separately, not their sum.
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ import torch.nn as nn
 class CollaborativeEmbedding(nn.Module):
     """(N+1, d) additive item-table term gamma * W e^T, from a fixed (N+1, D_T) teacher item table."""
 
-    def __init__(self, teacher_items: np.ndarray, hidden_size: int, weight: float):
+    def __init__(self, teacher_items: np.ndarray, hidden_size: int, gamma: float):
         super().__init__()
         table = torch.tensor(np.asarray(teacher_items, dtype=np.float32))          # (N+1, D_T)
         table[0] = 0                                                                 # padding
         scale = table[1:].norm(dim=1).mean().clamp(min=1e-12)
         self.register_buffer("teacher_items", table / scale, persistent=False)
         self.proj = nn.Linear(table.shape[1], hidden_size, bias=False)
-        self.weight = weight
+        nn.init.zeros_(self.proj.weight)
+        self.gamma = gamma
 
     def forward(self) -> torch.Tensor:
-        return self.weight * self.proj(self.teacher_items)                          # (N+1, d)
+        return self.gamma * self.proj(self.teacher_items)                           # (N+1, d)

@@ -138,10 +138,10 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
     return manifest
 
 
-def merge(recipe: Recipe, split: Split, teacher_dir: Path, cf_dir: Path, out: Path) -> dict:
+def merge(recipe: Recipe, split: Split, teacher_dir: Path, out: Path) -> dict:
     """Complete a cache whose shards were written into OUT.partial/ by separate jobs (e.g. machines
     sharing a folder); every shard must have been built from this run's split, teacher and options."""
-    from teacher.model import load_teacher
+    from safetensors.numpy import load_file
     teacher_hash = read_record(teacher_dir / "teacher.json", "checkpoint_hash")["checkpoint_hash"]
     staging = staging_dir(out)
     key = cache_key(recipe, split, teacher_hash)
@@ -155,7 +155,7 @@ def merge(recipe: Recipe, split: Split, teacher_dir: Path, cf_dir: Path, out: Pa
     first = next(iter(metas.values()))
     if any(m != first for m in metas.values()):
         raise StaleError(f"{staging}: shards were built with different options")
-    model, _ = load_teacher(teacher_dir, cf_dir, split)   # its item vectors go into the cache
-    return complete_cache(staging, out, -(-split.n_users // recipe.distill.shard_users), first, model.item_vectors(),
+    items = load_file(str(teacher_dir / "heads.safetensors"))["item_vectors"]
+    return complete_cache(staging, out, -(-split.n_users // recipe.distill.shard_users), first, items,
                           {"guard": {"checked": None, "reason": "merged from shards written by separate jobs; "
                                      "each job's guard ran before it wrote its shards"}})

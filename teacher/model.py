@@ -226,17 +226,19 @@ def attach_adapter(backbone: nn.Module, cfg: TeacherConfig, adapter_dir: Path | 
 def build_teacher(cfg: TeacherConfig, cf: SASRec, titles: list[str], adapter_dir: Path | None = None,
                   trainable: bool = True) -> TeacherRetriever:
     """A fresh teacher (new LoRA) or one whose peft adapter is read from `adapter_dir`."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone, tokenizer, _ = load_backbone(cfg.model, cfg.num_layers, cfg.dtype)
-    backbone = attach_adapter(backbone, cfg, adapter_dir, trainable)
-    model = TeacherRetriever(backbone, tokenizer, cf, titles, cfg)
-    return model.to("cuda") if torch.cuda.is_available() else model
+    backbone = attach_adapter(backbone, cfg, adapter_dir, trainable).to(device)  # title states are computed there
+    return TeacherRetriever(backbone, tokenizer, cf, titles, cfg).to(device)
 
 
 def save_teacher(model: TeacherRetriever, folder: Path, meta: dict) -> str:
-    """adapter/ (peft format), heads.safetensors, teacher.json; returns the checkpoint hash."""
+    """adapter/ (peft format), heads.safetensors (+ `item_vectors`, the retrieval item side, so a cache can be
+    completed without loading the LLM), teacher.json; returns the checkpoint hash."""
     with atomic_dir(folder) as tmp:
         save_adapter(model.backbone, tmp / "adapter")
-        save_file({k: v.detach().contiguous() for k, v in model.heads_state().items()}, str(tmp / "heads.safetensors"))
+        heads = {k: v.detach().contiguous() for k, v in model.heads_state().items()}
+        save_file({**heads, "item_vectors": torch.from_numpy(model.item_vectors().copy())}, str(tmp / "heads.safetensors"))
         digest = checkpoint_hash(tmp)
         (tmp / "teacher.json").write_text(json.dumps({"teacher": asdict(model.cfg), "checkpoint_hash": digest, **meta},
                                                      indent=2, sort_keys=True))

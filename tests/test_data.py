@@ -266,17 +266,21 @@ def test_negatives_for_dense_users_and_in_one_vectorised_draw():
     assert counts[:4].sum() == 0 and counts[4:].min() > 0.7 * counts[4:].mean()   # uniform over the unseen
 
 
-@pytest.mark.parametrize("times", ["small ints", "fractions", "wide ints"])
-def test_packed_sort_order_equals_three_key_lexsort(times):
-    # the packed key must order exactly as (user, time, item) in every regime: integral timestamps
-    # packed as offsets, non-integral ones as ranks, and a span too wide for 63 bits (lexsort fallback)
+@pytest.mark.parametrize("times,users,items", [("small ints", 50, 300), ("fractions", 50, 300),
+                                               ("wide ints", 50, 300), ("huge and fractional", 50, 300),
+                                               ("wide ints", 50, 2**62), ("wide ints", 2**62, 2**62)])
+def test_packed_sort_order_equals_three_key_lexsort(times, users, items):
+    # the packed key must order exactly as (user, time, item) in every regime: integral timestamps as
+    # offsets, others (or too wide a span) as ranks, and nominal catalogues too large for one 63-bit key
+    # (the two-key and the three-key lexsort fallbacks)
     from distill.data import _sort_order
     rng = np.random.default_rng(0)
     n, n_users, n_items = 5000, 50, 300
     u, i = rng.integers(0, n_users, n), rng.integers(0, n_items, n)
     t = {"small ints": rng.integers(0, 20, n).astype(float), "fractions": rng.integers(0, 20, n) / 7,
-         "wide ints": rng.integers(0, 2**62, n).astype(float)}[times]
-    order = _sort_order(u, t, i, n_users, n_items)
+         "wide ints": rng.integers(0, 2**62, n).astype(float),
+         "huge and fractional": np.where(rng.random(n) < 0.5, -2.0**53, rng.integers(0, 20, n) / 2)}[times]
+    order = _sort_order(u, t, i, users, items)   # nominal sizes pick the path
     expected = np.lexsort((i, t, u))
     for col in (u, t, i):
         assert np.array_equal(col[order], col[expected])

@@ -32,7 +32,7 @@ def run(recipe: Recipe, run: Path, split: Split, merge_only: bool = False) -> di
     from teacher.model import load_teacher
     out = run / "teacher_cache"
     if merge_only:
-        return merge(recipe, split, run / "teacher", run / "student_alone", out)
+        return merge(recipe, split, run / "teacher", out)
     if (manifest := up_to_date(recipe, run, split)) is not None:
         print(f"teacher cache up to date in {out}")
         return manifest
