@@ -133,8 +133,9 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
     results = evaluate_model(split, lambda stage: task.valid if stage == "valid" else  # already computed
                              model.encode(split.history(stage), desc=f"teacher {stage} queries"), items, recipe.eval)
     ev = recipe.eval
-    llm_alone = {stage: evaluate(split, model.encode(split.history(stage), blend=False), items, stage, ev.ks,
-                                 ev.mask_history, index=ev.index).metrics for stage in ("valid", "test")}
+    alone = {stage: evaluate(split, model.encode(split.history(stage), blend=False), items, stage, ev.ks,
+                             ev.mask_history, index=ev.index) for stage in ("valid", "test")}
+    llm_alone = {**{stage: r.metrics for stage, r in alone.items()}, "by_popularity": alone["test"].by_popularity}
     digest = save_teacher(model, out, {"split_hash": split.hash, "seed": seed, "inputs": inputs})
     from distill.artifacts import save_array
     save_array(out / "test_ranks.npy", results["test"].ranks)

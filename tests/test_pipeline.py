@@ -28,6 +28,9 @@ def test_run_writes_every_stage(tiny_run):
     assert {"metrics", "stage", "best_epoch", "train_seconds", "split_hash", "seed", "valid_metrics"} <= set(m)
     t = json.loads((run / "teacher" / "metrics.json").read_text())
     assert {"examples_per_second", "train_seconds", "candidates"} <= set(t) and "HR@1" in t["candidates"]
+    alone = t["llm_alone"]                              # the LLM retriever at w = 0, with its test buckets
+    assert "NDCG@10" in alone["valid"] and "NDCG@10" in alone["test"]
+    assert sum(b["users"] for b in alone["by_popularity"].values()) == len(load_split(run / "split").targets("test"))
 
 
 def test_teacher_keeps_the_best_blend_on_validation(tiny_run, tiny_recipe):
