@@ -216,9 +216,10 @@ class TeacherConfig(_Section):
                              "retriever trains alone (in the CF item space when the item table is fixed); after each "
                              "epoch the w with the best validation NDCG@10 is kept, so w = 1 falls back to the CF "
                              "retriever. [0.0] = the LLM alone.", [0.0], items=float, nonempty=True)
-    item_text: bool = _help("Add a learned projection of each item's title, as the frozen backbone reads it (mean "
-                            "of its last hidden states over the title's tokens), to the item's vector, so items with "
-                            "few interactions are found through their titles; the projection starts at 0.", False)
+    item_text: bool = _help("Give each item's vector a second part, a learned projection of its title as the frozen "
+                            "backbone reads it (mean of its last hidden states over the title's tokens), scored by "
+                            "the LLM's query only, so items with few interactions can be found through their titles; "
+                            "the projection starts at 0. Doubles the teacher's vector width.", False)
     train_item_table: bool = _help("Train the item table (initialised from the CF model); false keeps the CF "
                                    "item space fixed, so the LLM only learns to place queries in it.", True)
     lora_r: int = _help("LoRA rank (split into num_experts slices for moe_lora).", 8, min=1)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from distill.artifacts import atomic_dir, read_record, sha256_files
@@ -37,7 +38,12 @@ from teacher.prompt import PromptBatch, PromptBuilder
 
 
 def blend_queries(q_llm, q_cf, w):
-    """(1 - w) q_LLM + w q_CF: a convex blend keeps the scores on the scale both were trained at."""
+    """(1 - w) q_LLM + w q_CF: a convex blend keeps the scores on the scale both were trained at. With
+    item_text, q_LLM is wider than q_CF (it also scores the items' title part): q_CF is 0 there, so at
+    w = 1 the blend is the CF retriever exactly."""
+    extra = q_llm.shape[-1] - q_cf.shape[-1]
+    if extra:
+        q_cf = F.pad(q_cf, (0, extra)) if torch.is_tensor(q_cf) else np.pad(q_cf, ((0, 0), (0, extra)))
     return (1 - w) * q_llm + w * q_cf
 
 
@@ -57,7 +63,7 @@ class TeacherRetriever(nn.Module):
         self.prompts = PromptBuilder(tokenizer, titles, cfg)
         H, d_cf = backbone.config.hidden_size, cf.cfg.hidden_size
         self.in_projector = make_in_projector(d_cf, H)
-        self.out_projector = nn.Linear(H, d_cf)
+        self.out_projector = nn.Linear(H, 2 * d_cf if cfg.item_text else d_cf)   # (query on E, on the titles)
         self.register_buffer("cf_weight", torch.tensor(0.0))  # w, saved with the heads
         self.item_table = nn.Parameter(cf.item_table.detach().clone(),           # (N+1, D)
                                        requires_grad=cfg.train_item_table)
@@ -68,7 +74,7 @@ class TeacherRetriever(nn.Module):
             self.register_buffer("title_states", title_states(backbone, tokenizer, titles, cfg.max_title_tokens),
                                  persistent=False)                                 # (N+1, H), recomputed at load
             self.item_text = nn.Linear(H, d_cf, bias=False)
-            nn.init.zeros_(self.item_text.weight)                                 # starts as the CF item table
+            nn.init.zeros_(self.item_text.weight)                                 # the title part starts at 0
         self.gate = ExpertGate(backbone, d_cf, cfg.num_experts, cfg.lora_r) if cfg.adapter == "moe_lora" else None
         self._index: ItemIndex | None = None
 
@@ -86,10 +92,11 @@ class TeacherRetriever(nn.Module):
         return self.item_table.device
 
     def items(self) -> torch.Tensor:
-        """(N+1, D) item vectors: the item table, plus the projected title states with item_text."""
+        """(N+1, D) item vectors: the item table, or with item_text (N+1, 2D): the item table next to the
+        projected title states (kept apart so that the CF query, 0 on the title part, scores as before)."""
         if self.item_text is None:
             return self.item_table
-        return self.item_table + self.item_text(self.title_states)
+        return torch.cat([self.item_table, self.item_text(self.title_states)], dim=1)
 
     def forward(self, batch: PromptBatch, cf_histories: torch.Tensor, blend: bool = True) -> torch.Tensor:
         """Prompts + (B, max_len) CF histories -> (B, D) query vectors (q_LLM alone with blend=False)."""

@@ -185,7 +185,8 @@ def test_cf_weight_round_trips(tmp_path, tiny_recipe, split, cf, cf_dir):
 
 def test_item_text_adds_projected_title_states_and_starts_at_the_cf_table(tmp_path, tiny_recipe, split, cf, cf_dir):
     t = make(tiny_recipe, split, cf, item_text=True)
-    assert torch.equal(t.items(), t.item_table)                            # the projection starts at 0
+    D = t.item_table.shape[1]
+    assert torch.equal(t.items()[:, :D], t.item_table) and not t.items()[:, D:].any()   # title part starts at 0
     # one title by hand: the mean of the backbone's last hidden states over its tokens
     tokenizer = load_backbone(t.cfg.model, t.cfg.num_layers, t.cfg.dtype)[1]
     ids = tokenizer(" " + split.titles[3], add_special_tokens=False)["input_ids"][:t.cfg.max_title_tokens]
@@ -200,12 +201,18 @@ def test_item_text_adds_projected_title_states_and_starts_at_the_cf_table(tmp_pa
     assert torch.allclose(title_states(t.backbone, tokenizer, split.titles, t.cfg.max_title_tokens), t.title_states,
                           atol=1e-5)
     # a training step moves the items through their titles, and a save/load round trip keeps them
-    loss = -(t.items()[1:] @ torch.ones(t.item_table.shape[1])).sum()
+    h = histories(split)
+    loss = -(t.query(h, blend=False) @ t.items().T).logsumexp(1).sum()
     loss.backward()
     assert t.item_text.weight.grad.abs().sum() > 0
     with torch.no_grad():
         t.item_text.weight.normal_()
-    assert not np.allclose(t.item_vectors(), t.item_table.detach().numpy())
+    assert t.item_vectors()[1:, D:].any()
+    # at w = 1 the blend is the CF retriever exactly: q_CF is 0 on the title part
+    with torch.no_grad():
+        t.cf_weight.fill_(1.0)
+        q_cf = t.cf.encode_users(torch.from_numpy(h.padded(t.cf.cfg.max_len)))
+        assert torch.allclose(t.query(h) @ t.items().T, q_cf @ t.item_table.T, atol=1e-5)
     loaded, _ = load_teacher(saved(t, tmp_path / "teacher", split, cf_dir), cf_dir, split)
     assert np.allclose(loaded.item_vectors(), t.item_vectors(), atol=1e-6)
 
