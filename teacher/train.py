@@ -130,11 +130,13 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
         model.cf_weight.fill_(task.cf_weight)
     task.eval()
     items = model.item_vectors()
-    results = evaluate_model(split, lambda stage: task.valid if stage == "valid" else  # already computed
-                             model.encode(split.history(stage), desc=f"teacher {stage} queries"), items, recipe.eval)
     ev = recipe.eval
-    alone = {stage: evaluate(split, model.encode(split.history(stage), blend=False), items, stage, ev.ks,
-                             ev.mask_history, index=ev.index) for stage in ("valid", "test")}
+    llm = {stage: model.encode(split.history(stage), desc=f"teacher {stage} queries", blend=False)
+           for stage in ("valid", "test")}                                   # q_LLM, encoded once per stage
+    test = blend_queries(llm["test"], model.cf.encode(split.history("test")), task.cf_weight).astype(np.float32)
+    results = evaluate_model(split, lambda stage: task.valid if stage == "valid" else test, items, recipe.eval)
+    alone = {stage: evaluate(split, q, items, stage, ev.ks, ev.mask_history, index=ev.index)
+             for stage, q in llm.items()}
     llm_alone = {**{stage: r.metrics for stage, r in alone.items()}, "by_popularity": alone["test"].by_popularity}
     digest = save_teacher(model, out, {"split_hash": split.hash, "seed": seed, "inputs": inputs})
     from distill.artifacts import save_array
