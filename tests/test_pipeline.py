@@ -88,8 +88,8 @@ def test_report_schema(tiny_run):
         assert len(ci["per_seed"]) == 1
 
 
-def copy_run(run: Path, dest: Path) -> Path:
-    for part in ("split", "student_alone", "teacher"):
+def copy_run(run: Path, dest: Path, *extra: str) -> Path:
+    for part in ("split", "student_alone", "teacher", *extra):
         shutil.copytree(run / part, dest / part)
     return dest
 
@@ -192,8 +192,7 @@ def test_bootstrap_ci_covers_a_known_difference():
 
 def test_distill_refuses_cache_from_another_split(tiny_run, tmp_path, capsys):
     run, overrides = tiny_run
-    other = copy_run(run, tmp_path / "o")
-    shutil.copytree(run / "teacher_cache", other / "teacher_cache")
+    other = copy_run(run, tmp_path / "o", "teacher_cache")
     rc = main(["distill", RECIPE, "--out", str(other)] + sets(overrides) + ["--set", "data.seed=99"])
     assert rc == 2
     assert "cache built from split" in capsys.readouterr().err
@@ -308,8 +307,7 @@ def test_merge_completes_the_cache_from_its_shards(tiny_run, tmp_path):
 def test_distill_with_collaborative_embedding_saves_a_plain_student(tiny_run, tmp_path):
     # the DLLM2Rec item-table term is trained, recorded and folded into the saved item table
     run, overrides = tiny_run
-    other = copy_run(run, tmp_path / "c")
-    shutil.copytree(run / "teacher_cache", other / "teacher_cache")
+    other = copy_run(run, tmp_path / "c", "teacher_cache")
     rc = main(["distill", RECIPE, "--out", str(other)] + sets(overrides) + ["--set", "distill.ced_weight=0.5"])
     assert rc == 0
     record = json.loads((other / "student_distilled" / "metrics.json").read_text())
