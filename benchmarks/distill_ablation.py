@@ -26,7 +26,7 @@ from distill.artifacts import read_json
 from distill.config import load_recipe
 from distill.stages import distill as distill_stage
 from distill.stages import prepare
-from distill.stages.common import model_dir
+from distill.runs import model_dir
 from distill.stats import ndcg_per_user, seed_bootstrap
 
 TERMS = ("kd", "pairwise", "ird", "align", "ced")  # ced: student/embedding_distillation.py

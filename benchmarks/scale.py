@@ -193,7 +193,7 @@ def run_worker(kind: str, size: int, tmp: Path, timeout: float) -> dict:
 def gloo(ranks: int, tmp: Path) -> dict:
     """A tiny recipe's teacher cache written by `ranks` gloo processes equals the one-process cache."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import RECIPE, sets, tiny_recipe_overrides, write_dataset, write_tiny_llama
+    from helpers import RECIPE, sets, tiny_recipe_overrides, write_dataset, write_tiny_llama
     data, model = write_dataset(tmp / "toy"), write_tiny_llama(tmp / "llama")
     ov = sets(tiny_recipe_overrides(data, model))
     run = tmp / "run"

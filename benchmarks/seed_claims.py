@@ -53,10 +53,10 @@ def load(args):
 
 
 def phase_train_dense(args) -> dict:
-    from distill.stages import teacher as teacher_stage
+    from distill.runs import teacher_inputs
     from teacher.train import train_teacher
     recipe, run, split, cf, _ = load(args)
-    inputs = teacher_stage.inputs(recipe, run, split, recipe.seed)
+    inputs = teacher_inputs(recipe, run, split, recipe.seed)
     record = train_teacher(recipe, split, cf, Path(args.out) / "teacher", recipe.seed, inputs)
     from distill.resume import clear_resume
     clear_resume(Path(args.out) / "teacher")

@@ -335,7 +335,7 @@ def main() -> int:
     args = ap.parse_args()
     if not 1 <= args.clients <= 64 or not 0 < args.seconds <= 600:
         raise SystemExit("--clients must be 1..64 and --seconds 0..600")
-    from distill.export import load_export
+    from distill.exported import load_export
     exp = load_export(args.export)
     hists = histories_for(exp, args.split, 2048)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}"

@@ -17,42 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.errors import ArtifactError, ConfigError, CorruptError
-
-
-STAGE_MARKERS = ("manifest.json", "metrics.json", "teacher.json", "config.json", "report.json", "recipe.yaml")
-
-
-def _holds_artifacts(folder: Path) -> bool:
-    return any((folder / m).is_file() for m in STAGE_MARKERS)
-
-
-def check_file_target(path: Path, option: str) -> None:
-    """A file a command will write: not a folder, and not inside a run's stage folder or the run itself."""
-    if path.is_dir():
-        raise ConfigError(f"{option} {path}: is a folder, expected a file path")
-    if _holds_artifacts(path.parent):
-        raise ConfigError(f"{option} {path}: {path.parent} holds a run's artifacts; write elsewhere")
-
-
-def check_folder_target(path: Path, run: Path, option: str, keep: str) -> None:
-    """A folder a command will replace whole: never the run, a folder above it, or another stage's folder,
-    and, if it exists, only a previous output of the same command (it holds `keep`)."""
-    from distill.registry import STAGE_FOLDERS
-    target, root = path.resolve(), run.resolve()
-    if target == root or target in root.parents:
-        raise ConfigError(f"{option} {path}: would replace the run folder {run}")
-    if root in target.parents:
-        parts = target.relative_to(root).parts
-        top = parts[0]
-        if (top in STAGE_FOLDERS and parts != ("report",)) or top.endswith((".resume", ".partial")) \
-                or ".resume.broken-" in top:
-            raise ConfigError(f"{option} {path}: is inside the run's stage folder {run / top}; choose a new folder")
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{option} {path}: is a file, expected a folder")
-    if path.is_dir() and any(path.iterdir()) and not (path / keep).is_file():
-        raise ConfigError(f"{option} {path}: exists and is not an earlier output of this command "
-                          f"(no {keep}); choose a new folder")
+from distill.errors import ArtifactError, CorruptError
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -7,7 +7,9 @@ import errno
 import os
 import sys
 
-from distill.errors import AnyoError
+from distill import commands
+from distill.config import SEED_MAX
+from distill.errors import AnyoError, ConfigError
 
 
 def _recipe_args(p: argparse.ArgumentParser, seed: bool = False) -> None:
@@ -110,8 +112,6 @@ def _serving_commands(sub) -> None:
 
 def _check_args(args) -> None:
     """Command-line numbers the recipe does not check (the others become `--set` overrides)."""
-    from distill.config import SEED_MAX
-    from distill.errors import ConfigError
     if getattr(args, "seeds", None) is not None and args.seeds < 1:
         raise ConfigError(f"--seeds: must be >= 1, got {args.seeds}")
     if getattr(args, "seed", None) is not None and not 0 <= args.seed <= SEED_MAX:
@@ -120,7 +120,6 @@ def _check_args(args) -> None:
 
 def handler(args):
     """The function in distill.commands that runs `args.command` (and its action, e.g. `teacher infer`)."""
-    from distill import commands
     table = {
         "prepare": commands.cmd_prepare, "mostpop": commands.cmd_mostpop, "evaluate": commands.cmd_evaluate,
         "student train": commands.cmd_student_train, "teacher train": commands.cmd_teacher_train,

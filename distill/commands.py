@@ -13,13 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.artifacts import STAGE_MARKERS, atomic_file, check_file_target, check_folder_target, write_json
+from distill import export, exported, verify
+from distill.artifacts import atomic_file, write_json
 from distill.config import Recipe, load_recipe
+from distill.data import load_split
 from distill.errors import AnyoError, ConfigError
-from distill.registry import STAGE_FOLDERS
+from distill.harness import evaluate
+from distill.runs import STAGE_FOLDERS, STAGE_MARKERS, check_file_target, check_folder_target, check_run_folder
 from distill.stages import common
 from distill.stages import distill as distill_stage
-from distill.stages import infer, mostpop, pipeline, prepare, report, student, teacher
+from distill.stages import infer, llara, mostpop, pipeline, prepare, report, student, teacher
 
 FLAG_KEYS = {"backend": "distill.backend", "positions": "distill.positions", "k": "distill.k"}
 
@@ -115,8 +118,7 @@ def cmd_run(args) -> None:
 def cmd_bench(args) -> None:
     """The report stage on a finished run, with the recipe the run recorded."""
     run = Path(args.run)
-    if not (run / "split" / "manifest.json").is_file():
-        raise ConfigError(f"{run}: not a run folder (no split/manifest.json)")
+    check_run_folder(run)
     recipe_file = run / "recipe.yaml"
     recipe = load_recipe(recipe_file if recipe_file.is_file() else None,
                          ["bench.measure_cost=false"] if args.no_cost else [])
@@ -126,8 +128,6 @@ def cmd_bench(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from distill.data import load_split
-    from distill.harness import evaluate
     check_file_target(Path(args.out), "--out")
     split = load_split(args.split)
     vectors = []
@@ -144,29 +144,18 @@ def cmd_evaluate(args) -> None:
     print(json.dumps(res.metrics, indent=1))
 
 
-def cmd_verify(args) -> int:
-    from distill.verify import cmd_verify as verify
-    return verify(args)
+cmd_verify = verify.cmd_verify
+cmd_export = export.cmd_export
+cmd_recommend = exported.cmd_recommend
 
 
-def cmd_export(args) -> None:
-    from distill.export import cmd_export as export
-    export(args)
+def cmd_serve(args) -> int:
+    # The one first-party import below the top of a module: distill.server needs the `serve` extra
+    # (FastAPI, uvicorn), which the other commands must not require.
+    from distill.server import cmd_serve as serve
+    return serve(args)
 
-
-def cmd_recommend(args) -> None:
-    from distill.export import cmd_recommend as recommend
-    recommend(args)
-
-
-def cmd_serve(args) -> None:
-    from distill.server import cmd_serve as serve   # FastAPI is imported only to serve
-    serve(args)
-
-
-# ---------------------------------------------------------------- baselines (issue 14)
 
 def cmd_baseline_llara(args) -> None:
-    from distill.stages import llara
     recipe, run = resolve(args)
     llara.run(recipe, run, prepare.run(recipe, run), seed_of(args, recipe))

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"MostPop": "#8c8c8c", "student alone": "#4c72b0", "teacher": "#c44e52", "distilled student": "#55a868"}
+COLORS = {"mostpop": "#8c8c8c", "student_alone": "#4c72b0", "teacher": "#c44e52", "student_distilled": "#55a868"}
 CURVES = (("train_loss", "training loss"), ("valid_NDCG@10", "validation NDCG@10"),
           ("examples_per_second", "training examples/s"))
 
@@ -28,7 +28,7 @@ def plot_report(report: dict, out: Path) -> None:
     vals = [models[n]["metrics"]["NDCG@10"] for n in names]
     ci = [models[n].get("NDCG@10_ci95", [v, v]) for n, v in zip(names, vals)]
     errs = [[v - lo for v, (lo, _) in zip(vals, ci)], [hi - v for v, (_, hi) in zip(vals, ci)]]
-    ax.bar(names, vals, yerr=errs, capsize=4, color=[color(n) for n in names])
+    ax.bar([models[n]["label"] for n in names], vals, yerr=errs, capsize=4, color=[color(n) for n in names])
     ax.set_ylabel("NDCG@10 (test, full ranking)\nwhiskers: 95% bootstrap CI over users")
     _finish(fig, ax, title, out / "quality.png", legend=False)
 
@@ -36,7 +36,7 @@ def plot_report(report: dict, out: Path) -> None:
     if latency:  # absent from a quality-only report (bench.measure_cost false)
         fig, ax = plt.subplots(figsize=(7, 4))
         for n, lat in latency.items():
-            ax.scatter(lat, models[n]["metrics"]["NDCG@10"], s=60, label=n, color=color(n))
+            ax.scatter(lat, models[n]["metrics"]["NDCG@10"], s=60, label=models[n]["label"], color=color(n))
         ax.set_xscale("log")
         ax.set_xlabel("latency per user at batch 1, p50 (ms, log scale)")
         ax.set_ylabel("NDCG@10 (test)")
@@ -52,7 +52,7 @@ def plot_curves(models: dict, title: str, path: Path) -> None:
             epochs = [c["epoch"] for c in curve]
             for ax, (key, _) in zip(axes, CURVES):
                 ax.plot(epochs, [c.get(key, float("nan")) for c in curve], marker=".", color=color(name),
-                        alpha=1.0 if seed == 0 else 0.4, label=name if seed == 0 else None)
+                        alpha=1.0 if seed == 0 else 0.4, label=m["label"] if seed == 0 else None)
     for ax, (_, label) in zip(axes, CURVES):
         ax.set_xlabel("epoch")
         ax.set_title(label, fontsize=9)

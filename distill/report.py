@@ -11,30 +11,33 @@ a two-level bootstrap over seeds and users (distill.stats).
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
 import numpy as np
 
-from distill.artifacts import atomic_dir
+from distill.artifacts import atomic_dir, read_json, write_record
 from distill.config import Recipe
 from distill.data import Split, load_split
 from distill.harness import BUCKET_NAMES
-from distill.registry import MODELS, current_records
+from distill.plots import plot_report
+from distill.runs import MODELS, current_records, llara_inputs
+from distill.serving import measure_costs
 from distill.stats import mean_ci, ndcg_per_user, seed_bootstrap
 
 HEADLINE = ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR@10", "Coverage@10", "ARP@10")
 
 
 def collect_quality(run: Path, recipe: Recipe, split: Split) -> dict:
-    """Per model (by label): mean/std metrics over its current seeds, curves, per-user test NDCG@10
+    """Per model (by name, as in distill.runs.MODELS): mean/std metrics over its current seeds, curves, per-user test NDCG@10
     (seed-averaged); seeds built from other inputs are left out and listed as stale."""
     models, per_user, missing, stale = {}, {}, [], []
     for name, entry in MODELS.items():
         found, old = current_records(run, recipe, split, name)
         stale += [str(d.relative_to(run)) for d in old]
         if not found:
-            missing.append(entry.label)
+            missing.append(name)
             continue
         dirs, records = [d for d, _ in found], [r for _, r in found]
         keys = list(records[0]["metrics"])
@@ -42,17 +45,17 @@ def collect_quality(run: Path, recipe: Recipe, split: Split) -> dict:
         metrics["HR@1(candidates)"] = float(np.mean([r["candidates"]["HR@1"] for r in records]))
         std = {k: float(np.std([r["metrics"][k] for r in records])) for k in keys}
         buckets = [b for b in BUCKET_NAMES if all(b in r.get("by_popularity", {}) for r in records)]
-        models[entry.label] = {"name": name, "metrics": metrics, "metrics_std": std, "seeds": len(records),
+        models[name] = {"label": entry.label, "metrics": metrics, "metrics_std": std, "seeds": len(records),
                                "by_popularity": {b: {"users": records[0]["by_popularity"][b]["users"], **{
                                    k: float(np.mean([r["by_popularity"][b][k] for r in records]))
                                    for k in ("HR@10", "NDCG@10")}} for b in buckets},
                                "dirs": [str(d) for d in dirs], "curves": [r["curve"] for r in records if "curve" in r]}
         ranks = [np.load(d / "test_ranks.npy", allow_pickle=False) for d in dirs if (d / "test_ranks.npy").is_file()]
         if ranks:
-            per_user[entry.label] = np.stack([ndcg_per_user(r) for r in ranks])          # (seeds, users)
-            models[entry.label]["NDCG@10_ci95"] = mean_ci(per_user[entry.label].mean(axis=0))
+            per_user[name] = np.stack([ndcg_per_user(r) for r in ranks])          # (seeds, users)
+            models[name]["NDCG@10_ci95"] = mean_ci(per_user[name].mean(axis=0))
     if (generative := generative_row(run, recipe, split)) is not None:
-        models["generative (LLaRA-style)"] = generative
+        models["llara"] = generative
     return {"models": models, "per_user": per_user, "missing": missing, "stale": stale}
 
 
@@ -60,43 +63,38 @@ def generative_row(run: Path, recipe: Recipe, split: Split) -> dict | None:
     """RUN/llara's candidate metrics, when it was built from this run's inputs. It answers among the 20
     candidates only, so it has no full-ranking metrics and no retriever-protocol cost (its cost against
     the dense teacher is benchmarks/seed_claims.py's)."""
-    from distill.artifacts import read_json
-    from distill.stages.llara import inputs
     path = run / "llara" / "metrics.json"
     if not path.is_file():
         return None
     record = read_json(path)
-    if record.get("inputs") != inputs(recipe, run, split, record.get("seed", recipe.seed)):
+    if record.get("inputs") != llara_inputs(recipe, run, split, record.get("seed", recipe.seed)):
         return None
     c = record["candidates"]
-    return {"name": "llara", "metrics": {"HR@1(candidates)": c["HR@1"], "ValidRatio": c["ValidRatio"]},
+    return {"label": "generative (LLaRA-style)", "metrics": {"HR@1(candidates)": c["HR@1"], "ValidRatio": c["ValidRatio"]},
             "metrics_std": {}, "seeds": 1, "full_ranking": "not applicable: generates a title among 20 candidates",
             "examples_per_second": record.get("examples_per_second"),
             "test_users_per_second": record.get("test_users_per_second")}
 
 
 def write_report(run: Path, recipe: Recipe, out: Path, inputs: dict) -> dict:
-    from distill.artifacts import write_record
     run, out = Path(run), Path(out)
     split = load_split(run / "split")
     q = collect_quality(run, recipe, split)
     models = q["models"]
     if recipe.bench.measure_cost:
-        from distill.serving import measure_costs
-        costs = measure_costs(run, split, [m["name"] for m in models.values() if m["name"] in MODELS], recipe.bench)
-        for m in models.values():
-            m.update(costs.get(m["name"], {}))
+        costs = measure_costs(run, split, [name for name in models if name in MODELS], recipe.bench)
+        for name, m in models.items():
+            m.update(costs.get(name, {}))
     comparisons = {}
-    for other, key in (("student alone", "distilled_vs_alone"), ("teacher", "distilled_vs_teacher")):
-        if "distilled student" in q["per_user"] and other in q["per_user"]:
-            comparisons[key] = {"NDCG@10": seed_bootstrap(q["per_user"]["distilled student"], q["per_user"][other])}
+    for other, key in (("student_alone", "distilled_vs_alone"), ("teacher", "distilled_vs_teacher")):
+        if "student_distilled" in q["per_user"] and other in q["per_user"]:
+            comparisons[key] = {"NDCG@10": seed_bootstrap(q["per_user"]["student_distilled"], q["per_user"][other])}
     report = {"split_hash": split.hash, "dataset": Path(split.manifest["inputs"]["inter"]).stem, "machine": machine(),
               "models": models, "comparisons": comparisons, "cost_ratios": cost_ratios(models),
               "missing": q["missing"], "stale": q["stale"], "inputs": inputs}
     with atomic_dir(out) as tmp:
         (tmp / "report.md").write_text(markdown(report))
         report = write_record(tmp / "report.json", report, files=[tmp / "report.md"])
-        from distill.plots import plot_report
         plot_report(report, tmp)
     print(markdown(report))
     return report
@@ -105,7 +103,7 @@ def write_report(run: Path, recipe: Recipe, out: Path, inputs: dict) -> dict:
 def cost_ratios(models: dict) -> dict:
     """How many times cheaper the distilled student is than the teacher (teacher cost / student cost;
     throughput: student / teacher). Empty without both costs."""
-    s, t = models.get("distilled student", {}), models.get("teacher", {})
+    s, t = models.get("student_distilled", {}), models.get("teacher", {})
     if "latency_ms" not in s or "latency_ms" not in t:
         return {}
     return {"params": t["params"] / s["params"], "peak_rss_bytes": t["peak_rss_bytes"] / s["peak_rss_bytes"],
@@ -115,7 +113,6 @@ def cost_ratios(models: dict) -> dict:
 
 
 def machine() -> str:
-    import os
     return f"{platform.machine()} {os.cpu_count()} CPU cores, {platform.system()} (torch CPU)"
 
 
@@ -136,13 +133,13 @@ def markdown(report: dict) -> str:
     cols = ["HR@10", "NDCG@10", "MRR@10", "HR@1(candidates)", "Coverage@10", "ValidRatio"]
     lines.append("| model | seeds | " + " | ".join(cols) + " | params | peak RSS (MiB) | latency p50 (ms) | users/s |")
     lines.append("|---" * (len(cols) + 6) + "|")
-    for name, m in report["models"].items():
+    for m in report["models"].values():
         q = ["n/a" if "full_ranking" in m and c not in m["metrics"] else _fmt(m["metrics"].get(c), m["metrics_std"].get(c))
              for c in cols]
         rss = m.get("peak_rss_bytes")
         cost = [_count(m.get("params")), _count(None if rss is None else rss / 2**20),
                 _fmt(m.get("latency_ms", {}).get("p50")), _count(m.get("throughput_users_per_s"))]
-        lines.append(f"| {name} | {m['seeds']} | " + " | ".join(q + cost) + " |")
+        lines.append(f"| {m['label']} | {m['seeds']} | " + " | ".join(q + cost) + " |")
     for key, c in report["comparisons"].items():
         d = c["NDCG@10"]
         seeds = ", ".join(f"{x:+.4f}" for x in d["per_seed"])
@@ -156,10 +153,10 @@ def markdown(report: dict) -> str:
                   "for every model, encode + top-10 search with the history masked), and FLOPs per user from the "
                   "models' shapes:", "", "| model | " + " | ".join(f"batch {b}" for b in batches)
                   + " | latency p95 (ms) | MFLOP/user |", "|---" * (len(batches) + 3) + "|"]
-        for n, m in swept.items():
-            lines.append(f"| {n} | " + " | ".join(_count(m["throughput_by_batch"].get(b)) for b in batches)
+        for m in swept.values():
+            lines.append(f"| {m['label']} | " + " | ".join(_count(m["throughput_by_batch"].get(b)) for b in batches)
                          + f" | {_fmt(m['latency_ms']['p95'])} | {m['flops_per_user'] / 1e6:,.2f} |")
-    with_buckets = {n: m["by_popularity"] for n, m in report["models"].items() if m.get("by_popularity")}
+    with_buckets = {m["label"]: m["by_popularity"] for m in report["models"].values() if m.get("by_popularity")}
     if with_buckets:
         buckets = [b for b in BUCKET_NAMES if any(b in v for v in with_buckets.values())]
         users = {b: next(v[b]["users"] for v in with_buckets.values() if b in v) for b in buckets}

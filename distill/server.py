@@ -20,10 +20,15 @@ import os
 from pathlib import Path
 from typing import Union
 
+import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from distill.errors import AnyoError
+from distill.exported import Exported, load_export
 
 MAX_HISTORY = 10_000        # ids in one history
 MAX_BATCH = 1_024           # histories in one batch request
@@ -186,9 +191,8 @@ def answer(obj) -> Response:
     return Response(json.dumps(obj, separators=(",", ":")), media_type="application/json")
 
 
-def create_app(exported) -> FastAPI:
-    """The FastAPI app for a loaded export (`distill.export.load_export`)."""
-    from distill.errors import AnyoError
+def create_app(exported: Exported) -> FastAPI:
+    """The FastAPI app for a loaded export (`distill.exported.load_export`)."""
     manifest, n_items = exported.manifest, exported.n_items
     app = FastAPI(title="anyo recommender", version=str(manifest.get("format")),
                   description=f"{manifest['model']} exported by `anyo export` (split {manifest['split_hash']}, "
@@ -234,18 +238,11 @@ def create_app(exported) -> FastAPI:
 
 def app_from_env():
     """uvicorn factory for --workers > 1: each worker loads (and verifies) the export itself."""
-    import torch
-    from distill.export import load_export
     torch.set_num_threads(int(os.environ.get("ANYO_SERVE_THREADS", "1")))
     return create_app(load_export(os.environ[ENV_DIR]))
 
 
 def cmd_serve(args) -> int:
-    import torch
-    import uvicorn
-    from distill.errors import AnyoError
-    from distill.export import load_export
-
     if args.workers < 1:
         raise AnyoError(f"--workers {args.workers}: expected 1 or more")
     if not 0 <= args.port <= 65535:

@@ -7,7 +7,7 @@ imports. Every model serves the same users (recipe section `bench`): latency per
 batch 1 (encode + top-10 search with history masking, model loading excluded), and a
 throughput sweep over batch sizes (median of its passes); the report compares each
 model's best throughput, and the FLOPs per user each model's shapes imply.
-`python -m distill.serving RUN NAME [BACKEND]` measures one model (registry name) from the shell.
+`python -m distill.serving RUN NAME [BACKEND]` measures one model (a name in distill.runs.MODELS) from the shell.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from distill.config import BenchConfig
 from distill.data import Split, load_split
 from distill.harness import Exclusions, ItemIndex
-from distill.registry import load_retriever
+from distill.runs import load_retriever
 
 clock = time.perf_counter  # module-level so a test can substitute a fake clock
 
@@ -106,6 +107,5 @@ def measure_costs(run: Path, split: Split, names: list[str], bench) -> dict:
 
 
 if __name__ == "__main__":
-    from distill.config import BenchConfig
     print(json.dumps(measure(Path(sys.argv[1]), sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "hf",
                              BenchConfig())))

@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from distill.artifacts import check_record
-from distill.errors import StaleError
+from distill.cache import TeacherCache
+from distill.config import load_recipe
+from distill.data import load_split
+from distill.errors import ConfigError, StaleError
+from distill.runs import MODELS, cache_up_to_date, llara_inputs, report_inputs
+from student.model import load_student
+from teacher.model import check_teacher
 
 Row = tuple[str, str, str]
 
@@ -44,9 +50,6 @@ def _record(folder: Path, split) -> dict:
 
 
 def _model_rows(run: Path, recipe, split) -> list[Row]:
-    from distill.registry import MODELS
-    from student.model import load_student
-    from teacher.model import check_teacher
     rows = []
     for name, entry in MODELS.items():
         folders = [run / name] + (sorted((run / "seeds").glob(f"{name}-*")) if entry.seeded else [])
@@ -68,9 +71,8 @@ def _model_rows(run: Path, recipe, split) -> list[Row]:
 def _generative_row(run: Path, recipe, split) -> Row:
     """RUN/llara: its sealed record, built from this run's split, CF model and recipe sections."""
     def check():
-        from distill.stages.llara import inputs
         record = check_record(run / "llara" / "metrics.json")
-        if record.get("inputs") != inputs(recipe, run, split, record.get("seed", recipe.seed)):
+        if record.get("inputs") != llara_inputs(recipe, run, split, record.get("seed", recipe.seed)):
             raise StaleError("llara/metrics.json: built from other inputs than the run's recipe and CF model")
         return f"test HR@1 {record['candidates']['HR@1']:.4f} (20 candidates)"
     return _check("llara", check)
@@ -78,10 +80,8 @@ def _generative_row(run: Path, recipe, split) -> Row:
 
 def _cache_row(run: Path, recipe, split) -> Row:
     def check():
-        from distill.cache import TeacherCache
-        from distill.stages.infer import up_to_date
         cache = TeacherCache(run / "teacher_cache", split.hash, split.n_items)
-        if up_to_date(recipe, run, split) is None:
+        if cache_up_to_date(recipe, run, split) is None:
             raise StaleError("cache built from another teacher or other distill options than the run's")
         return f"{len(cache)} queries, K={cache.k}"
     return _check("teacher_cache", check)
@@ -89,18 +89,15 @@ def _cache_row(run: Path, recipe, split) -> Row:
 
 def _report_row(run: Path, recipe) -> Row:
     def check():
-        from distill.stages.report import inputs
         report = check_record(run / "report" / "report.json")
         if "models" not in report:
             raise ValueError("report/report.json: not a report")
-        if report.get("inputs") != inputs(recipe, run):
+        if report.get("inputs") != report_inputs(recipe, run):
             raise StaleError("report built from other metrics or bench options: rerun `anyo bench`")
     return _check("report", check)
 
 
 def verify_run(run: Path) -> list[Row]:
-    from distill.config import load_recipe
-    from distill.data import load_split
     recipe_file = run / "recipe.yaml"
     found: dict = {}
 
@@ -132,6 +129,9 @@ def verify_run(run: Path) -> list[Row]:
 
 def cmd_verify(args) -> int:
     run = Path(args.run)
+    if not run.is_dir() or not any(run.iterdir()):  # one line and exit 2, not a table of failures
+        what = "no such folder" if not run.exists() else "not a folder" if not run.is_dir() else "an empty folder"
+        raise ConfigError(f"{run}: {what}, there is no run to verify")
     rows = verify_run(run)
     width = max(len(r[0]) for r in rows)
     for name, state, why in rows:

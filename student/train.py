@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from distill.artifacts import save_array
 from distill.config import Recipe
 from distill.data import Split
 from distill.harness import evaluate, evaluate_model, metrics_record
@@ -140,6 +141,5 @@ def train_and_save(recipe: Recipe, split: Split, out: Path, seed: int, loss: Wei
                             seed=seed, curve=result.curve, **result.rates(),
                             **({"inputs": inputs} if inputs else {}), **(extra or {}))
     save_student(model, out, {"split_hash": split.hash, "seed": seed})
-    from distill.artifacts import save_array
     save_array(out / "test_ranks.npy", results["test"].ranks)
     return record

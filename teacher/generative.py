@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distill.artifacts import atomic_dir, read_json
-from distill.config import LlaraConfig, TeacherConfig
+from distill.config import LlaraConfig, TeacherConfig, config_from_dict
 from distill.data import Histories, Split
 from distill.errors import ArtifactError, ConfigError
 from student.model import SASRec
@@ -416,7 +416,6 @@ def save_generative(model: GenerativeRecommender, folder: Path, meta: dict, extr
 
 def load_generative(folder: Path, cf: SASRec, titles: list[str], split_hash: str) -> tuple[GenerativeRecommender, dict]:
     from safetensors.torch import load_file
-    from distill.config import config_from_dict
     folder = Path(folder)
     meta = read_json(folder / "llara.json")
     if meta.get("split_hash") != split_hash:

@@ -26,12 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from distill.artifacts import atomic_dir, read_record, sha256_files
-from distill.config import TeacherConfig
+from distill.artifacts import atomic_dir, read_record, sha256_file, sha256_files
+from distill.config import TeacherConfig, config_from_dict
 from distill.data import Histories, Split
 from distill.errors import ConfigError, CorruptError, StaleError
 from distill.harness import Exclusions, ItemIndex
-from student.model import SASRec
+from student.model import SASRec, load_student
 from teacher.backbone import load_backbone
 from teacher.moe_lora import ExpertGate
 from teacher.prompt import PromptBatch, PromptBuilder
@@ -272,7 +272,6 @@ def checkpoint_hash(folder: Path) -> str:
 def check_teacher(folder: Path, cf_dir: Path, split_hash: str) -> dict:
     """teacher.json, if the teacher in `folder` is intact and was built on this split and the CF model in
     `cf_dir` (StaleError otherwise; CorruptError when its files do not match its record)."""
-    from distill.artifacts import sha256_file
     folder, cf_dir = Path(folder), Path(cf_dir)
     meta = read_record(folder / "teacher.json", "teacher", "checkpoint_hash")
     if meta.get("split_hash") != split_hash:
@@ -289,8 +288,6 @@ def check_teacher(folder: Path, cf_dir: Path, split_hash: str) -> dict:
 
 def load_teacher(folder: Path, cf_dir: Path, split: Split) -> tuple[TeacherRetriever, dict]:
     """The teacher in `folder`, on the CF model in `cf_dir` it was trained with (see check_teacher)."""
-    from distill.config import config_from_dict
-    from student.model import load_student
     meta = check_teacher(folder, cf_dir, split.hash)
     cf, _ = load_student(cf_dir, split.hash, split.n_items)
     cfg = config_from_dict(TeacherConfig, meta["teacher"], "teacher.")

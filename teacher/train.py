@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill.artifacts import save_array
 from distill.config import Recipe
 from distill.data import Split
 from distill.harness import evaluate, evaluate_model, metrics_record
@@ -139,7 +140,6 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
              for stage, q in llm.items()}
     llm_alone = {**{stage: r.metrics for stage, r in alone.items()}, "by_popularity": alone["test"].by_popularity}
     digest = save_teacher(model, out, {"split_hash": split.hash, "seed": seed, "inputs": inputs})
-    from distill.artifacts import save_array
     save_array(out / "test_ranks.npy", results["test"].ranks)
     return metrics_record(results, split, best_epoch=result.best_epoch, cf_weight=task.cf_weight, seed=seed,
                           llm_alone=llm_alone, cf_weight_grid=list(c.cf_weights),

@@ -14,7 +14,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import RECIPE, sets, write_dataset
+from helpers import RECIPE, sets, write_dataset
 
 from distill.cli import main
 from distill.config import load_recipe

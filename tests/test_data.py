@@ -157,7 +157,7 @@ def assert_same_split(a, b):
 
 def tied_toy(tmp_path):
     """The conftest toy data with many timestamps repeated (ties broken by the item token)."""
-    from conftest import write_dataset
+    from helpers import write_dataset
     folder = write_dataset(tmp_path / "toy", n_users=30, n_items=40, seed=3)
     lines = (folder / "toy.inter").read_text().splitlines()
     rows = [line.split("\t") for line in lines[1:]]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RECIPE, sets
+from helpers import RECIPE, sets
 
 from distill.cli import main
 

@@ -10,7 +10,7 @@ import torch
 from distill.cli import main
 from distill.data import Histories, load_split
 from distill.errors import ArtifactError
-from distill.export import load_export
+from distill.exported import load_export
 from distill.harness import Exclusions, ItemIndex
 from distill.recommender import Recommender
 from student.model import SASRecConfig

@@ -12,7 +12,7 @@ from teacher.generative import (CANS_TOKEN, IGNORE, build_generative, candidate_
                                 match_candidates, normalise, save_generative, score_candidates)
 from teacher.prompt import HISTORY_TOKEN
 
-from conftest import write_tiny_llama
+from helpers import write_tiny_llama
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "ml100k.yaml")
 
@@ -300,7 +300,7 @@ def test_trainer_fits_the_task_and_keeps_the_best_epoch(split, cf, adapter_cfg):
 def test_baseline_llara_stage_writes_its_folder_and_is_skipped_when_up_to_date(tmp_path, toy_data, tiny_llama,
                                                                                 tiny_causal_llama, capsys):
     import json
-    from conftest import sets, tiny_recipe_overrides
+    from helpers import sets, tiny_recipe_overrides
     from distill.cli import main
     run = tmp_path / "run"
     overrides = tiny_recipe_overrides(toy_data, tiny_llama) + [
@@ -326,7 +326,7 @@ def test_baseline_llara_stage_writes_its_folder_and_is_skipped_when_up_to_date(t
     assert main(["baseline", "llara", RECIPE, "--out", str(run)] + sets(overrides)) == 0
     assert "up to date" in capsys.readouterr().out
     assert main(["bench", str(run), "--no-cost"]) == 0                      # the report shows it as a row
-    row = json.loads((run / "report" / "report.json").read_text())["models"]["generative (LLaRA-style)"]
+    row = json.loads((run / "report" / "report.json").read_text())["models"]["llara"]
     assert row["metrics"] == {"HR@1(candidates)": m["HR@1"], "ValidRatio": m["ValidRatio"]}
     assert "| generative (LLaRA-style) | 1 | n/a | n/a | n/a |" in (run / "report" / "report.md").read_text()
     capsys.readouterr()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RECIPE, sets
+from helpers import RECIPE, sets
 from distill.artifacts import sha256_file
 
 # stage, where the CI chain kills it (a function whose N-th return kills the process: each training

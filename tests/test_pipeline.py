@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import RECIPE, sets
+from helpers import RECIPE, sets
 from distill.artifacts import write_record
 from distill.cache import TeacherCache, memmap_tensors
 from distill.cli import main
@@ -67,8 +67,10 @@ def test_report_schema(tiny_run):
     run, _ = tiny_run
     r = json.loads((run / "report" / "report.json").read_text())
     assert {"split_hash", "machine", "models", "comparisons"} <= set(r)
-    for name in ("MostPop", "student alone", "teacher", "distilled student"):
+    for name, label in (("mostpop", "MostPop"), ("student_alone", "student alone"), ("teacher", "teacher"),
+                        ("student_distilled", "distilled student")):   # keyed by name, shown by label
         m = r["models"][name]
+        assert m["label"] == label
         assert {"metrics", "metrics_std", "seeds", "params", "trainable_params", "checkpoint_bytes",
                 "peak_rss_bytes", "latency_ms", "throughput_users_per_s"} <= set(m)
         assert set(m["latency_ms"]) == {"p50", "p95", "users"}
@@ -76,10 +78,10 @@ def test_report_schema(tiny_run):
     for m in r["models"].values():                   # every model on the same users, the teacher included
         assert m["latency_ms"]["users"] == 20 and m["users"] == 40 and set(m["throughput_by_batch"]) == {"1", "32"}
         assert m["throughput_users_per_s"] == max(m["throughput_by_batch"].values())
-    flops = {n: r["models"][n]["flops_per_user"] for n in ("MostPop", "student alone", "teacher")}
-    assert flops["teacher"] > flops["student alone"] > flops["MostPop"] > 0
-    assert r["models"]["teacher"]["params"] > r["models"]["distilled student"]["params"] > 0
-    for name in ("student alone", "teacher", "distilled student"):   # the curves the report draws
+    flops = {n: r["models"][n]["flops_per_user"] for n in ("mostpop", "student_alone", "teacher")}
+    assert flops["teacher"] > flops["student_alone"] > flops["mostpop"] > 0
+    assert r["models"]["teacher"]["params"] > r["models"]["student_distilled"]["params"] > 0
+    for name in ("student_alone", "teacher", "student_distilled"):   # the curves the report draws
         curve = r["models"][name]["curves"][0]
         assert {"epoch", "train_loss", "valid_NDCG@10", "examples_per_second"} <= set(curve[0])
     for key in ("distilled_vs_alone", "distilled_vs_teacher"):
@@ -266,7 +268,7 @@ def test_report_and_verify_leave_out_seeds_built_from_another_recipe(tiny_run, t
     write_record(foreign / "metrics.json", record, files=[foreign / "test_ranks.npy"])  # as if trained so
     assert main(["bench", str(run), "--no-cost"]) == 0
     r = json.loads((run / "report" / "report.json").read_text())
-    assert r["models"]["student alone"]["seeds"] == 1 and r["stale"] == ["seeds/student_alone-7"]
+    assert r["models"]["student_alone"]["seeds"] == 1 and r["stale"] == ["seeds/student_alone-7"]
     capsys.readouterr()
     assert main(["verify", str(run)]) == 1
     lines = {l.split()[0]: l.split()[1] for l in capsys.readouterr().out.splitlines()}

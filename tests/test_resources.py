@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from conftest import RECIPE, sets
+from helpers import RECIPE, sets
 from distill import resources
 from distill.cli import main
 
@@ -32,7 +32,7 @@ def test_too_large_for_memory_fails_early(tiny_run, tmp_path, little_memory, cap
 
 def test_the_step_estimate_counts_the_items_the_loss_scores(toy_data, tiny_llama, monkeypatch):
     """A catalogue-sized full softmax is refused where a sampled softmax over 8 negatives fits."""
-    from conftest import tiny_recipe_overrides
+    from helpers import tiny_recipe_overrides
     from distill.config import load_recipe
     from distill.data import build_split
     from distill.errors import ConfigError

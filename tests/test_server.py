@@ -16,7 +16,7 @@ pytest.importorskip("uvicorn")
 
 from distill.cli import main  # noqa: E402
 from distill.data import load_split  # noqa: E402
-from distill.export import load_export  # noqa: E402
+from distill.exported import load_export  # noqa: E402
 from distill.server import MAX_HISTORY  # noqa: E402
 
 ROOT = Path(__file__).parents[1]

@@ -1,4 +1,4 @@
-"""What every stage shares: the up-to-date check, seed folders, the summary table."""
+"""What every stage shares: writing a finished training stage, the summary table."""
 
 from __future__ import annotations
 
@@ -6,37 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.artifacts import check_record, write_record
-from distill.config import Recipe
-from distill.errors import ArtifactError
+from distill.artifacts import write_record
 from distill.resume import clear_resume
-
-
-def model_dir(run: Path, name: str, seed: int, recipe: Recipe) -> Path:
-    """RUN/NAME for the recipe's seed, RUN/seeds/NAME-SEED for the others."""
-    return run / name if seed == recipe.seed else run / "seeds" / f"{name}-{seed}"
-
-
-def up_to_date(path: Path, inputs: dict) -> dict | None:
-    """The record at `path` if it is intact (check_record) and was built from exactly `inputs`; a record
-    that cannot be read, was edited or lists a truncated file is not up to date: the stage is rebuilt."""
-    if path.is_file():
-        try:
-            record = check_record(path)
-        except ArtifactError:
-            return None
-        if record.get("inputs") == inputs:
-            return record
-    return None
-
-
-def finished_training(out: Path, inputs: dict) -> dict | None:
-    """The training stage's metrics if `out` was trained from exactly `inputs`. A resume folder beside a
-    finished stage (the run was killed between writing metrics.json and removing it) is removed."""
-    record = up_to_date(out / "metrics.json", inputs)
-    if record is not None:
-        clear_resume(out)
-    return record
 
 
 def finish_training(out: Path, record: dict) -> dict:

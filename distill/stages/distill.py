@@ -7,29 +7,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.artifacts import sha256_file
 from distill.cache import TeacherCache
 from distill.config import Recipe
 from distill.data import Split
 from distill.errors import ConfigError
 from distill.losses import (EmbeddingAlignment, ImportanceRankingKD, PairwiseRankingKD, SoftTargetKL, TeacherTargets,
                             WeightedLoss)
-from distill.stages.common import finish_training, finished_training, model_dir
+from distill.runs import distill_inputs, finished_training, model_dir
+from distill.stages.common import finish_training
 from student.embedding_distillation import CollaborativeEmbedding
-
-
-def inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
-    wanted = {"split_hash": split.hash, "recipe": recipe.section_hash("data", "student", "distill", "eval"),
-              "seed": seed, "cache_sha256": sha256_file(run / "teacher_cache" / "manifest.json")}
-    if recipe.distill.warm_start:
-        wanted["init_sha256"] = sha256_file(model_dir(run, "student_alone", seed, recipe) / "model.safetensors")
-    return wanted
+from student.model import load_student
+from student.train import own_loss, train_and_save
 
 
 def distillation_loss(recipe: Recipe, split: Split, teacher_dim: int) -> WeightedLoss:
     """own + KL + pairwise + importance-aware ranking + alignment, weighted as the recipe declares
     (a term of weight 0 is never built)."""
-    from student.train import own_loss
     d = recipe.distill
     return WeightedLoss({
         "own": (d.own_weight, lambda: own_loss(recipe, split)),
@@ -53,14 +46,12 @@ def cache_lookup(cache: TeacherCache, k: int):
 
 
 def run(recipe: Recipe, run: Path, split: Split, seed: int, name: str = "student_distilled") -> dict:
-    from student.model import load_student
-    from student.train import train_and_save
     d = recipe.distill
     cache = TeacherCache(run / "teacher_cache", split.hash, split.n_items)
     if d.k > cache.k:
         raise ConfigError(f"distill.k: {d.k} is larger than the cache's K = {cache.k} ({cache.folder})")
     out = model_dir(run, name, seed, recipe)
-    wanted = inputs(recipe, run, split, seed)
+    wanted = distill_inputs(recipe, run, split, seed)
     if (record := finished_training(out, wanted)) is not None:
         print(f"distilled student (seed {seed}) up to date in {out}")
         return record

@@ -10,27 +10,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.artifacts import sha256_file
 from distill.config import Recipe
 from distill.data import Split
 from distill.errors import AnyoError
-from distill.stages.common import finish_training, finished_training, model_dir
-
-
-def inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
-    return {"split_hash": split.hash, "recipe": recipe.section_hash("data", "teacher", "llara"),
-            "seed": seed, "cf_sha256": sha256_file(run / "student_alone" / "model.safetensors")}
+from distill.runs import finished_training, llara_inputs, model_dir
+from distill.stages.common import finish_training
+from student.model import load_student
+from teacher.generative_train import train_generative
 
 
 def run(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
-    from student.model import load_student
-    from teacher.generative_train import train_generative
     if not (run / "student_alone" / "model.safetensors").is_file():
         raise AnyoError(f"{run / 'student_alone'}: not found; the generative baseline reads its CF model "
                         f"(run `anyo student train` or `anyo run` first)")
     cf, _ = load_student(run / "student_alone", split.hash, split.n_items)
     out = model_dir(run, "llara", seed, recipe)
-    wanted = inputs(recipe, run, split, seed)
+    wanted = llara_inputs(recipe, run, split, seed)
     if (record := finished_training(out, wanted)) is not None:
         print(f"generative baseline (seed {seed}) up to date in {out}")
         return record

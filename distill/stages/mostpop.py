@@ -9,16 +9,12 @@ from distill.baselines import MostPop
 from distill.config import Recipe
 from distill.data import Split
 from distill.harness import evaluate_model, metrics_record
-from distill.stages.common import up_to_date
-
-
-def inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
-    return {"split_hash": split.hash, "eval": recipe.section_hash("eval")}
+from distill.runs import mostpop_inputs, up_to_date
 
 
 def run(recipe: Recipe, run: Path, split: Split) -> dict:
     path = run / "mostpop" / "metrics.json"
-    wanted = inputs(recipe, run, split, recipe.seed)
+    wanted = mostpop_inputs(recipe, run, split, recipe.seed)
     if (record := up_to_date(path, wanted)) is not None:
         return record
     model = MostPop(split)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from distill.config import Recipe
 from distill.data import Split
-from distill.stages import distill, infer, mostpop, report, student, teacher
+from distill.stages import distill, infer, llara, mostpop, report, student, teacher
 from distill.stages.common import mean_row, print_table, table_row
 
 
@@ -21,7 +21,6 @@ def run(recipe: Recipe, run: Path, split: Split, seeds: int) -> dict:
     rows["teacher"] = table_row(trained)
     rows["distilled student"] = mean_row(distilled)
     if recipe.llara.enabled:  # the generative baseline (issue 14)
-        from distill.stages import llara
         llara.run(recipe, run, split, recipe.seed)
     report.run(recipe, run)
     print()

@@ -7,17 +7,14 @@ from pathlib import Path
 from distill.config import Recipe
 from distill.data import Split
 from distill.losses import WeightedLoss
-from distill.stages.common import finish_training, finished_training, model_dir
-
-
-def inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
-    return {"split_hash": split.hash, "recipe": recipe.section_hash("data", "student", "eval"), "seed": seed}
+from distill.runs import finished_training, model_dir, student_inputs
+from distill.stages.common import finish_training
+from student.train import own_loss, train_and_save
 
 
 def run(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
-    from student.train import own_loss, train_and_save
     out = model_dir(run, "student_alone", seed, recipe)
-    wanted = inputs(recipe, run, split, seed)
+    wanted = student_inputs(recipe, run, split, seed)
     if (record := finished_training(out, wanted)) is not None:
         print(f"student alone (seed {seed}) up to date in {out}")
         return record

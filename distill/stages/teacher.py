@@ -4,23 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.artifacts import sha256_file
 from distill.config import Recipe
 from distill.data import Split
-from distill.stages.common import finish_training, finished_training
-
-
-def inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
-    return {"split_hash": split.hash, "recipe": recipe.section_hash("data", "student", "teacher", "eval"),
-            "seed": seed, "cf_sha256": sha256_file(run / "student_alone" / "model.safetensors")}
+from distill.runs import finished_training, teacher_inputs
+from distill.stages.common import finish_training
+from student.model import load_student
+from teacher.train import train_teacher
 
 
 def run(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
-    from student.model import load_student
-    from teacher.train import train_teacher
     cf, _ = load_student(run / "student_alone", split.hash, split.n_items)
     out = run / "teacher"
-    wanted = inputs(recipe, run, split, seed)
+    wanted = teacher_inputs(recipe, run, split, seed)
     if (record := finished_training(out, wanted)) is not None:
         print(f"teacher up to date in {out}")
         return record

@@ -1,0 +1,159 @@
+"""A loaded `anyo export` folder: the serving side (`anyo recommend`, `anyo serve`), which needs neither the
+run nor the teacher's packages.
+
+`load_export` checks every hash listed in manifest.json before it reads anything and refuses a missing or
+edited file with an ArtifactError naming it (the CLI prints it on one line and exits 2).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from distill.artifacts import read_json, sha256_file
+from distill.data import Histories
+from distill.errors import AnyoError, ArtifactError
+from distill.harness import ItemIndex
+from distill.recommender import TORCH_MAX_ITEMS, Recommender
+from student.model import load_student
+
+EXPORT_FORMAT = 1
+EXPORT_KIND = "anyo-export"
+FILES = ("model.safetensors", "config.json", "items.tsv", "items.faiss", "metrics.json", "README.md")
+
+
+class UnknownItems(AnyoError):
+    """Raw item ids that are not in the exported catalogue."""
+
+    def __init__(self, field: str, unknown: list[str]):
+        self.unknown = unknown
+        shown = ", ".join(repr(u) for u in unknown[:10]) + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
+        super().__init__(f"{field}: unknown item id{'s' if len(unknown) > 1 else ''} {shown}")
+
+
+@dataclass
+class Exported:
+    """A loaded export: the model's recommender plus the raw-id catalogue."""
+
+    folder: Path
+    manifest: dict
+    recommender: Recommender
+    raw_ids: list[str]           # index = internal id; [0] = "[PAD]"
+    titles: list[str]
+    id_of: dict[str, int]
+
+    @property
+    def n_items(self) -> int:
+        return len(self.raw_ids) - 1
+
+    def to_internal(self, history, field: str = "history") -> np.ndarray:
+        """Raw ids (strings or ints) -> internal ids; every unknown id is named, none dropped."""
+        raw = [str(x) for x in history]
+        get = self.id_of.get
+        ids = [get(r, 0) for r in raw]
+        if 0 in ids:
+            seen, unknown = set(), []
+            for r, i in zip(raw, ids):
+                if i == 0 and r not in seen:
+                    seen.add(r)
+                    unknown.append(r)
+            raise UnknownItems(field, unknown)
+        return np.asarray(ids, dtype=np.int64)
+
+    def recommend_many(self, histories: list, k: int = 10, include_seen: bool = False,
+                       field: str = "histories") -> list[list[dict]]:
+        rows = [self.to_internal(h, f"{field}[{n}]" if field == "histories" else field)
+                for n, h in enumerate(histories)]
+        ids, scores = self.recommender.top_k(Histories.from_rows(rows), k, exclude_seen=not include_seen)
+        out = []
+        raw, titles = self.raw_ids, self.titles
+        for row_ids, row_scores in zip(ids.tolist(), scores.tolist()):
+            out.append([{"item": raw[i], "title": titles[i], "score": s}
+                        for i, s in zip(row_ids, row_scores) if i > 0])
+        return out
+
+    def recommend(self, history: list, k: int = 10, include_seen: bool = False) -> list[dict]:
+        return self.recommend_many([history], k, include_seen, field="history")[0]
+
+
+def verify_export(folder: Path) -> dict:
+    """The manifest, once every listed file is present with its hash and nothing else is there."""
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: export folder not found")
+    manifest = read_json(folder / "manifest.json")
+    if manifest.get("kind") != EXPORT_KIND or manifest.get("format") != EXPORT_FORMAT:
+        raise ArtifactError(f"{folder / 'manifest.json'}: not an anyo export of format {EXPORT_FORMAT}")
+    files = manifest.get("files", {})
+    for name in FILES:
+        if name not in files:
+            raise ArtifactError(f"{folder / 'manifest.json'}: lists no {name}")
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing (listed in manifest.json)")
+        if sha256_file(path) != digest:
+            raise ArtifactError(f"{path}: content does not match manifest.json (corrupt or edited)")
+    return manifest
+
+
+def _read_items(path: Path, n_items: int) -> tuple[list[str], list[str]]:
+    rows = [r for r in path.read_text(encoding="utf-8").split("\n")[1:] if r]
+    if len(rows) != n_items:
+        raise ArtifactError(f"{path}: {len(rows)} rows, manifest says {n_items}")
+    raw, titles = ["[PAD]"], [""]
+    for n, r in enumerate(rows, start=1):
+        f = r.split("\t")
+        if len(f) < 2 or f[0] != str(n):
+            raise ArtifactError(f"{path}:{n + 1}: expected item_id {n}")
+        raw.append(f[1])
+        titles.append(f[2] if len(f) > 2 else "")
+    return raw, titles
+
+
+def load_export(folder: str | Path, torch_max_items: int | None = None) -> Exported:
+    folder = Path(folder)
+    manifest = verify_export(folder)
+    model, meta = load_student(folder, manifest["split_hash"], manifest["n_items"])
+    raw, titles = _read_items(folder / "items.tsv", manifest["n_items"])
+    index = faiss.read_index(str(folder / "items.faiss"))
+    items = model.item_vectors()
+    if index.ntotal != len(items) or index.d != items.shape[1]:
+        raise ArtifactError(f"{folder / 'items.faiss'}: {index.ntotal} x {index.d}, the model's item table is "
+                            f"{items.shape[0]} x {items.shape[1]}")
+    if not np.array_equal(index.reconstruct_n(0, index.ntotal), items):
+        raise ArtifactError(f"{folder / 'items.faiss'}: vectors differ from the model's item table")
+    limit = TORCH_MAX_ITEMS if torch_max_items is None else torch_max_items
+    item_index = None
+    if len(items) > limit:
+        item_index = ItemIndex(items)
+    rec = Recommender(model, torch_max_items=limit, index=item_index)
+    id_of = {r: i for i, r in enumerate(raw) if i > 0}
+    return Exported(folder, manifest, rec, raw, titles, id_of)
+
+
+
+def parse_history(text: str) -> list[str]:
+    ids = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(t == "" for t in ids):
+        raise AnyoError(f"--history {text!r}: expected comma-separated item ids, e.g. 12,7,301")
+    return ids
+
+
+def cmd_recommend(args) -> int:
+    exp = load_export(args.dir)
+    history = parse_history(args.history)
+    if not 1 <= args.k <= exp.n_items:
+        raise AnyoError(f"-k {args.k}: expected 1..{exp.n_items} (the catalogue size)")
+    items = exp.recommend(history, args.k, include_seen=args.include_seen)
+    if args.json:
+        print(json.dumps({"items": items}))
+        return 0
+    width = max([len(it["item"]) for it in items] + [4])
+    print(f"{'rank':>4}  {'item':<{width}}  {'score':>9}  title")
+    for r, it in enumerate(items, start=1):
+        print(f"{r:>4}  {it['item']:<{width}}  {it['score']:>9.4f}  {it['title']}")
+    return 0
