@@ -328,3 +328,13 @@ def test_distill_with_collaborative_embedding_saves_a_plain_student(tiny_run, tm
     again = evaluate(split, model.encode(split.history("test")), model.item_vectors(), "test", ev.ks,
                      ev.mask_history).metrics
     assert again["NDCG@10"] == pytest.approx(record["metrics"]["NDCG@10"], abs=1e-9)
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_verify_without_a_run_says_so_in_one_line(tmp_path, capsys, make):
+    run = tmp_path / "nothing"
+    if make == "empty":
+        run.mkdir()
+    assert main(["verify", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(run) in err and "no run to verify" in err
