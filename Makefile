@@ -19,6 +19,10 @@ demo: install
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q tests
 
-.PHONY: install demo test
+package-check: install
+	bash .ci/wheel-check
+
+.PHONY: install demo test package-check

@@ -67,7 +67,7 @@ def main() -> None:
         model = wrap_backend(build_teacher(recipe.teacher, cf, split.titles).eval(), backend)
         tokens = int(model.prompts.lengths(prompts).sum())
         flops = decoder_flops_per_token(model) * tokens
-        model.encode(prompts.take(np.arange(bs)), bs)  # warm-up
+        model.encode(prompts.take(np.arange(min(bs, len(prompts)))), bs)  # warm-up (fewer prompts than a batch: all)
         t = time.perf_counter()
         q = model.encode(prompts, bs)
         if torch.cuda.is_available():

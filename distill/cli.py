@@ -11,9 +11,11 @@ from distill import commands
 from distill.config import SEED_MAX
 from distill.errors import AnyoError, ConfigError
 
+RECIPE_HELP = "recipe YAML file, or the name of a recipe shipped with anyo (ml100k, ml100k-cold, ...)"
+
 
 def _recipe_args(p: argparse.ArgumentParser, seed: bool = False) -> None:
-    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("recipe", help=RECIPE_HELP)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     if seed:
@@ -84,7 +86,7 @@ def _run_commands(sub) -> None:
     p.add_argument("run", help="run folder")
 
     p = sub.add_parser("run", help="the whole pipeline, each stage skipped when up to date")
-    p.add_argument("recipe")
+    p.add_argument("recipe", help=RECIPE_HELP)
     p.add_argument("--out", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--seeds", type=int, default=1, help="train student-alone and distilled over this many seeds")

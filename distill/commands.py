@@ -100,7 +100,7 @@ def cmd_teacher_infer(args) -> None:
 def cmd_distill(args) -> None:
     name = args.name
     other_stage = name in STAGE_FOLDERS and name != "student_distilled"
-    if not name or other_stage or any(c in name for c in "/\\:") or name.startswith(".") or name.endswith(".resume"):
+    if not name or other_stage or any(c in name for c in "/\\:") or name.startswith(".") or name.endswith((".resume", ".events")):
         raise ConfigError(f"--name {name!r}: must be a plain folder name, not another stage's "
                           f"({', '.join(f for f in STAGE_FOLDERS if f != 'student_distilled')})")
     recipe, run = resolve(args, record=name == "student_distilled")

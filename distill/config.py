@@ -521,11 +521,31 @@ def _read_recipe(path: Path):
     return raw
 
 
+# where recipes are found by name: installed with the package (setup.cfg), or the checkout's recipes/
+RECIPE_DIRS = (Path(__file__).parent / "recipes", Path(__file__).parents[1] / "recipes")
+
+
+def recipe_names() -> list[str]:
+    return sorted({p.stem for d in RECIPE_DIRS if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def find_recipe(path: str | Path) -> Path:
+    """A recipe file, or a recipe shipped with anyo named without folder or suffix (`ml100k`)."""
+    path = Path(path)
+    if path.exists() or path.suffix or len(path.parts) > 1:
+        return path
+    for folder in RECIPE_DIRS:
+        if (folder / f"{path}.yaml").is_file():
+            return folder / f"{path}.yaml"
+    raise ConfigError(f"{path}: no such recipe file, and no recipe of that name ships with anyo "
+                      f"({', '.join(recipe_names())})")
+
+
 def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """Read a recipe file (or the defaults when `path` is None) and apply `--set` overrides."""
+    """Read a recipe file or shipped recipe (or the defaults when `path` is None); apply `--set` overrides."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
+        path = find_recipe(path)
         if not path.is_file():
             raise ConfigError(f"{path}: recipe file not found" if not path.exists() else f"{path}: not a file")
         try:

@@ -80,7 +80,7 @@ def check_folder_target(path: Path, run: Path, option: str, keep: str) -> None:
     if root in target.parents:
         parts = target.relative_to(root).parts
         top = parts[0]
-        if (top in STAGE_FOLDERS and parts != ("report",)) or top.endswith((".resume", ".partial")) \
+        if (top in STAGE_FOLDERS and parts != ("report",)) or top.endswith((".resume", ".partial", ".events")) \
                 or ".resume.broken-" in top:
             raise ConfigError(f"{option} {path}: is inside the run's stage folder {run / top}; choose a new folder")
     if path.exists() and not path.is_dir():

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from distill.events import Events
 from distill.resume import load_optimizer_state, load_resume, optimizer_state, resume_dir, save_resume, set_aside
 
 
@@ -92,6 +93,7 @@ class _Progress:
     best_seen: dict = field(default_factory=dict)  # best value so far of each patience metric
     examples: int = 0
     tokens: int = 0
+    steps: int = 0               # optimiser steps
     train_seconds: float = 0.0
     curve: list[dict] = field(default_factory=list)
 
@@ -115,6 +117,7 @@ class Trainer:
 
     def fit(self) -> FitResult:
         p, best_state = self._load()
+        self.events = Events(self.resume[0] if self.resume is not None else None, resumed=p.epoch > 0)
         for epoch in range(p.epoch + 1, self.cfg.epochs + 1):
             if p.stale >= self.cfg.patience:
                 break
@@ -133,7 +136,9 @@ class Trainer:
             improved = [k for k in self.task.patience_metrics if record[k] > p.best_seen.get(k, -math.inf)]
             p.best_seen.update({k: record[k] for k in improved})
             p.stale = 0 if improved else p.stale + 1
+            self.events.epoch(epoch, p.curve[-1])
             self._save(p, best_state)
+        self.events.close()
         return FitResult(best_state, p.best_epoch, p.best, p.curve, p.train_seconds, p.examples, p.tokens)
 
     def _epoch(self, epoch: int, p: _Progress) -> float:
@@ -148,6 +153,8 @@ class Trainer:
                 self.opt.step()
                 self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
+                p.steps += 1
+                self.events.step(p.steps, out.loss.item(), self.sched.get_last_lr()[0])
             total += out.loss.item()
             p.examples += out.examples
             p.tokens += out.tokens

@@ -338,3 +338,18 @@ def test_verify_without_a_run_says_so_in_one_line(tmp_path, capsys, make):
     assert main(["verify", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(run) in err and "no run to verify" in err
+
+
+def test_training_stages_leave_tensorboard_events(tiny_run):
+    """RUN/STAGE/tb/ holds what TensorBoard reads: loss and learning rate by step, validation by epoch."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run, _ = tiny_run
+    for stage in ("student_alone", "teacher", "student_distilled"):
+        events = EventAccumulator(str(run / stage / "tb"))
+        events.Reload()
+        tags = set(events.Tags()["scalars"])
+        assert {"train/loss", "train/learning_rate", "epoch/valid_NDCG@10", "epoch/examples_per_second"} <= tags
+        curve = json.loads((run / stage / "metrics.json").read_text())["curve"]
+        assert [e.value for e in events.Scalars("epoch/valid_NDCG@10")] == pytest.approx(
+            [c["valid_NDCG@10"] for c in curve])
+        assert not (run / f"{stage}.events").exists()

@@ -7,12 +7,14 @@ from pathlib import Path
 import numpy as np
 
 from distill.artifacts import write_record
+from distill.events import keep_events
 from distill.resume import clear_resume
 
 
 def finish_training(out: Path, record: dict) -> dict:
     ranks = out / "test_ranks.npy"
     record = write_record(out / "metrics.json", record, files=[ranks] if ranks.is_file() else [])
+    keep_events(out)
     clear_resume(out)
     return record
 

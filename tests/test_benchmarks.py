@@ -1,0 +1,107 @@
+"""Every script in benchmarks/ runs on a tiny input, so none rots unseen (the figures they write are the
+benchmark files' business; here each must finish and write its output)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import sets, tiny_recipe_overrides, write_tiny_llama
+
+from distill.cli import main
+
+ROOT = Path(__file__).parents[1]
+SCRIPTS = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
+
+
+def bench(script: str, *args, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)], cwd=cwd,
+                       capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
+                                                            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                                                            "HOME": str(cwd)})
+    assert p.returncode == 0, f"{script}: {p.stderr[-3000:]}"
+    return p
+
+
+@pytest.fixture(scope="module")
+def run(tiny_run, tmp_path_factory):
+    """A copy of the tiny run with its recorded recipe, which a benchmark may add to."""
+    import shutil
+    src, _ = tiny_run
+    dst = tmp_path_factory.mktemp("bench") / "run"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_every_script_is_covered():
+    covered = {"make_synthetic.py", "harness_speed.py", "scale.py", "distill_ablation.py", "teacher_inference.py",
+               "serve_load.py", "student_vs_recbole.py", "seed_claims.py", "recbole_sasrec.py"}
+    assert set(SCRIPTS) == covered, "a new benchmark script needs its smoke test here"
+
+
+def test_make_synthetic(tmp_path):
+    bench("make_synthetic.py", "--interactions", 3000, "--items", 200, "--out", tmp_path / "s.parquet",
+          "--items-out", tmp_path / "items.parquet")
+    assert (tmp_path / "s.parquet").stat().st_size > 0 and (tmp_path / "items.parquet").is_file()
+
+
+def test_harness_speed():
+    p = bench("harness_speed.py", "--queries", 64, "--items", 3000, "--dim", 16, "--repeats", 1)
+    assert p.stdout.strip()
+
+
+def test_scale(tmp_path):
+    out = tmp_path / "scale.md"
+    bench("scale.py", "--prepare", "2e4", "--student", "", "--harness", "", "--cache", "", "--gloo", 0,
+          "--out", out, "--date", "2026-12-01")
+    assert "interactions/s" in out.read_text() and json.loads(out.with_suffix(".json").read_text())["prepare"]
+
+
+def test_distill_ablation(run, tmp_path):
+    out = tmp_path / "ablation.md"
+    bench("distill_ablation.py", "--recipe", run / "recipe.yaml", "--run", run, "--seeds", 1, "--out", out)
+    assert "| student alone |" in out.read_text()
+
+
+def test_teacher_inference(tiny_run, toy_data, tiny_llama):
+    p = bench("teacher_inference.py", ROOT / "recipes" / "ml100k.yaml", "--prompts", 8,
+              *sets(tiny_recipe_overrides(toy_data, tiny_llama)))
+    assert "prompts/s" in p.stdout
+
+
+def test_serve_load(tiny_run, tmp_path):
+    export = tmp_path / "export"
+    assert main(["export", str(tiny_run[0]), "--out", str(export)]) == 0
+    out = tmp_path / "serving.md"
+    bench("serve_load.py", "--export", export, "--split", tiny_run[0] / "split", "--clients", 2, "--seconds", 1,
+          "--max-requests", 40, "--in-process-threads", "1", "--out", out)
+    assert "users/s" in out.read_text()
+
+
+def test_student_vs_recbole(run, tmp_path):
+    curve = tmp_path / "recbole.jsonl"
+    curve.write_text("".join(json.dumps({"epoch": e, "train_seconds": 1.0 * e, "train_loss": 1.0, **{
+        f"{s}_{m}@10": 0.1 * e for s in ("valid", "test") for m in ("hit", "ndcg", "mrr")}}) + "\n" for e in (1, 2)))
+    out = tmp_path / "vs.md"
+    bench("student_vs_recbole.py", "--recipe", run / "recipe.yaml", "--seeds", 0, "--recbole", curve, "--out", out)
+    assert "RecBole" in out.read_text()
+
+
+def test_seed_claims(run, tmp_path):
+    causal = write_tiny_llama(tmp_path / "causal", causal=True)
+    md = tmp_path / "claims.md"
+    tiny = [f"teacher.model={causal}", "llara.examples_per_epoch=16", "llara.batch_size=8", "llara.epochs=1",
+            "llara.valid_users=8", "llara.eval_batch_size=20", "llara.max_history=5"]
+    bench("seed_claims.py", "--run", run, "--out", tmp_path / "models", "--users", 8, "--batch", 4,
+          "--latency-users", 2, "--threads", 1, "--recipe", run / "recipe.yaml", *sets(tiny), "--md", md)
+    assert "generative" in md.read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("recbole") is None or importlib.util.find_spec("thop") is None,
+                    reason="RecBole's own dependencies live in .venv-recbole (benchmarks/recbole_sasrec.py)")
+def test_recbole_sasrec(tmp_path):
+    bench("recbole_sasrec.py", "--budget-min", 0.01, "--out", tmp_path / "curve.jsonl")
