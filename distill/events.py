@@ -2,8 +2,9 @@
 
 While a stage trains they go to RUN/NAME.events/ (beside its resume state, which is rewritten whole every
 epoch); when the stage is complete they move to RUN/NAME/tb/ (`keep_events`). A stage that starts again
-from epoch 1 starts its events afresh; one that resumes appends to them. Open them with `tensorboard --logdir RUN`. They are logs: the sealed
-record of the stage is metrics.json (its `curve` holds the same per-epoch figures).
+from epoch 1 starts its events afresh; one that resumes appends to them. Open them with
+`tensorboard --logdir RUN`. They are logs: the sealed record of the stage is metrics.json (its `curve` holds
+the same per-epoch figures).
 """
 
 from __future__ import annotations
