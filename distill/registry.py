@@ -14,10 +14,13 @@ from typing import Callable, Protocol
 import numpy as np
 
 from distill.data import Histories, Split
+from distill.stages import cf_control
 from distill.stages import distill as distill_stage
 from distill.stages import mostpop as mostpop_stage
 from distill.stages import student as student_stage
 from distill.stages import teacher as teacher_stage
+from distill.teacher_seeds import FOLDER as TEACHERS_FOLDER
+from distill.teacher_seeds import teacher_roots
 
 
 class Retriever(Protocol):
@@ -30,8 +33,10 @@ class ModelEntry:
     name: str                                       # folder name inside RUN (seeds: RUN/seeds/NAME-S)
     label: str                                      # how reports call it
     load: Callable[[Path, Split, str], Retriever]   # (run folder, split, inference backend) -> retriever
-    inputs: Callable[..., dict]                     # (recipe, run, split, seed) -> what its record must hold
+    inputs: Callable[..., dict]                     # (recipe, run, split, seed, root) -> what its record must hold
     seeded: bool = False                            # trained once per seed with `--seeds`
+    per_teacher: bool = False                       # one per teacher seed (`--teacher-seeds`), in its teacher root
+    cost: bool = True                               # its serving cost is measured (not when another row's is its own)
 
 
 def _mostpop(run: Path, split: Split, backend: str) -> Retriever:
@@ -53,37 +58,56 @@ def _teacher(run: Path, split: Split, backend: str) -> Retriever:
     return wrap_backend(model, backend)
 
 
+def _at_run(inputs: Callable[..., dict]) -> Callable[..., dict]:
+    """A stage's inputs(recipe, run, split, seed), which do not depend on the teacher root."""
+    return lambda recipe, run, split, seed, root: inputs(recipe, run, split, seed)
+
+
 MODELS = {e.name: e for e in (
-    ModelEntry("mostpop", "MostPop", _mostpop, mostpop_stage.inputs),
-    ModelEntry("student_alone", "student alone", _student("student_alone"), student_stage.inputs, seeded=True),
-    ModelEntry("teacher", "teacher", _teacher, teacher_stage.inputs),
-    ModelEntry("student_distilled", "distilled student", _student("student_distilled"), distill_stage.inputs,
+    ModelEntry("mostpop", "MostPop", _mostpop, _at_run(mostpop_stage.inputs)),
+    ModelEntry("student_alone", "student alone", _student("student_alone"), _at_run(student_stage.inputs),
                seeded=True),
+    ModelEntry("teacher", "teacher", _teacher, _at_run(teacher_stage.inputs), per_teacher=True),
+    ModelEntry("student_distilled", "distilled student", _student("student_distilled"),
+               lambda recipe, run, split, seed, root: distill_stage.inputs(recipe, run, split, seed,
+                                                                           root / "teacher_cache"),
+               seeded=True, per_teacher=True),
+    ModelEntry(cf_control.NAME, "distilled from the CF model alone", _student(cf_control.NAME),
+               _at_run(cf_control.inputs), seeded=True, cost=False),
 )}
 STAGE_FOLDERS = ("split", "mostpop", "student_alone", "teacher", "teacher_cache", "student_distilled", "report",
-                 "seeds", "llara")
+                 "seeds", "llara", cf_control.CACHE, cf_control.NAME, TEACHERS_FOLDER)
 
 
-def model_dirs(run: Path, name: str) -> list[Path]:
-    """RUN/NAME and its extra seeds RUN/seeds/NAME-S, those that hold a finished model."""
-    dirs = [run / name] + sorted((run / "seeds").glob(f"{name}-*"))
-    return [d for d in dirs if (d / "metrics.json").is_file()]
+def model_folders(run: Path, recipe, name: str) -> list[tuple[Path, int | None, Path]]:
+    """(folder, teacher seed, teacher root) of every folder of the model that exists: RUN/NAME and its
+    extra seeds RUN/seeds/NAME-S, in every teacher root (distill.teacher_seeds) for a model per teacher
+    (teacher seed None for the others)."""
+    entry = MODELS[name]
+    roots = teacher_roots(run, recipe) if entry.per_teacher else [(None, Path(run))]
+    found = []
+    for teacher, root in roots:
+        dirs = [root / name] + (sorted((root / "seeds").glob(f"{name}-*")) if entry.seeded else [])
+        found += [(d, teacher, root) for d in dirs if d.is_dir()]
+    return found
 
 
-def current_records(run: Path, recipe, split: Split, name: str) -> tuple[list[tuple[Path, dict]], list[Path]]:
-    """(folder, metrics record) of each of the model's seeds built from exactly this recipe's inputs, and
-    the folders that are stale (built from other inputs: another recipe, split or upstream model)."""
+def current_records(run: Path, recipe, split: Split, name: str) -> tuple[list[tuple[Path, dict, int | None]],
+                                                                        list[Path]]:
+    """(folder, metrics record, teacher seed) of each of the model's seeds built from exactly this recipe's
+    inputs, and the folders that are stale (built from other inputs: another recipe, split or upstream model)."""
     from distill.artifacts import check_record
     from distill.errors import AnyoError
     entry, current, stale = MODELS[name], [], []
-    for folder in model_dirs(run, name):
+    for folder, teacher, root in model_folders(run, recipe, name):
+        if not (folder / "metrics.json").is_file():
+            continue
         record = check_record(folder / "metrics.json")  # an edited record is an error, never a result
         try:
-            ok = record.get("inputs") == entry.inputs(
-                recipe, run, split, record.get("seed", recipe.seed))
+            ok = record.get("inputs") == entry.inputs(recipe, run, split, record.get("seed", recipe.seed), root)
         except (AnyoError, OSError):  # an upstream artifact is missing
             ok = False
-        (current if ok else stale).append((folder, record) if ok else folder)
+        (current if ok else stale).append((folder, record, teacher) if ok else folder)
     return current, stale
 
 

@@ -55,20 +55,41 @@ def distributed() -> tuple[int, int]:
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
-def score_shard(model: TeacherRetriever, histories: Histories, k: int, batch_size: int, mask_history: bool,
-                index: str, bar) -> dict[str, np.ndarray]:
-    order = np.argsort(model.prompts.lengths(histories), kind="stable")
-    n, D = len(histories), model.out_projector.out_features
-    out = {"query": np.empty((n, D), np.float32), "topk_ids": np.empty((n, k), np.int32),
+def score_shard(teacher, histories: Histories, lengths: np.ndarray, dim: int, k: int, batch_size: int,
+                mask_history: bool, index: str, bar) -> dict[str, np.ndarray]:
+    """Any teacher's outputs (`get_teacher_outputs`) for `histories`, in batches of similar `lengths`."""
+    order = np.argsort(lengths, kind="stable")
+    n = len(histories)
+    out = {"query": np.empty((n, dim), np.float32), "topk_ids": np.empty((n, k), np.int32),
            "topk_scores": np.empty((n, k), np.float32)}
     for lo in range(0, n, batch_size):
         rows = order[lo:lo + batch_size]
-        o = model.get_teacher_outputs(histories.take(rows), k, mask_history, index)
+        o = teacher.get_teacher_outputs(histories.take(rows), k, mask_history, index)
         out["query"][rows] = o.query.numpy()
         out["topk_ids"][rows] = o.topk_ids.numpy()
         out["topk_scores"][rows] = o.topk_scores.numpy()
         bar.update(len(rows))
     return out
+
+
+def score_shards(teacher, lengths_of, dim: int, recipe: Recipe, split: Split, users: np.ndarray, t: np.ndarray,
+                 todo: list[int], staging: Path, meta: dict, desc: str) -> tuple[int, int, float]:
+    """Score shards `todo` of the (user, position) pairs into `staging`; (prompts scored, sum of their
+    lengths (tokens for the LLM), seconds). `lengths_of(histories)` orders each shard into batches."""
+    d = recipe.distill
+    rows_of = lambda i: np.flatnonzero((users >= i * d.shard_users) & (users < (i + 1) * d.shard_users))
+    total = sum(len(rows_of(i)) for i in todo)
+    start, tokens = time.perf_counter(), 0
+    with tqdm(total=total, desc=desc, unit="prompt") as bar:
+        for i in todo:
+            rows = rows_of(i)
+            hist = prefixes(split, users[rows], t[rows])
+            lengths = lengths_of(hist)
+            tokens += int(lengths.sum())
+            scored = score_shard(teacher, hist, lengths, dim, d.k, recipe.teacher.eval_batch_size,
+                                 recipe.eval.mask_history, recipe.eval.index, bar)
+            write_shard(staging / shard_name(i), {"user": users[rows], "position": t[rows], **scored}, meta)
+    return total, tokens, time.perf_counter() - start
 
 
 def pending_shards(staging: Path, shards: list[int], meta: dict) -> list[int]:
@@ -114,18 +135,8 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
     staging = staging_dir(out)
     staging.mkdir(parents=True, exist_ok=True)
     todo = pending_shards(staging, [i for i in range(n_shards) if i % world == rank], meta)
-    rows_of = lambda i: np.flatnonzero((users >= i * d.shard_users) & (users < (i + 1) * d.shard_users))
-    total = sum(len(rows_of(i)) for i in todo)
-    start, tokens = time.perf_counter(), 0
-    with tqdm(total=total, desc=f"teacher infer ({backend}, rank {rank})", unit="prompt") as bar:
-        for i in todo:
-            rows = rows_of(i)
-            hist = prefixes(split, users[rows], t[rows])
-            tokens += int(model.prompts.lengths(hist).sum())
-            scored = score_shard(model, hist, d.k, recipe.teacher.eval_batch_size, recipe.eval.mask_history,
-                                 recipe.eval.index, bar)
-            write_shard(staging / shard_name(i), {"user": users[rows], "position": t[rows], **scored}, meta)
-    seconds = time.perf_counter() - start
+    total, tokens, seconds = score_shards(model, model.prompts.lengths, meta["dim"], recipe, split, users, t, todo,
+                                          staging, meta, f"teacher infer ({backend}, rank {rank})")
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:

@@ -1,4 +1,5 @@
-"""Stage `teacher infer`: the teacher's top-K for every scored position, in RUN/teacher_cache."""
+"""Stage `teacher infer`: the teacher's top-K for every scored position, in RUN/teacher_cache (teacher seed
+T other than the recipe's: RUN/teachers/seed-T/teacher_cache, distill.teacher_seeds)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,15 @@ from distill.cache import cache_key
 from distill.config import Recipe
 from distill.data import Split
 from distill.errors import ArtifactError
+from distill.teacher_seeds import teacher_root
 
 
-def up_to_date(recipe: Recipe, run: Path, split: Split) -> dict | None:
-    """The cache's manifest if it was built from this run's split, teacher and options."""
-    out = run / "teacher_cache"
-    if not (out / "manifest.json").is_file():
+def current_manifest(folder: Path, key: dict) -> dict | None:
+    """The manifest of the cache in `folder` if it is intact and was built from exactly `key`."""
+    if not (folder / "manifest.json").is_file():
         return None
-    key = cache_key(recipe, split, read_record(run / "teacher" / "teacher.json", "checkpoint_hash")["checkpoint_hash"])
     try:
-        manifest = read_json(out / "manifest.json")
+        manifest = read_json(folder / "manifest.json")
     except ArtifactError:  # unreadable: not up to date, inference rebuilds the cache
         return None
     if not isinstance(manifest, dict) or json_digest({k: v for k, v in manifest.items() if k != "manifest_sha256"}) \
@@ -27,14 +27,24 @@ def up_to_date(recipe: Recipe, run: Path, split: Split) -> dict | None:
     return manifest if all(manifest.get(k) == v for k, v in key.items()) else None
 
 
-def run(recipe: Recipe, run: Path, split: Split, merge_only: bool = False) -> dict | None:
+def up_to_date(recipe: Recipe, run: Path, split: Split, teacher_seed: int | None = None) -> dict | None:
+    """The cache's manifest if it was built from this run's split, teacher and options."""
+    root = teacher_root(run, recipe, recipe.seed if teacher_seed is None else teacher_seed)
+    if not (root / "teacher_cache" / "manifest.json").is_file():
+        return None
+    teacher_hash = read_record(root / "teacher" / "teacher.json", "checkpoint_hash")["checkpoint_hash"]
+    return current_manifest(root / "teacher_cache", cache_key(recipe, split, teacher_hash))
+
+
+def run(recipe: Recipe, run: Path, split: Split, merge_only: bool = False, teacher_seed: int | None = None) -> dict | None:
     from teacher.infer import merge, run_inference
     from teacher.model import load_teacher
-    out = run / "teacher_cache"
+    root = teacher_root(run, recipe, recipe.seed if teacher_seed is None else teacher_seed)
+    out = root / "teacher_cache"
     if merge_only:
-        return merge(recipe, split, run / "teacher", out)
-    if (manifest := up_to_date(recipe, run, split)) is not None:
+        return merge(recipe, split, root / "teacher", out)
+    if (manifest := up_to_date(recipe, run, split, teacher_seed)) is not None:
         print(f"teacher cache up to date in {out}")
         return manifest
-    model, meta = load_teacher(run / "teacher", run / "student_alone", split)
+    model, meta = load_teacher(root / "teacher", run / "student_alone", split)
     return run_inference(recipe, split, model, meta["checkpoint_hash"], out, recipe.distill.backend)

@@ -1,4 +1,5 @@
-"""Stage `teacher train`: the LLM retriever in RUN/teacher, on the CF model in RUN/student_alone."""
+"""Stage `teacher train`: the LLM retriever in RUN/teacher (teacher seed T other than the recipe's:
+RUN/teachers/seed-T/teacher, distill.teacher_seeds), on the CF model in RUN/student_alone."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from distill.artifacts import sha256_file
 from distill.config import Recipe
 from distill.data import Split
 from distill.stages.common import finish_training, finished_training
+from distill.teacher_seeds import teacher_root
 
 
 def inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
@@ -19,9 +21,9 @@ def run(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
     from student.model import load_student
     from teacher.train import train_teacher
     cf, _ = load_student(run / "student_alone", split.hash, split.n_items)
-    out = run / "teacher"
+    out = teacher_root(run, recipe, seed) / "teacher"
     wanted = inputs(recipe, run, split, seed)
     if (record := finished_training(out, wanted)) is not None:
-        print(f"teacher up to date in {out}")
+        print(f"teacher (seed {seed}) up to date in {out}")
         return record
     return finish_training(out, train_teacher(recipe, split, cf, out, seed, wanted))

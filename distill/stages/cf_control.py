@@ -1,0 +1,44 @@
+"""Stage `cf control`: the CF-only teacher as a standing control (teacher/cf_only.py).
+
+RUN/cf_teacher_cache is the teacher cache the CF model alone (RUN/student_alone, the model every LLM
+teacher blends with) gives at w = 1: same format, positions and K, built in seconds without the LLM.
+RUN/student_cf_distilled (and RUN/seeds/student_cf_distilled-S) are students distilled from it with the
+recipe's loss, each from the student alone of its seed, exactly as the distilled students are from the
+LLM teacher's cache. The report's `llm_vs_cf_teacher` is the LLM teacher's distilled students minus these:
+what the LLM adds beyond self-distillation from a SASRec.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distill.artifacts import sha256_file
+from distill.config import Recipe
+from distill.data import Split
+from distill.stages import distill as distill_stage
+from distill.stages.infer import current_manifest
+
+CACHE = "cf_teacher_cache"
+NAME = "student_cf_distilled"
+
+
+def build_cache(recipe: Recipe, run: Path, split: Split) -> dict:
+    """RUN/cf_teacher_cache, rebuilt only when the CF model, the split or the cache options changed."""
+    from student.model import load_student
+    from teacher.cf_only import build_cf_cache, cf_cache_key
+    out, cf_sha256 = run / CACHE, sha256_file(run / "student_alone" / "model.safetensors")
+    if (manifest := current_manifest(out, cf_cache_key(recipe, split, cf_sha256))) is not None:
+        print(f"CF-only teacher cache up to date in {out}")
+        return manifest
+    cf, _ = load_student(run / "student_alone", split.hash, split.n_items)
+    return build_cf_cache(recipe, split, cf, cf_sha256, out)
+
+
+def inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
+    return distill_stage.inputs(recipe, run, split, seed, run / CACHE)
+
+
+def run(recipe: Recipe, run: Path, split: Split, seeds: list[int]) -> list[dict]:
+    """The CF-only cache, then one student distilled from it per seed."""
+    build_cache(recipe, run, split)
+    return [distill_stage.run(recipe, run, split, s, NAME, cache_dir=run / CACHE) for s in seeds]
