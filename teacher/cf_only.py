@@ -20,6 +20,7 @@ from distill.data import Histories, Split
 from distill.harness import Exclusions, ItemIndex
 from distill.positions import scored_positions
 from student.model import SASRec
+from teacher.guard import check_validation
 from teacher.infer import pending_shards, score_shards
 from teacher.model import TeacherOutputs
 
@@ -50,8 +51,10 @@ def cf_cache_key(recipe: Recipe, split: Split, cf_sha256: str) -> dict:
     return cache_key(recipe, split, f"cf-only:{cf_sha256}")
 
 
-def build_cf_cache(recipe: Recipe, split: Split, cf: SASRec, cf_sha256: str, out: Path) -> dict:
-    """Write the CF-only cache at `out` (through OUT.partial/, complete shards kept on a rerun)."""
+def build_cf_cache(recipe: Recipe, split: Split, cf: SASRec, cf_sha256: str, out: Path,
+                   recorded_valid: float | None = None) -> dict:
+    """Write the CF-only cache at `out` (through OUT.partial/, complete shards kept on a rerun); its
+    validation rows must give the CF model's `recorded_valid` NDCG@10 (guard.check_validation)."""
     d = recipe.distill
     teacher = CFOnlyTeacher(cf, recipe.teacher.temperature)
     users, t = scored_positions(split, d.positions)
@@ -62,8 +65,10 @@ def build_cf_cache(recipe: Recipe, split: Split, cf: SASRec, cf_sha256: str, out
     todo = pending_shards(staging, list(range(n_shards)), meta)
     total, _, seconds = score_shards(teacher, lambda h: h.lengths, teacher.dim, recipe, split, users, t, todo,
                                      staging, meta, "CF-only teacher cache")
-    manifest = complete_cache(staging, out, n_shards, meta, teacher.item_vectors(), {
-        "teacher": {"kind": "cf-only", "cf_weight": 1.0},
+    items = teacher.item_vectors()
+    valid = check_validation(staging, n_shards, split, items, recipe, recorded_valid, "the CF model")
+    manifest = complete_cache(staging, out, n_shards, meta, items, {
+        "teacher": {"kind": "cf-only", "cf_weight": 1.0}, "valid_check": valid,
         "guard": {"checked": False, "reason": "the CF model alone: no LLM, nothing to compare"}})
     print(f"CF-only teacher cache: {total} queries in {seconds:.1f}s at {out}")
     return manifest

@@ -28,24 +28,36 @@ from teacher.model import TeacherRetriever
 
 
 def wrap_backend(model: TeacherRetriever, backend: str) -> TeacherRetriever:
-    """Put the decoder behind `deepspeed.init_inference` (or leave it as transformers runs it)."""
+    """Put the decoder behind `deepspeed.init_inference` (or leave it as transformers runs it). Whether
+    DeepSpeed's fused kernels were injected, and why not, is left in `model.kernel_injection` (the guard
+    records it)."""
     if backend == "hf":
+        model.kernel_injection = {"used": False, "why": "plain transformers: no DeepSpeed"}
         return model
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     on_gpu = get_accelerator().device_name() == "cuda"
     dtype = next(model.backbone.parameters()).dtype
-    inject = False
-    if on_gpu and model.gate is None:
+    inject = on_gpu and model.gate is None
+    if inject:
         # plain LoRA can be merged into the weights, which lets DeepSpeed inject its fused kernels
         model.backbone = model.backbone.merge_and_unload()
-        inject = True
     engine = deepspeed.init_inference(model.backbone, dtype=dtype, replace_with_kernel_inject=inject)
     model.backbone = engine
     if on_gpu:
         model.to(get_accelerator().device_name())
+    model.kernel_injection = {"used": inject, "why": "fused kernels injected (plain LoRA merged into the weights)"
+                              if inject else NO_INJECTION["cpu" if not on_gpu else "moe"]}
     return model
+
+
+NO_INJECTION = {
+    "cpu": "not exercised: DeepSpeed kernel injection needs a GPU; on CPU init_inference runs the same "
+           "transformers modules, so the guard compares like with like",
+    "moe": "not exercised: the MoE-LoRA gate mixes each prompt's experts inside the LoRA layers, which fused "
+           "kernels would replace (only plain LoRA can be merged first); init_inference runs the transformers modules",
+}
 
 
 def distributed() -> tuple[int, int]:
@@ -107,8 +119,9 @@ def pending_shards(staging: Path, shards: list[int], meta: dict) -> list[int]:
 
 
 def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher_hash: str, out: Path,
-                  backend: str) -> dict | None:
-    """Score this rank's shards into OUT.partial/; rank 0 completes it and puts it at `out`, replacing
+                  backend: str, recorded_valid: float | None = None) -> dict | None:
+    """Score this rank's shards into OUT.partial/; rank 0 checks the validation rows against the teacher's
+    `recorded_valid` NDCG@10 (guard.check_validation), completes the cache and puts it at `out`, replacing
     an older cache only then. Returns the manifest (rank 0)."""
     d = recipe.distill
     if d.k > split.n_items:
@@ -122,11 +135,16 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
     model = model.eval()
     dtype = guard.backbone_dtype(model)
     if guard.needs_guard(backend, dtype):  # checked before anything is written, the staging folder included
-        sample = guard.sample(split, users, t, d.guard_samples)
-        ref = guard.reference(model, sample, recipe.teacher.eval_batch_size)
+        sample = guard.sample(split, users, t, model.prompts.lengths, d.guard_samples)
+        k = min(max(guard.TOP_K), split.n_items)
+        scored = lambda m: guard.outputs(m, sample, recipe.teacher.eval_batch_size, k, recipe.eval.mask_history,
+                                         recipe.eval.index)
+        ref = guard.reference(model, sample, recipe.teacher.eval_batch_size, k, recipe.eval.mask_history,
+                              recipe.eval.index)
         model = wrap_backend(model, backend)
-        checked = guard.compare(model.encode(sample, recipe.teacher.eval_batch_size), ref, backend, dtype,
-                                d.guard_tolerance)
+        checked = guard.compare(scored(model), ref, backend, dtype, d, model.kernel_injection)
+        if not model.kernel_injection["used"]:
+            print(f"teacher infer: DeepSpeed kernel injection {model.kernel_injection['why']}")
     else:
         model = wrap_backend(model, backend)
         checked = guard.unchecked(backend, dtype)
@@ -141,7 +159,9 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
         torch.distributed.barrier()
     if rank != 0:
         return None
-    manifest = complete_cache(staging, out, n_shards, meta, model.item_vectors(), {"guard": checked})
+    items = model.item_vectors()
+    valid = guard.check_validation(staging, n_shards, split, items, recipe, recorded_valid, "the teacher")
+    manifest = complete_cache(staging, out, n_shards, meta, items, {"guard": checked, "valid_check": valid})
     rate = total / seconds if total and seconds > 0 else float("nan")
     print(f"teacher cache: {sum(s['rows'] for s in manifest['shards'])} queries in {n_shards} shards at {out}; "
           f"scored {total} prompts in {seconds:.0f}s ({rate:.1f} prompts/s, "

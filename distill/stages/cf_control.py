@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.artifacts import sha256_file
+from distill.artifacts import read_json, sha256_file
 from distill.config import Recipe
 from distill.data import Split
 from distill.stages import distill as distill_stage
@@ -31,7 +31,8 @@ def build_cache(recipe: Recipe, run: Path, split: Split) -> dict:
         print(f"CF-only teacher cache up to date in {out}")
         return manifest
     cf, _ = load_student(run / "student_alone", split.hash, split.n_items)
-    return build_cf_cache(recipe, split, cf, cf_sha256, out)
+    recorded = read_json(run / "student_alone" / "metrics.json")["valid_metrics"]["NDCG@10"]
+    return build_cf_cache(recipe, split, cf, cf_sha256, out, recorded)
 
 
 def inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:

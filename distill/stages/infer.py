@@ -47,4 +47,5 @@ def run(recipe: Recipe, run: Path, split: Split, merge_only: bool = False, teach
         print(f"teacher cache up to date in {out}")
         return manifest
     model, meta = load_teacher(root / "teacher", run / "student_alone", split)
-    return run_inference(recipe, split, model, meta["checkpoint_hash"], out, recipe.distill.backend)
+    recorded = read_json(root / "teacher" / "metrics.json")["valid_metrics"]["NDCG@10"]
+    return run_inference(recipe, split, model, meta["checkpoint_hash"], out, recipe.distill.backend, recorded)
