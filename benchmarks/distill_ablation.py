@@ -7,8 +7,10 @@ off, on at --add-weight) in turn, on a finished run.
 
 For each seed, trains `anyo distill --set distill.TERM_weight=0 --name ablation-no-TERM` for
 each term with a non-zero weight (same teacher cache, same warm start), plus a control
-with every teacher term off ("own loss only": the same extra epochs without the teacher),
-and one run `--name ablation-with-TERM` for each term the recipe leaves at weight 0, then
+with every teacher term off ("own loss only": the same extra epochs without the teacher), the
+control "distilled from the CF model alone" (the recipe's loss on the w = 1 cache of the CF model,
+distill/stages/cf_control.py: what distillation gives without the LLM), and one run
+`--name ablation-with-TERM` for each term the recipe leaves at weight 0, then
 tabulates validation NDCG@10 (what a choice between rows may read) and test metrics (mean and
 standard deviation over seeds) next to the full distilled student and the student alone, with
 each row minus the student alone on per-user test NDCG@10 and its two-level bootstrap CI.
@@ -24,10 +26,10 @@ import numpy as np
 
 from distill.artifacts import read_json
 from distill.config import load_recipe
+from distill.stages import cf_control, prepare
 from distill.stages import distill as distill_stage
-from distill.stages import prepare
-from distill.runs import model_dir
-from distill.stats import ndcg_per_user, seed_bootstrap
+from distill.runs import CF_DISTILLED, model_dir
+from distill.stats import levels, ndcg_per_user, nested_bootstrap
 
 TERMS = ("kd", "pairwise", "ird", "align", "ced")  # ced: student/embedding_distillation.py
 KEYS = ("HR@10", "NDCG@10", "MRR@10")
@@ -61,13 +63,16 @@ def main() -> None:
         "distilled (the recipe's terms)": [distill_stage.run(recipe, args.run, split, s)
                                            | {"folder": model_dir(args.run, "student_distilled", s, recipe)}
                                            for s in seeds]}
+    rows["distilled from the CF model alone (w = 1 cache, no LLM)"] = [
+        r | {"folder": model_dir(args.run, CF_DISTILLED, s, recipe)}
+        for s, r in zip(seeds, cf_control.run(recipe, args.run, split, seeds))]
     for label, (name, sets) in variants.items():
         off = load_recipe(args.recipe, sets)
         rows[label] = [distill_stage.run(off, args.run, split, s, name=name) | {"folder": model_dir(args.run, name, s, off)}
                        for s in seeds]
 
-    def per_user(records: list[dict]) -> np.ndarray:  # (seeds, users)
-        return np.stack([ndcg_per_user(np.load(r["folder"] / "test_ranks.npy")) for r in records])
+    def per_user(records: list[dict]) -> dict:  # {None: {seed: per-user NDCG@10}}: paired by seed id
+        return levels((None, r["seed"], ndcg_per_user(np.load(r["folder"] / "test_ranks.npy"))) for r in records)
 
     alone = per_user(rows["student alone"])
     lines = ["# Distillation ablation (MovieLens-100K, this machine)", "", "```",
@@ -83,7 +88,7 @@ def main() -> None:
                  for k in KEYS]
         diff = ""
         if label != "student alone":
-            c = seed_bootstrap(per_user(records), alone)
+            c = nested_bootstrap(per_user(records), alone)
             diff = f"{c['mean_diff']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
         valid = np.mean([r["valid_metrics"]["NDCG@10"] for r in records])
         lines.append(f"| {label} | {valid:.4f} | " + " | ".join(cells) + f" | {diff} |")

@@ -62,11 +62,18 @@ def _stage_commands(sub) -> None:
     p.add_argument("--positions", type=int, default=None, help="last P training positions per user")
     p.add_argument("--k", type=int, default=None, help="top-K items kept per query")
     p.add_argument("--merge", action="store_true", help="only complete the manifest from existing shards")
+    p.add_argument("--teacher-seed", type=int, default=None,
+                   help="the teacher trained with this seed (default: the recipe's; others live in RUN/teachers/seed-T)")
 
     p = sub.add_parser("distill", help="train the student from the teacher cache into RUN/student_distilled")
     _recipe_args(p, seed=True)
     p.add_argument("--name", default="student_distilled",
                    help="output folder inside RUN (e.g. one per ablation); default student_distilled")
+    p.add_argument("--teacher-seed", type=int, default=None,
+                   help="distil from the cache of the teacher trained with this seed (default: the recipe's)")
+    p.add_argument("--cf-teacher", action="store_true",
+                   help="distil from the CF model alone (a w = 1 cache, RUN/cf_teacher_cache, built if missing) "
+                        "into RUN/student_cf_distilled (or --name): the control without the LLM")
 
     baseline = sub.add_parser("baseline", help="baselines beside the teacher").add_subparsers(dest="action",
                                                                                                 required=True)
@@ -90,6 +97,9 @@ def _run_commands(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--seeds", type=int, default=1, help="train student-alone and distilled over this many seeds")
+    p.add_argument("--teacher-seeds", type=int, default=1,
+                   help="train this many teachers (seeds recipe.seed, +1, ...), each with its cache and its "
+                        "distilled students (RUN/teachers/seed-T for all but the first)")
 
 
 def _serving_commands(sub) -> None:
@@ -114,10 +124,12 @@ def _serving_commands(sub) -> None:
 
 def _check_args(args) -> None:
     """Command-line numbers the recipe does not check (the others become `--set` overrides)."""
-    if getattr(args, "seeds", None) is not None and args.seeds < 1:
-        raise ConfigError(f"--seeds: must be >= 1, got {args.seeds}")
-    if getattr(args, "seed", None) is not None and not 0 <= args.seed <= SEED_MAX:
-        raise ConfigError(f"--seed: must be in [0, {SEED_MAX}], got {args.seed}")
+    for flag in ("seeds", "teacher_seeds"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
+    for flag in ("seed", "teacher_seed"):
+        if getattr(args, flag, None) is not None and not 0 <= getattr(args, flag) <= SEED_MAX:
+            raise ConfigError(f"--{flag.replace('_', '-')}: must be in [0, {SEED_MAX}], got {getattr(args, flag)}")
 
 
 def handler(args):

@@ -19,8 +19,9 @@ from distill.config import Recipe, load_recipe
 from distill.data import load_split
 from distill.errors import AnyoError, ConfigError
 from distill.harness import evaluate
-from distill.runs import STAGE_FOLDERS, STAGE_MARKERS, check_file_target, check_folder_target, check_run_folder
-from distill.stages import common
+from distill.runs import (CF_CACHE, CF_DISTILLED, STAGE_FOLDERS, STAGE_MARKERS, check_file_target, check_folder_target,
+                          check_run_folder, current_records, teacher_root)
+from distill.stages import cf_control, common
 from distill.stages import distill as distill_stage
 from distill.stages import infer, llara, mostpop, pipeline, prepare, report, student, teacher
 
@@ -93,7 +94,7 @@ def cmd_teacher_train(args) -> None:
 @records_recipe
 def cmd_teacher_infer(args) -> None:
     recipe, run = resolve(args)
-    infer.run(recipe, run, prepare.run(recipe, run), merge_only=args.merge)
+    infer.run(recipe, run, prepare.run(recipe, run), merge_only=args.merge, teacher_seed=args.teacher_seed)
 
 
 @records_recipe
@@ -103,16 +104,25 @@ def cmd_distill(args) -> None:
     if not name or other_stage or any(c in name for c in "/\\:") or name.startswith(".") or name.endswith((".resume", ".events")):
         raise ConfigError(f"--name {name!r}: must be a plain folder name, not another stage's "
                           f"({', '.join(f for f in STAGE_FOLDERS if f != 'student_distilled')})")
+    if args.cf_teacher and args.teacher_seed is not None:
+        raise ConfigError("--cf-teacher: distils from the CF model alone; it takes no --teacher-seed")
     recipe, run = resolve(args, record=name == "student_distilled")
     split = prepare.run(recipe, run)
-    record = distill_stage.run(recipe, run, split, seed_of(args, recipe), name)
+    if args.cf_teacher:
+        cf_control.build_cache(recipe, run, split)
+        cache = run / CF_CACHE
+        name = CF_DISTILLED if name == "student_distilled" else name
+    else:
+        cache = teacher_root(run, recipe, recipe.seed if args.teacher_seed is None else args.teacher_seed) \
+            / "teacher_cache"
+    record = distill_stage.run(recipe, run, split, seed_of(args, recipe), name, cache_dir=cache)
     common.print_table({"distilled student": common.table_row(record)})
 
 
 @records_recipe
 def cmd_run(args) -> None:
     recipe, run = resolve(args)
-    pipeline.run(recipe, run, prepare.run(recipe, run), args.seeds)
+    pipeline.run(recipe, run, prepare.run(recipe, run), args.seeds, args.teacher_seeds)
 
 
 def cmd_bench(args) -> None:
@@ -124,7 +134,18 @@ def cmd_bench(args) -> None:
                          ["bench.measure_cost=false"] if args.no_cost else [])
     out = Path(args.out) if args.out else run / "report"
     check_folder_target(out, run, "--out", keep="report.json")
+    build_cf_control(recipe, run)
     report.run(recipe, run, out)
+
+
+def build_cf_control(recipe: Recipe, run: Path) -> None:
+    """The CF-only control for every student-alone seed the run holds, when it is missing or stale
+    (a run made before the control existed gets it here: seconds for the cache, one short distillation
+    per seed)."""
+    split = load_split(run / "split")
+    seeds = sorted(r.get("seed", recipe.seed) for _, r, _ in current_records(run, recipe, split, "student_alone")[0])
+    if seeds:
+        cf_control.run(recipe, run, split, seeds)
 
 
 def cmd_evaluate(args) -> None:

@@ -262,9 +262,14 @@ class DistillConfig(_Section):
     guard_samples: int = _help("Prompts scored both by the inference backend and by the hf float32 reference "
                                "before a cache is written with any other backend or dtype (teacher/guard.py).", 64,
                                min=1)
-    guard_tolerance: typing.Optional[float] = _help("Largest relative query difference the guard accepts; unset = "
-                                                    "by dtype (float32 1e-4, bfloat16 2e-2, float16 1e-2).", None,
-                                                    gt=0.0)
+    guard_tolerance: typing.Optional[float] = _help("Largest relative difference of the LLM part of a query "
+                                                    "(q_LLM, before the blend) the guard accepts; unset = by dtype "
+                                                    "(float32 1e-4, bfloat16 2e-2, float16 1e-2).", None, gt=0.0)
+    guard_top10_identical: float = _help("Least fraction of the guard's sampled prompts whose ordered top-10 "
+                                         "(the cache's ranking) must be identical to the reference's.", 0.95,
+                                         min=0.0, max=1.0)
+    guard_top50_overlap: float = _help("Least mean overlap of the top-50 sets (|backend & reference| / 50) over "
+                                       "the guard's sampled prompts.", 0.99, min=0.0, max=1.0)
     warm_start: bool = _help("Start the distilled student from the student-alone checkpoint of the same seed.", False)
     epochs: typing.Optional[int] = _help("Maximum epochs of the distilled training; unset = student.epochs.", None,
                                          min=1)

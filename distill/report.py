@@ -6,7 +6,9 @@ machine, for each model: parameters, checkpoint size, peak RSS while serving,
 latency per user at batch 1 (p50/p95, search included, loading excluded), a
 throughput sweep over batch sizes on the same users for every model, and FLOPs per
 user from each model's shapes (distill.serving). Comparisons of per-user NDCG@10 use
-a two-level bootstrap over seeds and users (distill.stats).
+a three-level bootstrap over teachers, student seeds and users (distill.stats), seeds paired by id;
+`llm_vs_cf_teacher` sets the LLM teacher's distilled students against those of the CF-only control
+(distill.stages.cf_control). Models are keyed by their name in distill.runs.MODELS and shown by label.
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ from distill.config import Recipe
 from distill.data import Split, load_split
 from distill.harness import BUCKET_NAMES
 from distill.plots import plot_report
-from distill.runs import MODELS, current_records, llara_inputs
+from distill.runs import CF_DISTILLED, MODELS, current_records, llara_inputs
 from distill.serving import measure_costs
-from distill.stats import mean_ci, ndcg_per_user, seed_bootstrap
+from distill.stats import levels, mean_ci, ndcg_per_user, nested_bootstrap
 
 HEADLINE = ("HR@1", "HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20", "MRR@10", "Coverage@10", "ARP@10")
 
 
 def collect_quality(run: Path, recipe: Recipe, split: Split) -> dict:
-    """Per model (by name, as in distill.runs.MODELS): mean/std metrics over its current seeds, curves, per-user test NDCG@10
-    (seed-averaged); seeds built from other inputs are left out and listed as stale."""
+    """Per model (by name): mean/std metrics over its current seeds (and teachers), curves, per-user test
+    NDCG@10 keyed by (teacher seed, student seed) for the bootstrap (distill.stats.levels); seeds built
+    from other inputs are left out and listed as stale."""
     models, per_user, missing, stale = {}, {}, [], []
     for name, entry in MODELS.items():
         found, old = current_records(run, recipe, split, name)
@@ -39,7 +42,7 @@ def collect_quality(run: Path, recipe: Recipe, split: Split) -> dict:
         if not found:
             missing.append(name)
             continue
-        dirs, records = [d for d, _ in found], [r for _, r in found]
+        dirs, records = [d for d, _, _ in found], [r for _, r, _ in found]
         keys = list(records[0]["metrics"])
         metrics = {k: float(np.mean([r["metrics"][k] for r in records])) for k in keys}
         metrics["HR@1(candidates)"] = float(np.mean([r["candidates"]["HR@1"] for r in records]))
@@ -50,13 +53,34 @@ def collect_quality(run: Path, recipe: Recipe, split: Split) -> dict:
                                    k: float(np.mean([r["by_popularity"][b][k] for r in records]))
                                    for k in ("HR@10", "NDCG@10")}} for b in buckets},
                                "dirs": [str(d) for d in dirs], "curves": [r["curve"] for r in records if "curve" in r]}
-        ranks = [np.load(d / "test_ranks.npy", allow_pickle=False) for d in dirs if (d / "test_ranks.npy").is_file()]
-        if ranks:
-            per_user[name] = np.stack([ndcg_per_user(r) for r in ranks])          # (seeds, users)
-            models[name]["NDCG@10_ci95"] = mean_ci(per_user[name].mean(axis=0))
+        if entry.per_teacher:
+            teachers = sorted({t for _, _, t in found})
+            models[name]["teachers"] = len(teachers)
+            models[name]["NDCG@10_by_teacher"] = {str(t): float(np.mean(
+                [r["metrics"]["NDCG@10"] for _, r, tt in found if tt == t])) for t in teachers}
+        rows = [(t if entry.per_teacher else None, r.get("seed") if entry.seeded else None,
+                 ndcg_per_user(np.load(d / "test_ranks.npy", allow_pickle=False)))
+                for d, r, t in found if (d / "test_ranks.npy").is_file()]
+        if rows:
+            per_user[name] = levels(rows)
+            models[name]["NDCG@10_ci95"] = mean_ci(np.mean([v for _, _, v in rows], axis=0))
     if (generative := generative_row(run, recipe, split)) is not None:
         models["llara"] = generative
     return {"models": models, "per_user": per_user, "missing": missing, "stale": stale}
+
+
+COMPARISONS = {  # key: (A, B), A minus B on per-user test NDCG@10
+    "distilled_vs_alone": ("student_distilled", "student_alone"),
+    "distilled_vs_teacher": ("student_distilled", "teacher"),
+    "llm_vs_cf_teacher": ("student_distilled", CF_DISTILLED),
+    "cf_teacher_vs_alone": (CF_DISTILLED, "student_alone"),
+}
+
+
+def comparisons(per_user: dict) -> dict:
+    """Each comparison whose two models the run holds, with its three-level bootstrap (distill.stats)."""
+    return {key: {"a": a, "b": b, "NDCG@10": nested_bootstrap(per_user[a], per_user[b])}
+            for key, (a, b) in COMPARISONS.items() if a in per_user and b in per_user}
 
 
 def generative_row(run: Path, recipe: Recipe, split: Split) -> dict | None:
@@ -82,15 +106,12 @@ def write_report(run: Path, recipe: Recipe, out: Path, inputs: dict) -> dict:
     q = collect_quality(run, recipe, split)
     models = q["models"]
     if recipe.bench.measure_cost:
-        costs = measure_costs(run, split, [name for name in models if name in MODELS], recipe.bench)
+        costs = measure_costs(run, split, [name for name in models if name in MODELS and MODELS[name].cost],
+                              recipe.bench)
         for name, m in models.items():
             m.update(costs.get(name, {}))
-    comparisons = {}
-    for other, key in (("student_alone", "distilled_vs_alone"), ("teacher", "distilled_vs_teacher")):
-        if "student_distilled" in q["per_user"] and other in q["per_user"]:
-            comparisons[key] = {"NDCG@10": seed_bootstrap(q["per_user"]["student_distilled"], q["per_user"][other])}
     report = {"split_hash": split.hash, "dataset": Path(split.manifest["inputs"]["inter"]).stem, "machine": machine(),
-              "models": models, "comparisons": comparisons, "cost_ratios": cost_ratios(models),
+              "models": models, "comparisons": comparisons(q["per_user"]), "cost_ratios": cost_ratios(models),
               "missing": q["missing"], "stale": q["stale"], "inputs": inputs}
     with atomic_dir(out) as tmp:
         (tmp / "report.md").write_text(markdown(report))
@@ -126,12 +147,42 @@ def _count(v) -> str:
     return "–" if v is None else f"{v:,.0f}"
 
 
+def seed_label(p: dict) -> str:
+    """t1/s3: teacher seed 1, student seed 3 (either left out when the model has no such level)."""
+    return "/".join(f"{k[0]}{p[k]}" for k in ("teacher", "seed") if p[k] is not None) or "-"
+
+
+def comparison_lines(comps: dict) -> list[str]:
+    """One paragraph per comparison, then the LLM's own share of the distilled student's gain."""
+    lines = []
+    for key, c in comps.items():
+        d = c["NDCG@10"]
+        levels_used = "teachers, student seeds and users" if d["ci_method"] == "teachers+seeds+users" \
+            else "student seeds and users"
+        seeds = ", ".join(f"{seed_label(p)} {p['diff']:+.4f}" for p in d["per_seed"])
+        teachers = "" if len(d["per_teacher"]) < 2 else "; per teacher: " + ", ".join(
+            f"t{p['teacher']} {p['diff']:+.4f}" for p in d["per_teacher"])
+        lines.append(f"\n{key} ({MODELS[c['a']].label} minus {MODELS[c['b']].label}): "
+                     f"NDCG@10 difference {d['mean_diff']:+.4f}, 95% CI "
+                     f"[{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] (bootstrap over {levels_used}; "
+                     f"{d['teachers'][0]} x {d['seeds'][0]} against {d['teachers'][1]} x {d['seeds'][1]} "
+                     f"(teachers x seeds); per seed: {seeds}{teachers})")
+    if "distilled_vs_alone" in comps and "llm_vs_cf_teacher" in comps:
+        gain = comps["distilled_vs_alone"]["NDCG@10"]["mean_diff"]
+        llm = comps["llm_vs_cf_teacher"]["NDCG@10"]["mean_diff"]
+        share = f" ({llm / gain:.0%} of it)" if gain > 0 else ""
+        lines.append(f"\nThe LLM's own share: of the distilled student's gain over the student alone ({gain:+.4f}), "
+                     f"the LLM teacher adds {llm:+.4f}{share} over the CF-only teacher; the rest is "
+                     "self-distillation from the CF model, which needs no LLM.")
+    return lines
+
+
 def markdown(report: dict) -> str:
     lines = [f"# anyo report (split {report['split_hash']}, {report['machine']})", "",
              "Test split, full ranking over the whole catalogue, history masked; "
              "HR@1(cand) is the LLaRA 20-candidate protocol.", ""]
     cols = ["HR@10", "NDCG@10", "MRR@10", "HR@1(candidates)", "Coverage@10", "ValidRatio"]
-    lines.append("| model | seeds | " + " | ".join(cols) + " | params | peak RSS (MiB) | latency p50 (ms) | users/s |")
+    lines.append("| model | models trained | " + " | ".join(cols) + " | params | peak RSS (MiB) | latency p50 (ms) | users/s |")
     lines.append("|---" * (len(cols) + 6) + "|")
     for m in report["models"].values():
         q = ["n/a" if "full_ranking" in m and c not in m["metrics"] else _fmt(m["metrics"].get(c), m["metrics_std"].get(c))
@@ -139,13 +190,9 @@ def markdown(report: dict) -> str:
         rss = m.get("peak_rss_bytes")
         cost = [_count(m.get("params")), _count(None if rss is None else rss / 2**20),
                 _fmt(m.get("latency_ms", {}).get("p50")), _count(m.get("throughput_users_per_s"))]
-        lines.append(f"| {m['label']} | {m['seeds']} | " + " | ".join(q + cost) + " |")
-    for key, c in report["comparisons"].items():
-        d = c["NDCG@10"]
-        seeds = ", ".join(f"{x:+.4f}" for x in d["per_seed"])
-        lines.append(f"\n{key}: NDCG@10 difference {d['mean_diff']:+.4f}, 95% CI [{d['ci95'][0]:+.4f}, "
-                     f"{d['ci95'][1]:+.4f}] (two-level bootstrap over seeds and users, {d['seeds'][0]} vs "
-                     f"{d['seeds'][1]} seeds; per seed: {seeds})")
+        seeds = f"{m['teachers']} teachers, {m['seeds']}" if m.get("teachers", 1) > 1 else m["seeds"]
+        lines.append(f"| {m['label']} | {seeds} | " + " | ".join(q + cost) + " |")
+    lines += comparison_lines(report["comparisons"])
     swept = {n: m for n, m in report["models"].items() if "throughput_by_batch" in m}
     if swept:
         batches = list(next(iter(swept.values()))["throughput_by_batch"])

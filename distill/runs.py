@@ -9,7 +9,12 @@
     RUN/student_distilled/ student trained from the cache            anyo distill
     RUN/report/            teacher vs student                        anyo bench
     RUN/llara/             the LLaRA-style generative baseline       anyo baseline llara
+    RUN/cf_teacher_cache/  the CF model alone as a teacher (w = 1)   the control, built by anyo run / bench
+    RUN/student_cf_distilled/  a student distilled from it           anyo distill --cf-teacher
     RUN/seeds/NAME-S/      the other seeds of a seeded model (`--seeds`)
+    RUN/teachers/seed-T/   teacher/, teacher_cache/, student_distilled/, seeds/ of teacher seed T other than
+                           the recipe's (`--teacher-seeds`); every teacher reads RUN/student_alone, every
+                           distilled student starts from the student alone of its own seed
 
 Every stage's artifact records `inputs`, the hashes it was built from; it is up to date when the record is
 intact and its inputs equal what this module computes now. The stages, the report, `anyo verify` and
@@ -23,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
+import re
+
 import numpy as np
 
 from distill.artifacts import check_record, json_digest, read_json, read_record, sha256_file
@@ -33,11 +40,15 @@ from distill.data import Histories, Split
 from distill.errors import AnyoError, ArtifactError, ConfigError
 from distill.resume import clear_resume
 from student.model import load_student
+from teacher.cf_only import cf_cache_key
 from teacher.infer import wrap_backend
 from teacher.model import load_teacher
 
+CF_CACHE = "cf_teacher_cache"        # the CF-only control: the CF model alone as a teacher
+CF_DISTILLED = "student_cf_distilled"
+TEACHERS = "teachers"                # RUN/teachers/seed-T: the teachers of seeds other than the recipe's
 STAGE_FOLDERS = ("split", "mostpop", "student_alone", "teacher", "teacher_cache", "student_distilled", "report",
-                 "seeds", "llara")
+                 "seeds", "llara", CF_CACHE, CF_DISTILLED, TEACHERS)
 STAGE_MARKERS = ("manifest.json", "metrics.json", "teacher.json", "config.json", "report.json", "recipe.yaml")
 
 
@@ -53,10 +64,27 @@ def model_dir(run: Path, name: str, seed: int, recipe: Recipe) -> Path:
     return run / name if seed == recipe.seed else run / "seeds" / f"{name}-{seed}"
 
 
-def model_dirs(run: Path, name: str) -> list[Path]:
-    """RUN/NAME and its extra seeds RUN/seeds/NAME-S, those that hold a finished model."""
-    dirs = [run / name] + sorted((run / "seeds").glob(f"{name}-*"))
-    return [d for d in dirs if (d / "metrics.json").is_file()]
+_TEACHER_SEED = re.compile(r"seed-(\d+)")
+
+
+def teacher_root(run: Path, recipe: Recipe, seed: int) -> Path:
+    """The folder holding teacher/, teacher_cache/ and the distilled students of teacher seed `seed`."""
+    return Path(run) if seed == recipe.seed else Path(run) / TEACHERS / f"seed-{seed}"
+
+
+def teacher_roots(run: Path, recipe: Recipe) -> list[tuple[int, Path]]:
+    """(teacher seed, root) of every teacher root the run holds, the recipe's seed first, then by seed; a
+    folder's teacher seed is read from its name, never from its order."""
+    others = []
+    for p in (Path(run) / TEACHERS).glob("seed-*"):
+        if (m := _TEACHER_SEED.fullmatch(p.name)) and p.is_dir() and int(m.group(1)) != recipe.seed:
+            others.append((int(m.group(1)), p))
+    return [(recipe.seed, Path(run))] + sorted(others)
+
+
+def teacher_seed_list(recipe: Recipe, n: int) -> list[int]:
+    """The seeds of `--teacher-seeds n`: the recipe's seed, then the next n - 1 (as `--seeds`)."""
+    return [recipe.seed + i for i in range(n)]
 
 
 def _holds_artifacts(folder: Path) -> bool:
@@ -114,9 +142,11 @@ def teacher_inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
             "seed": seed, "cf_sha256": sha256_file(run / "student_alone" / "model.safetensors")}
 
 
-def distill_inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
+def distill_inputs(recipe: Recipe, run: Path, split: Split, seed: int, cache: Path | None = None) -> dict:
+    """A student distilled from `cache` (default RUN/teacher_cache), starting from its seed's student alone."""
+    cache = run / "teacher_cache" if cache is None else cache
     wanted = {"split_hash": split.hash, "recipe": recipe.section_hash("data", "student", "distill", "eval"),
-              "seed": seed, "cache_sha256": sha256_file(run / "teacher_cache" / "manifest.json")}
+              "seed": seed, "cache_sha256": sha256_file(cache / "manifest.json")}
     if recipe.distill.warm_start:
         wanted["init_sha256"] = sha256_file(model_dir(run, "student_alone", seed, recipe) / "model.safetensors")
     return wanted
@@ -159,20 +189,33 @@ def finished_training(out: Path, inputs: dict) -> dict | None:
     return record
 
 
-def cache_up_to_date(recipe: Recipe, run: Path, split: Split) -> dict | None:
-    """The cache's manifest if it is intact and was built from this run's split, teacher and options."""
-    out = run / "teacher_cache"
-    if not (out / "manifest.json").is_file():
+def current_manifest(folder: Path, key: dict) -> dict | None:
+    """The manifest of the cache in `folder` if it is intact and was built from exactly `key`."""
+    if not (folder / "manifest.json").is_file():
         return None
-    key = cache_key(recipe, split, read_record(run / "teacher" / "teacher.json", "checkpoint_hash")["checkpoint_hash"])
     try:
-        manifest = read_json(out / "manifest.json")
+        manifest = read_json(folder / "manifest.json")
     except ArtifactError:  # unreadable: not up to date, inference rebuilds the cache
         return None
     if not isinstance(manifest, dict) or json_digest({k: v for k, v in manifest.items() if k != "manifest_sha256"}) \
             != manifest.get("manifest_sha256"):
         return None
     return manifest if all(manifest.get(k) == v for k, v in key.items()) else None
+
+
+def cache_up_to_date(recipe: Recipe, run: Path, split: Split, teacher_seed: int | None = None) -> dict | None:
+    """The teacher cache's manifest if it was built from this run's split, that teacher and the options."""
+    root = teacher_root(run, recipe, recipe.seed if teacher_seed is None else teacher_seed)
+    if not (root / "teacher_cache" / "manifest.json").is_file():
+        return None
+    teacher_hash = read_record(root / "teacher" / "teacher.json", "checkpoint_hash")["checkpoint_hash"]
+    return current_manifest(root / "teacher_cache", cache_key(recipe, split, teacher_hash))
+
+
+def cf_cache_up_to_date(recipe: Recipe, run: Path, split: Split) -> dict | None:
+    """The CF-only control's cache manifest if it was built from this run's CF model, split and options."""
+    cf_sha256 = sha256_file(run / "student_alone" / "model.safetensors")
+    return current_manifest(run / CF_CACHE, cf_cache_key(recipe, split, cf_sha256))
 
 
 # ---------------------------------------------------------------- the models a run holds
@@ -182,8 +225,10 @@ class ModelEntry:
     name: str                                       # folder name inside RUN (seeds: RUN/seeds/NAME-S)
     label: str                                      # how reports call it
     load: Callable[[Path, Split, str], Retriever]   # (run folder, split, inference backend) -> retriever
-    inputs: Callable[..., dict]                     # (recipe, run, split, seed) -> what its record must hold
+    inputs: Callable[..., dict]                     # (recipe, run, split, seed, root) -> what its record must hold
     seeded: bool = False                            # trained once per seed with `--seeds`
+    per_teacher: bool = False                       # one per teacher seed (`--teacher-seeds`), in its teacher root
+    cost: bool = True                               # its serving cost is measured (not when another row's is its own)
     exportable: bool = False                        # a SASRec `anyo export` can serve
 
 
@@ -202,27 +247,52 @@ def _teacher(run: Path, split: Split, backend: str) -> Retriever:
     return wrap_backend(model, backend)
 
 
+def _at_run(inputs: Callable[..., dict]) -> Callable[..., dict]:
+    """A stage's inputs(recipe, run, split, seed), which do not depend on the teacher root."""
+    return lambda recipe, run, split, seed, root: inputs(recipe, run, split, seed)
+
+
 MODELS = {e.name: e for e in (
-    ModelEntry("mostpop", "MostPop", _mostpop, mostpop_inputs),
-    ModelEntry("student_alone", "student alone", _student("student_alone"), student_inputs, seeded=True,
+    ModelEntry("mostpop", "MostPop", _mostpop, _at_run(mostpop_inputs)),
+    ModelEntry("student_alone", "student alone", _student("student_alone"), _at_run(student_inputs), seeded=True,
                exportable=True),
-    ModelEntry("teacher", "teacher", _teacher, teacher_inputs),
-    ModelEntry("student_distilled", "distilled student", _student("student_distilled"), distill_inputs,
-               seeded=True, exportable=True),
+    ModelEntry("teacher", "teacher", _teacher, _at_run(teacher_inputs), per_teacher=True),
+    ModelEntry("student_distilled", "distilled student", _student("student_distilled"),
+               lambda recipe, run, split, seed, root: distill_inputs(recipe, run, split, seed, root / "teacher_cache"),
+               seeded=True, per_teacher=True, exportable=True),
+    ModelEntry(CF_DISTILLED, "distilled from the CF model alone", _student(CF_DISTILLED),
+               lambda recipe, run, split, seed, root: distill_inputs(recipe, run, split, seed, run / CF_CACHE),
+               seeded=True, cost=False),
 )}
 
 
-def current_records(run: Path, recipe: Recipe, split: Split, name: str) -> tuple[list[tuple[Path, dict]], list[Path]]:
-    """(folder, metrics record) of each of the model's seeds built from exactly this recipe's inputs, and
-    the folders that are stale (built from other inputs: another recipe, split or upstream model)."""
+def model_folders(run: Path, recipe: Recipe, name: str) -> list[tuple[Path, int | None, Path]]:
+    """(folder, teacher seed, teacher root) of every folder of the model that exists: RUN/NAME and its
+    extra seeds RUN/seeds/NAME-S, in every teacher root for a model per teacher (teacher seed None for
+    the others)."""
+    entry = MODELS[name]
+    roots = teacher_roots(run, recipe) if entry.per_teacher else [(None, Path(run))]
+    found = []
+    for teacher, root in roots:
+        dirs = [root / name] + (sorted((root / "seeds").glob(f"{name}-*")) if entry.seeded else [])
+        found += [(d, teacher, root) for d in dirs if d.is_dir()]
+    return found
+
+
+def current_records(run: Path, recipe: Recipe, split: Split, name: str) -> tuple[list[tuple[Path, dict, int | None]],
+                                                                                 list[Path]]:
+    """(folder, metrics record, teacher seed) of each of the model's seeds built from exactly this recipe's
+    inputs, and the folders that are stale (built from other inputs: another recipe, split or upstream model)."""
     entry, current, stale = MODELS[name], [], []
-    for folder in model_dirs(run, name):
+    for folder, teacher, root in model_folders(run, recipe, name):
+        if not (folder / "metrics.json").is_file():
+            continue
         record = check_record(folder / "metrics.json")  # an edited record is an error, never a result
         try:
-            ok = record.get("inputs") == entry.inputs(recipe, run, split, record.get("seed", recipe.seed))
+            ok = record.get("inputs") == entry.inputs(recipe, run, split, record.get("seed", recipe.seed), root)
         except (AnyoError, OSError):  # an upstream artifact is missing
             ok = False
-        (current if ok else stale).append((folder, record) if ok else folder)
+        (current if ok else stale).append((folder, record, teacher) if ok else folder)
     return current, stale
 
 

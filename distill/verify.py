@@ -19,7 +19,8 @@ from distill.cache import TeacherCache
 from distill.config import load_recipe
 from distill.data import load_split
 from distill.errors import ConfigError, StaleError
-from distill.runs import MODELS, cache_up_to_date, llara_inputs, report_inputs
+from distill.runs import (CF_CACHE, MODELS, cache_up_to_date, cf_cache_up_to_date, llara_inputs, model_folders,
+                          report_inputs, teacher_roots)
 from student.model import load_student
 from teacher.model import check_teacher
 
@@ -52,15 +53,14 @@ def _record(folder: Path, split) -> dict:
 def _model_rows(run: Path, recipe, split) -> list[Row]:
     rows = []
     for name, entry in MODELS.items():
-        folders = [run / name] + (sorted((run / "seeds").glob(f"{name}-*")) if entry.seeded else [])
-        for folder in (f for f in folders if f.is_dir()):
-            def check(folder=folder, entry=entry, name=name):
+        for folder, _, root in model_folders(run, recipe, name):
+            def check(folder=folder, entry=entry, name=name, root=root):
                 record = _record(folder, split)
                 if name == "teacher":
                     check_teacher(folder, run / "student_alone", split.hash)
                 elif name != "mostpop":
                     load_student(folder, split.hash, split.n_items)
-                if record.get("inputs") != entry.inputs(recipe, run, split, record.get("seed", recipe.seed)):
+                if record.get("inputs") != entry.inputs(recipe, run, split, record.get("seed", recipe.seed), root):
                     raise StaleError(f"{folder / 'metrics.json'}: built from other inputs than the run's recipe "
                                      f"and upstream artifacts")
                 return f"test NDCG@10 {record['metrics']['NDCG@10']:.4f}"
@@ -78,13 +78,19 @@ def _generative_row(run: Path, recipe, split) -> Row:
     return _check("llara", check)
 
 
-def _cache_row(run: Path, recipe, split) -> Row:
-    def check():
-        cache = TeacherCache(run / "teacher_cache", split.hash, split.n_items)
-        if cache_up_to_date(recipe, run, split) is None:
+def _cache_rows(run: Path, recipe, split) -> list[Row]:
+    """Every teacher seed's cache and the CF-only control's: intact, and built from this run's inputs."""
+    def check(folder: Path, current):
+        cache = TeacherCache(folder, split.hash, split.n_items)
+        if current() is None:
             raise StaleError("cache built from another teacher or other distill options than the run's")
         return f"{len(cache)} queries, K={cache.k}"
-    return _check("teacher_cache", check)
+
+    caches = [(root / "teacher_cache", lambda t=t: cache_up_to_date(recipe, run, split, t)) for t, root in
+              teacher_roots(run, recipe)]
+    caches.append((run / CF_CACHE, lambda: cf_cache_up_to_date(recipe, run, split)))
+    return [_check(str(folder.relative_to(run)), lambda folder=folder, current=current: check(folder, current))
+            for folder, current in caches if folder.is_dir()]
 
 
 def _report_row(run: Path, recipe) -> Row:
@@ -116,13 +122,16 @@ def verify_run(run: Path) -> list[Row]:
     rows += _model_rows(run, recipe, split)
     if (run / "llara").is_dir():
         rows.append(_generative_row(run, recipe, split))
-    if (run / "teacher_cache").is_dir():
-        rows.append(_cache_row(run, recipe, split))
+    rows += _cache_rows(run, recipe, split)
     if (run / "report").is_dir():
         rows.append(_report_row(run, recipe))
-    for leftover in sorted(run.glob("*.resume")) + sorted(run.glob("seeds/*.resume")) + sorted(run.glob("*.partial")):
+    roots = ["", "teachers/seed-*/"]
+    leftovers = [p for r in roots for pattern in ("*.resume", "seeds/*.resume", "*.partial")
+                 for p in sorted(run.glob(r + pattern))]
+    for leftover in leftovers:
         rows.append((str(leftover.relative_to(run)), "incomplete", "interrupted; rerun the command to finish it"))
-    for broken in sorted(run.glob("*.resume.broken-*")) + sorted(run.glob("seeds/*.resume.broken-*")):
+    for broken in [p for r in roots for pattern in ("*.resume.broken-*", "seeds/*.resume.broken-*")
+                   for p in sorted(run.glob(r + pattern))]:
         rows.append((str(broken.relative_to(run)), "corrupt", "an unreadable resume state a rerun set aside: delete it"))
     return rows
 

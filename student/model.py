@@ -122,7 +122,7 @@ class SASRec(nn.Module):
             self.item_emb.weight.copy_(self.item_table)
             self.item_prior = None
 
-    # ------------------------------------------------ the retriever protocol (distill.registry)
+    # ------------------------------------------------ the retriever protocol (distill.runs)
     @torch.inference_mode()
     def encode(self, histories: Histories, batch_size: int = 1024) -> np.ndarray:
         """(n, d) float32 user vectors from the last max_len items of each history."""

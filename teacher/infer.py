@@ -28,24 +28,36 @@ from teacher.model import TeacherRetriever
 
 
 def wrap_backend(model: TeacherRetriever, backend: str) -> TeacherRetriever:
-    """Put the decoder behind `deepspeed.init_inference` (or leave it as transformers runs it)."""
+    """Put the decoder behind `deepspeed.init_inference` (or leave it as transformers runs it). Whether
+    DeepSpeed's fused kernels were injected, and why not, is left in `model.kernel_injection` (the guard
+    records it)."""
     if backend == "hf":
+        model.kernel_injection = {"used": False, "why": "plain transformers: no DeepSpeed"}
         return model
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     on_gpu = get_accelerator().device_name() == "cuda"
     dtype = next(model.backbone.parameters()).dtype
-    inject = False
-    if on_gpu and model.gate is None:
+    inject = on_gpu and model.gate is None
+    if inject:
         # plain LoRA can be merged into the weights, which lets DeepSpeed inject its fused kernels
         model.backbone = model.backbone.merge_and_unload()
-        inject = True
     engine = deepspeed.init_inference(model.backbone, dtype=dtype, replace_with_kernel_inject=inject)
     model.backbone = engine
     if on_gpu:
         model.to(get_accelerator().device_name())
+    model.kernel_injection = {"used": inject, "why": "fused kernels injected (plain LoRA merged into the weights)"
+                              if inject else NO_INJECTION["cpu" if not on_gpu else "moe"]}
     return model
+
+
+NO_INJECTION = {
+    "cpu": "not exercised: DeepSpeed kernel injection needs a GPU; on CPU init_inference runs the same "
+           "transformers modules, so the guard compares like with like",
+    "moe": "not exercised: the MoE-LoRA gate mixes each prompt's experts inside the LoRA layers, which fused "
+           "kernels would replace (only plain LoRA can be merged first); init_inference runs the transformers modules",
+}
 
 
 def distributed() -> tuple[int, int]:
@@ -55,20 +67,41 @@ def distributed() -> tuple[int, int]:
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
-def score_shard(model: TeacherRetriever, histories: Histories, k: int, batch_size: int, mask_history: bool,
-                index: str, bar) -> dict[str, np.ndarray]:
-    order = np.argsort(model.prompts.lengths(histories), kind="stable")
-    n, D = len(histories), model.out_projector.out_features
-    out = {"query": np.empty((n, D), np.float32), "topk_ids": np.empty((n, k), np.int32),
+def score_shard(teacher, histories: Histories, lengths: np.ndarray, dim: int, k: int, batch_size: int,
+                mask_history: bool, index: str, bar) -> dict[str, np.ndarray]:
+    """Any teacher's outputs (`get_teacher_outputs`) for `histories`, in batches of similar `lengths`."""
+    order = np.argsort(lengths, kind="stable")
+    n = len(histories)
+    out = {"query": np.empty((n, dim), np.float32), "topk_ids": np.empty((n, k), np.int32),
            "topk_scores": np.empty((n, k), np.float32)}
     for lo in range(0, n, batch_size):
         rows = order[lo:lo + batch_size]
-        o = model.get_teacher_outputs(histories.take(rows), k, mask_history, index)
+        o = teacher.get_teacher_outputs(histories.take(rows), k, mask_history, index)
         out["query"][rows] = o.query.numpy()
         out["topk_ids"][rows] = o.topk_ids.numpy()
         out["topk_scores"][rows] = o.topk_scores.numpy()
         bar.update(len(rows))
     return out
+
+
+def score_shards(teacher, lengths_of, dim: int, recipe: Recipe, split: Split, users: np.ndarray, t: np.ndarray,
+                 todo: list[int], staging: Path, meta: dict, desc: str) -> tuple[int, int, float]:
+    """Score shards `todo` of the (user, position) pairs into `staging`; (prompts scored, sum of their
+    lengths (tokens for the LLM), seconds). `lengths_of(histories)` orders each shard into batches."""
+    d = recipe.distill
+    rows_of = lambda i: np.flatnonzero((users >= i * d.shard_users) & (users < (i + 1) * d.shard_users))
+    total = sum(len(rows_of(i)) for i in todo)
+    start, tokens = time.perf_counter(), 0
+    with tqdm(total=total, desc=desc, unit="prompt") as bar:
+        for i in todo:
+            rows = rows_of(i)
+            hist = prefixes(split, users[rows], t[rows])
+            lengths = lengths_of(hist)
+            tokens += int(lengths.sum())
+            scored = score_shard(teacher, hist, lengths, dim, d.k, recipe.teacher.eval_batch_size,
+                                 recipe.eval.mask_history, recipe.eval.index, bar)
+            write_shard(staging / shard_name(i), {"user": users[rows], "position": t[rows], **scored}, meta)
+    return total, tokens, time.perf_counter() - start
 
 
 def pending_shards(staging: Path, shards: list[int], meta: dict) -> list[int]:
@@ -86,8 +119,9 @@ def pending_shards(staging: Path, shards: list[int], meta: dict) -> list[int]:
 
 
 def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher_hash: str, out: Path,
-                  backend: str) -> dict | None:
-    """Score this rank's shards into OUT.partial/; rank 0 completes it and puts it at `out`, replacing
+                  backend: str, recorded_valid: float | None = None) -> dict | None:
+    """Score this rank's shards into OUT.partial/; rank 0 checks the validation rows against the teacher's
+    `recorded_valid` NDCG@10 (guard.check_validation), completes the cache and puts it at `out`, replacing
     an older cache only then. Returns the manifest (rank 0)."""
     d = recipe.distill
     if d.k > split.n_items:
@@ -101,11 +135,16 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
     model = model.eval()
     dtype = guard.backbone_dtype(model)
     if guard.needs_guard(backend, dtype):  # checked before anything is written, the staging folder included
-        sample = guard.sample(split, users, t, d.guard_samples)
-        ref = guard.reference(model, sample, recipe.teacher.eval_batch_size)
+        sample = guard.sample(split, users, t, model.prompts.lengths, d.guard_samples)
+        k = min(max(guard.TOP_K), split.n_items)
+        scored = lambda m: guard.outputs(m, sample, recipe.teacher.eval_batch_size, k, recipe.eval.mask_history,
+                                         recipe.eval.index)
+        ref = guard.reference(model, sample, recipe.teacher.eval_batch_size, k, recipe.eval.mask_history,
+                              recipe.eval.index)
         model = wrap_backend(model, backend)
-        checked = guard.compare(model.encode(sample, recipe.teacher.eval_batch_size), ref, backend, dtype,
-                                d.guard_tolerance)
+        checked = guard.compare(scored(model), ref, backend, dtype, d, model.kernel_injection)
+        if not model.kernel_injection["used"]:
+            print(f"teacher infer: DeepSpeed kernel injection {model.kernel_injection['why']}")
     else:
         model = wrap_backend(model, backend)
         checked = guard.unchecked(backend, dtype)
@@ -114,23 +153,15 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
     staging = staging_dir(out)
     staging.mkdir(parents=True, exist_ok=True)
     todo = pending_shards(staging, [i for i in range(n_shards) if i % world == rank], meta)
-    rows_of = lambda i: np.flatnonzero((users >= i * d.shard_users) & (users < (i + 1) * d.shard_users))
-    total = sum(len(rows_of(i)) for i in todo)
-    start, tokens = time.perf_counter(), 0
-    with tqdm(total=total, desc=f"teacher infer ({backend}, rank {rank})", unit="prompt") as bar:
-        for i in todo:
-            rows = rows_of(i)
-            hist = prefixes(split, users[rows], t[rows])
-            tokens += int(model.prompts.lengths(hist).sum())
-            scored = score_shard(model, hist, d.k, recipe.teacher.eval_batch_size, recipe.eval.mask_history,
-                                 recipe.eval.index, bar)
-            write_shard(staging / shard_name(i), {"user": users[rows], "position": t[rows], **scored}, meta)
-    seconds = time.perf_counter() - start
+    total, tokens, seconds = score_shards(model, model.prompts.lengths, meta["dim"], recipe, split, users, t, todo,
+                                          staging, meta, f"teacher infer ({backend}, rank {rank})")
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
         return None
-    manifest = complete_cache(staging, out, n_shards, meta, model.item_vectors(), {"guard": checked})
+    items = model.item_vectors()
+    valid = guard.check_validation(staging, n_shards, split, items, recipe, recorded_valid, "the teacher")
+    manifest = complete_cache(staging, out, n_shards, meta, items, {"guard": checked, "valid_check": valid})
     rate = total / seconds if total and seconds > 0 else float("nan")
     print(f"teacher cache: {sum(s['rows'] for s in manifest['shards'])} queries in {n_shards} shards at {out}; "
           f"scored {total} prompts in {seconds:.0f}s ({rate:.1f} prompts/s, "

@@ -129,7 +129,7 @@ class TeacherRetriever(nn.Module):
         cf_hist = torch.from_numpy(histories.padded(self.cf.cfg.max_len))
         return self(self.prompts(histories, padding_side), cf_hist, blend)
 
-    # ------------------------------------------------ the retriever protocol (distill.registry)
+    # ------------------------------------------------ the retriever protocol (distill.runs)
     @torch.inference_mode()
     def encode(self, histories: Histories, batch_size: int | None = None, desc: str | None = None,
                blend: bool = True) -> np.ndarray:

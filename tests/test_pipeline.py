@@ -56,7 +56,7 @@ def test_rerun_skips_every_stage(tiny_run, capsys):
     capsys.readouterr()
     assert main(["run", RECIPE, "--out", str(run)] + sets(overrides)) == 0
     out = capsys.readouterr().out
-    for stage in ("split up to date", "student alone (seed 0) up to date", "teacher up to date",
+    for stage in ("split up to date", "student alone (seed 0) up to date", "teacher (seed 0) up to date",
                   "teacher cache up to date", "distilled student (seed 0) up to date", "report up to date"):
         assert stage in out
     assert before == {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
@@ -75,7 +75,8 @@ def test_report_schema(tiny_run):
                 "peak_rss_bytes", "latency_ms", "throughput_users_per_s"} <= set(m)
         assert set(m["latency_ms"]) == {"p50", "p95", "users"}
     assert set(r["models"]["teacher"]["backends"]) == {"hf"}  # the tiny recipe's bench.teacher_backends
-    for m in r["models"].values():                   # every model on the same users, the teacher included
+    assert "latency_ms" not in r["models"]["student_cf_distilled"]   # the distilled student's cost
+    for m in (m for m in r["models"].values() if "latency_ms" in m):   # every model on the same users
         assert m["latency_ms"]["users"] == 20 and m["users"] == 40 and set(m["throughput_by_batch"]) == {"1", "32"}
         assert m["throughput_users_per_s"] == max(m["throughput_by_batch"].values())
     flops = {n: r["models"][n]["flops_per_user"] for n in ("mostpop", "student_alone", "teacher")}
@@ -84,7 +85,7 @@ def test_report_schema(tiny_run):
     for name in ("student_alone", "teacher", "student_distilled"):   # the curves the report draws
         curve = r["models"][name]["curves"][0]
         assert {"epoch", "train_loss", "valid_NDCG@10", "examples_per_second"} <= set(curve[0])
-    for key in ("distilled_vs_alone", "distilled_vs_teacher"):
+    for key in ("distilled_vs_alone", "distilled_vs_teacher", "llm_vs_cf_teacher", "cf_teacher_vs_alone"):
         ci = r["comparisons"][key]["NDCG@10"]
         assert ci["ci95"][0] <= ci["mean_diff"] <= ci["ci95"][1] and ci["ci_method"] == "seeds+users"
         assert len(ci["per_seed"]) == 1
@@ -276,21 +277,23 @@ def test_report_and_verify_leave_out_seeds_built_from_another_recipe(tiny_run, t
 
 
 def test_two_level_bootstrap_includes_the_seed_spread():
-    from distill.stats import paired_bootstrap, seed_bootstrap
+    from distill.stats import nested_bootstrap, paired_bootstrap
+    by_seed = lambda x: {None: dict(enumerate(x))}                     # (seeds, n) -> one teacher's seeds
     rng = np.random.default_rng(1)
     n, seeds, shift = 3000, 5, 0.01
     b = rng.random((seeds, n))
     offsets = np.array([-0.03, -0.01, 0.0, 0.02, 0.04])                 # seed-to-seed spread of A - B
     a = b + shift + offsets[:, None] + rng.normal(0, 0.01, (seeds, n))
-    two = seed_bootstrap(a, b)
+    two = nested_bootstrap(by_seed(a), by_seed(b))
     users_only = paired_bootstrap(a.mean(axis=0), b.mean(axis=0))
     width = lambda c: c["ci95"][1] - c["ci95"][0]
     assert width(two) > 3 * width(users_only)
     assert two["ci95"][0] < shift + offsets.mean() < two["ci95"][1]
-    assert two["per_seed"] == pytest.approx((shift + offsets).tolist(), abs=0.002)
+    assert [p["diff"] for p in two["per_seed"]] == pytest.approx((shift + offsets).tolist(), abs=0.002)
     assert two["mean_diff"] == pytest.approx(users_only["mean_diff"])
-    single = seed_bootstrap(a, b[:1])                                   # B with one seed: unpaired
+    single = nested_bootstrap(by_seed(a), by_seed(b[:1]))                # B with one seed: unpaired
     assert len(single["per_seed"]) == seeds and single["seeds"] == [seeds, 1]
+    assert two["ci_method"] == "seeds+users"
 
 
 def test_merge_completes_the_cache_from_its_shards(tiny_run, tmp_path):

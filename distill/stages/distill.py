@@ -1,4 +1,9 @@
-"""Stage `distill`: the student trained from the teacher cache, in RUN/student_distilled (or RUN/NAME)."""
+"""Stage `distill`: the student trained from a teacher cache, in RUN/student_distilled (or RUN/NAME).
+
+The cache is RUN/teacher_cache by default; a student distilled from another cache (another teacher seed's,
+RUN/teachers/seed-T/teacher_cache, or the CF-only control's, RUN/cf_teacher_cache) is written beside it:
+CACHE_PARENT/NAME, its extra seeds CACHE_PARENT/seeds/NAME-S. It always starts from the student alone of its
+own seed (RUN/student_alone, RUN/seeds/student_alone-S)."""
 
 from __future__ import annotations
 
@@ -45,13 +50,15 @@ def cache_lookup(cache: TeacherCache, k: int):
     return lookup
 
 
-def run(recipe: Recipe, run: Path, split: Split, seed: int, name: str = "student_distilled") -> dict:
+def run(recipe: Recipe, run: Path, split: Split, seed: int, name: str = "student_distilled",
+        cache_dir: Path | None = None) -> dict:
     d = recipe.distill
-    cache = TeacherCache(run / "teacher_cache", split.hash, split.n_items)
+    cache_dir = run / "teacher_cache" if cache_dir is None else cache_dir
+    cache = TeacherCache(cache_dir, split.hash, split.n_items)
     if d.k > cache.k:
         raise ConfigError(f"distill.k: {d.k} is larger than the cache's K = {cache.k} ({cache.folder})")
-    out = model_dir(run, name, seed, recipe)
-    wanted = distill_inputs(recipe, run, split, seed)
+    out = model_dir(cache_dir.parent, name, seed, recipe)
+    wanted = distill_inputs(recipe, run, split, seed, cache_dir)
     if (record := finished_training(out, wanted)) is not None:
         print(f"distilled student (seed {seed}) up to date in {out}")
         return record

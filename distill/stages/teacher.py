@@ -1,4 +1,5 @@
-"""Stage `teacher train`: the LLM retriever in RUN/teacher, on the CF model in RUN/student_alone."""
+"""Stage `teacher train`: the LLM retriever in RUN/teacher (teacher seed T other than the recipe's:
+RUN/teachers/seed-T/teacher, distill.runs.teacher_root), on the CF model in RUN/student_alone."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 from distill.config import Recipe
 from distill.data import Split
-from distill.runs import finished_training, teacher_inputs
+from distill.runs import finished_training, teacher_inputs, teacher_root
 from distill.stages.common import finish_training
 from student.model import load_student
 from teacher.train import train_teacher
@@ -14,9 +15,9 @@ from teacher.train import train_teacher
 
 def run(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
     cf, _ = load_student(run / "student_alone", split.hash, split.n_items)
-    out = run / "teacher"
+    out = teacher_root(run, recipe, seed) / "teacher"
     wanted = teacher_inputs(recipe, run, split, seed)
     if (record := finished_training(out, wanted)) is not None:
-        print(f"teacher up to date in {out}")
+        print(f"teacher (seed {seed}) up to date in {out}")
         return record
     return finish_training(out, train_teacher(recipe, split, cf, out, seed, wanted))
