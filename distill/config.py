@@ -143,6 +143,10 @@ class ColumnsConfig(_Section):
                       "for RecBole files (file order then).", "timestamp", nonempty=True)
     title: str = _help("Column of data.items holding the title (parquet, csv, jsonl; RecBole files use "
                        "data.title_field).", "title", nonempty=True)
+    text: typing.Optional[list] = _help("Columns of the item file that follow the title in each item's text (what "
+                                        "the teacher's text item side reads, teacher.item_side), e.g. [release_year, "
+                                        "class]; unset = every column of the item file besides the item and the "
+                                        "title; [] = the title alone.", None, items=str)
 
 
 @dataclass
@@ -162,7 +166,12 @@ class DataConfig(_Section):
                                               None, nonempty=True)
     max_len: int = _help("Longest history a model reads (older items are cut).", 50, min=2)
     min_interactions: int = _help("k-core filter on users and items; 0 disables it.", 0, min=0)
-    seed: int = _help("Seed for the 19 negatives of the candidate protocol.", 2024, min=0, max=SEED_MAX)
+    seed: int = _help("Seed for the 19 negatives of the candidate protocol (and of the cold items).", 2024, min=0,
+                      max=SEED_MAX)
+    cold_items: float = _help("Fraction of the catalogue made cold, drawn with data.seed: their training interactions "
+                              "are removed (validation and test keep them as targets), recorded in the split and its "
+                              "hash; every model's metrics.json then scores them under `cold`. 0 = off.", 0.0,
+                              min=0.0, lt=1.0)
 
     def check(self):
         if self.format == "recbole":

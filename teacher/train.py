@@ -137,7 +137,8 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
     results = evaluate_model(split, lambda stage: task.valid if stage == "valid" else test, items, recipe.eval)
     alone = {stage: evaluate(split, q, items, stage, ev.ks, ev.mask_history, index=ev.index)
              for stage, q in llm.items()}
-    llm_alone = {**{stage: r.metrics for stage, r in alone.items()}, "by_popularity": alone["test"].by_popularity}
+    llm_alone = {**{stage: r.metrics for stage, r in alone.items()}, "by_popularity": alone["test"].by_popularity,
+                 "cold": alone["test"].cold}
     digest = save_teacher(model, out, {"split_hash": split.hash, "seed": seed, "inputs": inputs})
     from distill.artifacts import save_array
     save_array(out / "test_ranks.npy", results["test"].ranks)
