@@ -58,7 +58,7 @@ def distributed() -> tuple[int, int]:
 def score_shard(model: TeacherRetriever, histories: Histories, k: int, batch_size: int, mask_history: bool,
                 index: str, bar) -> dict[str, np.ndarray]:
     order = np.argsort(model.prompts.lengths(histories), kind="stable")
-    n, D = len(histories), model.out_projector.out_features
+    n, D = len(histories), model.query_dim
     out = {"query": np.empty((n, D), np.float32), "topk_ids": np.empty((n, k), np.int32),
            "topk_scores": np.empty((n, k), np.float32)}
     for lo in range(0, n, batch_size):
@@ -109,7 +109,7 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
     else:
         model = wrap_backend(model, backend)
         checked = guard.unchecked(backend, dtype)
-    meta = {**cache_key(recipe, split, teacher_hash), "dim": model.out_projector.out_features}
+    meta = {**cache_key(recipe, split, teacher_hash), "dim": model.query_dim}
     n_shards = -(-split.n_users // d.shard_users)
     staging = staging_dir(out)
     staging.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,8 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
         torch.distributed.barrier()
     if rank != 0:
         return None
-    manifest = complete_cache(staging, out, n_shards, meta, model.item_vectors(), {"guard": checked})
+    manifest = complete_cache(staging, out, n_shards, meta, model.item_vectors(),
+                              {"guard": checked, "item_parts": model.item_parts()})
     rate = total / seconds if total and seconds > 0 else float("nan")
     print(f"teacher cache: {sum(s['rows'] for s in manifest['shards'])} queries in {n_shards} shards at {out}; "
           f"scored {total} prompts in {seconds:.0f}s ({rate:.1f} prompts/s, "
@@ -156,6 +157,7 @@ def merge(recipe: Recipe, split: Split, teacher_dir: Path, out: Path) -> dict:
     if any(m != first for m in metas.values()):
         raise StaleError(f"{staging}: shards were built with different options")
     items = load_file(str(teacher_dir / "heads.safetensors"))["item_vectors"]
+    parts = read_record(teacher_dir / "teacher.json", "item_parts")["item_parts"]
     return complete_cache(staging, out, -(-split.n_users // recipe.distill.shard_users), first, items,
                           {"guard": {"checked": None, "reason": "merged from shards written by separate jobs; "
-                                     "each job's guard ran before it wrote its shards"}})
+                                     "each job's guard ran before it wrote its shards"}, "item_parts": parts})

@@ -120,7 +120,7 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
     Resumable after every epoch (see distill.trainer)."""
     c = recipe.teacher
     torch.manual_seed(seed)
-    model = build_teacher(c, cf, split.titles)
+    model = build_teacher(c, cf, split.titles, texts=split.texts)
     task = TeacherTask(model, split, recipe)
     cfg = TrainerConfig(epochs=c.epochs, patience=c.patience, lr=c.lr, weight_decay=c.weight_decay,
                         schedule="cosine", warmup_ratio=c.warmup_ratio, grad_accum=c.grad_accum)
