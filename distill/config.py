@@ -228,7 +228,7 @@ class TeacherConfig(_Section):
     item_side: str = _help("What an item's vector is made of: `cf` (the CF item table), `text` (its text alone: the "
                            "frozen backbone's mean states of the item text, data.columns.text, through a trained "
                            "head; the LLM's query scores only that part, so a cold item is found through its text) "
-                           "or `both` (the LLM's query scores the CF row and the text part, whose head starts at 0). "
+                           "or `both` (the LLM's query scores the CF row and the text part; the text head starts at 0). "
                            "With text the vectors are [CF ; text] and the CF query scores only the CF part, so at "
                            "w = 1 the blend is the CF retriever exactly (teacher/item_text.py).", "cf",
                            choices=("cf", "text", "both"))

@@ -4,7 +4,7 @@ An item never seen in training has a student row that only ever received "not th
 teacher's text vector t_i (teacher/item_text.py) says what the item is. A ridge regression fitted on the
 items seen in training maps the teacher's text space onto the student's item space,
 
-    W* = argmin_W  sum_{i seen} |e_i - W t_i|^2 + lam |W|^2          (d, D_T)
+    W* = argmin_W  sum_{i seen} |e_i - W t_i|^2 + lam |W|^2          (d, D_T), lam small (stability only)
 
 and each cold row starts at W* t_i: where the student puts items whose text reads like it.
 """
@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 
-def ridge_map(teacher_items: np.ndarray, student_items: np.ndarray, rows: np.ndarray, lam: float = 1.0) -> np.ndarray:
-    """(N+1, d) every item's teacher vector mapped by the ridge regression fitted on `rows` (the seen items)."""
+def ridge_map(teacher_items: np.ndarray, student_items: np.ndarray, rows: np.ndarray, lam: float = 0.01) -> np.ndarray:
+    """(N+1, d) every item's teacher vector mapped by the ridge regression fitted on `rows` (the seen items);
+    `lam` is relative to the mean diagonal of x^T x, so it means the same for every teacher."""
     t = np.asarray(teacher_items, dtype=np.float64)                                  # (N+1, D_T)
-    scale = np.linalg.norm(t[rows], axis=1).mean() or 1.0                            # lam means the same per teacher
-    t = t / scale
     x, y = t[rows], np.asarray(student_items, dtype=np.float64)[rows]               # (S, D_T), (S, d)
-    w = np.linalg.solve(x.T @ x + lam * np.eye(x.shape[1]), x.T @ y)                 # (D_T, d)
+    gram = x.T @ x                                                                   # (D_T, D_T)
+    w = np.linalg.solve(gram + lam * np.trace(gram) / len(gram) * np.eye(len(gram)), x.T @ y)   # (D_T, d)
     return (t @ w).astype(np.float32)
 
 

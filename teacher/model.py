@@ -75,8 +75,7 @@ class TeacherRetriever(nn.Module):
                                   "(data.items / data.columns.title / data.columns.text)")
             self.register_buffer("text_states", text_states, persistent=False)  # (N+1, H), cached by content
             self.text_head = nn.Linear(H, d_cf, bias=False)
-            if cfg.item_side == "both":
-                nn.init.zeros_(self.text_head.weight)                             # starts as the CF item side
+            nn.init.zeros_(self.text_head.weight)      # scores start at 0 (uniform), `both` starts as the CF side
         self.gate = ExpertGate(backbone, d_cf, cfg.num_experts, cfg.lora_r) if cfg.adapter == "moe_lora" else None
         self._index: ItemIndex | None = None
 
