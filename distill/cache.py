@@ -4,7 +4,8 @@
       manifest.json                   format, split & teacher hashes, K, dims, dtypes,
                                       positions scored, shard list (rows, sha256)
       shard-00000.safetensors ...     user, position, query, topk_ids (int32), topk_scores
-      items.safetensors               the teacher's item table
+      items.safetensors               the teacher's item vectors ([CF ; text] with a text item side: the
+                                      manifest's item_parts names their column ranges)
 
 A query is keyed by (user row, position t): the teacher read seq_u[:t] and its
 target is seq_u[t]; validation and test queries are t = len-2 and len-1.
@@ -161,6 +162,7 @@ class TeacherCache:
         if sha256_file(items) != m["items"]["sha256"]:
             raise CorruptError(f"{items}: sha256 does not match manifest.json")
         self.item_table = memmap_tensors(items)["item_table"]
+        self.item_parts = m.get("item_parts", {"cf": [0, self.item_table.shape[1]]})
         # sorted (user, position) keys -> (shard, row)
         self.stride = int(max((int(t["position"].max()) for t in self.shards if len(t["position"])), default=0)) + 1
         keys = [t["user"] * self.stride + t["position"] for t in self.shards]
@@ -172,6 +174,13 @@ class TeacherCache:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def items(self, part: str | None = None) -> np.ndarray:
+        """(N+1, D) the teacher's item vectors, or only their `part` ("cf" or "text", teacher.item_side)."""
+        if part is None:
+            return self.item_table
+        lo, hi = self.item_parts[part]
+        return self.item_table[:, lo:hi]
 
     def lookup(self, users: np.ndarray, positions: np.ndarray, k: int | None = None) -> CacheRows:
         """Rows for the pairs present (in request order); `k` keeps the first k of the top-K."""

@@ -161,8 +161,12 @@ def cmd_evaluate(args) -> None:
             raise AnyoError(f"{path}: not a readable .npy array ({e})") from None
     res = evaluate(split, vectors[0], vectors[1], args.stage, mask_history=not args.no_mask_history,
                    protocol=args.protocol, index=args.index, names=(args.user_vectors, args.item_vectors))
-    write_json(args.out, {"metrics": res.metrics, "by_popularity": res.by_popularity, **res.options})
+    write_json(args.out, {"metrics": res.metrics, "by_popularity": res.by_popularity, "cold": res.cold,
+                          **res.options})
     print(json.dumps(res.metrics, indent=1))
+    if res.cold["users"]:
+        print(f"cold targets (never in training): {res.cold['users']} users, HR@10 {res.cold['HR@10']:.4f}, "
+              f"NDCG@10 {res.cold['NDCG@10']:.4f}")
 
 
 cmd_verify = verify.cmd_verify

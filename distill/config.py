@@ -143,6 +143,10 @@ class ColumnsConfig(_Section):
                       "for RecBole files (file order then).", "timestamp", nonempty=True)
     title: str = _help("Column of data.items holding the title (parquet, csv, jsonl; RecBole files use "
                        "data.title_field).", "title", nonempty=True)
+    text: typing.Optional[list] = _help("Columns of the item file that follow the title in each item's text (what "
+                                        "the teacher's text item side reads, teacher.item_side), e.g. [release_year, "
+                                        "class]; unset = every column of the item file besides the item and the "
+                                        "title; [] = the title alone.", None, items=str)
 
 
 @dataclass
@@ -162,7 +166,12 @@ class DataConfig(_Section):
                                               None, nonempty=True)
     max_len: int = _help("Longest history a model reads (older items are cut).", 50, min=2)
     min_interactions: int = _help("k-core filter on users and items; 0 disables it.", 0, min=0)
-    seed: int = _help("Seed for the 19 negatives of the candidate protocol.", 2024, min=0, max=SEED_MAX)
+    seed: int = _help("Seed for the 19 negatives of the candidate protocol (and of the cold items).", 2024, min=0,
+                      max=SEED_MAX)
+    cold_items: float = _help("Fraction of the catalogue made cold, drawn with data.seed: their training interactions "
+                              "are removed (validation and test keep them as targets), recorded in the split and its "
+                              "hash; every model's metrics.json then scores them under `cold`. 0 = off.", 0.0,
+                              min=0.0, lt=1.0)
 
     def check(self):
         if self.format == "recbole":
@@ -216,10 +225,17 @@ class TeacherConfig(_Section):
                              "retriever trains alone (in the CF item space when the item table is fixed); after each "
                              "epoch the w with the best validation NDCG@10 is kept, so w = 1 falls back to the CF "
                              "retriever. [0.0] = the LLM alone.", [0.0], items=float, nonempty=True)
-    item_text: bool = _help("Give each item's vector a second part, a learned projection of its title as the frozen "
-                            "backbone reads it (mean of its last hidden states over the title's tokens), scored by "
-                            "the LLM's query only, so items with few interactions can be found through their titles; "
-                            "the projection starts at 0. Doubles the teacher's vector width.", False)
+    item_side: str = _help("What an item's vector is made of: `cf` (the CF item table), `text` (its text alone: the "
+                           "frozen backbone's mean states of the item text, data.columns.text, through a trained "
+                           "head; the LLM's query scores only that part, so a cold item is found through its text) "
+                           "or `both` (the LLM's query scores the CF row and the text part; the text head starts at 0). "
+                           "With text the vectors are [CF ; text] and the CF query scores only the CF part, so at "
+                           "w = 1 the blend is the CF retriever exactly (teacher/item_text.py).", "cf",
+                           choices=("cf", "text", "both"))
+    item_depth: str = _help("Layers that read the item texts (item_side text/both): `query` (the query side's cut, "
+                            "teacher.num_layers) or `full` (every layer of teacher.model); the states are computed "
+                            "once and cached by a hash of their inputs.", "query", choices=("query", "full"))
+    max_text_tokens: int = _help("Item texts are cut to this many tokens (item_side text/both).", 32, min=1)
     train_item_table: bool = _help("Train the item table (initialised from the CF model); false keeps the CF "
                                    "item space fixed, so the LLM only learns to place queries in it.", True)
     lora_r: int = _help("LoRA rank (split into num_experts slices for moe_lora).", 8, min=1)
@@ -271,6 +287,10 @@ class DistillConfig(_Section):
     guard_top50_overlap: float = _help("Least mean overlap of the top-50 sets (|backend & reference| / 50) over "
                                        "the guard's sampled prompts.", 0.99, min=0.0, max=1.0)
     warm_start: bool = _help("Start the distilled student from the student-alone checkpoint of the same seed.", False)
+    cold_init: bool = _help("Start the rows of the items never seen in training from the teacher's text item "
+                            "vectors, mapped into the student's item space by a ridge regression fitted on the seen "
+                            "items (student/cold_start.py); needs warm_start and a teacher with item_side text or "
+                            "both.", False)
     epochs: typing.Optional[int] = _help("Maximum epochs of the distilled training; unset = student.epochs.", None,
                                          min=1)
     own_weight: float = _help("Weight of the student's own next-item loss.", 1.0, min=0.0)
@@ -300,6 +320,8 @@ class DistillConfig(_Section):
     def check(self):
         weights = (self.own_weight, self.kd_weight, self.pairwise_weight, self.ird_weight, self.align_weight)
         _require(any(w > 0 for w in weights), "distill.own_weight", "all loss weights are zero")
+        _require(self.warm_start or not self.cold_init, "distill.cold_init",
+                 "needs distill.warm_start (the map is fitted on the student-alone's rows of the seen items)")
 
 
 @dataclass

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ from safetensors.numpy import load_file, save_file
 from distill.artifacts import atomic_dir, read_record, sha256_file
 from distill.config import DataConfig
 from distill.errors import ArtifactError, CorruptError, DataError
+from distill.item_text import render, text_columns
 
 SPLIT_FORMAT = 3
 NUM_NEGATIVES = 19
@@ -136,8 +137,10 @@ def read_interactions(path: Path, user: str = "user_id", item: str = "item_id", 
     return users, items, ts
 
 
-def read_titles(path: Path | None, title_field: str | None) -> dict[str, str]:
-    """Parse NAME.item -> {raw item token: title}."""
+def read_titles(path: Path | None, title_field: str | None, text_fields: list[str] | None = None
+                ) -> dict[str, tuple[str, str]]:
+    """Parse NAME.item -> {raw item token: (title, text)}; the text is the title followed by the columns
+    `text_fields` (unset: every column but item_id and the title), as distill.item_text writes it."""
     if path is None:
         return {}
     lines = _read_lines(path)
@@ -154,6 +157,9 @@ def read_titles(path: Path | None, title_field: str | None) -> dict[str, str]:
         if not seq_cols:
             return {}
         tcol = seq_cols[0]
+    names = list(cols)
+    extra = [cols[c] for c in text_columns(names, ("item_id", names[tcol]), text_fields, f"{path}:1")]
+    is_list = {i: header[i].endswith(":token_seq") for i in extra}
     titles = {}
     for n, line in enumerate(lines[1:], start=2):
         if not line.strip():
@@ -161,7 +167,10 @@ def read_titles(path: Path | None, title_field: str | None) -> dict[str, str]:
         fields = line.split("\t")
         if len(fields) != len(header):
             raise DataError(f"{path}:{n}: expected {len(header)} tab-separated fields, got {len(fields)}")
-        titles[fields[cols["item_id"]]] = fields[tcol].strip()
+        title = fields[tcol].strip()
+        text = render(title, [fields[i] for i in extra if not is_list[i]],
+                      [fields[i].split(" ") for i in extra if is_list[i]])
+        titles[fields[cols["item_id"]]] = (title, text)
     return titles
 
 
@@ -234,6 +243,12 @@ class Split:
     sequences: Histories        # each user's whole sorted sequence (ids 1..N)
     negatives: dict[str, np.ndarray]  # stage -> (n_users, 19) candidate negatives
     manifest: dict
+    texts: list[str] | None = None    # item texts by item id (distill.item_text); None = the titles
+    cold_items: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # (C,) ids made cold
+
+    def __post_init__(self):
+        if self.texts is None:
+            self.texts = list(self.titles)
 
     @property
     def hash(self) -> str:
@@ -398,9 +413,24 @@ def _read_formatted(cfg: DataConfig, inter: Path, item: Path | None):
             raise DataError(f"{item}: no column `{c.title}` (data.columns.title); columns: {', '.join(it.column_names)}")
         vals = it.column(c.title).cast(pa.string()).fill_null("")  # an empty title is allowed
         vals = np.asarray(vals.to_numpy(zero_copy_only=False), dtype=object)
+        texts = _formatted_texts(it, item, vals, text_columns(it.column_names, (c.item, c.title), c.text, str(item)))
         last = len(keys) - 1 - np.unique(keys[::-1], return_index=True)[1]  # a repeated item: its last row
-        titles = (keys[last], vals[last])
+        titles = (keys[last], vals[last], texts[last])
     return u_codes, u_tokens, i_codes, i_tokens, ts, titles
+
+
+def _formatted_texts(table, path: Path, titles: np.ndarray, columns: list[str]) -> np.ndarray:
+    """(rows,) each item's text (distill.item_text): the title, then `columns` (lists after a colon)."""
+    import pyarrow as pa
+    scalars, lists = [], []
+    for name in columns:
+        col = table.column(name)
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            lists.append([[str(v) for v in (row or [])] for row in col.to_pylist()])
+        else:
+            scalars.append(["" if v is None else str(v) for v in col.to_pylist()])
+    return np.asarray([render(str(t), [c[r] for c in scalars], [c[r] for c in lists])
+                       for r, t in enumerate(titles.tolist())], dtype=object)
 
 
 # ---------------------------------------------------------------- the vectorised builder
@@ -412,32 +442,54 @@ class _Data:
     users: list[str]
     items: list[str]
     titles: list[str]
+    texts: list[str]
     sequences: Histories
+    cold_items: np.ndarray     # (C,) item ids made cold by data.cold_items
+    cold_removed: int          # training interactions of those items removed
     users_before: int
     hash: str
     inter: Path
     item: Path | None
 
 
-def _lookup_titles(items: np.ndarray, titles) -> list[str]:
-    """Titles of `items` (tokens) from (sorted keys, values); "" when unknown."""
+def _lookup_titles(items: np.ndarray, titles) -> tuple[list[str], list[str]]:
+    """(titles, texts) of `items` (tokens) from (sorted keys, titles, texts); "" when unknown."""
     if titles is None:
-        return [""] * len(items)
-    keys, vals = titles
+        return [""] * len(items), [""] * len(items)
+    keys, vals, texts = titles
     pos = np.searchsorted(keys, items).clip(max=max(len(keys) - 1, 0))
     hit = (keys[pos] == items) if len(keys) else np.zeros(len(items), bool)
-    return [str(vals[p]).strip() if h else "" for p, h in zip(pos.tolist(), hit.tolist())]
+    pairs = [(str(vals[p]).strip(), str(texts[p]).strip()) if h else ("", "") for p, h in zip(pos.tolist(), hit.tolist())]
+    return [t for t, _ in pairs], [x for _, x in pairs]
 
 
-def _content_hash(cfg: DataConfig, users, items, titles, seqs: Histories, times: np.ndarray) -> str:
+def _content_hash(cfg: DataConfig, users, items, titles, texts, seqs: Histories, times: np.ndarray) -> str:
+    """Of the content; the texts count only where they say more than the titles, and cold_items only when set,
+    so a split without either keeps the hash it had before they existed."""
     import hashlib
     options = {"format": SPLIT_FORMAT, "min_interactions": cfg.min_interactions, "seed": cfg.seed}
+    if cfg.cold_items:
+        options["cold_items"] = cfg.cold_items
     h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
-    for part in (users, items, titles):
+    for part in (users, items, titles) + ((texts,) if texts != titles else ()):
         h.update(str(len(part)).encode() + b"\0" + "\x1f".join(part).encode("utf-8", "surrogatepass") + b"\0")
     for arr in (seqs.offsets.astype("<i8"), seqs.flat.astype("<i8"), times.astype("<f8")):
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()[:16]
+
+
+COLD_STREAM = 7  # the cold items' random stream, apart from the negatives' (both seeded by data.seed)
+
+
+def _cold_rows(su: np.ndarray, sid: np.ndarray, n_items: int, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(cold item ids (C,) sorted, (rows,) bool keep): round(cold_items x N) items drawn uniformly with
+    data.seed, and every sorted row that is a training interaction (not a user's last two) of one of them
+    dropped. Rows are sorted by user, so a row's distance from its user's end is its leave-one-out role."""
+    rng = np.random.default_rng([cfg.seed, COLD_STREAM])
+    cold = np.sort(rng.choice(np.arange(1, n_items + 1), size=int(round(cfg.cold_items * n_items)), replace=False))
+    ends = np.flatnonzero(np.r_[su[1:] != su[:-1], True])                  # last row of each user
+    from_end = np.repeat(ends, np.diff(np.r_[-1, ends])) - np.arange(len(su))  # 0 = test, 1 = valid
+    return cold, ~((from_end >= 2) & np.isin(sid, cold))
 
 
 def _sort_order(u_codes, ts, i_codes, n_users: int, n_items: int) -> np.ndarray:
@@ -481,15 +533,24 @@ def _assemble(cfg: DataConfig, u_codes, u_tokens, i_codes, i_tokens, ts, titles,
     item_id = np.zeros(len(i_tokens), dtype=np.int64)
     item_id[item_order] = np.arange(1, len(item_order) + 1)
 
+    sid = item_id[si]
+    cold, removed = np.empty(0, np.int64), 0
+    if cfg.cold_items:  # the catalogue (ids) stays; the cold items' training rows go, then users left with < 3
+        cold, keep_rows = _cold_rows(su, sid, len(item_order), cfg)
+        removed = int((~keep_rows).sum())
+        su, sid, st = su[keep_rows], sid[keep_rows], st[keep_rows]
+        enough = np.bincount(su, minlength=len(u_tokens))[su] >= 3
+        su, sid, st = su[enough], sid[enough], st[enough]
     starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]])
     offsets = np.append(starts, len(su)).astype(np.int64)
-    seqs = Histories(item_id[si], offsets)
+    seqs = Histories(sid, offsets)
     item_tokens = i_tokens[item_order]
     items = ["[PAD]"] + item_tokens.tolist()
-    title_list = [""] + _lookup_titles(item_tokens, titles)
+    title_list, text_list = _lookup_titles(item_tokens, titles)
+    title_list, text_list = [""] + title_list, [""] + text_list
     users = u_tokens[su[starts]].tolist()
-    digest = _content_hash(cfg, users, items, title_list, seqs, st)
-    return _Data(users, items, title_list, seqs, users_before, digest, inter, item)
+    digest = _content_hash(cfg, users, items, title_list, text_list, seqs, st)
+    return _Data(users, items, title_list, text_list, seqs, cold, removed, users_before, digest, inter, item)
 
 
 def _read_data(cfg: DataConfig) -> _Data:
@@ -498,11 +559,12 @@ def _read_data(cfg: DataConfig) -> _Data:
         import pyarrow as pa
         c = cfg.columns
         user_tok, item_tok, ts = read_interactions(inter, c.user, c.item, c.time)
-        raw = read_titles(item, cfg.title_field)
+        raw = read_titles(item, cfg.title_field, c.text)
         u_codes, u_tokens = _tokens(pa.array(user_tok, pa.string()))
         i_codes, i_tokens = _tokens(pa.array(item_tok, pa.string()))
         keys = np.asarray(sorted(raw), dtype=str)
-        titles = (keys, np.asarray([raw[k] for k in keys.tolist()], dtype=object)) if raw else None
+        titles = (keys, *(np.asarray([raw[k][j] for k in keys.tolist()], dtype=object) for j in (0, 1))) \
+            if raw else None
     else:
         u_codes, u_tokens, i_codes, i_tokens, ts, titles = _read_formatted(cfg, inter, item)
     return _assemble(cfg, u_codes, u_tokens, i_codes, i_tokens, ts, titles, inter, item)
@@ -521,14 +583,18 @@ def _finish(d: _Data, cfg: DataConfig) -> Split:
         "format": SPLIT_FORMAT,
         "hash": d.hash,
         "inputs": {"inter": str(d.inter), "item": str(d.item) if d.item else None, "format": cfg.format},
-        "options": {"min_interactions": cfg.min_interactions, "seed": cfg.seed, "title_field": cfg.title_field},
+        "options": {"min_interactions": cfg.min_interactions, "seed": cfg.seed, "title_field": cfg.title_field,
+                    "text_columns": cfg.columns.text, "cold_items": cfg.cold_items},
         "n_users": len(d.users),
         "n_items": len(d.items) - 1,
         "n_interactions": int(d.sequences.offsets[-1]),
         "dropped_users": d.users_before - len(d.users),
         "max_sequence_length": int(lens.max()),
     }
-    return Split(d.users, d.items, d.titles, d.sequences, negatives, manifest)
+    if cfg.cold_items:
+        manifest["cold_items"] = {"fraction": cfg.cold_items, "items": int(len(d.cold_items)),
+                                  "removed_training_interactions": d.cold_removed}
+    return Split(d.users, d.items, d.titles, d.sequences, negatives, manifest, d.texts, d.cold_items)
 
 
 def build_split(cfg: DataConfig) -> Split:
@@ -543,13 +609,15 @@ def _clean(text: str) -> str:
 
 def save_split(split: Split, folder: str | Path) -> None:
     with atomic_dir(folder) as tmp:
+        cold = {"cold_items": split.cold_items.astype(np.int64)} if len(split.cold_items) else {}
         save_file({"sequence_items": split.sequences.flat, "sequence_offsets": split.sequences.offsets,
-                   "valid_negatives": split.negatives["valid"], "test_negatives": split.negatives["test"]},
+                   "valid_negatives": split.negatives["valid"], "test_negatives": split.negatives["test"], **cold},
                   str(tmp / "split.safetensors"))
         (tmp / "users.tsv").write_text("row\tuser_id\n" + "".join(
             f"{r}\t{_clean(u)}\n" for r, u in enumerate(split.users)))
-        (tmp / "items.tsv").write_text("item_id\titem_token\ttitle\n" + "".join(
-            f"{i}\t{_clean(t)}\t{_clean(split.titles[i])}\n" for i, t in enumerate(split.items) if i > 0))
+        (tmp / "items.tsv").write_text("item_id\titem_token\ttitle\ttext\n" + "".join(
+            f"{i}\t{_clean(t)}\t{_clean(split.titles[i])}\t{_clean(split.texts[i])}\n"
+            for i, t in enumerate(split.items) if i > 0))
         manifest = dict(split.manifest, split_sha256=sha256_file(tmp / "split.safetensors"))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
@@ -578,7 +646,9 @@ def load_split(folder: str | Path) -> Split:
     users = _read_tsv_column(folder / "users.tsv", 1, n)
     items = ["[PAD]"] + _read_tsv_column(folder / "items.tsv", 1, n_items)
     titles = [""] + _read_tsv_column(folder / "items.tsv", 2, n_items)
-    return Split(users, items, titles, seqs, {s: t[f"{s}_negatives"] for s in STAGES}, manifest)
+    texts = [""] + _read_tsv_column(folder / "items.tsv", 3, n_items)
+    return Split(users, items, titles, seqs, {s: t[f"{s}_negatives"] for s in STAGES}, manifest,
+                 texts if any(texts) else None, t.get("cold_items", np.empty(0, np.int64)))
 
 
 def prepare(cfg: DataConfig, folder: str | Path) -> tuple[Split, bool]:

@@ -219,6 +219,12 @@ class EvalResult:
     options: dict = field(default_factory=dict)
     by_popularity: dict = field(default_factory=dict)  # bucket of the target's training popularity -> metrics
 
+    @property
+    def cold(self) -> dict:
+        """The metrics of the users whose target was never seen in training (cold: made so by
+        data.cold_items or cold in the data), {"users": 0} when there are none."""
+        return self.by_popularity.get("unseen", {"users": 0})
+
 
 def evaluate(split: Split, user_vectors: np.ndarray, item_vectors: np.ndarray, stage: str = "valid",
              ks=DEFAULT_KS, mask_history: bool = True, protocol: str = "full", index: str = "Flat",
@@ -268,7 +274,7 @@ def evaluate_model(split: Split, user_vectors_for, item_vectors: np.ndarray, ev)
 
 def metrics_record(results: dict, split: Split, **extra) -> dict:
     rec = {"metrics": results["test"].metrics, "stage": "test", "valid_metrics": results["valid"].metrics,
-           "by_popularity": results["test"].by_popularity,
+           "by_popularity": results["test"].by_popularity, "cold": results["test"].cold,
            "candidates": results["candidates"].metrics, "split_hash": split.hash,
            "mask_history": results["test"].options["mask_history"], "index": results["test"].options["index"]}
     rec.update(extra)

@@ -41,6 +41,12 @@ def plot_report(report: dict, out: Path) -> None:
         ax.set_xlabel("latency per user at batch 1, p50 (ms, log scale)")
         ax.set_ylabel("NDCG@10 (test)")
         _finish(fig, ax, title, out / "quality_vs_latency.png")
+    cold = [n for n in names if models[n].get("cold", {}).get("users")]
+    if cold:  # only when some test targets were never seen in training
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.bar(cold, [models[n]["cold"]["HR@10"] for n in cold], color=[color(n) for n in cold])
+        ax.set_ylabel(f"HR@10 on cold targets (test)\n{models[cold[0]]['cold']['users']} users, never in training")
+        _finish(fig, ax, title, out / "cold.png", legend=False)
     plot_curves(models, title, out / "curves.png")
 
 

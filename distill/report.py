@@ -52,6 +52,7 @@ def collect_quality(run: Path, recipe: Recipe, split: Split) -> dict:
                                "by_popularity": {b: {"users": records[0]["by_popularity"][b]["users"], **{
                                    k: float(np.mean([r["by_popularity"][b][k] for r in records]))
                                    for k in ("HR@10", "NDCG@10")}} for b in buckets},
+                               "cold": cold_means(records),
                                "dirs": [str(d) for d in dirs], "curves": [r["curve"] for r in records if "curve" in r]}
         if entry.per_teacher:
             teachers = sorted({t for _, _, t in found})
@@ -81,6 +82,17 @@ def comparisons(per_user: dict) -> dict:
     """Each comparison whose two models the run holds, with its three-level bootstrap (distill.stats)."""
     return {key: {"a": a, "b": b, "NDCG@10": nested_bootstrap(per_user[a], per_user[b])}
             for key, (a, b) in COMPARISONS.items() if a in per_user and b in per_user}
+
+
+COLD_KEYS = ("HR@1", "HR@10", "NDCG@10", "MRR@10")
+
+
+def cold_means(records: list[dict]) -> dict:
+    """The seed-mean metrics of the test users whose target was never seen in training ({"users": 0}: none)."""
+    cold = [r.get("cold", r.get("by_popularity", {}).get("unseen", {"users": 0})) for r in records]
+    if not cold[0]["users"]:
+        return {"users": 0}
+    return {"users": cold[0]["users"], **{k: float(np.mean([c[k] for c in cold])) for k in COLD_KEYS if k in cold[0]}}
 
 
 def generative_row(run: Path, recipe: Recipe, split: Split) -> dict | None:
@@ -213,6 +225,13 @@ def markdown(report: dict) -> str:
                   "|---" * (len(buckets) + 1) + "|"]
         for name, v in with_buckets.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(v[b]["NDCG@10"]) if b in v else "–" for b in buckets) + " |")
+    cold = {n: m["cold"] for n, m in report["models"].items() if m.get("cold", {}).get("users")}
+    if cold:
+        keys = [k for k in COLD_KEYS if all(k in c for c in cold.values())]
+        lines += ["", f"Cold targets: the {next(iter(cold.values()))['users']} test users whose target was never seen "
+                  "in training (data.cold_items or cold in the data), full ranking:", "",
+                  "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [f"| {n} | " + " | ".join(_fmt(c[k]) for k in keys) + " |" for n, c in cold.items()]
     if r := report.get("cost_ratios"):
         lines.append(f"\ndistilled student vs teacher: {r['params']:,.0f}x fewer parameters, "
                      f"{r['peak_rss_bytes']:.1f}x less peak memory, {r['latency_p50']:,.1f}x lower latency, "

@@ -8,9 +8,12 @@ teacher's item-side vector:
 
 DLLM2Rec adds the projection on the input side of a model whose output layer is separate; anyo's
 SASRec ties its input and output item tables, so the sum is the item table on both sides. e^T is the
-teacher cache's item table (`items.safetensors`), scaled to a mean row norm of 1 so that gamma means
-the same for every teacher. The term is trained with the student and folded into e^S when training
-ends (`SASRec.fold_item_prior`): the saved student is a plain SASRec and serves at the same cost.
+teacher's text item vectors when it has a text item side (teacher.item_side text or both: the part of the
+cache's `items.safetensors` its manifest names `text`), else the cache's item table (which is then the CF
+table itself, so the term only reparametrises the student); scaled to a mean row norm of 1 so that gamma
+means the same for every teacher. Through the shared W a cold item's row gets W e^T of its text.
+The term is trained with the student and folded into e^S when training ends (`SASRec.fold_item_prior`):
+the saved student is a plain SASRec and serves at the same cost.
 W starts at 0 (DLLM2Rec initialises it at random), so a warm-started student starts exactly where the
 student alone ended; weight decay shrinks e and W separately, not their sum.
 """

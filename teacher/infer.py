@@ -148,7 +148,7 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
     else:
         model = wrap_backend(model, backend)
         checked = guard.unchecked(backend, dtype)
-    meta = {**cache_key(recipe, split, teacher_hash), "dim": model.out_projector.out_features}
+    meta = {**cache_key(recipe, split, teacher_hash), "dim": model.query_dim}
     n_shards = -(-split.n_users // d.shard_users)
     staging = staging_dir(out)
     staging.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,8 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
         return None
     items = model.item_vectors()
     valid = guard.check_validation(staging, n_shards, split, items, recipe, recorded_valid, "the teacher")
-    manifest = complete_cache(staging, out, n_shards, meta, items, {"guard": checked, "valid_check": valid})
+    manifest = complete_cache(staging, out, n_shards, meta, items,
+                              {"guard": checked, "valid_check": valid, "item_parts": model.item_parts()})
     rate = total / seconds if total and seconds > 0 else float("nan")
     print(f"teacher cache: {sum(s['rows'] for s in manifest['shards'])} queries in {n_shards} shards at {out}; "
           f"scored {total} prompts in {seconds:.0f}s ({rate:.1f} prompts/s, "
@@ -187,6 +188,7 @@ def merge(recipe: Recipe, split: Split, teacher_dir: Path, out: Path) -> dict:
     if any(m != first for m in metas.values()):
         raise StaleError(f"{staging}: shards were built with different options")
     items = load_file(str(teacher_dir / "heads.safetensors"))["item_vectors"]
+    parts = read_record(teacher_dir / "teacher.json", "item_parts")["item_parts"]
     return complete_cache(staging, out, -(-split.n_users // recipe.distill.shard_users), first, items,
                           {"guard": {"checked": None, "reason": "merged from shards written by separate jobs; "
-                                     "each job's guard ran before it wrote its shards"}})
+                                     "each job's guard ran before it wrote its shards"}, "item_parts": parts})

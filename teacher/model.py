@@ -15,7 +15,6 @@ positions the CF model is already fitted, so the correction learns noise.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,13 +32,14 @@ from distill.errors import ConfigError, CorruptError, StaleError
 from distill.harness import Exclusions, ItemIndex
 from student.model import SASRec, load_student
 from teacher.backbone import load_backbone
+from teacher.item_text import item_parts, item_states
 from teacher.moe_lora import ExpertGate
 from teacher.prompt import PromptBatch, PromptBuilder
 
 
 def blend_queries(q_llm, q_cf, w):
-    """(1 - w) q_LLM + w q_CF: a convex blend keeps the scores on the scale both were trained at. With
-    item_text, q_LLM is wider than q_CF (it also scores the items' title part): q_CF is 0 there, so at
+    """(1 - w) q_LLM + w q_CF: a convex blend keeps the scores on the scale both were trained at. With a text
+    item side, q_LLM is wider than q_CF (it also scores the items' text part): q_CF is 0 there, so at
     w = 1 the blend is the CF retriever exactly."""
     extra = q_llm.shape[-1] - q_cf.shape[-1]
     if extra:
@@ -55,7 +55,8 @@ class TeacherOutputs:
 
 
 class TeacherRetriever(nn.Module):
-    def __init__(self, backbone: nn.Module, tokenizer, cf: SASRec, titles: list[str], cfg: TeacherConfig):
+    def __init__(self, backbone: nn.Module, tokenizer, cf: SASRec, titles: list[str], cfg: TeacherConfig,
+                 text_states: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
@@ -63,18 +64,18 @@ class TeacherRetriever(nn.Module):
         self.prompts = PromptBuilder(tokenizer, titles, cfg)
         H, d_cf = backbone.config.hidden_size, cf.cfg.hidden_size
         self.in_projector = make_in_projector(d_cf, H)
-        self.out_projector = nn.Linear(H, 2 * d_cf if cfg.item_text else d_cf)   # (query on E, on the titles)
+        self.out_projector = nn.Linear(H, 2 * d_cf if cfg.item_side == "both" else d_cf)  # q_LLM: (D) or (2D)
         self.register_buffer("cf_weight", torch.tensor(0.0))  # w, saved with the heads
         self.item_table = nn.Parameter(cf.item_table.detach().clone(),           # (N+1, D)
                                        requires_grad=cfg.train_item_table)
-        self.item_text = None
-        if cfg.item_text:
-            if not any(titles[1:]):
-                raise ConfigError("teacher.item_text: the data has no item titles (data.items / data.columns.title)")
-            self.register_buffer("title_states", title_states(backbone, tokenizer, titles, cfg.max_title_tokens),
-                                 persistent=False)                                 # (N+1, H), recomputed at load
-            self.item_text = nn.Linear(H, d_cf, bias=False)
-            nn.init.zeros_(self.item_text.weight)                                 # the title part starts at 0
+        self.text_head = None
+        if cfg.item_side != "cf":
+            if text_states is None or not text_states[1:].any():
+                raise ConfigError(f"teacher.item_side: {cfg.item_side} needs item texts, and the data has none "
+                                  "(data.items / data.columns.title / data.columns.text)")
+            self.register_buffer("text_states", text_states, persistent=False)  # (N+1, H), cached by content
+            self.text_head = nn.Linear(H, d_cf, bias=False)
+            nn.init.zeros_(self.text_head.weight)      # scores start at 0 (uniform), `both` starts as the CF side
         self.gate = ExpertGate(backbone, d_cf, cfg.num_experts, cfg.lora_r) if cfg.adapter == "moe_lora" else None
         self._index: ItemIndex | None = None
 
@@ -92,11 +93,14 @@ class TeacherRetriever(nn.Module):
         return self.item_table.device
 
     def items(self) -> torch.Tensor:
-        """(N+1, D) item vectors: the item table, or with item_text (N+1, 2D): the item table next to the
-        projected title states (kept apart so that the CF query, 0 on the title part, scores as before)."""
-        if self.item_text is None:
+        """(N+1, D) item vectors: the item table, or with a text side (N+1, 2D): the item table next to the
+        projected text states (kept apart so that the CF query, 0 on the text part, scores as before)."""
+        if self.text_head is None:
             return self.item_table
-        return torch.cat([self.item_table, self.item_text(self.title_states)], dim=1)
+        return torch.cat([self.item_table, self.text_head(self.text_states)], dim=1)
+
+    def item_parts(self) -> dict[str, list[int]]:
+        return item_parts(self.cfg.item_side, self.item_table.shape[1])
 
     def forward(self, batch: PromptBatch, cf_histories: torch.Tensor, blend: bool = True) -> torch.Tensor:
         """Prompts + (B, max_len) CF histories -> (B, D) query vectors (q_LLM alone with blend=False)."""
@@ -116,7 +120,9 @@ class TeacherRetriever(nn.Module):
             if self.gate is not None:
                 self.gate.set(None)
         pooled = h[torch.arange(len(h)), batch.last_index]                       # (B, H)
-        q = self.out_projector(pooled.float())                                    # (B, D)
+        q = self.out_projector(pooled.float())                                    # (B, D) or (B, 2D)
+        if self.cfg.item_side == "text":
+            q = F.pad(q, (q.shape[-1], 0))                                        # (B, 2D): 0 on the CF part
         return blend_queries(q, cf_repr, self.cf_weight) if blend else q
 
     def train(self, mode: bool = True) -> "TeacherRetriever":
@@ -137,11 +143,16 @@ class TeacherRetriever(nn.Module):
         from tqdm.auto import tqdm
         batch_size = batch_size or self.cfg.eval_batch_size
         order = np.argsort(self.prompts.lengths(histories), kind="stable")
-        out = np.empty((len(histories), self.out_projector.out_features), dtype=np.float32)
+        out = np.empty((len(histories), self.query_dim), dtype=np.float32)
         for lo in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
             rows = order[lo:lo + batch_size]
             out[rows] = self.query(histories.take(rows), blend=blend).float().cpu().numpy()
         return out
+
+    @property
+    def query_dim(self) -> int:
+        """Width of the query (and item) vectors: D, or 2D with a text item side."""
+        return self.item_table.shape[1] * (1 if self.text_head is None else 2)
 
     def item_vectors(self) -> np.ndarray:
         """(N+1, D) float32 item table; row 0 is padding."""
@@ -182,31 +193,6 @@ class TeacherRetriever(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("backbone.", "cf."))}
 
 
-@torch.no_grad()
-def title_states(backbone: nn.Module, tokenizer, titles: list[str], max_tokens: int,
-                 batch_size: int = 256) -> torch.Tensor:
-    """(N+1, H) float32: each title's mean last hidden state in the frozen backbone, adapters off
-    (0 for an item without a title and for padding row 0)."""
-    ids = [t[:max_tokens] for t in tokenizer([" " + t if t else "" for t in titles],
-                                             add_special_tokens=False)["input_ids"]]
-    out = torch.zeros(len(titles), backbone.config.hidden_size)
-    order = [i for i in np.argsort([len(t) for t in ids], kind="stable").tolist() if i > 0 and ids[i]]
-    off = backbone.disable_adapter() if hasattr(backbone, "disable_adapter") else contextlib.nullcontext()
-    device = next(backbone.parameters()).device
-    with off:
-        for lo in range(0, len(order), batch_size):
-            rows = order[lo:lo + batch_size]
-            lens = np.asarray([len(ids[i]) for i in rows])
-            mask = np.arange(lens.max()) < lens[:, None]                            # (B, T), right-padded
-            x = np.zeros(mask.shape, dtype=np.int64)
-            x[mask] = np.concatenate([ids[i] for i in rows])
-            mask = torch.from_numpy(mask).long()
-            h = backbone(input_ids=torch.from_numpy(x).to(device),
-                         attention_mask=mask.to(device)).last_hidden_state.float().cpu()   # (B, T, H)
-            out[rows] = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)         # (B, H)
-    return out
-
-
 def make_in_projector(d_cf: int, hidden: int) -> nn.Module:
     """CF item embedding (d_cf) -> LLM input embedding (hidden), for [HistoryEmb]-style slots."""
     return nn.Sequential(nn.Linear(d_cf, hidden), nn.GELU(), nn.Linear(hidden, hidden))
@@ -231,12 +217,14 @@ def attach_adapter(backbone: nn.Module, cfg: TeacherConfig, adapter_dir: Path | 
 
 
 def build_teacher(cfg: TeacherConfig, cf: SASRec, titles: list[str], adapter_dir: Path | None = None,
-                  trainable: bool = True) -> TeacherRetriever:
-    """A fresh teacher (new LoRA) or one whose peft adapter is read from `adapter_dir`."""
+                  trainable: bool = True, texts: list[str] | None = None) -> TeacherRetriever:
+    """A fresh teacher (new LoRA) or one whose peft adapter is read from `adapter_dir`; `texts` (the split's item
+    texts) feed a text item side."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backbone, tokenizer, _ = load_backbone(cfg.model, cfg.num_layers, cfg.dtype)
-    backbone = attach_adapter(backbone, cfg, adapter_dir, trainable).to(device)  # title states are computed there
-    return TeacherRetriever(backbone, tokenizer, cf, titles, cfg).to(device)
+    backbone, tokenizer, source = load_backbone(cfg.model, cfg.num_layers, cfg.dtype)
+    backbone = attach_adapter(backbone, cfg, adapter_dir, trainable).to(device)  # text states are computed there
+    states = item_states(cfg, backbone, tokenizer, source, texts) if cfg.item_side != "cf" and texts else None
+    return TeacherRetriever(backbone, tokenizer, cf, titles, cfg, states).to(device)
 
 
 def save_teacher(model: TeacherRetriever, folder: Path, meta: dict) -> str:
@@ -247,7 +235,8 @@ def save_teacher(model: TeacherRetriever, folder: Path, meta: dict) -> str:
         heads = {k: v.detach().contiguous() for k, v in model.heads_state().items()}
         save_file({**heads, "item_vectors": torch.from_numpy(model.item_vectors().copy())}, str(tmp / "heads.safetensors"))
         digest = checkpoint_hash(tmp)
-        (tmp / "teacher.json").write_text(json.dumps({"teacher": asdict(model.cfg), "checkpoint_hash": digest, **meta},
+        (tmp / "teacher.json").write_text(json.dumps({"teacher": asdict(model.cfg), "checkpoint_hash": digest,
+                                                      "item_parts": model.item_parts(), **meta},
                                                      indent=2, sort_keys=True))
     return digest
 
@@ -291,7 +280,7 @@ def load_teacher(folder: Path, cf_dir: Path, split: Split) -> tuple[TeacherRetri
     meta = check_teacher(folder, cf_dir, split.hash)
     cf, _ = load_student(cf_dir, split.hash, split.n_items)
     cfg = config_from_dict(TeacherConfig, meta["teacher"], "teacher.")
-    model = build_teacher(cfg, cf, split.titles, Path(folder) / "adapter", trainable=False)
+    model = build_teacher(cfg, cf, split.titles, Path(folder) / "adapter", trainable=False, texts=split.texts)
     heads = load_file(str(Path(folder) / "heads.safetensors"))
     missing = set(model.heads_state()) - set(heads)
     if missing or heads["item_table"].shape != model.item_table.shape:

@@ -121,7 +121,7 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
     Resumable after every epoch (see distill.trainer)."""
     c = recipe.teacher
     torch.manual_seed(seed)
-    model = build_teacher(c, cf, split.titles)
+    model = build_teacher(c, cf, split.titles, texts=split.texts)
     task = TeacherTask(model, split, recipe)
     cfg = TrainerConfig(epochs=c.epochs, patience=c.patience, lr=c.lr, weight_decay=c.weight_decay,
                         schedule="cosine", warmup_ratio=c.warmup_ratio, grad_accum=c.grad_accum)
@@ -138,7 +138,8 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
     results = evaluate_model(split, lambda stage: task.valid if stage == "valid" else test, items, recipe.eval)
     alone = {stage: evaluate(split, q, items, stage, ev.ks, ev.mask_history, index=ev.index)
              for stage, q in llm.items()}
-    llm_alone = {**{stage: r.metrics for stage, r in alone.items()}, "by_popularity": alone["test"].by_popularity}
+    llm_alone = {**{stage: r.metrics for stage, r in alone.items()}, "by_popularity": alone["test"].by_popularity,
+                 "cold": alone["test"].cold}
     digest = save_teacher(model, out, {"split_hash": split.hash, "seed": seed, "inputs": inputs})
     save_array(out / "test_ranks.npy", results["test"].ranks)
     return metrics_record(results, split, best_epoch=result.best_epoch, cf_weight=task.cf_weight, seed=seed,

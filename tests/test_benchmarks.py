@@ -39,7 +39,7 @@ def run(tiny_run, tmp_path_factory):
 
 def test_every_script_is_covered():
     covered = {"make_synthetic.py", "harness_speed.py", "scale.py", "distill_ablation.py", "teacher_inference.py",
-               "serve_load.py", "student_vs_recbole.py", "seed_claims.py", "recbole_sasrec.py"}
+               "serve_load.py", "student_vs_recbole.py", "seed_claims.py", "recbole_sasrec.py", "text_decides.py"}
     assert set(SCRIPTS) == covered, "a new benchmark script needs its smoke test here"
 
 
@@ -47,6 +47,12 @@ def test_make_synthetic(tmp_path):
     bench("make_synthetic.py", "--interactions", 3000, "--items", 200, "--out", tmp_path / "s.parquet",
           "--items-out", tmp_path / "items.parquet")
     assert (tmp_path / "s.parquet").stat().st_size > 0 and (tmp_path / "items.parquet").is_file()
+
+
+def test_text_decides(tmp_path):
+    bench("text_decides.py", "--out", tmp_path, "--users", 60, "--franchises", 40, "--standalone", 20)
+    bayes = json.loads((tmp_path / "textdecides.bayes.json").read_text())
+    assert (tmp_path / "textdecides.inter").is_file() and (tmp_path / "textdecides.item").is_file() and bayes
 
 
 def test_harness_speed():

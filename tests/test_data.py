@@ -120,7 +120,8 @@ def recbole_frames(folder, name):
     item = pd.read_csv(folder / f"{name}.item", sep="\t", dtype=str, keep_default_na=False, quoting=3)
     item.columns = [c.split(":")[0] for c in item.columns]
     title = [c for c in item.columns if c.endswith("title")][0]
-    item = item[["item_id", title]].rename(columns={title: "title"})
+    extra = ["release_year"] if name == "toy" else []  # a text column (ML-100K's has empty years: CSV floats)
+    item = item[["item_id", title] + extra].rename(columns={title: "title"})
     return inter, item
 
 
@@ -147,7 +148,7 @@ def convert(tmp_path, folder, name, fmt, shuffle_seed=0, rename=None):
 
 def assert_same_split(a, b):
     assert a.hash == b.hash
-    assert a.users == b.users and a.items == b.items and a.titles == b.titles
+    assert a.users == b.users and a.items == b.items and a.titles == b.titles and a.texts == b.texts
     assert np.array_equal(a.sequences.flat, b.sequences.flat)
     assert np.array_equal(a.sequences.offsets, b.sequences.offsets)
     for stage in ("valid", "test"):
@@ -190,7 +191,7 @@ def test_formats_and_row_order_give_the_recbole_split(tmp_path, fmt):
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
 def test_ml100k_converted_and_shuffled_equals_recbole(tmp_path, fmt):
     from distill.data import embedded_ml100k
-    ref = build_split(DataConfig())
+    ref = build_split(DataConfig(columns=ColumnsConfig(text=[])))
     path, items = convert(tmp_path, embedded_ml100k(), "ml-100k", fmt, shuffle_seed=7)
     assert_same_split(build_split(DataConfig(format=fmt, path=path, items=items)), ref)
 
@@ -284,3 +285,48 @@ def test_packed_sort_order_equals_three_key_lexsort(times, users, items):
     expected = np.lexsort((i, t, u))
     for col in (u, t, i):
         assert np.array_equal(col[order], col[expected])
+
+
+def test_cold_items_remove_exactly_their_training_interactions_and_change_the_hash(toy_data, tmp_path):
+    base = build_split(DataConfig(name="toy", path=str(toy_data)))
+    cold = build_split(DataConfig(name="toy", path=str(toy_data), cold_items=0.2))
+    assert cold.hash != base.hash and cold.items == base.items          # the catalogue keeps the cold items
+    chosen = cold.cold_items
+    assert len(chosen) == round(0.2 * base.n_items) and cold.manifest["cold_items"]["items"] == len(chosen)
+    assert not np.isin(cold.history("train").flat, chosen).any()       # no training interaction of theirs left
+    kept = {u: r for u, r in zip(cold.users, cold.sequences)}
+    removed = 0
+    for u, row in zip(base.users, base.sequences):
+        train, tail = row[:-2], row[-2:]
+        expect = np.concatenate([train[~np.isin(train, chosen)], tail])
+        removed += int(np.isin(train, chosen).sum())
+        if len(expect) >= 3:
+            assert kept[u].tolist() == expect.tolist()                   # everything else exactly as before
+        else:
+            assert u not in kept
+    assert cold.manifest["cold_items"]["removed_training_interactions"] == removed > 0
+    targets = np.concatenate([cold.targets("valid"), cold.targets("test")])
+    assert np.isin(targets, chosen).any()                               # validation and test keep them as targets
+    again = build_split(DataConfig(name="toy", path=str(toy_data), cold_items=0.2))
+    assert again.hash == cold.hash and np.array_equal(again.cold_items, chosen)          # seeded
+    assert not np.array_equal(build_split(DataConfig(name="toy", path=str(toy_data), cold_items=0.2, seed=3))
+                              .cold_items, chosen)
+    split, _ = prepare(DataConfig(name="toy", path=str(toy_data), cold_items=0.2), tmp_path / "split")
+    assert np.array_equal(split.cold_items, chosen) and split.hash == cold.hash          # recorded in the split
+
+
+def test_item_text_renders_every_column_of_the_item_file(tmp_path):
+    inter = HEADER + "".join(f"u{u}\tf{i}\t5\t{i}\n" for u in range(2) for i in range(25))
+    item = ("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+            "f1\tEmpire Strikes Back, The\t1980\tAction Sci-Fi\nf2\tHeat\t\tCrime\n")
+    cfg = write(tmp_path, inter, item)
+    s = build_split(cfg)
+    i1, i2 = s.items.index("f1"), s.items.index("f2")
+    assert s.titles[i1] == "Empire Strikes Back, The"                   # the prompts keep the title
+    assert s.texts[i1] == "The Empire Strikes Back (1980): Action, Sci-Fi" and s.texts[i2] == "Heat: Crime"
+    only = build_split(DataConfig(name="hand", path=str(tmp_path), columns=ColumnsConfig(text=["release_year"])))
+    assert only.texts[i1] == "The Empire Strikes Back (1980)"
+    with pytest.raises(DataError, match=r"hand.item:1: no column `genre` \(data.columns.text\)"):
+        build_split(DataConfig(name="hand", path=str(tmp_path), columns=ColumnsConfig(text=["genre"])))
+    titles_only = build_split(DataConfig(name="hand", path=str(tmp_path), columns=ColumnsConfig(text=[])))
+    assert titles_only.texts[i1] == "The Empire Strikes Back" and titles_only.hash != s.hash

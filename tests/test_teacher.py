@@ -7,13 +7,14 @@ import torch
 from distill.errors import ConfigError
 from student.model import SASRec, SASRecConfig
 from teacher.backbone import load_backbone
-from teacher.model import build_teacher, load_teacher, save_teacher, title_states
+from teacher.item_text import mean_states, standardise
+from teacher.model import build_teacher, load_teacher, save_teacher
 
 
 def make(tiny_recipe, split, cf, seed=0, **changes):
     cfg = dataclasses.replace(tiny_recipe.teacher, **{"lora_dropout": 0.0, "cf_weights": [0.0], **changes})
     torch.manual_seed(seed)
-    return build_teacher(cfg, cf, split.titles).eval()
+    return build_teacher(cfg, cf, split.titles, texts=split.texts).eval()
 
 
 def histories(split, n=6):
@@ -183,40 +184,51 @@ def test_cf_weight_round_trips(tmp_path, tiny_recipe, split, cf, cf_dir):
     assert loaded.cf_weight.item() == pytest.approx(0.7)
 
 
-def test_item_text_adds_projected_title_states_and_starts_at_the_cf_table(tmp_path, tiny_recipe, split, cf, cf_dir):
-    t = make(tiny_recipe, split, cf, item_text=True)
+def test_text_item_side_reads_the_cached_text_states_and_keeps_w1_the_cf_retriever(tmp_path, tiny_recipe, split, cf,
+                                                                                   cf_dir, monkeypatch):
+    monkeypatch.setenv("ANYO_CACHE", str(tmp_path / "cache"))
+    t = make(tiny_recipe, split, cf, item_side="both")
     D = t.item_table.shape[1]
-    assert torch.equal(t.items()[:, :D], t.item_table) and not t.items()[:, D:].any()   # title part starts at 0
-    # one title by hand: the mean of the backbone's last hidden states over its tokens
+    assert torch.equal(t.items()[:, :D], t.item_table) and not t.items()[:, D:].any()   # `both` starts as cf
+    # one text by hand: the mean of the backbone's last hidden states over its tokens, then standardised
     tokenizer = load_backbone(t.cfg.model, t.cfg.num_layers, t.cfg.dtype)[1]
-    ids = tokenizer(" " + split.titles[3], add_special_tokens=False)["input_ids"][:t.cfg.max_title_tokens]
+    raw = mean_states(t.backbone, tokenizer, split.texts, t.cfg.max_text_tokens)
+    ids = tokenizer(" " + split.texts[3], add_special_tokens=False)["input_ids"][:t.cfg.max_text_tokens]
     with torch.no_grad():
         h = t.backbone.get_base_model()(input_ids=torch.tensor([ids])).last_hidden_state[0].mean(0)
-    assert torch.allclose(t.title_states[3], h, atol=1e-5) and not t.title_states[0].any()
-    # trained adapters do not change them (they are the frozen backbone's, recomputed at every load)
+    assert torch.allclose(raw[3], h, atol=1e-5)
+    assert torch.allclose(t.text_states, standardise(raw), atol=1e-5) and not t.text_states[0].any()
+    assert len(list((tmp_path / "cache" / "item_states").glob("*.safetensors"))) == 1   # computed once, cached
+    # trained adapters do not change them (the frozen backbone's, adapters off)
     with torch.no_grad():
         for m in t.backbone.modules():
             if hasattr(m, "lora_B"):
                 torch.nn.init.normal_(m.lora_B["default"].weight)
-    assert torch.allclose(title_states(t.backbone, tokenizer, split.titles, t.cfg.max_title_tokens), t.title_states,
-                          atol=1e-5)
-    # a training step moves the items through their titles, and a save/load round trip keeps them
+    assert torch.allclose(mean_states(t.backbone, tokenizer, split.texts, t.cfg.max_text_tokens), raw, atol=1e-5)
+    # a training step moves the items through their texts, and a save/load round trip keeps them
     h = histories(split)
     loss = -(t.query(h, blend=False) @ t.items().T).logsumexp(1).sum()
     loss.backward()
-    assert t.item_text.weight.grad.abs().sum() > 0
+    assert t.text_head.weight.grad.abs().sum() > 0
     with torch.no_grad():
-        t.item_text.weight.normal_()
+        t.text_head.weight.normal_()
     assert t.item_vectors()[1:, D:].any()
-    # at w = 1 the blend is the CF retriever exactly: q_CF is 0 on the title part
-    with torch.no_grad():
-        t.cf_weight.fill_(1.0)
-        q_cf = t.cf.encode_users(torch.from_numpy(h.padded(t.cf.cfg.max_len)))
-        assert torch.allclose(t.query(h) @ t.items().T, q_cf @ t.item_table.T, atol=1e-5)
     loaded, _ = load_teacher(saved(t, tmp_path / "teacher", split, cf_dir), cf_dir, split)
     assert np.allclose(loaded.item_vectors(), t.item_vectors(), atol=1e-6)
+    # `text`: the LLM's query scores only the text part; at w = 1 both sides are the CF retriever exactly
+    for side in ("text", "both"):
+        t = make(tiny_recipe, split, cf, item_side=side)
+        with torch.no_grad():
+            t.text_head.weight.normal_()
+            q_llm = t.query(h, blend=False)
+            if side == "text":
+                assert not q_llm[:, :D].any() and q_llm[:, D:].any()
+            t.cf_weight.fill_(1.0)
+            q_cf = t.cf.encode_users(torch.from_numpy(h.padded(t.cf.cfg.max_len)))
+            assert torch.allclose(t.query(h) @ t.items().T, q_cf @ t.item_table.T, atol=1e-5)
 
 
-def test_item_text_without_titles_is_refused(tiny_recipe, split, cf):
-    with pytest.raises(ConfigError, match="teacher.item_text: the data has no item titles"):
-        make(tiny_recipe, dataclasses.replace(split, titles=[""] * len(split.titles)), cf, item_text=True)
+def test_text_item_side_without_texts_is_refused(tiny_recipe, split, cf):
+    cfg = dataclasses.replace(tiny_recipe.teacher, item_side="text")
+    with pytest.raises(ConfigError, match="teacher.item_side: text needs item texts"):
+        build_teacher(cfg, cf, split.titles, texts=[""] * len(split.titles))

@@ -20,6 +20,7 @@ from distill.losses import (EmbeddingAlignment, ImportanceRankingKD, PairwiseRan
                             WeightedLoss)
 from distill.runs import distill_inputs, finished_training, model_dir
 from distill.stages.common import finish_training
+from student.cold_start import init_cold_rows
 from student.embedding_distillation import CollaborativeEmbedding
 from student.model import load_student
 from student.train import own_loss, train_and_save
@@ -38,6 +39,12 @@ def distillation_loss(recipe: Recipe, split: Split, teacher_dim: int) -> Weighte
                                                           d.ird_temperature, d.ird_negatives)),
         "align": (d.align_weight, lambda: EmbeddingAlignment(recipe.student.hidden_size, teacher_dim, d.align)),
     })
+
+
+def teacher_item_side(cache: TeacherCache) -> np.ndarray:
+    """(N+1, D_T) the teacher item vectors distillation reads: the text part when the teacher has one (what
+    the LLM adds, and the only part a cold item has), else its item table."""
+    return np.asarray(cache.items("text" if "text" in cache.item_parts else None))
 
 
 def cache_lookup(cache: TeacherCache, k: int):
@@ -64,13 +71,21 @@ def run(recipe: Recipe, run: Path, split: Split, seed: int, name: str = "student
         return record
     init = load_student(model_dir(run, "student_alone", seed, recipe), split.hash, split.n_items)[0] \
         if d.warm_start else None
+    teacher_items = teacher_item_side(cache)
+    extra = {}
+    if d.cold_init:
+        if "text" not in cache.item_parts:
+            raise ConfigError(f"distill.cold_init: the teacher in {cache.folder} has no text item side "
+                              "(teacher.item_side text or both)")
+        extra["cold_rows_initialised"] = init_cold_rows(init, teacher_items, split.item_popularity())
     torch.manual_seed(seed)  # the alignment map's initial weights must not depend on what ran before
     loss = distillation_loss(recipe, split, cache.dim)
-    prior = (lambda: CollaborativeEmbedding(cache.item_table, recipe.student.hidden_size, d.ced_weight)) \
+    prior = (lambda: CollaborativeEmbedding(teacher_items, recipe.student.hidden_size, d.ced_weight)) \
         if d.ced_weight > 0 else None
     weights = {**loss.weights, **({"ced": d.ced_weight} if prior else {})}
     record = train_and_save(recipe, split, out, seed, loss, teacher=cache_lookup(cache, d.k),
                             desc=f"distilled seed {seed}", inputs=wanted,
-                            extra={"loss_weights": weights, "recipe": recipe.to_dict()},
+                            extra={"loss_weights": weights, "recipe": recipe.to_dict(), **extra,
+                                   "teacher_item_part": "text" if "text" in cache.item_parts else "cf"},
                             init=init, epochs=d.epochs, item_prior=prior)
     return finish_training(out, record)
