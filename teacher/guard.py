@@ -22,7 +22,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from distill.data import Histories, Split
+from distill.data import Split
+
+from distill.histories import Histories
 from distill.errors import AnyoError
 from distill.positions import prefixes
 
