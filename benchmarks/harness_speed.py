@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 import torch
 
-from distill.harness import ItemIndex
+from distill.search import ItemIndex
 
 
 def main() -> None:

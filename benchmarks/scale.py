@@ -58,7 +58,8 @@ def work_prepare(n: int, tmp: Path) -> dict:
 def work_student(n_items: int, tmp: Path, users: int = 2000, mean_len: int = 50) -> dict:
     import torch
     from distill.config import load_recipe
-    from distill.data import Histories, Split
+    from distill.data import Split
+    from distill.histories import Histories
     from distill.losses import WeightedLoss
     from student.train import StudentTask, build_student, own_loss
     torch.set_num_threads(2)
@@ -97,7 +98,7 @@ def clustered(n: int, d: int, rng, centers: int = 1000) -> np.ndarray:
 
 def work_harness(n_items: int, tmp: Path, queries: int = 1000, dim: int = 64) -> dict:
     import faiss
-    from distill.harness import ItemIndex
+    from distill.search import ItemIndex
     faiss.omp_set_num_threads(2)
     rng = np.random.default_rng(0)
     items = np.vstack([np.zeros((1, dim), np.float32), clustered(n_items, dim, rng)])

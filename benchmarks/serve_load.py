@@ -62,7 +62,7 @@ def histories_for(exp, split_dir: str | None, n: int, seed: int = 0) -> list[lis
 
 def in_process(exp, hists: list[list[str]], threads: int) -> dict:
     import torch
-    from distill.data import Histories
+    from distill.histories import Histories
     torch.set_num_threads(threads)
     rec = exp.recommender
     rows = [exp.to_internal(h) for h in hists]

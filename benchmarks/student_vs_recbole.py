@@ -24,7 +24,8 @@ import torch
 
 from distill.config import load_recipe
 from distill.data import prepare
-from distill.harness import ItemIndex, evaluate
+from distill.harness import evaluate
+from distill.search import ItemIndex
 from distill.losses import WeightedLoss
 from distill.trainer import Trainer
 from student.train import StudentTask, build_student, own_loss, trainer_config

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill.data import Histories, Split
+from distill.data import Split
+
+from distill.histories import Histories
 
 
 class MostPop:

@@ -8,7 +8,7 @@ import os
 import sys
 
 from distill import commands
-from distill.config import SEED_MAX
+from distill.checked import SEED_MAX
 from distill.errors import AnyoError, ConfigError
 
 RECIPE_HELP = "recipe YAML file, or the name of a recipe shipped with anyo (ml100k, ml100k-cold, ...)"

@@ -15,9 +15,9 @@ import faiss
 import numpy as np
 
 from distill.artifacts import read_json, sha256_file
-from distill.data import Histories
+from distill.histories import Histories
 from distill.errors import AnyoError, ArtifactError
-from distill.harness import ItemIndex
+from distill.search import ItemIndex
 from distill.recommender import TORCH_MAX_ITEMS, Recommender
 from student.model import load_student
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 
+from distill.errors import DataError
 
 ARTICLE = re.compile(r"^(?P<rest>.+), (?P<article>The|A|An|Les|La|Le|Il|Das|Der|Die|El)$")
 
@@ -48,5 +49,4 @@ def text_columns(available: list[str], skip: tuple[str, ...], chosen: list[str] 
 
 
 def raise_missing(where: str, column: str, available: list[str]) -> None:
-    from distill.errors import DataError
     raise DataError(f"{where}: no column `{column}` (data.columns.text); columns: {', '.join(available)}")

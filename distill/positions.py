@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distill.data import Histories, Split
+from distill.data import Split
+
+from distill.histories import Histories
 
 
 def _within(counts: np.ndarray) -> np.ndarray:

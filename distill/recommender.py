@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distill.data import Histories
-from distill.harness import Exclusions, ItemIndex
+from distill.histories import Histories
+from distill.search import Exclusions, ItemIndex
 
 TORCH_MAX_ITEMS = 200_000  # item-table rows up to which scores are a dense matmul in torch
 ENCODE_CHUNK = 256         # users per encoder pass: a large batch is encoded in chunks whose activations

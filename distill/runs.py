@@ -36,7 +36,8 @@ from distill.artifacts import check_record, json_digest, read_json, read_record,
 from distill.baselines import MostPop
 from distill.cache import cache_key
 from distill.config import Recipe
-from distill.data import Histories, Split
+from distill.data import Split
+from distill.histories import Histories
 from distill.errors import AnyoError, ArtifactError, ConfigError
 from distill.resume import clear_resume
 from student.model import load_student

@@ -23,7 +23,7 @@ import numpy as np
 
 from distill.config import BenchConfig
 from distill.data import Split, load_split
-from distill.harness import Exclusions, ItemIndex
+from distill.search import Exclusions, ItemIndex
 from distill.runs import load_retriever
 
 clock = time.perf_counter  # module-level so a test can substitute a fake clock

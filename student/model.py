@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from distill.artifacts import atomic_dir, read_record
-from distill.data import Histories
+from distill.histories import Histories
 from distill.errors import CorruptError, StaleError
 
 

@@ -16,9 +16,10 @@ import torch
 
 from distill.cache import cache_key, complete_cache, staging_dir
 from distill.config import Recipe
-from distill.data import Histories, Split
-from distill.harness import Exclusions, ItemIndex
+from distill.data import Split
+from distill.histories import Histories
 from distill.positions import scored_positions
+from distill.search import Exclusions, ItemIndex
 from student.model import SASRec
 from teacher.guard import check_validation
 from teacher.infer import pending_shards, score_shards

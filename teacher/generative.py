@@ -49,8 +49,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distill.artifacts import atomic_dir, read_json
-from distill.config import LlaraConfig, TeacherConfig, config_from_dict
-from distill.data import Histories, Split
+from distill.checked import config_from_dict
+from distill.config import LlaraConfig, TeacherConfig
+from distill.data import Split
+from distill.histories import Histories
 from distill.errors import ArtifactError, ConfigError
 from student.model import SASRec
 from teacher.backbone import load_backbone

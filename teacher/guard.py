@@ -36,7 +36,9 @@ import numpy as np
 import torch
 
 from distill.cache import memmap_tensors, shard_name
-from distill.data import Histories, Split
+from distill.data import Split
+from distill.harness import evaluate
+from distill.histories import Histories
 from distill.errors import AnyoError
 from distill.positions import prefixes
 
@@ -192,7 +194,6 @@ def check_validation(staging: Path, n_shards: int, split: Split, items: np.ndarr
                      recorded: float | None, source: str) -> dict:
     """Re-score the cache's validation rows with the harness; refuse the cache (removing its shards) when
     their NDCG@10 is more than VALID_NDCG_TOLERANCE from `recorded`, what `source` recorded on validation."""
-    from distill.harness import evaluate
     if recorded is None:
         return {"checked": False, "reason": "no recorded validation NDCG@10 to compare with"}
     ev = recipe.eval

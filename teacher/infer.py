@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from distill.artifacts import read_record
 from distill.cache import cache_key, complete_cache, shard_metadata, shard_name, staging_dir, write_shard
 from distill.config import Recipe
-from distill.data import Histories, Split
+from distill.data import Split
+from distill.histories import Histories
 from distill.errors import ArtifactError, ConfigError, StaleError
 from distill.positions import prefixes, scored_positions
 from distill.resources import decoder_step_bytes, require_memory

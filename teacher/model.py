@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from distill.artifacts import atomic_dir, read_record, sha256_file, sha256_files
-from distill.config import TeacherConfig, config_from_dict
-from distill.data import Histories, Split
+from distill.checked import config_from_dict
+from distill.config import TeacherConfig
+from distill.data import Split
+from distill.histories import Histories
 from distill.errors import ConfigError, CorruptError, StaleError
-from distill.harness import Exclusions, ItemIndex
+from distill.search import Exclusions, ItemIndex
 from student.model import SASRec, load_student
 from teacher.backbone import load_backbone
 from teacher.item_text import item_parts, item_states

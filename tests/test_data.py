@@ -250,7 +250,8 @@ def test_bad_format_and_missing_path_are_named(tmp_path):
 
 
 def test_negatives_for_dense_users_and_in_one_vectorised_draw():
-    from distill.data import Histories, _sample_negatives
+    from distill.data import _sample_negatives
+    from distill.histories import Histories
     n_items = 40
     sparse = [1, 2, 3]
     all_but_19 = list(range(1, 22))                  # 19 unseen items: exactly those are drawn

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from distill.cli import main
-from distill.data import Histories, load_split
+from distill.data import load_split
+from distill.histories import Histories
 from distill.errors import ArtifactError
 from distill.exported import load_export
-from distill.harness import Exclusions, ItemIndex
+from distill.search import Exclusions, ItemIndex
 from distill.recommender import Recommender
 from student.model import SASRecConfig
 

@@ -117,7 +117,7 @@ def test_guard_sample_is_fixed():
     users, t = np.repeat(np.arange(50), 3), np.tile(np.arange(2, 5), 50)
 
     class S:  # prefixes() reads only the sequences
-        from distill.data import Histories
+        from distill.histories import Histories
         sequences = Histories(np.arange(1, 251) % 40 + 1, np.arange(0, 251, 5))
     lengths_of = lambda h: h.lengths
     a, b = guard.sample(S, users, t, lengths_of, 64), guard.sample(S, users, t, lengths_of, 64)

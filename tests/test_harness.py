@@ -5,8 +5,10 @@ import pytest
 
 from distill.cli import main
 from distill.config import DataConfig
-from distill.data import Histories, build_split, save_split
-from distill.harness import Exclusions, ItemIndex, evaluate, rank_metrics
+from distill.data import build_split, save_split
+from distill.histories import Histories
+from distill.harness import evaluate, rank_metrics
+from distill.search import Exclusions, ItemIndex
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +34,11 @@ def test_faiss_and_brute_force_agree(split, mask):
 def test_chunked_masked_search_equals_one_pass(split, monkeypatch):
     """Queries searched in chunks by exclusion count, each chunk at its own depth, give the
     same top-K as one pass at the deepest depth, in the callers' query order."""
-    import distill.harness as harness
+    import distill.search as search
     users, items = random_vectors(split)
     ex = Exclusions.from_histories(split.history("test"), len(items))
     whole = ItemIndex(items).search(users, 10, ex)
-    monkeypatch.setattr(harness, "EXCLUSION_CHUNK", 3)
+    monkeypatch.setattr(search, "EXCLUSION_CHUNK", 3)
     chunked = ItemIndex(items).search(users, 10, ex)
     brute = ItemIndex(items, "brute").search(users, 10, ex)
     assert len(np.unique(ex.lengths)) > 3  # the chunks really search at different depths
@@ -154,9 +156,9 @@ def test_evaluate_cli_rejects_bad_vectors(tmp_path, split, bad, msg, capsys):
 
 
 def test_index_search_parameters_after_a_question_mark():
-    from distill.config import check_index_string
+    from distill.search import check_index_string
     from distill.errors import AnyoError
-    from distill.harness import ItemIndex
+    from distill.search import ItemIndex
     x = np.random.default_rng(0).normal(size=(2000, 8)).astype(np.float32)
     assert ItemIndex(x, "IVF8,Flat?nprobe=8").index.nprobe == 8
     assert ItemIndex(x, "HNSW8?efSearch=40").index.hnsw.efSearch == 40

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from distill.data import Histories, build_split
+from distill.data import build_split
+
+from distill.histories import Histories
 from distill.errors import ArtifactError
 from distill.losses import LossInputs, NegativeSampler, SoftmaxLoss, WeightedLoss
 from student.model import SASRec, SASRecConfig, load_student, save_student
