@@ -7,7 +7,8 @@ import pytest
 from distill.cli import main
 from distill.config import ColumnsConfig, DataConfig, load_recipe
 from distill.errors import ConfigError
-from distill.data import build_split, prepare, to_hf_datasets, data_files
+from distill.data import build_split, prepare, to_hf_datasets
+from distill.sources import data_files
 from distill.errors import DataError
 
 HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
@@ -190,7 +191,7 @@ def test_formats_and_row_order_give_the_recbole_split(tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
 def test_ml100k_converted_and_shuffled_equals_recbole(tmp_path, fmt):
-    from distill.data import embedded_ml100k
+    from distill.sources import embedded_ml100k
     ref = build_split(DataConfig(columns=ColumnsConfig(text=[])))
     path, items = convert(tmp_path, embedded_ml100k(), "ml-100k", fmt, shuffle_seed=7)
     assert_same_split(build_split(DataConfig(format=fmt, path=path, items=items)), ref)
