@@ -159,6 +159,16 @@ def _count(v) -> str:
     return "–" if v is None else f"{v:,.0f}"
 
 
+def trained(name: str, m: dict) -> str:
+    """How many models a row averages: seeds, or teachers (x student seeds) for a model per teacher."""
+    teachers, n = m.get("teachers", 1), m["seeds"]
+    if teachers == 1:
+        return str(n)
+    if name == "teacher":
+        return f"{teachers} teachers"
+    return f"{teachers} teachers x {n // teachers} seeds" if n % teachers == 0 else f"{teachers} teachers, {n} in all"
+
+
 def seed_label(p: dict) -> str:
     """t1/s3: teacher seed 1, student seed 3 (either left out when the model has no such level)."""
     return "/".join(f"{k[0]}{p[k]}" for k in ("teacher", "seed") if p[k] is not None) or "-"
@@ -196,14 +206,19 @@ def markdown(report: dict) -> str:
     cols = ["HR@10", "NDCG@10", "MRR@10", "HR@1(candidates)", "Coverage@10", "ValidRatio"]
     lines.append("| model | models trained | " + " | ".join(cols) + " | params | peak RSS (MiB) | latency p50 (ms) | users/s |")
     lines.append("|---" * (len(cols) + 6) + "|")
-    for m in report["models"].values():
+    for name, m in report["models"].items():
         q = ["n/a" if "full_ranking" in m and c not in m["metrics"] else _fmt(m["metrics"].get(c), m["metrics_std"].get(c))
              for c in cols]
         rss = m.get("peak_rss_bytes")
         cost = [_count(m.get("params")), _count(None if rss is None else rss / 2**20),
                 _fmt(m.get("latency_ms", {}).get("p50")), _count(m.get("throughput_users_per_s"))]
-        seeds = f"{m['teachers']} teachers, {m['seeds']}" if m.get("teachers", 1) > 1 else m["seeds"]
-        lines.append(f"| {m['label']} | {seeds} | " + " | ".join(q + cost) + " |")
+        lines.append(f"| {m['label']} | {trained(name, m)} | " + " | ".join(q + cost) + " |")
+    if CF_DISTILLED in report["models"]:
+        lines.append(f"\n{MODELS[CF_DISTILLED].label}: the recipe's distillation from a w = 1 cache of the CF model every teacher blends "
+                     "with (no LLM); its serving cost is the distilled student's (the same SASRec).")
+    if "teacher" in report["models"] and report["models"]["teacher"].get("teachers", 1) == 1:
+        lines.append("\nThe teacher was trained once: the teacher's seed variance is not in any interval below "
+                     "(`anyo run --teacher-seeds N` measures it).")
     lines += comparison_lines(report["comparisons"])
     swept = {n: m for n, m in report["models"].items() if "throughput_by_batch" in m}
     if swept:

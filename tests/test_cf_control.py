@@ -56,4 +56,5 @@ def test_run_reports_the_cf_only_control(tiny_run):
     assert (c["a"], c["b"]) == ("student_distilled", "student_cf_distilled")
     md = (run / "report" / "report.md").read_text()
     assert "llm_vs_cf_teacher (distilled student minus distilled from the CF model alone)" in md
-    assert "| distilled from the CF model alone | 1 |" in md
+    assert "| distilled from the CF model alone | 1 |" in md and "The teacher was trained once" in md
+    assert "The LLM's own share" in md
