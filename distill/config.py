@@ -131,6 +131,10 @@ class TeacherConfig(_Section):
                             "teacher.num_layers) or `full` (every layer of teacher.model); the states are computed "
                             "once and cached by a hash of their inputs.", "query", choices=("query", "full"))
     max_text_tokens: int = _help("Item texts are cut to this many tokens (item_side text/both).", 32, min=1)
+    text_query: bool = _help("Add to the LLM's query a trained projection of the last history item's text state "
+                             "(the same cached states as the item side): a first-order text query beside the "
+                             "prompt's pooled state, trained without backpropagating through the backbone "
+                             "(item_side text or both).", False)
     train_item_table: bool = _help("Train the item table (initialised from the CF model); false keeps the CF "
                                    "item space fixed, so the LLM only learns to place queries in it.", True)
     lora_r: int = _help("LoRA rank (split into num_experts slices for moe_lora).", 8, min=1)
@@ -161,6 +165,8 @@ class TeacherConfig(_Section):
                  f"must be a non-empty list of numbers in [0, 1], got {self.cf_weights!r}")
         for i, m in enumerate(self.target_modules):
             _require(bool(m.strip()), f"teacher.target_modules[{i}]", "must not be empty")
+        _require(self.item_side != "cf" or not self.text_query, "teacher.text_query",
+                 "needs teacher.item_side text or both (it reads the item text states)")
 
 
 @dataclass

@@ -78,6 +78,7 @@ class TeacherRetriever(nn.Module):
             self.register_buffer("text_states", text_states, persistent=False)  # (N+1, H), cached by content
             self.text_head = nn.Linear(H, d_cf, bias=False)
             nn.init.zeros_(self.text_head.weight)      # scores start at 0 (uniform), `both` starts as the CF side
+        self.text_query = nn.Linear(H, self.out_projector.out_features, bias=False) if cfg.text_query else None
         self.gate = ExpertGate(backbone, d_cf, cfg.num_experts, cfg.lora_r) if cfg.adapter == "moe_lora" else None
         self._index: ItemIndex | None = None
 
@@ -123,6 +124,8 @@ class TeacherRetriever(nn.Module):
                 self.gate.set(None)
         pooled = h[torch.arange(len(h)), batch.last_index]                       # (B, H)
         q = self.out_projector(pooled.float())                                    # (B, D) or (B, 2D)
+        if self.text_query is not None:                                           # + the last item's text
+            q = q + self.text_query(self.text_states[last_items(batch.history_items)])
         if self.cfg.item_side == "text":
             q = F.pad(q, (q.shape[-1], 0))                                        # (B, 2D): 0 on the CF part
         return blend_queries(q, cf_repr, self.cf_weight) if blend else q
@@ -167,7 +170,8 @@ class TeacherRetriever(nn.Module):
         layers = [p for n, p in self.backbone.named_parameters() if ".layers." in n and "lora_" not in n]
         tokens = self.prompts.lengths(histories).astype(np.float64)
         decoder = tokens * (2 * sum(p.numel() for p in layers) + 4 * tokens * c.hidden_size * c.num_hidden_layers)
-        heads = 2 * sum(p.numel() for p in self.out_projector.parameters())
+        heads = 2 * sum(p.numel() for m in (self.out_projector, self.text_query) if m is not None
+                        for p in m.parameters())
         return decoder + self.cf.flops_per_user(histories) + heads
 
     # ------------------------------------------------------------ retrieval
@@ -193,6 +197,13 @@ class TeacherRetriever(nn.Module):
     def heads_state(self) -> dict[str, torch.Tensor]:
         """Everything trained outside peft: projectors, gate, item table, CF weight."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(("backbone.", "cf."))}
+
+
+def last_items(history_items: torch.Tensor) -> torch.Tensor:
+    """(B,) the last [HistoryEmb] item of each prompt (0, the padding row, for an empty history)."""
+    slot = torch.arange(history_items.shape[1], device=history_items.device).expand_as(history_items)
+    last = torch.where(history_items > 0, slot, -1).max(1).values                 # (B,)
+    return history_items.gather(1, last.clamp(min=0)[:, None])[:, 0] * (last >= 0)
 
 
 def make_in_projector(d_cf: int, hidden: int) -> nn.Module:

@@ -216,16 +216,29 @@ def test_text_item_side_reads_the_cached_text_states_and_keeps_w1_the_cf_retriev
     loaded, _ = load_teacher(saved(t, tmp_path / "teacher", split, cf_dir), cf_dir, split)
     assert np.allclose(loaded.item_vectors(), t.item_vectors(), atol=1e-6)
     # `text`: the LLM's query scores only the text part; at w = 1 both sides are the CF retriever exactly
-    for side in ("text", "both"):
-        t = make(tiny_recipe, split, cf, item_side=side)
+    for side, text_query in (("text", False), ("both", False), ("text", True)):
+        t = make(tiny_recipe, split, cf, item_side=side, text_query=text_query)
         with torch.no_grad():
             t.text_head.weight.normal_()
             q_llm = t.query(h, blend=False)
             if side == "text":
                 assert not q_llm[:, :D].any() and q_llm[:, D:].any()
+            if text_query:   # the last history item's text state, projected, is part of the LLM's query
+                last = torch.from_numpy(np.asarray([r[-1] for r in h]))
+                t.text_query.weight.zero_()
+                without = t.query(h, blend=False)
+                t.text_query.weight.normal_()
+                added = t.query(h, blend=False) - without
+                assert torch.allclose(added[:, D:], t.text_query(t.text_states[last]), atol=1e-5)
             t.cf_weight.fill_(1.0)
             q_cf = t.cf.encode_users(torch.from_numpy(h.padded(t.cf.cfg.max_len)))
             assert torch.allclose(t.query(h) @ t.items().T, q_cf @ t.item_table.T, atol=1e-5)
+
+
+def test_last_items_reads_the_last_history_slot():
+    from teacher.model import last_items
+    slots = torch.tensor([[0, 0, 5, 0, 7, 0], [3, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    assert last_items(slots).tolist() == [7, 3, 0]
 
 
 def test_text_item_side_without_texts_is_refused(tiny_recipe, split, cf):
