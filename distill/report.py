@@ -214,8 +214,8 @@ def markdown(report: dict) -> str:
                 _fmt(m.get("latency_ms", {}).get("p50")), _count(m.get("throughput_users_per_s"))]
         lines.append(f"| {m['label']} | {trained(name, m)} | " + " | ".join(q + cost) + " |")
     if CF_DISTILLED in report["models"]:
-        lines.append(f"\n{MODELS[CF_DISTILLED].label}: the recipe's distillation from a w = 1 cache of the CF model every teacher blends "
-                     "with (no LLM); its serving cost is the distilled student's (the same SASRec).")
+        lines.append(f"\n{MODELS[CF_DISTILLED].label}: the recipe's distillation from a w = 1 cache of the CF model "
+                     "every teacher blends with (no LLM); its serving cost is the distilled student's (the same SASRec).")
     if "teacher" in report["models"] and report["models"]["teacher"].get("teachers", 1) == 1:
         lines.append("\nThe teacher was trained once: the teacher's seed variance is not in any interval below "
                      "(`anyo run --teacher-seeds N` measures it).")

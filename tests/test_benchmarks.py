@@ -39,7 +39,8 @@ def run(tiny_run, tmp_path_factory):
 
 def test_every_script_is_covered():
     covered = {"make_synthetic.py", "harness_speed.py", "scale.py", "distill_ablation.py", "teacher_inference.py",
-               "serve_load.py", "student_vs_recbole.py", "seed_claims.py", "recbole_sasrec.py", "text_decides.py"}
+               "serve_load.py", "student_vs_recbole.py", "seed_claims.py", "recbole_sasrec.py", "text_decides.py",
+               "text_teacher.py"}
     assert set(SCRIPTS) == covered, "a new benchmark script needs its smoke test here"
 
 
@@ -53,6 +54,11 @@ def test_text_decides(tmp_path):
     bench("text_decides.py", "--out", tmp_path, "--users", 60, "--franchises", 40, "--standalone", 20)
     bayes = json.loads((tmp_path / "textdecides.bayes.json").read_text())
     assert (tmp_path / "textdecides.inter").is_file() and (tmp_path / "textdecides.item").is_file() and bayes
+
+
+def test_text_teacher(run):
+    p = bench("text_teacher.py", run)
+    assert "| student alone |" in p.stdout or "student alone" in p.stdout
 
 
 def test_harness_speed():
