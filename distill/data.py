@@ -1,6 +1,6 @@
 """The one data protocol: interactions (RecBole atomic files, Parquet, CSV, JSONL) -> leave-one-out split.
 
-Protocol (DESIGN.md section 2):
+Protocol:
   * users in the order of their tokens (as strings), each user's interactions ordered by
     timestamp, ties broken by the item token: nothing depends on the order of the rows;
   * optional k-core filter on users and items;

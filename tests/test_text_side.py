@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import RECIPE, WORDS, sets, tiny_recipe_overrides
+from helpers import RECIPE, WORDS, sets, tiny_recipe_overrides
 from distill.cli import main
 from distill.data import load_split
 from student.cold_start import init_cold_rows, ridge_map
