@@ -8,8 +8,9 @@ import torch
 
 from distill.config import LlaraConfig, load_recipe
 from distill.errors import ConfigError
-from teacher.generative import (CANS_TOKEN, IGNORE, build_generative, candidate_sets, judge, load_generative,
-                                match_candidates, normalise, save_generative, score_candidates)
+from teacher.checkpoint import load_generative, save_generative
+from teacher.generative import CANS_TOKEN, IGNORE, build_generative, candidate_sets, score_candidates
+from teacher.titles import judge, match_candidates, normalise
 from teacher.prompt import HISTORY_TOKEN
 
 from helpers import write_tiny_llama

@@ -8,7 +8,8 @@ from distill.errors import ConfigError
 from student.model import SASRec, SASRecConfig
 from teacher.backbone import load_backbone
 from teacher.item_text import mean_states, standardise
-from teacher.model import build_teacher, load_teacher, save_teacher
+from teacher.checkpoint import load_teacher, save_teacher
+from teacher.model import build_teacher
 
 
 def make(tiny_recipe, split, cf, seed=0, **changes):
