@@ -233,3 +233,12 @@ def test_text_item_side_without_texts_is_refused(tiny_recipe, split, cf):
     cfg = dataclasses.replace(tiny_recipe.teacher, item_side="text")
     with pytest.raises(ConfigError, match="teacher.item_side: text needs item texts"):
         build_teacher(cfg, cf, split.titles, texts=[""] * len(split.titles))
+
+
+def test_prompts_pad_with_the_pad_token_else_eos_else_0():
+    """One rule for the dense teacher's PromptBuilder and the generative baseline's LlaraPrompts."""
+    from types import SimpleNamespace
+    from teacher.prompt import pad_token_id
+    assert pad_token_id(SimpleNamespace(pad_token_id=3, eos_token_id=2)) == 3
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0
