@@ -70,7 +70,8 @@ def phase_train_dense(args) -> dict:
 def phase_train_gen(args) -> dict:
     import torch
     from distill.trainer import Trainer
-    from teacher.generative import build_generative, save_generative
+    from teacher.checkpoint import save_generative
+    from teacher.generative import build_generative
     from teacher.generative_train import GenerativeTask, trainer_config
     recipe, run, split, cf, _ = load(args)
     torch.manual_seed(recipe.seed)
@@ -92,7 +93,7 @@ def params_of(model) -> dict:
 
 def phase_infer_dense(args) -> dict:
     import torch
-    from teacher.model import load_teacher
+    from teacher.checkpoint import load_teacher
     from teacher.generative import candidate_sets
     recipe, run, split, cf, users = load(args)
     model, _ = load_teacher(Path(args.out) / "teacher", run / "student_alone", split)
@@ -122,7 +123,8 @@ def phase_infer_dense(args) -> dict:
 
 
 def phase_infer_gen(args) -> dict:
-    from teacher.generative import load_generative, score_candidates
+    from teacher.checkpoint import load_generative
+    from teacher.generative import score_candidates
     recipe, run, split, cf, users = load(args)
     model, _ = load_generative(Path(args.out) / "llara", cf, split.titles, split.hash)
     score_candidates(model, split, "test", args.batch, users[:4])                          # warm-up

@@ -114,11 +114,9 @@ def _usable(cand: np.ndarray, rows: np.ndarray, seen: np.ndarray, stride: int) -
 
 
 def _sample_negatives(seqs: Histories, n_items: int, rng: np.random.Generator, source: Path) -> np.ndarray:
-    """(n, 19) distinct items outside each user's whole sequence, uniform, drawn for all users at once.
-
-    Each round draws M candidates for every user still pending and keeps the first 19 distinct unseen
-    ones; users with fewer than 19 go to the next round with 4M. A user who has seen almost the whole
-    catalogue draws from every item except its validation and test targets instead.
+    """(n, 19) distinct items outside each user's whole sequence, uniform, drawn for all users at once
+    (sample_unseen). A user who has seen almost the whole catalogue draws from every item except its
+    validation and test targets instead.
     """
     if n_items < NUM_NEGATIVES + 2:
         raise DataError(f"{source}: {n_items} items; the candidate protocol needs at least {NUM_NEGATIVES + 2}")
@@ -131,14 +129,26 @@ def _sample_negatives(seqs: Histories, n_items: int, rng: np.random.Generator, s
         users = np.concatenate([np.arange(n)] * 2)
         keep = ~dense[seen // stride]
         seen = np.union1d(seen[keep], (users * stride + seqs.flat[last_two])[dense[users]])
-    out = np.empty((n, NUM_NEGATIVES), dtype=np.int64)
-    pending, m = np.arange(n), 4 * NUM_NEGATIVES
+    return sample_unseen(seen, n, n_items, NUM_NEGATIVES, rng)
+
+
+def sample_unseen(seen: np.ndarray, n: int, n_items: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, count) distinct items of 1..n_items per row, uniform, none of them among the row's `seen` keys
+    (sorted distinct `row * (n_items + 1) + item`, a non-empty array); every row must have `count` items left.
+
+    Each round draws M candidates for every row still pending and keeps the first `count` distinct unseen
+    ones; rows with fewer go to the next round with 4M (M starts at 4 count). Shared by the split's
+    negatives (_sample_negatives) and the generative baseline's training candidates (teacher/generative.py).
+    """
+    stride = n_items + 1
+    out = np.empty((n, count), dtype=np.int64)
+    pending, m = np.arange(n), 4 * count
     while len(pending):
         cand = rng.integers(1, n_items + 1, size=(len(pending), m))
         ok = _usable(cand, pending, seen, stride)
-        first = ok & (np.cumsum(ok, axis=1) <= NUM_NEGATIVES)             # the first 19 usable, in order
-        done = first.sum(axis=1) == NUM_NEGATIVES
-        out[pending[done]] = cand[done][first[done]].reshape(-1, NUM_NEGATIVES)
+        first = ok & (np.cumsum(ok, axis=1) <= count)                      # the first `count` usable, in order
+        done = first.sum(axis=1) == count
+        out[pending[done]] = cand[done][first[done]].reshape(-1, count)
         pending, m = pending[~done], 4 * m
     return out
 

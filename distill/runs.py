@@ -43,7 +43,7 @@ from distill.resume import clear_resume
 from student.model import load_student
 from teacher.cf_only import cf_cache_key
 from teacher.infer import wrap_backend
-from teacher.model import load_teacher
+from teacher.checkpoint import load_teacher
 
 CF_CACHE = "cf_teacher_cache"        # the CF-only control: the CF model alone as a teacher
 CF_DISTILLED = "student_cf_distilled"

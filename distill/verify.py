@@ -22,7 +22,7 @@ from distill.errors import ConfigError, StaleError
 from distill.runs import (CF_CACHE, MODELS, cache_up_to_date, cf_cache_up_to_date, llara_inputs, model_folders,
                           report_inputs, teacher_roots)
 from student.model import load_student
-from teacher.model import check_teacher
+from teacher.checkpoint import check_teacher
 
 Row = tuple[str, str, str]
 

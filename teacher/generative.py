@@ -5,9 +5,10 @@
 
 It shares with the dense teacher (teacher/model.py) the backbone loader (the same GGUF or HF folder and
 layer cut, loaded with its LM head: `load_backbone(with_head=True)`; SmolLM2 ties the head to the input
-embeddings), the peft adapter (`attach_adapter`, the `teacher` section's adapter settings), the MoE-LoRA gate
-(`ExpertGate`, driven by the CF model's `encode_users`) and the in-projector of CF item embeddings
-(`make_in_projector`). The CF model is the student-alone SASRec, frozen.
+embeddings) and, through `SlotModel` (teacher/slots.py), the frozen CF model (the student-alone SASRec), the
+in-projector of CF item embeddings, the peft adapter (`attach_adapter`, the `teacher` section's adapter
+settings) and the MoE-LoRA gate (`ExpertGate`, driven by the CF model's `encode_users`). Titles and the
+matching of answers are in teacher/titles.py, saving and loading in teacher/checkpoint.py.
 
 Prompt (LLaRA's, with the items written as `title [Slot]`):
 
@@ -16,31 +17,22 @@ Prompt (LLaRA's, with the items written as `title [Slot]`):
 The 20 candidates are the split's own (the target + its 19 seeded negatives, `Split.negatives[stage]`), in an
 order shuffled per user by `numpy.random.default_rng([llara.shuffle_seed, stage, user])`, so every run and every
 batch composition shows a user the same order. Training examples (history prefix -> next item) draw 19 fresh
-uniform negatives outside the user's whole sequence and a fresh order from the epoch's generator.
-
-Titles: each item's title (`item #ID` when it has none) is cut to `llara.max_title_tokens` tokens; a title that
-is then shared by several items (MovieLens-100K has the same title for two item ids) gets ` (#ID)` appended to
-every copy, so the title, and only that, identifies an item in the prompt and in the answer. Unique titles stay
-as they are (no extra tokens). Titles are compared in the tokenizer's own normal form (decode(encode(text)),
-first line, whitespace collapsed, lower case), so a tokenizer that does not round-trip text still matches.
+distinct uniform negatives outside the user's whole sequence (distill.data.sample_unseen, the sampler of the
+split's own negatives) and a fresh target position from the epoch's generator.
 
 Loss: cross-entropy of the LM on the answer tokens only (the title + EOS); every other position is -100. The
 head is applied only at those positions (the LM head over the vocabulary is the costliest layer per token).
 
 Inference: greedy `generate()` on inputs_embeds with left padding, `max_new_tokens` = the batch's longest
-candidate title in tokens + 1 (EOS) + `llara.max_new_tokens_margin`. Matching (LLaRA's rule, made precise): the
-first line of the decoded output is searched for every candidate title (substring, case-insensitive), longest
-titles first; an occurrence lying inside an occurrence already claimed by a longer title does not count (so
-`heat wave` names one title even when `heat` is also a candidate; `heat wave and heat` names two). The output is
-valid when exactly one candidate is named, and correct when that candidate is the target.
+candidate title in tokens + 1 (EOS) + `llara.max_new_tokens_margin`. An answer is judged by teacher/titles.py's
+rule (exactly one candidate title named: valid; that one the target: correct).
 HR@1 = correct / all users; ValidRatio = valid / all users; HR@1_valid = correct / valid (the figure LLaRA's code
 reports as HR@1).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,86 +40,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distill.artifacts import atomic_dir, read_json
-from distill.checked import config_from_dict
 from distill.config import LlaraConfig, TeacherConfig
-from distill.data import Split
+from distill.data import Split, sample_unseen
 from distill.histories import Histories
-from distill.errors import ArtifactError, ConfigError
+from distill.errors import ConfigError
 from student.model import SASRec
 from teacher.backbone import load_backbone
-from teacher.model import attach_adapter, checkpoint_hash, make_in_projector, save_adapter
-from teacher.moe_lora import ExpertGate
-from teacher.prompt import HISTORY_TOKEN
+from teacher.prompt import HISTORY_TOKEN, pad_token_id
+from teacher.slots import SlotModel, attach_adapter, moe_gate
+from teacher.titles import judge, normalise, unique_titles
 
 CANS_TOKEN = "[CansEmb]"
 IGNORE = -100
 STAGE_CODE = {"train": 0, "valid": 1, "test": 2}
 
 
-# ---------------------------------------------------------------- titles and matching
-
-def normalise(text: str) -> str:
-    """The form titles are compared in: first non-empty line, whitespace collapsed, lower case."""
-    lines = text.strip().splitlines()
-    return " ".join(lines[0].split()).lower() if lines else ""
-
-
-def match_candidates(text: str, titles: list[str]) -> list[int]:
-    """Indices (into `titles`) of the candidates named in `text`; both already normalised.
-
-    Longest titles claim their occurrences first; an occurrence inside a claimed span does not count.
-    """
-    claimed: list[tuple[int, int]] = []
-    named = []
-    for i in sorted(range(len(titles)), key=lambda j: (-len(titles[j]), j)):
-        title, hit = titles[i], False
-        if not title:
-            continue
-        start = text.find(title)
-        while start >= 0:
-            end = start + len(title)
-            if not any(a <= start and end <= b for a, b in claimed):
-                claimed.append((start, end))
-                hit = True
-            start = text.find(title, start + 1)
-        if hit:
-            named.append(i)
-    return sorted(named)
-
-
-def judge(text: str, titles: list[str], target: int) -> tuple[bool, bool, int]:
-    """(valid, correct, named candidate or -1) for one normalised output against its candidates."""
-    named = match_candidates(text, titles)
-    valid = len(named) == 1
-    return valid, valid and named[0] == target, named[0] if valid else -1
-
-
-def unique_titles(tokenizer, titles: list[str], max_tokens: int) -> tuple[list[list[int]], list[str]]:
-    """Per item id (0 = padding): token ids of ` title` and its normalised text, unique over items 1..N."""
-    encode = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]
-    raw = [t.strip() or f"item #{i}" for i, t in enumerate(titles)]
-    ids = [x[:max_tokens] for x in encode([" " + t for t in raw])]
-    texts = [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
-    norm = [normalise(t) for t in texts]
-    seen: dict[str, list[int]] = {}
-    for i in range(1, len(norm)):
-        seen.setdefault(norm[i], []).append(i)
-    dups = [i for group in seen.values() if len(group) > 1 for i in group]
-    if dups:
-        fixed = encode([f" {texts[i]} (#{i})" for i in dups])
-        for i, x in zip(dups, fixed):
-            ids[i] = x
-            norm[i] = normalise(tokenizer.decode(x, skip_special_tokens=True))
-    final: dict[str, int] = {}
-    for i in range(1, len(norm)):
-        if norm[i] in final:
-            raise ConfigError(f"llara.max_title_tokens: items {final[norm[i]]} and {i} read the same after "
-                              f"tokenizing ({norm[i]!r}); the tokenizer cannot tell their titles apart")
-        final[norm[i]] = i
-    ids[0], norm[0] = [], ""
-    return ids, norm
-
+# ---------------------------------------------------------------- candidates
 
 def candidate_sets(split: Split, stage: str, users: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(n, 20) the split's candidates of `users` in prompt order and (n,) the target's position in them."""
@@ -141,23 +69,24 @@ def candidate_sets(split: Split, stage: str, users: np.ndarray, seed: int) -> tu
 
 def training_candidates(split: Split, users: np.ndarray, targets: np.ndarray, rng: np.random.Generator,
                         size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(n, size) target + size-1 uniform negatives outside each user's whole sequence, shuffled; target position."""
-    n = len(users)
-    out = np.empty((n, size), dtype=np.int64)
+    """(n, size) target + size-1 distinct uniform negatives outside each user's whole sequence, the target at a
+    uniform position; and that position. A user whose sequence leaves fewer than size-1 unseen items draws
+    from every item except the target. Drawn for all rows at once (a user may fill several rows)."""
+    n, stride = len(users), split.n_items + 1
     pos = rng.integers(0, size, size=n)
-    for r, (u, t) in enumerate(zip(users.tolist(), targets.tolist())):
-        seen = set(split.sequences.row(u).tolist())
-        if split.n_items - len(seen) < size - 1:
-            seen = {t}
-        picked: list[int] = []
-        while len(picked) < size - 1:
-            for c in rng.integers(1, split.n_items + 1, size=2 * size).tolist():
-                if c not in seen:
-                    seen.add(c)
-                    picked.append(c)
-                    if len(picked) == size - 1:
-                        break
-        out[r] = np.insert(np.asarray(picked, dtype=np.int64), pos[r], t)
+    if n == 0:
+        return np.empty((0, size), dtype=np.int64), pos
+    seqs = split.sequences.take(users)
+    seen = np.unique(seqs.row_ids().astype(np.int64) * stride + seqs.flat)   # sorted distinct (row, item) keys
+    dense = split.n_items - np.bincount(seen // stride, minlength=n) < size - 1
+    if dense.any():
+        rows = np.flatnonzero(dense)
+        seen = np.union1d(seen[~dense[seen // stride]], rows * stride + np.asarray(targets)[rows])
+    negatives = sample_unseen(seen, n, split.n_items, size - 1, rng)        # (n, size-1)
+    out = np.empty((n, size), dtype=np.int64)
+    at_target = np.arange(size) == pos[:, None]                              # (n, size), one True per row
+    out[at_target] = targets
+    out[~at_target] = negatives.ravel()                                      # the negatives keep their order
     return out, pos
 
 
@@ -185,7 +114,7 @@ class LlaraPrompts:
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
             raise ConfigError("teacher.model: its tokenizer has no EOS token, which ends the generated answer")
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self.pad_id = pad_token_id(tokenizer)
         encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         self.prefix = np.asarray(bos + encode(cfg.instruction), dtype=np.int64)
@@ -243,55 +172,39 @@ class LlaraPrompts:
 
 # ---------------------------------------------------------------- the model
 
-class GenerativeRecommender(nn.Module):
+class GenerativeRecommender(SlotModel):
     def __init__(self, lm: nn.Module, tokenizer, cf: SASRec, titles: list[str], cfg: LlaraConfig,
                  adapter_cfg: TeacherConfig):
-        super().__init__()
-        self.cfg, self.adapter_cfg = cfg, adapter_cfg
-        self.backbone = lm                                   # peft-wrapped causal LM
-        self.cf = cf.eval().requires_grad_(False)
-        self.prompts = LlaraPrompts(tokenizer, titles, cfg)
         base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-        H, d_cf = base.config.hidden_size, cf.cfg.hidden_size
-        self.in_projector = make_in_projector(d_cf, H)
-        self.gate = ExpertGate(lm, d_cf, adapter_cfg.num_experts, adapter_cfg.lora_r) \
-            if adapter_cfg.adapter == "moe_lora" else None
+        super().__init__(lm, cf, base.config.hidden_size)   # backbone: the peft-wrapped causal LM; frozen cf
+        self.cfg, self.adapter_cfg = cfg, adapter_cfg
+        self.prompts = LlaraPrompts(tokenizer, titles, cfg)
+        self.gate = moe_gate(lm, cf.cfg.hidden_size, adapter_cfg)
         longest = self.prompts.longest(cfg.max_new_tokens_margin + 1)
         context = getattr(base.config, "max_position_embeddings", None)
         if context is not None and longest > context:
             raise ConfigError(f"llara.max_history: the longest prompt with its answer takes {longest} tokens, more than "
                               f"the backbone's context of {context}; lower llara.max_history or llara.max_title_tokens")
 
-    def train(self, mode: bool = True) -> "GenerativeRecommender":
-        super().train(mode)
-        self.cf.eval()                      # the CF model is frozen: no dropout in the gate's input
-        return self
-
     @property
     def lm(self) -> nn.Module:
         """The causal LM itself (LoRA layers injected in place)."""
         return self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
 
-    @property
-    def device(self) -> torch.device:
-        return self.in_projector[0].weight.device
-
     def input_embeddings(self, batch: GenBatch) -> torch.Tensor:
         """(B, T, H): token embeddings, CF-projected items at [HistoryEmb] and [CansEmb] slots."""
-        is_slot = batch.slot_items > 0
-        tokens = self.lm.get_input_embeddings()(batch.input_ids.masked_fill(is_slot, self.prompts.pad_id))
-        items = self.in_projector(self.cf.item_emb(batch.slot_items))
-        return torch.where(is_slot.unsqueeze(-1), items.to(tokens.dtype), tokens)
+        return self.slot_embeddings(self.lm.get_input_embeddings(), batch.input_ids, batch.slot_items,
+                                    self.prompts.pad_id)
+
+    def gate_input(self, cf_histories: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, D) CF representations of (B, max_len) histories for the gate; None without a gate (not computed)."""
+        if self.gate is None or cf_histories is None:
+            return None
+        with torch.no_grad():
+            return self.cf.encode_users(cf_histories.to(self.device))
 
     def _set_gate(self, cf_histories: torch.Tensor | None) -> None:
-        if self.gate is None:
-            return
-        if cf_histories is None:
-            self.gate.set(None)
-            return
-        with torch.no_grad():
-            cf_repr = self.cf.encode_users(cf_histories.to(self.device))
-        self.gate.set(self.gate.gates(cf_repr))
+        self.set_gate(self.gate_input(cf_histories))
 
     def cf_histories(self, histories: list[np.ndarray]) -> torch.Tensor:
         return torch.from_numpy(Histories.from_rows(histories).padded(self.cf.cfg.max_len))
@@ -301,12 +214,9 @@ class GenerativeRecommender(nn.Module):
         batch = batch.to(self.device)
         x = self.input_embeddings(batch)
         position_ids = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
-        self._set_gate(cf_histories)
-        try:
+        with self.gated(self.gate_input(cf_histories)):
             h = self.lm.get_decoder()(inputs_embeds=x, attention_mask=batch.attention_mask,
                                       position_ids=position_ids).last_hidden_state          # (B, T, H)
-        finally:
-            self._set_gate(None)
         target = batch.labels[:, 1:]
         keep = target != IGNORE                                       # position t predicts token t + 1
         logits = self.lm.get_output_embeddings()(h[:, :-1][keep]).float()
@@ -319,14 +229,11 @@ class GenerativeRecommender(nn.Module):
         from transformers import LogitsProcessorList
         batch = batch.to(self.device)
         x = self.input_embeddings(batch)
-        self._set_gate(cf_histories)
-        try:
+        with self.gated(self.gate_input(cf_histories)):
             out = self.lm.generate(inputs_embeds=x, attention_mask=batch.attention_mask, do_sample=False,
                                    num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=self.prompts.pad_id,
                                    eos_token_id=self.prompts.eos_id,
                                    logits_processor=LogitsProcessorList(logits_processor or []))
-        finally:
-            self._set_gate(None)
         answers = []
         for row in out.tolist():
             cut = row.index(self.prompts.eos_id) if self.prompts.eos_id in row else len(row)
@@ -342,9 +249,7 @@ class GenerativeRecommender(nn.Module):
                                 longest + 1 + self.cfg.max_new_tokens_margin, logits_processor)
         return self.prompts.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
-    def heads_state(self) -> dict[str, torch.Tensor]:
-        """Everything trained outside peft: the in-projector and the gate."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(("backbone.", "cf."))}
+    # heads_state() (SlotModel): everything trained outside peft: the in-projector and the gate
 
 
 @dataclass
@@ -390,7 +295,7 @@ def score_candidates(model: GenerativeRecommender, split: Split, stage: str, bat
     return GenerativeScores(metrics, outputs, named, users)
 
 
-# ---------------------------------------------------------------- build, save, load
+# ---------------------------------------------------------------- build
 
 def build_generative(cfg: LlaraConfig, adapter_cfg: TeacherConfig, cf: SASRec, titles: list[str],
                      adapter_dir: Path | None = None, trainable: bool = True) -> GenerativeRecommender:
@@ -399,38 +304,3 @@ def build_generative(cfg: LlaraConfig, adapter_cfg: TeacherConfig, cf: SASRec, t
     lm = attach_adapter(lm, adapter_cfg, adapter_dir, trainable)
     model = GenerativeRecommender(lm, tokenizer, cf, titles, cfg, adapter_cfg)
     return model.to("cuda") if torch.cuda.is_available() else model
-
-
-def save_generative(model: GenerativeRecommender, folder: Path, meta: dict, extra_files: dict | None = None) -> str:
-    """adapter/ (peft), heads.safetensors, llara.json (+ extra JSON files); returns the checkpoint hash."""
-    from safetensors.torch import save_file
-    with atomic_dir(folder) as tmp:
-        save_adapter(model.backbone, tmp / "adapter")
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.heads_state().items()},
-                  str(tmp / "heads.safetensors"))
-        digest = checkpoint_hash(tmp)
-        (tmp / "llara.json").write_text(json.dumps({"llara": asdict(model.cfg), "teacher": asdict(model.adapter_cfg),
-                                                    "checkpoint_hash": digest, **meta}, indent=2, sort_keys=True))
-        for name, obj in (extra_files or {}).items():
-            (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    return digest
-
-
-def load_generative(folder: Path, cf: SASRec, titles: list[str], split_hash: str) -> tuple[GenerativeRecommender, dict]:
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    meta = read_json(folder / "llara.json")
-    if meta.get("split_hash") != split_hash:
-        raise ArtifactError(f"{folder / 'llara.json'}: trained on split {meta.get('split_hash')}, "
-                            f"this run's split is {split_hash}")
-    if checkpoint_hash(folder) != meta.get("checkpoint_hash"):
-        raise ArtifactError(f"{folder}: adapter or heads do not match llara.json (corrupt or edited)")
-    cfg = config_from_dict(LlaraConfig, meta["llara"], "llara.")
-    adapter_cfg = config_from_dict(TeacherConfig, meta["teacher"], "teacher.")
-    model = build_generative(cfg, adapter_cfg, cf, titles, folder / "adapter", trainable=False)
-    heads = load_file(str(folder / "heads.safetensors"))
-    missing = set(model.heads_state()) - set(heads)
-    if missing:
-        raise ArtifactError(f"{folder / 'heads.safetensors'}: does not fit this model ({sorted(missing)[:3]})")
-    model.load_state_dict(heads, strict=False)
-    return model.eval(), meta

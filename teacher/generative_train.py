@@ -23,8 +23,8 @@ from distill.positions import next_items, prefixes, training_positions
 from distill.resources import decoder_step_bytes, optimizer_bytes, require_memory
 from distill.trainer import StepOutput, Trainer, TrainerConfig
 from student.model import SASRec
-from teacher.generative import (GenerativeRecommender, build_generative, save_generative, score_candidates,
-                                training_candidates)
+from teacher.checkpoint import save_generative
+from teacher.generative import GenerativeRecommender, build_generative, score_candidates, training_candidates
 
 
 class GenerativeTask:

@@ -15,28 +15,23 @@ positions the CF model is already fitted, so the correction learns noise.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
-from distill.artifacts import atomic_dir, read_record, sha256_file, sha256_files
-from distill.checked import config_from_dict
 from distill.config import TeacherConfig
-from distill.data import Split
+from distill.errors import ConfigError
 from distill.histories import Histories
-from distill.errors import ConfigError, CorruptError, StaleError
 from distill.search import Exclusions, ItemIndex
-from student.model import SASRec, load_student
+from student.model import SASRec
 from teacher.backbone import load_backbone
 from teacher.item_text import item_parts, item_states
-from teacher.moe_lora import ExpertGate
 from teacher.prompt import PromptBatch, PromptBuilder
+from teacher.slots import SlotModel, attach_adapter, moe_gate
 
 
 def blend_queries(q_llm, q_cf, w):
@@ -56,16 +51,13 @@ class TeacherOutputs:
     topk_scores: torch.Tensor  # (B, K) float, inner product / temperature (the teacher's logits)
 
 
-class TeacherRetriever(nn.Module):
+class TeacherRetriever(SlotModel):
     def __init__(self, backbone: nn.Module, tokenizer, cf: SASRec, titles: list[str], cfg: TeacherConfig,
                  text_states: torch.Tensor | None = None):
-        super().__init__()
-        self.cfg = cfg
-        self.backbone = backbone
-        self.cf = cf.eval().requires_grad_(False)
-        self.prompts = PromptBuilder(tokenizer, titles, cfg)
         H, d_cf = backbone.config.hidden_size, cf.cfg.hidden_size
-        self.in_projector = make_in_projector(d_cf, H)
+        super().__init__(backbone, cf, H)                   # backbone, frozen cf, in_projector (d_cf -> H)
+        self.cfg = cfg
+        self.prompts = PromptBuilder(tokenizer, titles, cfg)
         self.out_projector = nn.Linear(H, 2 * d_cf if cfg.item_side == "both" else d_cf)  # q_LLM: (D) or (2D)
         self.register_buffer("cf_weight", torch.tensor(0.0))  # w, saved with the heads
         self.item_table = nn.Parameter(cf.item_table.detach().clone(),           # (N+1, D)
@@ -79,17 +71,15 @@ class TeacherRetriever(nn.Module):
             self.text_head = nn.Linear(H, d_cf, bias=False)
             nn.init.zeros_(self.text_head.weight)      # scores start at 0 (uniform), `both` starts as the CF side
         self.text_query = nn.Linear(H, self.out_projector.out_features, bias=False) if cfg.text_query else None
-        self.gate = ExpertGate(backbone, d_cf, cfg.num_experts, cfg.lora_r) if cfg.adapter == "moe_lora" else None
+        self.gate = moe_gate(backbone, d_cf, cfg)
         self._index: ItemIndex | None = None
 
     # ------------------------------------------------------------ forward
     def input_embeddings(self, batch: PromptBatch) -> torch.Tensor:
         """(B, T, H): token embeddings, with CF-projected items at [HistoryEmb] slots."""
-        is_hist = batch.history_items > 0
         decoder = getattr(self.backbone, "module", self.backbone)  # unwrap a DeepSpeed InferenceEngine
-        tokens = decoder.get_input_embeddings()(batch.input_ids.masked_fill(is_hist, self.prompts.pad_id))
-        items = self.in_projector(self.cf.item_emb(batch.history_items))
-        return torch.where(is_hist.unsqueeze(-1), items.to(tokens.dtype), tokens)
+        return self.slot_embeddings(decoder.get_input_embeddings(), batch.input_ids, batch.history_items,
+                                    self.prompts.pad_id)
 
     @property
     def device(self) -> torch.device:
@@ -114,14 +104,9 @@ class TeacherRetriever(nn.Module):
         position_ids = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)   # padding-side independent
         with torch.no_grad():
             cf_repr = self.cf.encode_users(cf_histories)                         # (B, D)
-        if self.gate is not None:
-            self.gate.set(self.gate.gates(cf_repr))
-        try:
+        with self.gated(cf_repr):
             h = self.backbone(inputs_embeds=x, attention_mask=batch.attention_mask,
                               position_ids=position_ids).last_hidden_state          # (B, T, H)
-        finally:
-            if self.gate is not None:
-                self.gate.set(None)
         pooled = h[torch.arange(len(h)), batch.last_index]                       # (B, H)
         q = self.out_projector(pooled.float())                                    # (B, D) or (B, 2D)
         if self.text_query is not None:                                           # + the last item's text
@@ -129,11 +114,6 @@ class TeacherRetriever(nn.Module):
         if self.cfg.item_side == "text":
             q = F.pad(q, (q.shape[-1], 0))                                        # (B, 2D): 0 on the CF part
         return blend_queries(q, cf_repr, self.cf_weight) if blend else q
-
-    def train(self, mode: bool = True) -> "TeacherRetriever":
-        super().train(mode)
-        self.cf.eval()  # frozen: the gate and q_CF must see the same CF representations as at inference
-        return self
 
     def query(self, histories: Histories, padding_side: str = "left", blend: bool = True) -> torch.Tensor:
         """Histories (item ids, oldest first) -> (B, D) query vectors, differentiable."""
@@ -194,9 +174,7 @@ class TeacherRetriever(nn.Module):
         return sum(v.numel() for v in self.heads_state().values()) + sum(
             p.numel() for n, p in self.named_parameters() if "lora_" in n)
 
-    def heads_state(self) -> dict[str, torch.Tensor]:
-        """Everything trained outside peft: projectors, gate, item table, CF weight."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(("backbone.", "cf."))}
+    # heads_state() (SlotModel): everything trained outside peft: projectors, gate, item table, CF weight
 
 
 def last_items(history_items: torch.Tensor) -> torch.Tensor:
@@ -204,29 +182,6 @@ def last_items(history_items: torch.Tensor) -> torch.Tensor:
     slot = torch.arange(history_items.shape[1], device=history_items.device).expand_as(history_items)
     last = torch.where(history_items > 0, slot, -1).max(1).values                 # (B,)
     return history_items.gather(1, last.clamp(min=0)[:, None])[:, 0] * (last >= 0)
-
-
-def make_in_projector(d_cf: int, hidden: int) -> nn.Module:
-    """CF item embedding (d_cf) -> LLM input embedding (hidden), for [HistoryEmb]-style slots."""
-    return nn.Sequential(nn.Linear(d_cf, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-
-
-def attach_adapter(backbone: nn.Module, cfg: TeacherConfig, adapter_dir: Path | None = None,
-                   trainable: bool = True) -> nn.Module:
-    """Wrap `backbone` in peft: a fresh LoRA from cfg's lora_* settings, or the adapter read from `adapter_dir`.
-    Shared by the dense teacher and the generative baseline (teacher/generative.py)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    if adapter_dir is None:
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.target_modules), bias="none")
-        try:
-            backbone = get_peft_model(backbone, lora)
-        except ValueError as e:
-            raise ConfigError(f"teacher.target_modules: {' '.join(str(e).split())}") from None
-    else:
-        backbone = PeftModel.from_pretrained(backbone, str(adapter_dir), is_trainable=trainable)
-    return backbone
 
 
 def build_teacher(cfg: TeacherConfig, cf: SASRec, titles: list[str], adapter_dir: Path | None = None,
@@ -238,65 +193,3 @@ def build_teacher(cfg: TeacherConfig, cf: SASRec, titles: list[str], adapter_dir
     backbone = attach_adapter(backbone, cfg, adapter_dir, trainable).to(device)  # text states are computed there
     states = item_states(cfg, backbone, tokenizer, source, texts) if cfg.item_side != "cf" and texts else None
     return TeacherRetriever(backbone, tokenizer, cf, titles, cfg, states).to(device)
-
-
-def save_teacher(model: TeacherRetriever, folder: Path, meta: dict) -> str:
-    """adapter/ (peft format), heads.safetensors (+ `item_vectors`, the retrieval item side, so a cache can be
-    completed without loading the LLM), teacher.json; returns the checkpoint hash."""
-    with atomic_dir(folder) as tmp:
-        save_adapter(model.backbone, tmp / "adapter")
-        heads = {k: v.detach().contiguous() for k, v in model.heads_state().items()}
-        save_file({**heads, "item_vectors": torch.from_numpy(model.item_vectors().copy())}, str(tmp / "heads.safetensors"))
-        digest = checkpoint_hash(tmp)
-        (tmp / "teacher.json").write_text(json.dumps({"teacher": asdict(model.cfg), "checkpoint_hash": digest,
-                                                      "item_parts": model.item_parts(), **meta},
-                                                     indent=2, sort_keys=True))
-    return digest
-
-
-def save_adapter(backbone: nn.Module, folder: Path) -> None:
-    """The peft adapter in `folder`, byte-for-byte reproducible."""
-    backbone.save_pretrained(str(folder))
-    # peft writes target_modules from a set, in an order that changes from process to process:
-    # sort it so the same adapter always has the same bytes (and checkpoint hash)
-    config = folder / "adapter_config.json"
-    saved = json.loads(config.read_text())
-    if isinstance(saved.get("target_modules"), list):
-        saved["target_modules"] = sorted(saved["target_modules"])
-    config.write_text(json.dumps(saved, indent=2, sort_keys=True))
-
-
-def checkpoint_hash(folder: Path) -> str:
-    files = sorted((folder / "adapter").glob("*")) + [folder / "heads.safetensors"]
-    return sha256_files(files)[:16]
-
-
-def check_teacher(folder: Path, cf_dir: Path, split_hash: str) -> dict:
-    """teacher.json, if the teacher in `folder` is intact and was built on this split and the CF model in
-    `cf_dir` (StaleError otherwise; CorruptError when its files do not match its record)."""
-    folder, cf_dir = Path(folder), Path(cf_dir)
-    meta = read_record(folder / "teacher.json", "teacher", "checkpoint_hash")
-    if meta.get("split_hash") != split_hash:
-        raise StaleError(f"{folder / 'teacher.json'}: teacher built from split {meta.get('split_hash')}, "
-                         f"this run's split is {split_hash}")
-    cf_sha = sha256_file(cf_dir / "model.safetensors") if (cf_dir / "model.safetensors").is_file() else None
-    if not isinstance(meta.get("inputs"), dict) or meta["inputs"].get("cf_sha256") != cf_sha:
-        raise StaleError(f"{folder / 'teacher.json'}: teacher built from another CF model than {cf_dir} "
-                         f"(retrain the teacher: `anyo teacher train`)")
-    if checkpoint_hash(folder) != meta.get("checkpoint_hash"):
-        raise CorruptError(f"{folder}: adapter or heads do not match teacher.json (corrupt or edited)")
-    return meta
-
-
-def load_teacher(folder: Path, cf_dir: Path, split: Split) -> tuple[TeacherRetriever, dict]:
-    """The teacher in `folder`, on the CF model in `cf_dir` it was trained with (see check_teacher)."""
-    meta = check_teacher(folder, cf_dir, split.hash)
-    cf, _ = load_student(cf_dir, split.hash, split.n_items)
-    cfg = config_from_dict(TeacherConfig, meta["teacher"], "teacher.")
-    model = build_teacher(cfg, cf, split.titles, Path(folder) / "adapter", trainable=False, texts=split.texts)
-    heads = load_file(str(Path(folder) / "heads.safetensors"))
-    missing = set(model.heads_state()) - set(heads)
-    if missing or heads["item_table"].shape != model.item_table.shape:
-        raise CorruptError(f"{folder}/heads.safetensors: does not fit this split/teacher ({sorted(missing)[:3]})")
-    model.load_state_dict(heads, strict=False)
-    return model.eval(), meta

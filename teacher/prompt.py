@@ -18,6 +18,17 @@ from distill.errors import ConfigError
 HISTORY_TOKEN = "[HistoryEmb]"
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id prompts are padded with, one rule for the dense teacher and the generative baseline: the
+    tokenizer's pad token, else its EOS (what transformers' generate() pads finished rows with), else 0.
+    Padding sits only at attention-masked positions (and under the slots, whose embeddings are replaced),
+    so the choice does not change a dense query; generate() is told the same id."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return eos if eos is not None else 0
+
+
 @dataclass
 class PromptBatch:
     input_ids: torch.Tensor       # (B, T)
@@ -30,7 +41,7 @@ class PromptBuilder:
     def __init__(self, tokenizer, titles: list[str], cfg: TeacherConfig):
         tokenizer.add_special_tokens({"additional_special_tokens": [HISTORY_TOKEN]})
         self.history_id = tokenizer.convert_tokens_to_ids(HISTORY_TOKEN)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_token_id(tokenizer)
         encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         self.prefix = np.asarray(bos + encode(cfg.instruction), dtype=np.int64)

@@ -22,7 +22,8 @@ from distill.positions import next_items, prefixes, training_positions
 from distill.resources import decoder_step_bytes, optimizer_bytes, require_memory
 from distill.trainer import StepOutput, Trainer, TrainerConfig
 from student.model import SASRec
-from teacher.model import TeacherRetriever, blend_queries, build_teacher, save_teacher
+from teacher.checkpoint import save_teacher
+from teacher.model import TeacherRetriever, blend_queries, build_teacher
 
 
 def teacher_loss(recipe: Recipe, split: Split) -> SoftmaxLoss:

@@ -20,7 +20,7 @@ def arrays(folder):
 
 def test_cf_only_cache_distils_exactly_as_a_w1_teacher_cache(tiny_run, tiny_recipe, tmp_path):
     from teacher.infer import run_inference
-    from teacher.model import load_teacher
+    from teacher.checkpoint import load_teacher
     run, _ = tiny_run
     split = load_split(run / "split")
     # the run's LLM teacher with its blend weight set to 1, through `teacher infer`'s own code path

@@ -8,8 +8,9 @@ import torch
 
 from distill.config import LlaraConfig, load_recipe
 from distill.errors import ConfigError
-from teacher.generative import (CANS_TOKEN, IGNORE, build_generative, candidate_sets, judge, load_generative,
-                                match_candidates, normalise, save_generative, score_candidates)
+from teacher.checkpoint import load_generative, save_generative
+from teacher.generative import CANS_TOKEN, IGNORE, build_generative, candidate_sets, score_candidates
+from teacher.titles import judge, match_candidates, normalise
 from teacher.prompt import HISTORY_TOKEN
 
 from helpers import write_tiny_llama
@@ -279,6 +280,44 @@ def test_task_batches_are_seeded_and_hold_the_target_and_19_unseen_negatives(mod
             assert not (set(row.tolist()) - {target}) & set(seq.row(u).tolist())
             positions.append(int(np.flatnonzero(row == target)[0]))
     assert len(set(positions)) > 1  # the target's place is shuffled
+
+
+def check_training_candidates(seqs, n_items, users, targets, cands, pos, dense=()):
+    assert cands.shape == (len(users), 20) and cands.dtype == np.int64
+    for r, (u, target) in enumerate(zip(users.tolist(), targets.tolist())):
+        row = cands[r].tolist()
+        assert row[pos[r]] == target and row.count(target) == 1
+        negatives = row[:pos[r]] + row[pos[r] + 1:]
+        assert len(set(negatives)) == 19, f"row {r}: a negative is repeated"
+        assert all(1 <= i <= n_items for i in negatives)
+        if u not in dense:
+            assert not set(negatives) & set(seqs.row(u).tolist()), f"row {r}: a negative is in user {u}'s sequence"
+
+
+def test_training_candidates_hold_distinct_negatives_outside_the_sequence_and_the_target_anywhere(split):
+    from types import SimpleNamespace
+    from distill.histories import Histories
+    from teacher.generative import training_candidates
+    users = np.array([0, 1, 2, 0, 0, 3] * 30)                     # a user may fill several rows
+    targets = np.array([split.sequences.row(u)[-1] for u in users])
+    cands, pos = training_candidates(split, users, targets, np.random.default_rng(0), 20)
+    check_training_candidates(split.sequences, split.n_items, users, targets, cands, pos)
+    assert len(set(pos.tolist())) > 1                               # the target's place is drawn
+    again, again_pos = training_candidates(split, users, targets, np.random.default_rng(0), 20)
+    np.testing.assert_array_equal(again, cands)                    # seeded
+    np.testing.assert_array_equal(again_pos, pos)
+    assert not np.array_equal(training_candidates(split, users, targets, np.random.default_rng(1), 20)[0], cands)
+    # a catalogue too small for a user's sequence (fewer than 19 unseen items): only the target is left out
+    seqs = Histories.from_rows([np.arange(1, 4), np.arange(1, 23), np.arange(2, 26)])    # 25 items
+    small = SimpleNamespace(sequences=seqs, n_items=25)
+    users = np.array([0, 1, 2, 1, 0] * 20)
+    targets = np.array([seqs.row(u)[-1] for u in users])
+    cands, pos = training_candidates(small, users, targets, np.random.default_rng(2), 20)
+    check_training_candidates(seqs, 25, users, targets, cands, pos, dense={1, 2})
+    assert cands[users == 1].min() <= 22                           # a dense user does draw seen items
+    empty, _ = training_candidates(small, np.array([], dtype=np.int64), np.array([], dtype=np.int64),
+                                   np.random.default_rng(0), 20)
+    assert empty.shape == (0, 20)
 
 
 def test_trainer_fits_the_task_and_keeps_the_best_epoch(split, cf, adapter_cfg):

@@ -8,7 +8,8 @@ from distill.errors import ConfigError
 from student.model import SASRec, SASRecConfig
 from teacher.backbone import load_backbone
 from teacher.item_text import mean_states, standardise
-from teacher.model import build_teacher, load_teacher, save_teacher
+from teacher.checkpoint import load_teacher, save_teacher
+from teacher.model import build_teacher
 
 
 def make(tiny_recipe, split, cf, seed=0, **changes):
@@ -245,3 +246,12 @@ def test_text_item_side_without_texts_is_refused(tiny_recipe, split, cf):
     cfg = dataclasses.replace(tiny_recipe.teacher, item_side="text")
     with pytest.raises(ConfigError, match="teacher.item_side: text needs item texts"):
         build_teacher(cfg, cf, split.titles, texts=[""] * len(split.titles))
+
+
+def test_prompts_pad_with_the_pad_token_else_eos_else_0():
+    """One rule for the dense teacher's PromptBuilder and the generative baseline's LlaraPrompts."""
+    from types import SimpleNamespace
+    from teacher.prompt import pad_token_id
+    assert pad_token_id(SimpleNamespace(pad_token_id=3, eos_token_id=2)) == 3
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0

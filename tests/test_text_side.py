@@ -55,7 +55,7 @@ def test_cold_item_text_vector_scores_it_above_a_random_item(text_run):
     """A cold sequel, never in training, is found through its text: for histories ending with its first item
     the teacher's LLM query scores it above a random item far more often than chance."""
     from student.model import load_student
-    from teacher.model import load_teacher
+    from teacher.checkpoint import load_teacher
     split = load_split(text_run / "split")
     teacher, _ = load_teacher(text_run / "teacher", text_run / "student_alone", split)
     pop, hist, target = split.item_popularity(), split.history("test"), split.targets("test")

@@ -10,7 +10,7 @@ from distill.config import Recipe
 from distill.data import Split
 from distill.runs import cache_up_to_date, teacher_root
 from teacher.infer import merge, run_inference
-from teacher.model import load_teacher
+from teacher.checkpoint import load_teacher
 
 
 def run(recipe: Recipe, run: Path, split: Split, merge_only: bool = False,
