@@ -20,7 +20,7 @@ from distill.data import load_split
 from distill.errors import AnyoError, ConfigError
 from distill.harness import evaluate
 from distill.runs import (CF_CACHE, CF_DISTILLED, STAGE_FOLDERS, STAGE_MARKERS, check_file_target, check_folder_target,
-                          check_run_folder, current_records, teacher_root)
+                          check_run_folder, cf_control_recipe, current_records, teacher_root)
 from distill.stages import cf_control, common
 from distill.stages import distill as distill_stage
 from distill.stages import infer, llara, mostpop, pipeline, prepare, report, student, teacher
@@ -101,7 +101,8 @@ def cmd_teacher_infer(args) -> None:
 def cmd_distill(args) -> None:
     name = args.name
     other_stage = name in STAGE_FOLDERS and name != "student_distilled"
-    if not name or other_stage or any(c in name for c in "/\\:") or name.startswith(".") or name.endswith((".resume", ".events")):
+    if not name or other_stage or any(c in name for c in "/\\:") or name.startswith(".") \
+            or name.endswith((".resume", ".events")):
         raise ConfigError(f"--name {name!r}: must be a plain folder name, not another stage's "
                           f"({', '.join(f for f in STAGE_FOLDERS if f != 'student_distilled')})")
     if args.cf_teacher and args.teacher_seed is not None:
@@ -110,12 +111,12 @@ def cmd_distill(args) -> None:
     split = prepare.run(recipe, run)
     if args.cf_teacher:
         cf_control.build_cache(recipe, run, split)
-        cache = run / CF_CACHE
+        cache, trained_with = run / CF_CACHE, cf_control_recipe(recipe)
         name = CF_DISTILLED if name == "student_distilled" else name
     else:
-        cache = teacher_root(run, recipe, recipe.seed if args.teacher_seed is None else args.teacher_seed) \
-            / "teacher_cache"
-    record = distill_stage.run(recipe, run, split, seed_of(args, recipe), name, cache_dir=cache)
+        cache, trained_with = teacher_root(run, recipe, recipe.seed if args.teacher_seed is None
+                                           else args.teacher_seed) / "teacher_cache", recipe
+    record = distill_stage.run(trained_with, run, split, seed_of(args, recipe), name, cache_dir=cache)
     common.print_table({"distilled student": common.table_row(record)})
 
 

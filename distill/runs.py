@@ -24,6 +24,7 @@ holds (folder name -> label, loader, inputs), looked up by name, never by displa
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -153,6 +154,12 @@ def distill_inputs(recipe: Recipe, run: Path, split: Split, seed: int, cache: Pa
     return wanted
 
 
+def cf_control_recipe(recipe: Recipe) -> Recipe:
+    """The recipe the CF-only control distils with: the recipe's own, less what only a teacher with a text item
+    side can give (`distill.cold_init`); the control is what the same distillation gives without any LLM."""
+    return dataclasses.replace(recipe, distill=dataclasses.replace(recipe.distill, cold_init=False))
+
+
 def llara_inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
     return {"split_hash": split.hash, "recipe": recipe.section_hash("data", "teacher", "llara"),
             "seed": seed, "cf_sha256": sha256_file(run / "student_alone" / "model.safetensors")}
@@ -262,7 +269,8 @@ MODELS = {e.name: e for e in (
                lambda recipe, run, split, seed, root: distill_inputs(recipe, run, split, seed, root / "teacher_cache"),
                seeded=True, per_teacher=True, exportable=True),
     ModelEntry(CF_DISTILLED, "distilled from the CF model alone", _student(CF_DISTILLED),
-               lambda recipe, run, split, seed, root: distill_inputs(recipe, run, split, seed, run / CF_CACHE),
+               lambda recipe, run, split, seed, root: distill_inputs(cf_control_recipe(recipe), run, split, seed,
+                                                                     run / CF_CACHE),
                seeded=True, cost=False),
 )}
 

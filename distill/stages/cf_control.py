@@ -15,7 +15,7 @@ from pathlib import Path
 from distill.artifacts import read_json, sha256_file
 from distill.config import Recipe
 from distill.data import Split
-from distill.runs import CF_CACHE, CF_DISTILLED, cf_cache_up_to_date
+from distill.runs import CF_CACHE, CF_DISTILLED, cf_cache_up_to_date, cf_control_recipe
 from distill.stages import distill as distill_stage
 from student.model import load_student
 from teacher.cf_only import build_cf_cache
@@ -33,6 +33,7 @@ def build_cache(recipe: Recipe, run: Path, split: Split) -> dict:
 
 
 def run(recipe: Recipe, run: Path, split: Split, seeds: list[int]) -> list[dict]:
-    """The CF-only cache, then one student distilled from it per seed."""
+    """The CF-only cache, then one student distilled from it per seed (distill.runs.cf_control_recipe)."""
     build_cache(recipe, run, split)
-    return [distill_stage.run(recipe, run, split, s, CF_DISTILLED, cache_dir=run / CF_CACHE) for s in seeds]
+    control = cf_control_recipe(recipe)
+    return [distill_stage.run(control, run, split, s, CF_DISTILLED, cache_dir=run / CF_CACHE) for s in seeds]
