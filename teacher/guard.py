@@ -103,7 +103,7 @@ def outputs(model, histories: Histories, batch_size: int, k: int, mask_history: 
         ids[rows] = model.get_teacher_outputs(batch, k, mask_history, index).topk_ids.numpy()
         padded += int((lengths[rows] < lengths[rows].max()).sum())
     return {"query_llm": q_llm, "topk_ids": ids, "padded": padded,
-            "lengths": [int(lengths.min(initial=0)), int(lengths.max(initial=0))]}
+            "lengths": [int(lengths.min()), int(lengths.max())] if len(lengths) else [0, 0]}
 
 
 @contextmanager

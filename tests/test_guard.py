@@ -78,6 +78,7 @@ def test_deepspeed_cpu_backend_passes_and_the_manifest_records_the_guard(tmp_pat
     assert 0.0 <= g["max_rel_diff"] <= 1e-4 and "max_abs_diff" in g
     assert g["top10_identical"] == 1.0 and g["top50_overlap"] == 1.0
     assert g["padded"] >= 32                   # mixed-length batches: most sampled prompts are padded
+    assert 0 < g["prompt_lengths"][0] < g["prompt_lengths"][1]
     assert g["kernel_injection"]["used"] is False and "not exercised" in g["kernel_injection"]["why"]
     assert TeacherCache(out).manifest["guard"] == g
 
