@@ -20,7 +20,7 @@ INT_MAX = 2**31 - 1   # every int field: larger values overflow torch/numpy size
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds both accept [0, 2^32)
 
 
-def help_field(text: str, default, **checks):
+def option(text: str, default, **checks):
     """A field with help text and declarative checks, all run by `Section.__post_init__`:
 
     min / max: inclusive bounds; gt / lt: exclusive bounds; choices: allowed values;
