@@ -288,6 +288,11 @@ class DistillConfig(_Section):
                                                     "by dtype (float32 1e-4, bfloat16 2e-2, float16 1e-2).", None,
                                                     gt=0.0)
     warm_start: bool = _help("Start the distilled student from the student-alone checkpoint of the same seed.", False)
+    cold_negatives: bool = _help("The distilled student's own softmax counts the items never seen in training as "
+                                 "negatives (true, as the student alone) or leaves them out (false): a cold item "
+                                 "then moves only through the teacher's terms, so the vector it starts from "
+                                 "(distill.cold_init, ced_weight) is not trained away by 'not this one' gradients.",
+                                 True)
     cold_init: bool = _help("Start the rows of the items never seen in training from the teacher's text item "
                             "vectors, mapped into the student's item space by a ridge regression fitted on the seen "
                             "items (student/cold_start.py); needs warm_start and a teacher with item_side text or "
