@@ -25,7 +25,7 @@ from text_decides import generate, write  # noqa: E402
 TEXT_TEACHER = ["data.name=td", "data.cold_items=0.3", "teacher.item_side=text", "teacher.use_titles=true",
                 "teacher.max_history=1", "teacher.instruction=''", "teacher.query_text=' is'",
                 "teacher.adapter=lora", "teacher.lr=0.01", "teacher.temperature=0.1", "teacher.cf_weights=[0.0, 1.0]",
-                "teacher.examples_per_epoch=800", "teacher.epochs=4", "teacher.patience=4"]
+                "teacher.text_query=true", "teacher.examples_per_epoch=800", "teacher.epochs=4", "teacher.patience=4"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,8 @@ def text_run(tmp_path_factory, franchise_data, tiny_llama):
     whose cold rows start from the teacher's text vectors."""
     run = tmp_path_factory.mktemp("text-run")
     overrides = tiny_recipe_overrides(franchise_data, tiny_llama) + TEXT_TEACHER + [
-        "student.epochs=10", "student.patience=10", "distill.cold_init=true", "distill.positions=5",
+        "student.epochs=10", "student.patience=10", "distill.cold_init=true", "distill.cold_negatives=false",
+        "distill.positions=5",
         "distill.k=10", "bench.measure_cost=false"]
     assert main(["run", RECIPE, "--out", str(run)] + sets(overrides)) == 0
     return run
