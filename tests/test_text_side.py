@@ -95,7 +95,7 @@ def test_exported_distilled_student_returns_a_cold_item_the_student_alone_never_
     capsys.readouterr()
     assert main(["recommend", str(tmp_path / "student_distilled"), "--history", ",".join(hist[u]), "-k", "10",
                  "--json"]) == 0
-    assert item in [r["item"] for r in json.loads(capsys.readouterr().out)]
+    assert item in [r["item"] for r in json.loads(capsys.readouterr().out)["items"]]
     record = json.loads((text_run / "student_distilled" / "metrics.json").read_text())
     assert record["teacher_item_part"] == "text" and record["cold_rows_initialised"] >= len(split.cold_items)
 
