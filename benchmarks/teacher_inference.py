@@ -64,7 +64,7 @@ def main() -> None:
     reference = None
     for backend in ("hf", "deepspeed"):
         torch.manual_seed(0)
-        model = wrap_backend(build_teacher(recipe.teacher, cf, split.titles).eval(), backend)
+        model = wrap_backend(build_teacher(recipe.teacher, cf, split.titles, texts=split.texts).eval(), backend)
         tokens = int(model.prompts.lengths(prompts).sum())
         flops = decoder_flops_per_token(model) * tokens
         model.encode(prompts.take(np.arange(min(bs, len(prompts)))), bs)  # warm-up (fewer prompts than a batch: all)

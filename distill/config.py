@@ -185,6 +185,11 @@ class DistillConfig(Section):
     guard_top50_overlap: float = option("Least mean overlap of the top-50 sets (|backend & reference| / 50) over "
                                         "the guard's sampled prompts.", 0.99, min=0.0, max=1.0)
     warm_start: bool = option("Start the distilled student from the student-alone checkpoint of the same seed.", False)
+    cold_negatives: bool = option("The distilled student's own softmax counts the items never seen in training as "
+                                  "negatives (true, as the student alone) or leaves them out (false): a cold item "
+                                  "then moves only through the teacher's terms, so the vector it starts from "
+                                  "(distill.cold_init, ced_weight) is not trained away by 'not this one' gradients.",
+                                  True)
     cold_init: bool = option("Start the rows of the items never seen in training from the teacher's text item "
                              "vectors, mapped into the student's item space by a ridge regression fitted on the seen "
                              "items (student/cold_start.py); needs warm_start and a teacher with item_side text or "

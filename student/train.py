@@ -26,12 +26,14 @@ from student.model import SASRec, SASRecConfig, save_student
 TeacherLookup = Callable[[np.ndarray, np.ndarray], "TeacherTargets | None"]
 
 
-def own_loss(recipe: Recipe, split: Split) -> SoftmaxLoss:
+def own_loss(recipe: Recipe, split: Split, exclude_unseen: bool = False) -> SoftmaxLoss:
+    """The student's next-item softmax; exclude_unseen: the items never seen in training are no negatives."""
     s = recipe.student
+    exclude = torch.from_numpy(split.item_popularity() == 0) if exclude_unseen else None
     if s.loss == "full":
-        return SoftmaxLoss()
+        return SoftmaxLoss(exclude=exclude)
     pop = torch.from_numpy(split.item_popularity()) if s.negative_sampling == "popularity" else None
-    return SoftmaxLoss(sampler=NegativeSampler(split.n_items, s.num_negatives, pop))
+    return SoftmaxLoss(sampler=NegativeSampler(split.n_items, s.num_negatives, pop), exclude=exclude)
 
 
 def build_student(recipe: Recipe, split: Split) -> SASRec:

@@ -2,8 +2,11 @@
 
     prompt tokens ──embed──┐
     CF item emb ─in_proj───┴─> [HistoryEmb] slots ─> decoder (+ LoRA / MoE-LoRA) ─> h_last
-    h_last ─out_proj─> q_LLM (D)
+    h_last ─out_proj─> q_LLM (D)            (+ text_query(s_last item) with teacher.text_query)
     query q = (1 - w) q_LLM + w q_CF        score(item) = q . item_table[item] / temperature
+
+With teacher.item_side text/both the item vectors are [item_table ; text_head(s)] (N+1, 2D), s the cached
+text states (teacher/item_text.py); q_CF is 0 on the text part, q_LLM is 0 on the CF part with `text`.
 
 The CF model is the student-alone SASRec (frozen): its item embeddings feed the
 [HistoryEmb] slots and initialise the item table, its sequence representation

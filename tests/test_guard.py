@@ -17,7 +17,7 @@ from teacher.model import build_teacher
 def teacher(recipe, split, cf, **changes):
     cfg = dataclasses.replace(recipe.teacher, **{"lora_dropout": 0.0, "cf_weights": [0.0], **changes})
     torch.manual_seed(0)
-    return build_teacher(cfg, cf, split.titles).eval()
+    return build_teacher(cfg, cf, split.titles, texts=split.texts).eval()
 
 
 def test_a_backend_that_perturbs_its_output_is_refused_and_writes_nothing(tmp_path, tiny_recipe, split, cf,

@@ -134,3 +134,20 @@ def test_zero_weight_terms_are_not_built_and_teacherless_batches_use_own_loss():
     loss = WeightedLoss({"own": (1.0, SoftmaxLoss), "kd": (1.0, lambda: SoftTargetKL(1.0))})
     total, parts = loss(x)
     assert set(parts) == {"own"}
+
+
+def test_own_softmax_can_leave_the_unseen_items_out_of_its_negatives():
+    import torch
+    from distill.losses import LossInputs, NegativeSampler, SoftmaxLoss
+    torch.manual_seed(0)
+    table = torch.randn(9, 4, requires_grad=True)
+    h, y = torch.randn(5, 4), torch.tensor([1, 2, 3, 1, 2])
+    exclude = torch.zeros(9, dtype=torch.bool)
+    exclude[[6, 7]] = True
+    for sampler in (None, NegativeSampler(8, 8)):
+        table.grad = None
+        SoftmaxLoss(sampler=sampler, exclude=exclude)(LossInputs(h, y, table)).backward()
+        assert not table.grad[[6, 7]].any() and table.grad[[4, 5, 8]].abs().sum() > 0   # no "not this one"
+        table.grad = None
+        SoftmaxLoss(sampler=sampler)(LossInputs(h, y, table)).backward()
+        assert table.grad[[6, 7]].abs().sum() > 0

@@ -4,7 +4,8 @@ full:     L = -log softmax(h E^T / tau)[y]            over all N items (padding 
 sampled:  L = -log [ e^{s_y} / (e^{s_y} + sum_{j in S, j != y} e^{s_j - log q_j}) ]
           with s = h.E / tau, S = sampled (+ in-batch) negatives, q_j the sampling
           probability (the logQ correction; constant and omitted for uniform sampling).
-A negative equal to the row's target (a false negative) is masked out.
+A negative equal to the row's target (a false negative) is masked out, and so is every item of
+`exclude` ((N+1,) bool; the distilled student's items never seen in training, distill.cold_negatives).
 When the number of negatives reaches N, S is every item and the loss is the full softmax.
 """
 
@@ -49,17 +50,21 @@ class NegativeSampler:
 
 
 class SoftmaxLoss(nn.Module):
-    def __init__(self, temperature: float = 1.0, sampler: NegativeSampler | None = None, in_batch: bool = False):
+    def __init__(self, temperature: float = 1.0, sampler: NegativeSampler | None = None, in_batch: bool = False,
+                 exclude: torch.Tensor | None = None):
         super().__init__()
         if not (math.isfinite(temperature) and temperature > 0):
             raise ConfigError(f"temperature: must be a finite number > 0, got {temperature}")
         self.temperature, self.sampler, self.in_batch = temperature, sampler, in_batch
+        self.exclude = exclude                                           # (N+1,) bool, never a target
 
     def forward(self, inputs) -> torch.Tensor:
         h, y, table = inputs.hidden, inputs.targets, inputs.item_table
         if self.sampler is None:
             logits = h @ table.T / self.temperature                  # (P, N+1)
             logits[:, 0] = float("-inf")
+            if self.exclude is not None:
+                logits = logits.masked_fill(self.exclude.to(h.device)[None, :], float("-inf"))
             return F.cross_entropy(logits, y)
         neg, log_q = self.sampler.sample()
         neg = neg.to(h.device)
@@ -72,5 +77,7 @@ class SoftmaxLoss(nn.Module):
         if log_q is not None:
             neg_logits = neg_logits - log_q.to(h.device)
         neg_logits = neg_logits.masked_fill(neg[None, :] == y[:, None], float("-inf"))
+        if self.exclude is not None:
+            neg_logits = neg_logits.masked_fill(self.exclude.to(h.device)[neg][None, :], float("-inf"))
         logits = torch.cat([pos, neg_logits], dim=1)
         return F.cross_entropy(logits, torch.zeros_like(y))

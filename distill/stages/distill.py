@@ -31,7 +31,7 @@ def distillation_loss(recipe: Recipe, split: Split, teacher_dim: int) -> Weighte
     (a term of weight 0 is never built)."""
     d = recipe.distill
     return WeightedLoss({
-        "own": (d.own_weight, lambda: own_loss(recipe, split)),
+        "own": (d.own_weight, lambda: own_loss(recipe, split, exclude_unseen=not d.cold_negatives)),
         "kd": (d.kd_weight, lambda: SoftTargetKL(d.temperature)),
         "pairwise": (d.pairwise_weight,
                      lambda: PairwiseRankingKD(split.n_items, d.pairwise_lambda, d.pairwise_negatives)),
