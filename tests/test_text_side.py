@@ -77,7 +77,7 @@ def test_cold_item_text_vector_scores_it_above_a_random_item(text_run):
 
 
 def test_exported_distilled_student_returns_a_cold_item_the_student_alone_never_returns(text_run, tmp_path, capsys):
-    from distill.export import load_export
+    from distill.exported import load_export
     split = load_split(text_run / "split")
     cold = {split.items[i] for i in split.cold_items}
     hist = [[split.items[i] for i in row] for row in split.history("test")]
