@@ -20,33 +20,36 @@ def teacher(recipe, split, cf, **changes):
     return build_teacher(cfg, cf, split.titles, texts=split.texts).eval()
 
 
-def test_a_backend_that_perturbs_its_output_is_refused_and_writes_nothing(tmp_path, tiny_recipe, split, cf,
-                                                                        monkeypatch):
+def refused(tmp_path, recipe, split, cf, monkeypatch, backend_of, match: str) -> str:
+    """Run inference with `backend_of(model)` standing in for the deepspeed backend; the guard must refuse it
+    in one line and leave no cache, staging folder or shard. Returns the message."""
     import teacher.infer as infer
     real = infer.wrap_backend
+    monkeypatch.setattr(infer, "wrap_backend", lambda model, backend: backend_of(real(model, "hf")))
+    out = tmp_path / "run" / "teacher_cache"
+    out.parent.mkdir()
+    with pytest.raises(guard.GuardError, match=match) as e:
+        infer.run_inference(recipe, split, teacher(recipe, split, cf), "t", out, "deepspeed")
+    assert "\n" not in str(e.value)
+    assert list(out.parent.iterdir()) == []  # no cache, no staging folder, no shard
+    assert not staging_dir(out).exists()
+    return str(e.value)
 
-    def perturbed(model, backend):
-        model = real(model, "hf")
+
+def test_a_backend_that_perturbs_its_output_is_refused_and_writes_nothing(tmp_path, tiny_recipe, split, cf,
+                                                                        monkeypatch):
+    def perturbed(model):
         model.out_projector.register_forward_hook(lambda m, i, o: o + 1e-3 * o.abs().max())
         return model
 
-    monkeypatch.setattr(infer, "wrap_backend", perturbed)
-    out = tmp_path / "run" / "teacher_cache"
-    out.parent.mkdir()
-    with pytest.raises(guard.GuardError, match=r"teacher cache refused: backend deepspeed \(float32\)") as e:
-        infer.run_inference(tiny_recipe, split, teacher(tiny_recipe, split, cf), "t", out, "deepspeed")
-    assert "tolerance 0.0001" in str(e.value) and "\n" not in str(e.value)
-    assert list(out.parent.iterdir()) == []  # no cache, no staging folder, no shard
-    assert not staging_dir(out).exists()
+    message = refused(tmp_path, tiny_recipe, split, cf, monkeypatch, perturbed,
+                      r"teacher cache refused: backend deepspeed \(float32\)")
+    assert "tolerance 0.0001" in message
 
 
 def test_a_backend_that_swaps_two_items_in_the_top10_is_refused(tmp_path, tiny_recipe, split, cf, monkeypatch):
     # every query vector is exact (all components within tolerance): only the rankings differ
-    import teacher.infer as infer
-    real = infer.wrap_backend
-
-    def swapping(model, backend):
-        model = real(model, "hf")
+    def swapping(model):
         outputs = model.get_teacher_outputs
 
         def swapped(*args, **kwargs):
@@ -56,13 +59,9 @@ def test_a_backend_that_swaps_two_items_in_the_top10_is_refused(tmp_path, tiny_r
         model.get_teacher_outputs = swapped
         return model
 
-    monkeypatch.setattr(infer, "wrap_backend", swapping)
-    out = tmp_path / "run" / "teacher_cache"
-    out.parent.mkdir()
-    with pytest.raises(guard.GuardError, match=r"ordered top-10 identical for 0\.0% of the prompts, at least 95%") as e:
-        infer.run_inference(tiny_recipe, split, teacher(tiny_recipe, split, cf), "t", out, "deepspeed")
-    assert "q_LLM" not in str(e.value) and "top-50" not in str(e.value)   # components and top-50 sets agree
-    assert list(out.parent.iterdir()) == []
+    message = refused(tmp_path, tiny_recipe, split, cf, monkeypatch, swapping,
+                      r"ordered top-10 identical for 0\.0% of the prompts, at least 95%")
+    assert "q_LLM" not in message and "top-50" not in message   # components and top-50 sets agree
 
 
 def test_deepspeed_cpu_backend_passes_and_the_manifest_records_the_guard(tmp_path, tiny_recipe, split, cf):
