@@ -17,6 +17,7 @@ from distill import export, exported, verify
 from distill.artifacts import atomic_file, write_json
 from distill.config import Recipe, load_recipe
 from distill.data import load_split
+from distill.distributed import world
 from distill.errors import AnyoError, ConfigError
 from distill.harness import evaluate
 from distill.runs import (CF_CACHE, CF_DISTILLED, STAGE_FOLDERS, STAGE_MARKERS, check_file_target, check_folder_target,
@@ -50,7 +51,7 @@ def records_recipe(command):
     @functools.wraps(command)
     def wrapper(args):
         result = command(args)
-        if (pending := getattr(args, "recipe_to_record", None)) is not None:
+        if (pending := getattr(args, "recipe_to_record", None)) is not None and world().main:
             run, recipe = pending
             with atomic_file(run / "recipe.yaml") as tmp:
                 tmp.write_text(recipe.to_yaml())
@@ -87,14 +88,18 @@ def cmd_student_train(args) -> None:
 @records_recipe
 def cmd_teacher_train(args) -> None:
     recipe, run = resolve(args)
-    split = prepare.run(recipe, run)
-    common.print_table({"teacher": common.table_row(teacher.run(recipe, run, split, seed_of(args, recipe)))})
+    ranks = world()                                   # N ranks under torchrun / deepspeed: rank 0 writes
+    split = ranks.main_first(lambda: prepare.run(recipe, run))
+    record = teacher.run(recipe, run, split, seed_of(args, recipe))
+    if ranks.main:
+        common.print_table({"teacher": common.table_row(record)})
 
 
 @records_recipe
 def cmd_teacher_infer(args) -> None:
     recipe, run = resolve(args)
-    infer.run(recipe, run, prepare.run(recipe, run), merge_only=args.merge, teacher_seed=args.teacher_seed)
+    split = world().main_first(lambda: prepare.run(recipe, run))   # N ranks: rank 0 writes the split
+    infer.run(recipe, run, split, merge_only=args.merge, teacher_seed=args.teacher_seed)
 
 
 @records_recipe

@@ -9,6 +9,11 @@ owns everything around them. One epoch is
         (out.loss / grad_accum).backward()           # optimiser + scheduler step every grad_accum batches
     record = task.validate()                         # {task.metric: validation NDCG@10 or HR@1, ...}
 
+On N ranks (`distill.distributed.World`, set by torchrun or deepspeed) every rank draws the same
+epoch of batch specs; of each optimiser step's grad_accum x N batches rank r takes every N-th from r,
+and gradients are summed over the ranks before the step, so N ranks take the optimiser steps of one
+rank with grad_accum x N. Rank 0 validates and writes; the others receive its record.
+
 The best epoch's `task.snapshot()` is kept. With `resume=(out, inputs)` the whole
 state (current and best snapshots, optimiser, scheduler, RNGs, curve) is saved to
 OUT.resume/ after every epoch and a killed run continues from it bit for bit
@@ -27,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from distill.distributed import ONE_PROCESS, World
 from distill.events import Events
 from distill.resume import load_optimizer_state, load_resume, optimizer_state, resume_dir, save_resume, set_aside
 
@@ -107,32 +113,36 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainerConfig, steps_per_ep
 
 class Trainer:
     def __init__(self, task: TrainingTask, cfg: TrainerConfig, seed: int, desc: str,
-                 resume: tuple[Path, dict] | None = None):
-        self.task, self.cfg, self.desc, self.resume = task, cfg, desc, resume
+                 resume: tuple[Path, dict] | None = None, world: World = ONE_PROCESS):
+        self.task, self.cfg, self.desc, self.resume, self.world = task, cfg, desc, resume, world
+        self.group = cfg.grad_accum * world.size                 # batches per optimiser step, all ranks together
         torch.manual_seed(seed)
         self.rng = np.random.default_rng(seed)
         self.gen = torch.Generator().manual_seed(seed)
         self.opt = torch.optim.AdamW(task.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.sched = build_scheduler(self.opt, cfg, math.ceil(task.num_batches() / cfg.grad_accum))
+        self.sched = build_scheduler(self.opt, cfg, math.ceil(task.num_batches() / self.group))
 
     def fit(self) -> FitResult:
         p, best_state = self._load()
-        self.events = Events(self.resume[0] if self.resume is not None else None, resumed=p.epoch > 0)
+        self.events = Events(self.resume[0] if self.resume is not None and self.world.main else None,
+                             resumed=p.epoch > 0)
         for epoch in range(p.epoch + 1, self.cfg.epochs + 1):
             if p.stale >= self.cfg.patience:
                 break
             loss = self._epoch(epoch, p)
             self.task.eval()
-            record = self.task.validate()
+            record = self.world.from_main(self.task.validate() if self.world.main else None)
             p.epoch = epoch
             p.curve.append({"epoch": epoch, "examples": p.examples, "seconds": round(p.train_seconds, 2),
                             "train_loss": loss, "examples_per_second": p.examples / max(p.train_seconds, 1e-9),
                             **record})
-            print(f"{self.desc} epoch {epoch}: loss {loss:.4f}  " + "  ".join(
-                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
-                + f"  ({p.examples / max(p.train_seconds, 1e-9):.1f} examples/s)")
+            if self.world.main:
+                print(f"{self.desc} epoch {epoch}: loss {loss:.4f}  " + "  ".join(
+                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+                    + f"  ({p.examples / max(p.train_seconds, 1e-9):.1f} examples/s)")
             if record[self.task.metric] > p.best:
-                p.best, p.best_epoch, best_state = record[self.task.metric], epoch, self.task.snapshot()
+                p.best, p.best_epoch = record[self.task.metric], epoch
+                best_state = self.task.snapshot() if self.world.main else {}
             improved = [k for k in self.task.patience_metrics if record[k] > p.best_seen.get(k, -math.inf)]
             p.best_seen.update({k: record[k] for k in improved})
             p.stale = 0 if improved else p.stale + 1
@@ -144,38 +154,47 @@ class Trainer:
     def _epoch(self, epoch: int, p: _Progress) -> float:
         self.task.train()
         batches = self.task.batches(self.rng, self.gen)
-        total, t0 = 0.0, time.perf_counter()
-        bar = tqdm(batches, desc=f"{self.desc} epoch {epoch}", leave=False)
-        for i, batch in enumerate(bar, 1):
-            out = self.task.step(batch)
-            (out.loss / self.cfg.grad_accum).backward()
-            if i % self.cfg.grad_accum == 0 or i == len(batches):
-                self.opt.step()
-                self.sched.step()
-                self.opt.zero_grad(set_to_none=True)
-                p.steps += 1
+        total, done, examples, tokens, t0 = 0.0, 0, 0, 0, time.perf_counter()
+        bar = tqdm(total=len(batches), desc=f"{self.desc} epoch {epoch}", leave=False, disable=not self.world.main)
+        for lo in range(0, len(batches), self.group):
+            for batch in batches[lo + self.world.rank:lo + self.group:self.world.size]:  # this rank's share
+                out = self.task.step(batch)
+                (out.loss / self.group).backward()
+                total, done = total + out.loss.item(), done + 1
+                examples, tokens = examples + out.examples, tokens + out.tokens
+            self.world.sum_gradients(self.task.parameters())
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            p.steps += 1
+            if self.world.main:                                   # rank 0 has a batch in every step
                 self.events.step(p.steps, out.loss.item(), self.sched.get_last_lr()[0])
-            total += out.loss.item()
-            p.examples += out.examples
-            p.tokens += out.tokens
-            bar.set_postfix(loss=f"{total / i:.4f}")
+            bar.update(min(self.group, len(batches) - lo))
+            bar.set_postfix(loss=f"{total / max(done, 1):.4f}")
+        bar.close()
+        total, done, examples, tokens = self.world.sum([total, done, examples, tokens])
+        p.examples += int(examples)
+        p.tokens += int(tokens)
         p.train_seconds += time.perf_counter() - t0
-        return total / max(len(batches), 1)
+        return total / max(done, 1)
 
     # ---------------------------------------------------------------- resume
     def _save(self, p: _Progress, best_state: dict | None) -> None:
-        if self.resume is None:
-            return
-        out, inputs = self.resume
-        opt_tensors, opt_meta = optimizer_state(self.opt)
-        save_resume(out, {"current": self.task.snapshot(), "best": best_state or {}, "optim": opt_tensors,
-                          "rng": {"torch": torch.get_rng_state(), "order": self.gen.get_state()}},
-                    {"inputs": inputs, "progress": vars(p), "optimizer": opt_meta,
-                     "scheduler": self.sched.state_dict(), "numpy_rng": self.rng.bit_generator.state})
+        if self.resume is not None and self.world.main:
+            out, inputs = self.resume
+            opt_tensors, opt_meta = optimizer_state(self.opt)
+            save_resume(out, {"current": self.task.snapshot(), "best": best_state or {}, "optim": opt_tensors,
+                              "rng": {"torch": torch.get_rng_state(), "order": self.gen.get_state()}},
+                        {"inputs": inputs, "progress": vars(p), "optimizer": opt_meta,
+                         "scheduler": self.sched.state_dict(), "numpy_rng": self.rng.bit_generator.state})
+        self.world.barrier()                                      # no rank runs ahead of a saved epoch
 
     def _load(self) -> tuple[_Progress, dict | None]:
         if self.resume is None:
             return _Progress(), None
+        return self.world.main_first(self._read_resume)  # a broken state is set aside once, by rank 0
+
+    def _read_resume(self) -> tuple[_Progress, dict | None]:
         saved = load_resume(*self.resume, groups_needed=("current", "rng"),
                             meta_needed=("progress", "optimizer", "scheduler", "numpy_rng"))
         if saved is None:

@@ -8,18 +8,17 @@ completes the manifest after a barrier. Complete shards are skipped on rerun.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from distill.artifacts import read_record
 from distill.cache import cache_key, complete_cache, shard_metadata, shard_name, staging_dir, write_shard
 from distill.config import Recipe
 from distill.data import Split
+from distill.distributed import world
 from distill.histories import Histories
 from distill.errors import ArtifactError, ConfigError, StaleError
 from distill.positions import prefixes, scored_positions
@@ -59,13 +58,6 @@ NO_INJECTION = {
     "moe": "not exercised: the MoE-LoRA gate mixes each prompt's experts inside the LoRA layers, which fused "
            "kernels would replace (only plain LoRA can be merged first); init_inference runs the transformers modules",
 }
-
-
-def distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
 def score_shard(teacher, histories: Histories, lengths: np.ndarray, dim: int, k: int, batch_size: int,
@@ -131,7 +123,7 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
     require_memory(decoder_step_bytes(recipe.teacher.eval_batch_size, longest, model.backbone.config, training=False),
                    f"an inference batch ({recipe.teacher.eval_batch_size} prompts of up to {longest} tokens)",
                    "teacher.eval_batch_size", model.device)
-    rank, world = distributed()
+    ranks = world()
     users, t = scored_positions(split, d.positions)
     model = model.eval()
     dtype = guard.backbone_dtype(model)
@@ -153,12 +145,11 @@ def run_inference(recipe: Recipe, split: Split, model: TeacherRetriever, teacher
     n_shards = -(-split.n_users // d.shard_users)
     staging = staging_dir(out)
     staging.mkdir(parents=True, exist_ok=True)
-    todo = pending_shards(staging, [i for i in range(n_shards) if i % world == rank], meta)
+    todo = pending_shards(staging, [i for i in range(n_shards) if i % ranks.size == ranks.rank], meta)
     total, tokens, seconds = score_shards(model, model.prompts.lengths, meta["dim"], recipe, split, users, t, todo,
-                                          staging, meta, f"teacher infer ({backend}, rank {rank})")
-    if world > 1:
-        torch.distributed.barrier()
-    if rank != 0:
+                                          staging, meta, f"teacher infer ({backend}, rank {ranks.rank})")
+    ranks.barrier()
+    if not ranks.main:
         return None
     items = model.item_vectors()
     valid = guard.check_validation(staging, n_shards, split, items, recipe, recorded_valid, "the teacher")

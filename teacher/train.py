@@ -16,6 +16,7 @@ import torch
 from distill.artifacts import save_array
 from distill.config import Recipe
 from distill.data import Split
+from distill.distributed import world
 from distill.harness import evaluate, evaluate_model, metrics_record
 from distill.losses import LossInputs, NegativeSampler, SoftmaxLoss
 from distill.positions import next_items, prefixes, training_positions
@@ -117,16 +118,20 @@ class TeacherTask:
             self.valid, self.cf_weight = state["valid.queries"].numpy(), float(state["valid.cf_weight"])
 
 
-def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int, inputs: dict) -> dict:
+def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int, inputs: dict) -> dict | None:
     """Train, keep the best (epoch, CF weight) by validation NDCG@10, save to `out`, score test once.
-    Resumable after every epoch (see distill.trainer)."""
+    Resumable after every epoch (see distill.trainer). On N ranks (torchrun, deepspeed) every rank trains
+    its share of each step and rank 0 saves what one process would save; the others return None."""
     c = recipe.teacher
+    ranks = world()
     torch.manual_seed(seed)
     model = build_teacher(c, cf, split.titles, texts=split.texts)
     task = TeacherTask(model, split, recipe)
     cfg = TrainerConfig(epochs=c.epochs, patience=c.patience, lr=c.lr, weight_decay=c.weight_decay,
                         schedule="cosine", warmup_ratio=c.warmup_ratio, grad_accum=c.grad_accum)
-    result = Trainer(task, cfg, seed, "teacher", resume=(out, inputs)).fit()
+    result = Trainer(task, cfg, seed, "teacher", resume=(out, inputs), world=ranks).fit()
+    if not ranks.main:
+        return None
     task.restore(result.best_state)
     with torch.no_grad():
         model.cf_weight.fill_(task.cf_weight)
@@ -141,9 +146,10 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
              for stage, q in llm.items()}
     llm_alone = {**{stage: r.metrics for stage, r in alone.items()}, "by_popularity": alone["test"].by_popularity,
                  "cold": alone["test"].cold}
-    digest = save_teacher(model, out, {"split_hash": split.hash, "seed": seed, "inputs": inputs})
+    trained_on = {"world_size": ranks.size, "strategy": "ddp" if ranks.size > 1 else "one process"}
+    digest = save_teacher(model, out, {"split_hash": split.hash, "seed": seed, "inputs": inputs, **trained_on})
     save_array(out / "test_ranks.npy", results["test"].ranks)
     return metrics_record(results, split, best_epoch=result.best_epoch, cf_weight=task.cf_weight, seed=seed,
                           llm_alone=llm_alone, cf_weight_grid=list(c.cf_weights),
                           curve=result.curve, checkpoint_hash=digest, train_seconds=round(result.seconds, 2),
-                          inputs=inputs, **result.rates())
+                          inputs=inputs, **trained_on, **result.rates())

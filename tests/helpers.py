@@ -92,10 +92,13 @@ class Launcher:
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError("tests/launcher.py failed to start")
 
-    def start(self, argv: list[str], log: Path, env: dict | None = None, kill_after: str | None = None) -> int:
+    def start(self, argv: list[str], log: Path, env: dict | None = None, kill_after: str | None = None,
+              read_only: Path | None = None) -> int:
         """Launch `anyo ARGV` with output in `log`; returns its pid, also its process group.
-        kill_after="module.name:N": the command kills itself when that function returns for the N-th time."""
-        job = {"argv": argv, "log": str(log), "env": env or {}, "kill_after": kill_after}
+        kill_after="module.name:N": the command kills itself when that function returns for the N-th time.
+        read_only=PATH: the command fails if it writes anything under PATH."""
+        job = {"argv": argv, "log": str(log), "env": env or {}, "kill_after": kill_after,
+               "read_only": str(read_only) if read_only else None}
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         return int(self.proc.stdout.readline())

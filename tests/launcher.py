@@ -9,7 +9,9 @@ child that runs `distill.cli.main(argv)` in its own process group with stdout an
 stderr in PATH, writes its exit status to PATH.rc, and answers with the child's pid.
 An optional "kill_after": "module.name:N" makes the child SIGKILL its own group
 the moment `module.name` (as looked up by its callers) returns for the N-th time:
-a kill point that holds however fast or slow the machine is.
+a kill point that holds however fast or slow the machine is. An optional "read_only": PATH makes
+any write, rename, removal or mkdir under PATH made through Python fail in the child (how a test
+checks that a rank other than 0 writes nothing).
 """
 
 import importlib
@@ -47,6 +49,29 @@ def kill_after(spec: str) -> None:
     setattr(module, name, wrapper)
 
 
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+PATH_EVENTS = {"os.rename": 2, "os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "shutil.rmtree": 1, "os.symlink": 2,
+               "os.link": 2, "os.truncate": 1, "os.chmod": 1, "os.utime": 1}   # event -> how many path arguments
+
+
+def read_only(root: str) -> None:
+    root = os.path.realpath(root)
+
+    def inside(path) -> bool:
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return False                                   # a file descriptor
+        real = os.path.realpath(os.fsdecode(path))
+        return real == root or real.startswith(root + os.sep)
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and inside(args[0]) and isinstance(args[2], int) and args[2] & WRITE_FLAGS:
+            raise PermissionError(f"read-only for this process: open {args[0]} for writing")
+        if event in PATH_EVENTS and any(inside(a) for a in args[:PATH_EVENTS[event]]):
+            raise PermissionError(f"read-only for this process: {event} {args[:PATH_EVENTS[event]]}")
+
+    sys.addaudithook(hook)
+
+
 def run_child(job: dict) -> None:
     os.setpgid(0, 0)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -59,6 +84,8 @@ def run_child(job: dict) -> None:
     try:
         if job.get("kill_after"):
             kill_after(job["kill_after"])
+        if job.get("read_only"):
+            read_only(job["read_only"])
         code = main(job["argv"])
     except BaseException:
         traceback.print_exc()

@@ -13,11 +13,13 @@ from student.model import load_student
 from teacher.train import train_teacher
 
 
-def run(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
+def run(recipe: Recipe, run: Path, split: Split, seed: int) -> dict | None:
+    """The teacher's record (None on ranks other than 0 of a torchrun / deepspeed launch)."""
     cf, _ = load_student(run / "student_alone", split.hash, split.n_items)
     out = teacher_root(run, recipe, seed) / "teacher"
     wanted = teacher_inputs(recipe, run, split, seed)
     if (record := finished_training(out, wanted)) is not None:
         print(f"teacher (seed {seed}) up to date in {out}")
         return record
-    return finish_training(out, train_teacher(recipe, split, cf, out, seed, wanted))
+    record = train_teacher(recipe, split, cf, out, seed, wanted)
+    return None if record is None else finish_training(out, record)

@@ -1,0 +1,112 @@
+"""Teacher training on 2 gloo ranks (the environment torchrun sets, the ranks forked by the warm launcher):
+the same optimiser steps as one rank with grad_accum 2, writes by rank 0 only, a kill of rank 1 mid-epoch
+resumed to the uninterrupted result, and a 2-rank teacher that loads in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from distill.data import load_split
+from helpers import RECIPE, sets
+from teacher.checkpoint import load_teacher
+
+# one epoch = 4 batches of 8 prompts; dropout off, so the two layouts see the same arithmetic
+TRAIN = ["teacher.lora_dropout=0.0", "teacher.epochs=2", "teacher.patience=2"]
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def fresh_run(tiny_run, dest: Path) -> Path:
+    run, _ = tiny_run
+    for part in ("split", "student_alone"):
+        shutil.copytree(run / part, dest / part)
+    return dest
+
+
+def argv(run: Path, overrides: list[str], *extra: str) -> list[str]:
+    return ["teacher", "train", RECIPE, "--out", str(run)] + sets(overrides + TRAIN + list(extra))
+
+
+def start_ranks(launcher, run: Path, overrides, logs: Path, kill_rank1_after: str | None = None) -> list[int]:
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
+    logs.mkdir(parents=True, exist_ok=True)
+    return [launcher.start(argv(run, overrides), logs / f"rank{r}.log", dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                           kill_after=kill_rank1_after if r == 1 else None,
+                           read_only=run if r == 1 else None)        # rank 1 fails if it writes into the run
+            for r in range(2)]
+
+
+def wait_all(launcher, pids: list[int], logs: Path) -> None:
+    for r, pid in enumerate(pids):
+        log = logs / f"rank{r}.log"
+        assert launcher.wait(pid, log, timeout=600) == 0, log.read_text()[-3000:]
+
+
+def weights(run: Path) -> dict[str, np.ndarray]:
+    teacher = run / "teacher"
+    return {**load_file(str(teacher / "heads.safetensors")),
+            **{f"adapter.{k}": v for k, v in load_file(str(teacher / "adapter" / "adapter_model.safetensors")).items()}}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_run, launcher, tmp_path_factory):
+    """A teacher trained on 2 ranks, uninterrupted."""
+    _, overrides = tiny_run
+    tmp = tmp_path_factory.mktemp("ddp")
+    run = fresh_run(tiny_run, tmp / "run")
+    wait_all(launcher, start_ranks(launcher, run, overrides, tmp / "logs"), tmp / "logs")
+    return run
+
+
+def test_two_ranks_equal_one_rank_with_accumulation(tiny_run, two_ranks, launcher, tmp_path):
+    _, overrides = tiny_run
+    one = fresh_run(tiny_run, tmp_path / "one")
+    pid = launcher.start(argv(one, overrides, "teacher.grad_accum=2"), tmp_path / "one.log")
+    assert launcher.wait(pid, tmp_path / "one.log", timeout=600) == 0, (tmp_path / "one.log").read_text()[-3000:]
+    a, b = weights(one), weights(two_ranks)
+    assert a.keys() == b.keys()
+    for k in a:   # the same steps; only the order of a float sum differs (rank 1's batches added by all-reduce)
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    one_rec, two_rec = (json.loads((r / "teacher" / "metrics.json").read_text()) for r in (one, two_ranks))
+    assert [c["examples"] for c in two_rec["curve"]] == [c["examples"] for c in one_rec["curve"]]
+    assert two_rec["valid_metrics"]["NDCG@10"] == pytest.approx(one_rec["valid_metrics"]["NDCG@10"], abs=0.002)
+    assert (one_rec["world_size"], two_rec["world_size"]) == (1, 2)
+    assert two_rec["strategy"] == "ddp"
+
+
+def test_a_two_rank_teacher_loads_in_one_process(two_ranks):
+    split = load_split(two_ranks / "split")
+    model, meta = load_teacher(two_ranks / "teacher", two_ranks / "student_alone", split)
+    assert (meta["world_size"], meta["strategy"]) == (2, "ddp")
+    q = model.encode(split.history("valid"), desc="valid", blend=False)
+    assert q.shape == (split.n_users, model.query_dim) and np.isfinite(q).all()
+
+
+def test_kill_of_rank_1_mid_epoch_then_rerun_equals_uninterrupted(tiny_run, two_ranks, launcher, tmp_path):
+    _, overrides = tiny_run
+    run = fresh_run(tiny_run, tmp_path / "run")
+    # rank 1 builds 2 of epoch 1's 4 batches, so its 3rd prefix lookup is epoch 2's first batch
+    pids = start_ranks(launcher, run, overrides, tmp_path / "killed", kill_rank1_after="teacher.train.prefixes:3")
+    assert launcher.wait(pids[1], tmp_path / "killed" / "rank1.log", timeout=600) == -9
+    if launcher.alive(pids[0]):
+        os.killpg(pids[0], signal.SIGKILL)     # what torchrun does to the others when one rank dies
+    launcher.wait(pids[0], tmp_path / "killed" / "rank0.log", timeout=60)
+    assert (run / "teacher.resume" / "state.json").is_file()    # epoch 1 was saved before rank 1 died
+    assert not (run / "teacher" / "metrics.json").exists()
+    wait_all(launcher, start_ranks(launcher, run, overrides, tmp_path / "rerun"), tmp_path / "rerun")
+    assert "resuming after epoch 1" in (tmp_path / "rerun" / "rank0.log").read_text()
+    a, b = weights(run), weights(two_ranks)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
