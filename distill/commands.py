@@ -189,4 +189,5 @@ def cmd_serve(args) -> int:
 
 def cmd_baseline_llara(args) -> None:
     recipe, run = resolve(args)
-    llara.run(recipe, run, prepare.run(recipe, run), seed_of(args, recipe))
+    split = world().main_first(lambda: prepare.run(recipe, run))   # N ranks: rank 0 writes the split
+    llara.run(recipe, run, split, seed_of(args, recipe))

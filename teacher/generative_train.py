@@ -19,6 +19,7 @@ import torch
 
 from distill.config import Recipe
 from distill.data import Split
+from distill.distributed import world
 from distill.positions import next_items, prefixes, training_positions
 from distill.resources import decoder_step_bytes, optimizer_bytes, require_memory
 from distill.trainer import StepOutput, Trainer, TrainerConfig
@@ -91,10 +92,12 @@ def trainer_config(recipe: Recipe) -> TrainerConfig:
                          schedule="cosine", warmup_ratio=c.warmup_ratio, grad_accum=c.grad_accum)
 
 
-def train_generative(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int, inputs: dict) -> dict:
+def train_generative(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int, inputs: dict) -> dict | None:
     """Train (resumable after every epoch), keep the best epoch by validation HR@1, score test once, save to
-    `out` (adapter/, heads.safetensors, llara.json, test_outputs.json); returns the metrics record."""
+    `out` (adapter/, heads.safetensors, llara.json, test_outputs.json); returns the metrics record (on N ranks,
+    rank 0 scores and saves; the others return None)."""
     cfg = recipe.llara
+    ranks = world()
     torch.manual_seed(seed)
     model = build_generative(cfg, recipe.teacher, cf, split.titles)
     longest = model.prompts.longest(0)
@@ -104,7 +107,9 @@ def train_generative(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: 
                    + 4 * 3 * batch * 32 * base.vocab_size,     # head logits over the answer tokens (+ grads)
                    f"a training step ({batch} prompts of up to {longest} tokens)", "llara.batch_size", model.device)
     task = GenerativeTask(model, split)
-    fit = Trainer(task, trainer_config(recipe), seed, "llara", resume=(out, inputs)).fit()
+    fit = Trainer(task, trainer_config(recipe), seed, "llara", resume=(out, inputs), world=ranks).fit()
+    if not ranks.main:
+        return None
     task.restore(fit.best_state)
     model.eval()
     start = time.perf_counter()
@@ -112,7 +117,8 @@ def train_generative(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: 
     test_seconds = time.perf_counter() - start
     outputs = [{"user": int(u), "output": text, "named_item": int(item)}
                for u, text, item in zip(test.users, test.outputs, test.named)]
-    digest = save_generative(model, out, {"split_hash": split.hash, "seed": seed, "inputs": inputs},
+    digest = save_generative(model, out, {"split_hash": split.hash, "seed": seed, "inputs": inputs,
+                                          "world_size": ranks.size},
                              {"test_outputs.json": outputs})
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in task.parameters())
@@ -121,4 +127,5 @@ def train_generative(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: 
             "best_epoch": fit.best_epoch, "best_valid_HR@1": fit.best_score, "curve": fit.curve,
             "train_seconds": round(fit.seconds, 2), **fit.rates(),
             "test_seconds": round(test_seconds, 2), "test_users_per_second": len(test.users) / test_seconds,
-            "params": params, "trainable_params": trainable, "checkpoint_hash": digest, "inputs": inputs}
+            "params": params, "trainable_params": trainable, "checkpoint_hash": digest, "inputs": inputs,
+            "world_size": ranks.size}

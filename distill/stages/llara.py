@@ -19,7 +19,8 @@ from student.model import load_student
 from teacher.generative_train import train_generative
 
 
-def run(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
+def run(recipe: Recipe, run: Path, split: Split, seed: int) -> dict | None:
+    """The baseline's record (None on ranks other than 0 of a torchrun / deepspeed launch)."""
     if not (run / "student_alone" / "model.safetensors").is_file():
         raise AnyoError(f"{run / 'student_alone'}: not found; the generative baseline reads its CF model "
                         f"(run `anyo student train` or `anyo run` first)")
@@ -29,7 +30,10 @@ def run(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
     if (record := finished_training(out, wanted)) is not None:
         print(f"generative baseline (seed {seed}) up to date in {out}")
         return record
-    record = finish_training(out, train_generative(recipe, split, cf, out, seed, wanted))
+    record = train_generative(recipe, split, cf, out, seed, wanted)
+    if record is None:
+        return None
+    record = finish_training(out, record)
     m = record["candidates"]
     print(f"generative baseline (LLaRA): test HR@1 {m['HR@1']:.4f}  ValidRatio {m['ValidRatio']:.4f}  "
           f"HR@1 among valid {m['HR@1_valid']:.4f}  ({m['users']} users) -> {out}")
