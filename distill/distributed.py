@@ -68,6 +68,10 @@ class World:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
+    def gather(self, value: float) -> list[float]:
+        """Every rank's `value`, in rank order, on every rank."""
+        return self.sum([value if r == self.rank else 0.0 for r in range(self.size)])
+
     def from_main(self, value):
         """Rank 0's JSON-serialisable `value` on every rank (the others pass anything, e.g. None)."""
         if self.size == 1:

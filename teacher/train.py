@@ -8,6 +8,7 @@ validation NDCG@10 drives early stopping. Test is scored once at the end.
 
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,7 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
     cfg = TrainerConfig(epochs=c.epochs, patience=c.patience, lr=c.lr, weight_decay=c.weight_decay,
                         schedule="cosine", warmup_ratio=c.warmup_ratio, grad_accum=c.grad_accum)
     result = Trainer(task, cfg, seed, "teacher", resume=(out, inputs), world=ranks).fit()
+    peak_rss = ranks.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)   # bytes, per rank
     if not ranks.main:
         return None
     task.restore(result.best_state)
@@ -152,4 +154,5 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
     return metrics_record(results, split, best_epoch=result.best_epoch, cf_weight=task.cf_weight, seed=seed,
                           llm_alone=llm_alone, cf_weight_grid=list(c.cf_weights),
                           curve=result.curve, checkpoint_hash=digest, train_seconds=round(result.seconds, 2),
-                          inputs=inputs, **trained_on, **result.rates())
+                          inputs=inputs, **trained_on, peak_rss_bytes_per_rank=[int(b) for b in peak_rss],
+                          **result.rates())

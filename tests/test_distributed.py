@@ -85,6 +85,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(tiny_run, two_ranks, launche
     assert two_rec["valid_metrics"]["NDCG@10"] == pytest.approx(one_rec["valid_metrics"]["NDCG@10"], abs=0.002)
     assert (one_rec["world_size"], two_rec["world_size"]) == (1, 2)
     assert two_rec["strategy"] == "ddp"
+    assert len(two_rec["peak_rss_bytes_per_rank"]) == 2 and min(two_rec["peak_rss_bytes_per_rank"]) > 0
 
 
 def test_a_two_rank_teacher_loads_in_one_process(two_ranks):
