@@ -471,3 +471,163 @@ def test_backbone_refuses_zero_layers(tmp_path):
     from teacher.backbone import load_backbone
     with pytest.raises(ConfigError, match="teacher.num_layers: must be >= 1, got 0"):
         load_backbone(str(tmp_path), 0)
+
+
+# ---------------------------------------------------------------- Parquet / CSV / JSONL columns (issue 25)
+
+def interactions(n_users: int = 8, n_items: int = 25) -> list[tuple]:
+    return [(f"u{u}", f"i{(3 * u + t) % n_items}", 1000 + t) for u in range(n_users) for t in range(6)]
+
+
+def parquet(columns: dict) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    sink = io.BytesIO()
+    pq.write_table(pa.table(columns), sink)
+    return sink.getvalue()
+
+
+def good_columns(**replaced) -> dict:
+    users, items, times = (list(c) for c in zip(*interactions()))
+    return {"user_id": users, "item_id": items, "timestamp": times, **replaced}
+
+
+def csv_text(lines: list[str]) -> bytes:
+    return ("\n".join(lines) + "\n").encode()
+
+
+def good_csv() -> list[str]:
+    return ["user_id,item_id,timestamp"] + [f"{u},{i},{t}" for u, i, t in interactions()]
+
+
+def good_jsonl() -> list[str]:
+    import json
+    return [json.dumps({"user_id": u, "item_id": i, "timestamp": t}) for u, i, t in interactions()]
+
+
+def with_row(rows: list, n: int, value):
+    """`rows` with element n (0-based) replaced."""
+    return rows[:n] + [value] + rows[n + 1:]
+
+
+COLUMN_CASES = [
+    ("list column as item id", "parquet",
+     parquet(good_columns(item_id=[[i] for i in good_columns()["item_id"]])), "(data.columns.item) holds list"),
+    ("float item ids", "parquet", parquet(good_columns(item_id=[float(i) for i in range(48)])),
+     "(data.columns.item) holds double; ids must be strings or integers"),
+    ("bool user ids", "parquet", parquet(good_columns(user_id=[u % 2 == 0 for u in range(48)])),
+     "(data.columns.user) holds bool"),
+    ("struct user ids", "parquet", parquet(good_columns(user_id=[{"a": u} for u in range(48)])),
+     "(data.columns.user) holds struct"),
+    ("null item id", "parquet", parquet(good_columns(item_id=with_row(good_columns()["item_id"], 3, None))),
+     "column `item_id` (data.columns.item) row 4: empty value"),
+    ("empty item id in a csv", "csv", csv_text(with_row(good_csv(), 5, "u0,,1004")),
+     "column `item_id` (data.columns.item) row 5: empty value"),
+    ("NaN float time", "parquet", parquet(good_columns(timestamp=with_row([float(t) for t in good_columns()["timestamp"]],
+                                                                          2, float("nan")))),
+     "column `timestamp` (data.columns.time) row 3: timestamp nan is not finite"),
+    ("word as a csv time", "csv", csv_text(with_row(good_csv(), 7, "u1,i4,yesterday")),
+     "column `timestamp` (data.columns.time) row 7: 'yesterday' is not a number or a date-time"),
+    ("bad date in a csv time", "csv", csv_text(["user_id,item_id,timestamp"] + [
+        f"{u},{i},2026-01-{1 + t % 28:02d}" for u, i, t in interactions()][:9] + ["u1,i4,2026-13-01"]),
+     "row 10: '2026-13-01' is not a number or a date-time"),
+    ("list as a time", "parquet", parquet(good_columns(timestamp=[[t] for t in good_columns()["timestamp"]])),
+     "(data.columns.time) holds list"),
+    ("ragged csv row", "csv", csv_text(with_row(good_csv(), 4, "u0,i3,1003,extra")),
+     "d.csv:5: expected 3 comma-separated fields, got 4"),
+    ("csv not UTF-8", "csv", csv_text(good_csv()[:3]) + b"u9,caf\xe9,5\n", "d.csv:4: not valid UTF-8"),
+    ("jsonl not JSON", "jsonl", csv_text(with_row(good_jsonl(), 2, '{"user_id": "u0", ')), "d.jsonl:3: not valid JSON"),
+    ("jsonl line not an object", "jsonl", csv_text(with_row(good_jsonl(), 1, '["u0", "i1", 5]')),
+     "d.jsonl:2: expected a JSON object, got an array"),
+    ("jsonl id is an array", "jsonl", csv_text(with_row(good_jsonl(), 1, '{"user_id": "u0", "item_id": ["i1"], '
+                                                                         '"timestamp": 5}')),
+     "d.jsonl:2: item_id (data.columns.item) is an array, expected a string or a number"),
+    ("jsonl null id", "jsonl", csv_text(with_row(good_jsonl(), 1, '{"user_id": null, "item_id": "i1", "timestamp": 5}')),
+     "d.jsonl:2: user_id (data.columns.user) is null"),
+    ("jsonl key missing", "jsonl", csv_text(with_row(good_jsonl(), 3, '{"user_id": "u0", "item_id": "i1"}')),
+     "d.jsonl:4: no key `timestamp` (data.columns.time)"),
+    ("jsonl bool time", "jsonl", csv_text(with_row(good_jsonl(), 3, '{"user_id": "u0", "item_id": "i1", '
+                                                                    '"timestamp": true}')),
+     "d.jsonl:4: timestamp (data.columns.time) is true, expected a number or a date-time"),
+]
+
+
+@pytest.mark.parametrize("fmt,content,fragment", [c[1:] for c in COLUMN_CASES], ids=[c[0] for c in COLUMN_CASES])
+def test_bad_data_column(tmp_path, capsys, fmt, content, fragment):
+    path = tmp_path / f"d.{fmt}"
+    path.write_bytes(content)
+    line = expect_one_line_error(capsys, ["prepare", RECIPE, "--out", str(tmp_path / "run")]
+                                 + sets([f"data.format={fmt}", f"data.path={path}"]), fragment)
+    assert str(path) in line and "Traceback" not in line and not (tmp_path / "run" / "split").exists()
+
+
+# ---------------------------------------------------------------- numbers that cannot overflow silently (issue 25)
+
+def npy_claiming(shape: tuple, payload: bytes) -> bytes:
+    """A .npy file whose header claims `shape` (float32) over `payload` bytes."""
+    import io
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return head.getvalue() + payload
+
+
+def test_inner_products_beyond_float32_are_refused(tmp_path, prepared, capsys):
+    """Every value fits float32, but 1e20 x 1e20 does not: the scores would be inf and the ranks arbitrary."""
+    split_dir, split = prepared
+    rng = np.random.default_rng(0)
+    users = rng.normal(size=(split.n_users, 16)).astype(np.float32)
+    items = rng.normal(size=(split.n_items + 1, 16)).astype(np.float32)
+    users[4] *= 1e20
+    items[9] *= 1e20
+    line = expect_one_line_error(capsys, evaluate_argv(tmp_path, split_dir, users, items),
+                                 "inner products overflow float32")
+    assert "users.npy row 4" in line and "items.npy row 9" in line
+
+
+@pytest.mark.parametrize("which,array,fragment", [
+    ("users", "empty", "users.npy: 0 rows, expected"),
+    ("items", "no columns", "items.npy: dimension 0"),
+    ("users", "claims 2^40 rows", "users.npy: holds 64 bytes of data, its header claims (1099511627776, 16)"),
+    ("items", "truncated", "items.npy: holds 64 bytes of data, its header claims"),
+    ("items", "NaN", "items.npy: row 3 contains NaN or inf"),
+])
+def test_bad_vector_files(tmp_path, prepared, capsys, which, array, fragment):
+    split_dir, split = prepared
+    rng = np.random.default_rng(0)
+    vectors = {"users": rng.normal(size=(split.n_users, 16)), "items": rng.normal(size=(split.n_items + 1, 16))}
+    rows = vectors[which].shape[0]
+    argv = evaluate_argv(tmp_path, split_dir, vectors["users"], vectors["items"])
+    target = tmp_path / f"{which}.npy"
+    if array == "empty":
+        np.save(target, np.zeros((0, 16)))
+    elif array == "no columns":
+        np.save(target, np.zeros((rows, 0)))
+    elif array == "claims 2^40 rows":
+        target.write_bytes(npy_claiming((2**40, 16), b"\0" * 64))
+    elif array == "truncated":
+        target.write_bytes(npy_claiming((rows, 16), b"\0" * 64))
+    else:
+        bad = vectors[which].copy()
+        bad[3, 1] = np.nan
+        np.save(target, bad)
+    expect_one_line_error(capsys, argv, fragment)
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_a_cache_holding_nan_is_refused_when_read_back(tmp_path):
+    """Sealed when written, but by a teacher gone NaN: its sha256 matches, its numbers are unusable."""
+    from distill.cache import TeacherCache, complete_cache, shard_name, write_shard
+    from distill.errors import CorruptError
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    n, k, dim = 6, 3, 4
+    query = np.ones((n, dim), np.float32)
+    query[2, 1] = np.nan
+    write_shard(staging / shard_name(0), {"user": np.arange(n), "position": np.zeros(n), "query": query,
+                                          "topk_ids": np.ones((n, k)), "topk_scores": np.ones((n, k))}, {})
+    complete_cache(staging, tmp_path / "cache", 1, {"split_hash": "x", "k": k, "dim": dim, "n_items": 5},
+                   np.ones((6, dim), np.float32))
+    with pytest.raises(CorruptError, match=r"shard-0+\.safetensors: tensor query row 2 holds NaN or inf"):
+        TeacherCache(tmp_path / "cache")
