@@ -49,6 +49,30 @@ def save_array(path: str | Path, array) -> None:
         np.save(f, np.asarray(array), allow_pickle=False)
 
 
+def load_array(path: str | Path) -> np.ndarray:
+    """A .npy file, memory-mapped once its header's shape is checked against the bytes the file holds (a header
+    claiming 2^40 rows is refused, never allocated); never unpickled. ArtifactError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file not found")
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read(f)
+            start = f.tell()
+    except (ValueError, OSError, SyntaxError) as e:
+        raise ArtifactError(f"{path}: not a readable .npy array ({' '.join(str(e).split())[:160]})") from None
+    if dtype.hasobject:
+        raise ArtifactError(f"{path}: holds Python objects (dtype {dtype}); expected numbers")
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    held = path.stat().st_size - start
+    if held != claimed:
+        raise ArtifactError(f"{path}: holds {held:,} bytes of data, its header claims {shape} {dtype} "
+                            f"({claimed:,} bytes): truncated or not written by numpy")
+    return np.load(path, mmap_mode="r" if claimed else None, allow_pickle=False)
+
+
 def json_digest(obj) -> str:
     """sha256 of a JSON-able object in canonical form (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()

@@ -127,6 +127,25 @@ class CacheRows:
     topk_scores: np.ndarray  # (n_found, K)
 
 
+def _check_numbers(path: Path, tensors: dict[str, np.ndarray], n_items: int) -> None:
+    """A shard's sha256 says it is what was written, not that a NaN teacher did not write it: vectors are finite,
+    top-K ids are items (0..n_items, or -1 with score -inf where fewer than K were left), scores are not NaN
+    and -inf only there; else CorruptError naming the tensor and row."""
+    ids = tensors.get("topk_ids")
+    for name, t in tensors.items():
+        if t.dtype.kind != "f":
+            continue
+        bad = ~np.isfinite(t)
+        if name == "topk_scores":
+            bad &= ~(np.isneginf(t) & (ids == -1))
+        bad = bad.reshape(len(t), -1).any(axis=1)
+        if bad.any():
+            raise CorruptError(f"{path}: tensor {name} row {int(np.argmax(bad))} holds NaN or inf")
+    if ids is not None and ids.size and (int(ids.min()) < -1 or int(ids.max()) > n_items):
+        raise CorruptError(f"{path}: tensor topk_ids holds {int(ids.min())}..{int(ids.max())}, "
+                           f"outside the items 0..{n_items}")
+
+
 class TeacherCache:
     """Verified, memory-mapped reader of a complete teacher cache."""
 
@@ -157,11 +176,13 @@ class TeacherCache:
             for name, shape in want.items():
                 if name not in t or t[name].shape != shape:
                     raise CorruptError(f"{path}: tensor {name} has shape {t.get(name, np.empty(0)).shape}, expected {shape}")
+            _check_numbers(path, t, int(m.get("n_items", 0)))
             self.shards.append(t)
         items = self.folder / m["items"]["file"]
         if sha256_file(items) != m["items"]["sha256"]:
             raise CorruptError(f"{items}: sha256 does not match manifest.json")
         self.item_table = memmap_tensors(items)["item_table"]
+        _check_numbers(items, {"item_table": self.item_table}, 0)
         self.item_parts = m.get("item_parts", {"cf": [0, self.item_table.shape[1]]})
         # sorted (user, position) keys -> (shard, row)
         self.stride = int(max((int(t["position"].max()) for t in self.shards if len(t["position"])), default=0)) + 1

@@ -379,7 +379,7 @@ def test_odd_ids_are_the_same_exact_strings_in_every_format_and_survive_the_spli
               for fmt in ("parquet", "csv", "jsonl")}
     ref = splits["parquet"]
     assert set(ref.users) == set(ODD_USERS) and set(ODD_ITEMS) <= set(ref.items)  # nothing parsed, stripped, merged
-    for fmt, s in splits.items():
+    for s in splits.values():
         assert_same_split(s, ref)
     split, _ = prepare(DataConfig(format="csv", path=str(tmp_path / "d.csv")), tmp_path / "split")
     from distill.data import load_split
@@ -452,3 +452,25 @@ def test_a_file_changed_on_disk_is_read_again_with_the_same_path_and_mtime(tmp_p
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     second, rebuilt = prepare(DataConfig(format=fmt, path=str(path)), tmp_path / "split")
     assert rebuilt and second.hash != first.hash
+
+
+def test_odd_ids_come_back_exactly_from_an_export_and_can_be_passed_to_recommend(tmp_path, capsys):
+    import json
+
+    from helpers import RECIPE, sets
+    path = write_rows(tmp_path / "d.csv", odd_rows(), "csv")
+    run, out = tmp_path / "run", tmp_path / "export"
+    tiny = sets([f"data.path={path}", "data.format=csv", "data.max_len=10", "student.hidden_size=16",
+                 "student.num_heads=2", "student.epochs=1", "student.batch_size=16"])
+    assert main(["student", "train", RECIPE, "--out", str(run)] + tiny) == 0
+    assert main(["export", str(run), "--out", str(out), "--model", "student_alone"]) == 0
+    n_items = build_split(DataConfig(format="csv", path=path)).n_items
+    capsys.readouterr()
+    history = ["a,b", " a b ", "x\ny", "-5"]
+    assert main(["recommend", str(out), "--history-json", json.dumps(history), "-k", str(n_items),
+                 "--include-seen", "--json"]) == 0
+    served = [it["item"] for it in json.loads(capsys.readouterr().out)["items"]]
+    assert set(ODD_ITEMS) <= set(served) and len(set(served)) == n_items        # every id once, exactly
+    assert main(["recommend", str(out), "--history=-5,00026", "-k", "3"]) == 0  # a leading '-' after '='
+    assert main(["recommend", str(out), "--history-json", '["a,b", 5]']) == 2   # not strings: one line
+    assert "expected a non-empty JSON array of strings" in capsys.readouterr().err
