@@ -269,11 +269,15 @@ def _read_jsonl(path: Path, keys: dict[str, str]):
                 col.append(None)
     if not rows:
         raise DataError(f"{path}:1: empty file")
-    return pa.table({name: pa.array(values if any(isinstance(v, list) for v in values)
-                                     else [None if v is None else str(v) for v in values],
-                                     type=pa.list_(pa.string()) if any(isinstance(v, list) for v in values)
-                                     else pa.string())
-                     for name, values in columns.items()})
+    def text(v) -> str:
+        return v if isinstance(v, str) else json.dumps(v)
+
+    def column(values: list):
+        if any(isinstance(v, list) for v in values):  # a text column of lists (genres): a list per row
+            return pa.array([None if v is None else [text(x) for x in (v if isinstance(v, list) else [v])]
+                             for v in values], pa.list_(pa.string()))
+        return pa.array([None if v is None else text(v) for v in values], pa.string())
+    return pa.table({name: column(values) for name, values in columns.items()})
 
 
 def _column(table, path: Path, name: str, key: str):
@@ -296,8 +300,8 @@ def _ids(col, path: Path, name: str, key: str):
     if pa.types.is_dictionary(col.type):
         col = col.dictionary_decode()
     if pa.types.is_integer(col.type):
-        col = col.cast(pa.string())
-    elif not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+        return col  # no empty or NUL value; _tokens writes only the distinct values as decimal text
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
               or pa.types.is_string_view(col.type)):
         raise DataError(f"{path}: column `{name}` ({key}) holds {col.type}; ids must be strings or integers")
     empty = pc.fill_null(pc.equal(pc.utf8_length(col), 0), True)
@@ -311,13 +315,14 @@ def _ids(col, path: Path, name: str, key: str):
 
 
 def _tokens(col):
-    """(codes, tokens): tokens = the column's distinct strings in sorted order, codes = each row's index into
-    them. Hashing is done by Arrow on the raw values, sorting only on the distinct strings."""
+    """(codes, tokens): tokens = the column's distinct values (an _ids column) as strings in sorted order, codes =
+    each row's index into them. Hashing is done by Arrow on the raw values, sorting only on the distinct strings."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     enc = pc.dictionary_encode(col)
     idx = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    names = np.asarray(enc.dictionary.to_numpy(zero_copy_only=False), dtype=str)
+    names = np.asarray(enc.dictionary.cast(pa.string()).to_numpy(zero_copy_only=False), dtype=str)
     order = np.argsort(names, kind="stable")
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order))
@@ -391,10 +396,14 @@ def _read_formatted(cfg: DataConfig, inter: Path, item: Path | None):
         import pyarrow as pa
         it = _read_table(item, cfg.format, {c.item: "data.columns.item"})
         item_col = _ids(_column(it, item, c.item, "data.columns.item"), item, c.item, "data.columns.item")
-        keys_ = np.asarray(item_col.to_numpy(zero_copy_only=False), dtype=str)
+        keys_ = np.asarray(item_col.cast(pa.string()).to_numpy(zero_copy_only=False), dtype=str)
         if c.title not in it.column_names:
             raise DataError(f"{item}: no column `{c.title}` (data.columns.title); columns: {', '.join(it.column_names)}")
-        vals = it.column(c.title).cast(pa.string()).fill_null("")  # an empty title is allowed
+        title_col = it.column(c.title)
+        if pa.types.is_nested(title_col.type) or pa.types.is_binary(title_col.type):
+            raise DataError(f"{item}: column `{c.title}` (data.columns.title) holds {title_col.type}; "
+                            "titles must be strings")
+        vals = title_col.cast(pa.string()).fill_null("")  # an empty title is allowed
         vals = np.asarray(vals.to_numpy(zero_copy_only=False), dtype=object)
         texts = _formatted_texts(it, item, vals, text_columns(it.column_names, (c.item, c.title), c.text, str(item)))
         last = len(keys_) - 1 - np.unique(keys_[::-1], return_index=True)[1]  # a repeated item: its last row

@@ -631,3 +631,34 @@ def test_a_cache_holding_nan_is_refused_when_read_back(tmp_path):
                    np.ones((6, dim), np.float32))
     with pytest.raises(CorruptError, match=r"shard-0+\.safetensors: tensor query row 2 holds NaN or inf"):
         TeacherCache(tmp_path / "cache")
+
+
+def item_table(**replaced) -> dict:
+    return {"item_id": [f"i{i}" for i in range(25)], "title": [f"movie {i}" for i in range(25)], **replaced}
+
+
+@pytest.mark.parametrize("columns,fragment", [
+    (item_table(title=[[f"movie {i}"] for i in range(25)]), "(data.columns.title) holds list"),
+    (item_table(item_id=[float(i) for i in range(25)]), "items.parquet: column `item_id` (data.columns.item) holds double"),
+    (item_table(item_id=[None] + [f"i{i}" for i in range(1, 25)]), "items.parquet: column `item_id` (data.columns.item) "
+                                                                     "row 1: empty value"),
+], ids=["list title", "float item ids", "null item id"])
+def test_bad_item_file_column(tmp_path, capsys, columns, fragment):
+    (tmp_path / "d.parquet").write_bytes(parquet(good_columns()))
+    (tmp_path / "items.parquet").write_bytes(parquet(columns))
+    expect_one_line_error(capsys, ["prepare", RECIPE, "--out", str(tmp_path / "run")] + sets([
+        "data.format=parquet", f"data.path={tmp_path / 'd.parquet'}", f"data.items={tmp_path / 'items.parquet'}"]),
+        fragment)
+
+
+def test_jsonl_item_text_of_any_json_is_read(tmp_path):
+    """Nested values in a text column are written as JSON, not refused, and never crash the reader."""
+    import json
+    (tmp_path / "d.jsonl").write_bytes(csv_text(good_jsonl()))
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps({"item_id": f"i{i}", "title": f"movie {i}",
+                                                              "genres": [{"g": i}, 5, True] if i else "drama"}) + "\n"
+                                                  for i in range(25)))
+    from distill.config import DataConfig
+    from distill.data import build_split
+    s = build_split(DataConfig(format="jsonl", path=str(tmp_path / "d.jsonl"), items=str(tmp_path / "items.jsonl")))
+    assert s.texts[s.items.index("i3")] == 'movie 3: {"g": "3"}, 5, true' and s.texts[s.items.index("i0")] == "movie 0: drama"
