@@ -243,7 +243,7 @@ def unescape_field(text: str, where: str) -> str:
 
     def one(m: re.Match) -> str:
         if m.group(1) not in _UNESCAPES:
-            raise CorruptError(f"{where}: unknown escape {m.group(0)!r} (fields escape only \\\\ \\t \\n \\r)")
+            raise CorruptError(f"{where}: unknown escape {m.group(0)} (fields escape only \\\\ \\t \\n \\r)")
         return _UNESCAPES[m.group(1)]
     return _ESCAPED.sub(one, text)
 

@@ -337,6 +337,29 @@ def save_split(split: Split, folder: str | Path) -> None:
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
+def _split_tensors(path: Path, n_users: int, n_items: int) -> dict[str, np.ndarray]:
+    """split.safetensors, every tensor present with the shape and range the manifest implies (a file that matches
+    its sha256 can still be a hand-made one), else CorruptError naming it."""
+    try:
+        t = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a malformed file
+        raise CorruptError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())[:120]})") from None
+    shapes = {"sequence_offsets": (n_users + 1,), "valid_negatives": (n_users, NUM_NEGATIVES),
+              "test_negatives": (n_users, NUM_NEGATIVES)}
+    for name, shape in {"sequence_items": None, **shapes}.items():
+        if name not in t:
+            raise CorruptError(f"{path}: no tensor {name}")
+        if t[name].dtype.kind not in "iu" or (shape is not None and t[name].shape != shape):
+            raise CorruptError(f"{path}: tensor {name} is {t[name].dtype} {t[name].shape}, expected int64 {shape}")
+    offsets, flat = t["sequence_offsets"], t["sequence_items"]
+    if offsets[0] != 0 or offsets[-1] != len(flat) or (np.diff(offsets) < 0).any():
+        raise CorruptError(f"{path}: sequence_offsets do not partition the {len(flat)} sequence items")
+    for name in ("sequence_items", "valid_negatives", "test_negatives", "cold_items"):
+        if name in t and t[name].size and (t[name].min() < 1 or t[name].max() > n_items):
+            raise CorruptError(f"{path}: tensor {name} holds ids outside 1..{n_items}")
+    return t
+
+
 def _field(row: list[str], col: int) -> str:
     return row[col] if len(row) > col else ""
 
@@ -349,9 +372,11 @@ def load_split(folder: str | Path) -> Split:
         raise ArtifactError(f"{tensors_path}: not found")
     if sha256_file(tensors_path) != manifest.get("split_sha256"):
         raise CorruptError(f"{tensors_path}: content does not match manifest.json (corrupt or edited)")
-    t = load_file(str(tensors_path))
-    seqs = Histories(t["sequence_items"], t["sequence_offsets"])
     n, n_items = manifest["n_users"], manifest["n_items"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (n, n_items)):
+        raise CorruptError(f"{folder / 'manifest.json'}: n_users {n!r} / n_items {n_items!r} are not counts")
+    t = _split_tensors(tensors_path, n, n_items)
+    seqs = Histories(t["sequence_items"], t["sequence_offsets"])
     users = [_field(f, 1) for f in read_tsv(folder / "users.tsv", n)]
     rows = read_tsv(folder / "items.tsv", n_items)
     items, titles, texts = ([pad] + [_field(f, col) for f in rows] for pad, col in (("[PAD]", 1), ("", 2), ("", 3)))

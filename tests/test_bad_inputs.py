@@ -662,3 +662,50 @@ def test_jsonl_item_text_of_any_json_is_read(tmp_path):
     from distill.data import build_split
     s = build_split(DataConfig(format="jsonl", path=str(tmp_path / "d.jsonl"), items=str(tmp_path / "items.jsonl")))
     assert s.texts[s.items.index("i3")] == 'movie 3: {"g": "3"}, 5, true' and s.texts[s.items.index("i0")] == "movie 0: drama"
+
+
+def reseal(folder, tensors: dict) -> None:
+    """split.safetensors replaced by `tensors`, its sha256 written into the manifest: only the content is wrong."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from distill.artifacts import sha256_file
+    save_file(tensors, str(folder / "split.safetensors"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps(dict(manifest, split_sha256=sha256_file(folder / "split.safetensors"))))
+
+
+def drop(name):
+    return lambda t: {k: v for k, v in t.items() if k != name}
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    (drop("valid_negatives"), "split.safetensors: no tensor valid_negatives"),
+    (lambda t: dict(t, sequence_items=t["sequence_items"] + 1000), "tensor sequence_items holds ids outside 1..60"),
+    (lambda t: dict(t, sequence_offsets=t["sequence_offsets"][::-1].copy()), "sequence_offsets do not partition"),
+    (lambda t: dict(t, test_negatives=t["test_negatives"][:3]), "tensor test_negatives is int64 (3, 19)"),
+    ("n_users", "manifest.json: n_users 'x' / n_items 60 are not counts"),
+    ("escape", "users.tsv:4: unknown escape \\q"),
+], ids=["a tensor missing", "ids beyond the catalogue", "offsets reversed", "negatives cut", "a count not a number",
+        "an unknown escape"])
+def test_a_resealed_or_edited_split_is_one_line(tmp_path, prepared, capsys, damage, fragment):
+    """The split's sha256 matches (resealed), or the edit is outside split.safetensors: the loader still checks."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file
+    split_dir, split = prepared
+    folder = tmp_path / "split"
+    shutil.copytree(split_dir, folder)
+    if damage == "n_users":
+        manifest = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps(dict(manifest, n_users="x")))
+    elif damage == "escape":
+        lines = (folder / "users.tsv").read_text().split("\n")
+        (folder / "users.tsv").write_text("\n".join(lines[:3] + [lines[3] + "\\q"] + lines[4:]))
+    else:
+        reseal(folder, damage(load_file(str(folder / "split.safetensors"))))
+    rng = np.random.default_rng(0)
+    argv = evaluate_argv(tmp_path, folder, rng.normal(size=(split.n_users, 8)), rng.normal(size=(split.n_items + 1, 8)))
+    expect_one_line_error(capsys, argv, fragment)
