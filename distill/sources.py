@@ -262,7 +262,9 @@ def _read_jsonl(path: Path, keys: dict[str, str]):
                 expected = "a number or a date-time" if key == "data.columns.time" else "a string or a number"
                 raise DataError(f"{path}:{n}: {name} ({key}) is {kind}, expected {expected}")
         for name, value in obj.items():
-            columns.setdefault(name, [None] * rows).append(value)
+            if name not in columns:
+                columns[name] = [None] * rows
+            columns[name].append(value)
         rows += 1
         for col in columns.values():
             if len(col) < rows:
