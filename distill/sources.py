@@ -229,7 +229,10 @@ def _read_csv(path: Path):
     return table
 
 
-_JSON_KINDS = {dict: "an object", list: "an array", bool: None, type(None): "null"}
+def _json_kind(value) -> str:
+    """How a parsed JSON value is named in a message (numbers were parsed as their text)."""
+    import json
+    return {dict: "an object", list: "an array", type(None): "null"}.get(type(value)) or json.dumps(value)[:40]
 
 
 def _read_jsonl(path: Path, keys: dict[str, str]):
@@ -252,15 +255,14 @@ def _read_jsonl(path: Path, keys: dict[str, str]):
         except ValueError as e:
             raise DataError(f"{path}:{n}: not valid JSON ({' '.join(str(e).split())[:120]})") from None
         if not isinstance(obj, dict):
-            raise DataError(f"{path}:{n}: expected a JSON object, got {_JSON_KINDS.get(type(obj), 'a scalar')}")
+            raise DataError(f"{path}:{n}: expected a JSON object, got {_json_kind(obj)}")
         for name, key in keys.items():
             if name not in obj:
                 raise DataError(f"{path}:{n}: no key `{name}` ({key})")
             value = obj[name]
             if not isinstance(value, str):
-                kind = _JSON_KINDS.get(type(value)) or json.dumps(value)
                 expected = "a number or a date-time" if key == "data.columns.time" else "a string or a number"
-                raise DataError(f"{path}:{n}: {name} ({key}) is {kind}, expected {expected}")
+                raise DataError(f"{path}:{n}: {name} ({key}) is {_json_kind(value)}, expected {expected}")
         for name, value in obj.items():
             if name not in columns:
                 columns[name] = [None] * rows
@@ -271,6 +273,7 @@ def _read_jsonl(path: Path, keys: dict[str, str]):
                 col.append(None)
     if not rows:
         raise DataError(f"{path}:1: empty file")
+
     def text(v) -> str:
         return v if isinstance(v, str) else json.dumps(v)
 
@@ -351,7 +354,10 @@ def _time_strings(col, path: Path, name: str):
             return False
     values = col.to_pylist()
     own = [k for k in kinds if fits(values[0], k)]
-    row = next(r for r, v in enumerate(values, start=1) if not any(fits(v, k) for k in own))
+    row = next((r for r, v in enumerate(values, start=1) if not any(fits(v, k) for k in own)), None)
+    if row is None:
+        raise DataError(f"{path}: column `{name}` (data.columns.time): no one kind (integer, number, date-time "
+                        "of one resolution and zone) fits every value")
     raise DataError(f"{path}: column `{name}` (data.columns.time) row {row}: {values[row - 1]!r} "
                     "is not a number or a date-time")
 
