@@ -203,7 +203,7 @@ def _hashed_times(times: np.ndarray) -> np.ndarray:
     were kept as int64, so their hashes stay), int64 otherwise (integers beyond 2^53 would collide in float64)."""
     if times.dtype.kind == "f" or not len(times) or max(int(times.max()), -int(times.min())) <= 2**53:
         return times.astype("<f8")
-    return np.concatenate([np.frombuffer(b"int64-ns", "<i8"), times.astype("<i8")])
+    return np.concatenate([np.frombuffer(b"int64-ts", "<i8"), times.astype("<i8")])
 
 
 COLD_STREAM = 7  # the cold items' random stream, apart from the negatives' (both seeded by data.seed)
@@ -350,7 +350,8 @@ def _split_tensors(path: Path, n_users: int, n_items: int) -> dict[str, np.ndarr
         if name not in t:
             raise CorruptError(f"{path}: no tensor {name}")
         if t[name].dtype.kind not in "iu" or (shape is not None and t[name].shape != shape):
-            raise CorruptError(f"{path}: tensor {name} is {t[name].dtype} {t[name].shape}, expected int64 {shape}")
+            raise CorruptError(f"{path}: tensor {name} is {t[name].dtype} {t[name].shape}, "
+                               f"expected integers of shape {shape or '(n,)'}")
     offsets, flat = t["sequence_offsets"], t["sequence_items"]
     if offsets[0] != 0 or offsets[-1] != len(flat) or (np.diff(offsets) < 0).any():
         raise CorruptError(f"{path}: sequence_offsets do not partition the {len(flat)} sequence items")

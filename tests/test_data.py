@@ -271,7 +271,8 @@ def test_negatives_for_dense_users_and_in_one_vectorised_draw():
 
 @pytest.mark.parametrize("times,users,items", [("small ints", 50, 300), ("fractions", 50, 300),
                                                ("wide ints", 50, 300), ("huge and fractional", 50, 300),
-                                               ("wide ints", 50, 2**62), ("wide ints", 2**62, 2**62)])
+                                               ("wide ints", 50, 2**62), ("wide ints", 2**62, 2**62),
+                                               ("int64 ns", 50, 300), ("int64 full range", 50, 300)])
 def test_packed_sort_order_equals_three_key_lexsort(times, users, items):
     # the packed key must order exactly as (user, time, item) in every regime: integral timestamps as
     # offsets, others (or too wide a span) as ranks, and nominal catalogues too large for one 63-bit key
@@ -282,7 +283,9 @@ def test_packed_sort_order_equals_three_key_lexsort(times, users, items):
     u, i = rng.integers(0, n_users, n), rng.integers(0, n_items, n)
     t = {"small ints": rng.integers(0, 20, n).astype(float), "fractions": rng.integers(0, 20, n) / 7,
          "wide ints": rng.integers(0, 2**62, n).astype(float),
-         "huge and fractional": np.where(rng.random(n) < 0.5, -2.0**53, rng.integers(0, 20, n) / 2)}[times]
+         "huge and fractional": np.where(rng.random(n) < 0.5, -2.0**53, rng.integers(0, 20, n) / 2),
+         "int64 ns": 1_700_000_000_000_000_000 + rng.integers(0, 20, n),      # 1 ns apart: float64 would tie them
+         "int64 full range": rng.integers(-2**63, 2**63 - 1, n)}[times]      # a span beyond int64: ranks
     order = _sort_order(u, t, i, users, items)   # nominal sizes pick the path
     expected = np.lexsort((i, t, u))
     for col in (u, t, i):
