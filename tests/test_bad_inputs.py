@@ -9,6 +9,7 @@ the data), except where the row says otherwise.
 
 from __future__ import annotations
 
+import re
 import threading
 
 import numpy as np
@@ -616,21 +617,72 @@ def test_bad_vector_files(tmp_path, prepared, capsys, which, array, fragment):
     assert not (tmp_path / "m.json").exists()
 
 
-def test_a_cache_holding_nan_is_refused_when_read_back(tmp_path):
-    """Sealed when written, but by a teacher gone NaN: its sha256 matches, its numbers are unusable."""
-    from distill.cache import TeacherCache, complete_cache, shard_name, write_shard
-    from distill.errors import CorruptError
-    staging = tmp_path / "staging"
+def small_cache(folder, query=None, ids=None, scores=None, k: int = 3, dim: int = 4):
+    """A complete 6-row cache over 5 items, written by the cache's own writer."""
+    from distill.cache import complete_cache, shard_name, write_shard
+    staging = folder.parent / f"{folder.name}.staging"
     staging.mkdir()
-    n, k, dim = 6, 3, 4
-    query = np.ones((n, dim), np.float32)
-    query[2, 1] = np.nan
-    write_shard(staging / shard_name(0), {"user": np.arange(n), "position": np.zeros(n), "query": query,
-                                          "topk_ids": np.ones((n, k)), "topk_scores": np.ones((n, k))}, {})
-    complete_cache(staging, tmp_path / "cache", 1, {"split_hash": "x", "k": k, "dim": dim, "n_items": 5},
+    n = 6
+    write_shard(staging / shard_name(0), {
+        "user": np.arange(n), "position": np.zeros(n), "query": np.ones((n, dim)) if query is None else query,
+        "topk_ids": np.ones((n, k)) if ids is None else ids,
+        "topk_scores": np.ones((n, k)) if scores is None else scores}, {})
+    complete_cache(staging, folder, 1, {"split_hash": "x", "k": k, "dim": dim, "n_items": 5},
                    np.ones((6, dim), np.float32))
-    with pytest.raises(CorruptError, match=r"shard-0+\.safetensors: tensor query row 2 holds NaN or inf"):
-        TeacherCache(tmp_path / "cache")
+    return folder
+
+
+def with_nan(shape, row):
+    x = np.ones(shape)
+    x[row, 1] = np.nan
+    return x
+
+
+@pytest.mark.parametrize("tensors,fragment", [
+    ({"query": with_nan((6, 4), 2)}, "tensor query row 2 holds NaN or inf"),
+    ({"scores": with_nan((6, 3), 4)}, "tensor topk_scores row 4 holds NaN or inf"),
+    ({"ids": np.full((6, 3), 9)}, "tensor topk_ids holds 9..9, outside the items 0..5"),
+], ids=["NaN query", "NaN score", "ids beyond the catalogue"])
+def test_a_cache_holding_bad_numbers_is_refused_when_read_back(tmp_path, tensors, fragment):
+    """Sealed when written, but by a teacher gone NaN: its sha256 matches, its numbers are unusable."""
+    from distill.cache import TeacherCache
+    from distill.errors import CorruptError
+    with pytest.raises(CorruptError, match=r"shard-0+\.safetensors: " + re.escape(fragment)):
+        TeacherCache(small_cache(tmp_path / "cache", **tensors))
+
+
+def test_a_cache_padded_where_fewer_than_k_items_were_left_is_read():
+    """-1 ids with -inf scores are what the search writes when a user has seen nearly everything."""
+    import tempfile
+    from pathlib import Path
+
+    from distill.cache import TeacherCache
+    ids, scores = np.ones((6, 3)), np.ones((6, 3))
+    ids[:, 2], scores[:, 2] = -1, -np.inf
+    with tempfile.TemporaryDirectory() as tmp:
+        assert len(TeacherCache(small_cache(Path(tmp) / "cache", ids=ids, scores=scores))) == 6
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda m: {k: v for k, v in m.items() if k != "k"}, "'k' is None, expected a count"),
+    (lambda m: dict(m, dim="4"), "'dim' is '4', expected a count"),
+    (lambda m: dict(m, shards=5), "'shards' is int, expected a list"),
+    (lambda m: dict(m, shards=[{"file": "shard-0.safetensors"}]), "'shards[0]' is not a file entry"),
+    (lambda m: dict(m, items=dict(m["items"], file="../../etc/passwd")), "'items' names '../../etc/passwd', not a file"),
+], ids=["no k", "dim a string", "shards not a list", "a shard without sha256", "a path outside the cache"])
+def test_a_resealed_cache_manifest_is_checked_before_it_is_read(tmp_path, edit, fragment):
+    """The manifest matches its own sha256 (resealed by hand): its keys are still checked, never a KeyError."""
+    import json
+
+    from distill.artifacts import json_digest
+    from distill.cache import TeacherCache
+    from distill.errors import CorruptError
+    folder = small_cache(tmp_path / "cache")
+    manifest = {k: v for k, v in json.loads((folder / "manifest.json").read_text()).items() if k != "manifest_sha256"}
+    manifest = edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(dict(manifest, manifest_sha256=json_digest(manifest))))
+    with pytest.raises(CorruptError, match=re.escape(fragment)):
+        TeacherCache(folder)
 
 
 def item_table(**replaced) -> dict:
