@@ -313,6 +313,9 @@ DATA_CASES = [
     ("too few items", "inter", text(good_inter(n_items=12)), "12 items; the candidate protocol needs at least 21"),
     ("no item_id in item file", "item", text(["id:token\ttitle:token_seq"] + good_item()[1:]),
      "toy.item:1: header has no `item_id` column"),
+    ("empty item token", "inter", text(replace(good_inter(), 5, "u1\t\t3\t1000")), "toy.inter:5: empty item_id"),
+    ("NUL in a user token", "inter", text(replace(good_inter(), 6, "u1\x00\ti2\t3\t1000")),
+     "column `user_id` (data.columns.user) row 5: holds a NUL character"),
 ] + [
     # a line break character inside a title or token is not a line break: later line numbers stay exact
     (f"{name} in a title", "item",
