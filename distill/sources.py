@@ -245,34 +245,32 @@ def _read_jsonl(path: Path, keys: dict[str, str]):
     def refuse_constant(name):
         raise ValueError(f"{name} is not JSON")
 
-    columns: dict[str, list] = {}
-    rows = 0
+    objs, lines = [], []
+    decode = json.JSONDecoder(parse_int=str, parse_float=str, parse_constant=refuse_constant).decode
     for n, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line, parse_int=str, parse_float=str, parse_constant=refuse_constant)
+            obj = decode(line)
         except ValueError as e:
             raise DataError(f"{path}:{n}: not valid JSON ({' '.join(str(e).split())[:120]})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{n}: expected a JSON object, got {_json_kind(obj)}")
-        for name, key in keys.items():
-            if name not in obj:
-                raise DataError(f"{path}:{n}: no key `{name}` ({key})")
-            value = obj[name]
-            if not isinstance(value, str):
-                expected = "a number or a date-time" if key == "data.columns.time" else "a string or a number"
-                raise DataError(f"{path}:{n}: {name} ({key}) is {_json_kind(value)}, expected {expected}")
-        for name, value in obj.items():
-            if name not in columns:
-                columns[name] = [None] * rows
-            columns[name].append(value)
-        rows += 1
-        for col in columns.values():
-            if len(col) < rows:
-                col.append(None)
-    if not rows:
+        objs.append(obj)
+        lines.append(n)
+    if not objs:
         raise DataError(f"{path}:1: empty file")
+    missing = object()
+    for name, key in keys.items():
+        values = [o.get(name, missing) for o in objs]
+        bad = next((r for r, v in enumerate(values) if not isinstance(v, str)), None)
+        if bad is not None:
+            value, n = values[bad], lines[bad]
+            if value is missing:
+                raise DataError(f"{path}:{n}: no key `{name}` ({key})")
+            expected = "a number or a date-time" if key == "data.columns.time" else "a string or a number"
+            raise DataError(f"{path}:{n}: {name} ({key}) is {_json_kind(value)}, expected {expected}")
+    columns = {name: [o.get(name) for o in objs] for name in dict.fromkeys(k for o in objs for k in o)}
 
     def text(v) -> str:
         return v if isinstance(v, str) else json.dumps(v)
