@@ -360,8 +360,22 @@ def _time_strings(col, path: Path, name: str):
                     "is not a number or a date-time")
 
 
+def _instants(col) -> np.ndarray:
+    """Dates and date-times of any unit as int64 nanoseconds (microseconds where a date lies outside 1677-2262),
+    so a Parquet `timestamp[us]` or `date32` column and the same instants written as text in a CSV are one clock
+    (and one split hash)."""
+    import pyarrow as pa
+    tz = getattr(col.type, "tz", None)
+    for unit in ("ns", "us"):
+        try:
+            return col.cast(pa.timestamp(unit, tz)).cast(pa.int64()).to_numpy(zero_copy_only=False)
+        except pa.ArrowInvalid:
+            pass
+    return col.cast(pa.int64()).to_numpy(zero_copy_only=False)
+
+
 def _times(col, path: Path, name: str) -> np.ndarray:
-    """(rows,) int64 (integers, date-times in their own unit, dates in days) or float64 (fractions): ordered
+    """(rows,) int64 (integers; dates and date-times as nanoseconds, _instants) or float64 (fractions): ordered
     exactly as the file's values, never rounded through float64."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -369,10 +383,8 @@ def _times(col, path: Path, name: str) -> np.ndarray:
         raise DataError(f"{path}: column `{name}` (data.columns.time) row {_first(pc.is_null(col))}: empty value")
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         col = _time_strings(col, path, name)
-    if pa.types.is_timestamp(col.type) or pa.types.is_date64(col.type):
-        return col.cast(pa.int64()).to_numpy(zero_copy_only=False)
-    if pa.types.is_date32(col.type):
-        return col.cast(pa.int32()).to_numpy(zero_copy_only=False).astype(np.int64)
+    if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
+        return _instants(col)
     if pa.types.is_integer(col.type):
         try:
             return col.cast(pa.int64()).to_numpy(zero_copy_only=False)

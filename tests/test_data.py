@@ -477,3 +477,18 @@ def test_odd_ids_come_back_exactly_from_an_export_and_can_be_passed_to_recommend
     assert main(["recommend", str(out), "--history=-5,00026", "-k", "3"]) == 0  # a leading '-' after '='
     assert main(["recommend", str(out), "--history-json", '["a,b", 5]']) == 2   # not strings: one line
     assert "expected a non-empty JSON array of strings" in capsys.readouterr().err
+
+
+def test_dates_of_any_type_and_unit_are_one_clock(tmp_path):
+    """A Parquet `timestamp[s]`, `timestamp[us]` or `date32` column and the same instants as CSV text give one
+    split (and hash): date-times are nanoseconds whatever their stored unit."""
+    import datetime
+
+    import pyarrow as pa
+    days = [(f"u{u}", f"i{(3 * u + t) % 25:02d}", datetime.date(2026, 1, 1 + t)) for u in range(8) for t in range(6)]
+    as_text = [(u, i, d.isoformat()) for u, i, d in days]
+    ref = build_split(DataConfig(format="csv", path=write_rows(tmp_path / "d.csv", as_text, "csv")))
+    for n, kind in enumerate([pa.date32(), pa.timestamp("s"), pa.timestamp("us"), pa.timestamp("ns", "UTC")]):
+        values = days if kind == pa.date32() else [(u, i, datetime.datetime(d.year, d.month, d.day)) for u, i, d in days]
+        path = write_rows(tmp_path / f"d{n}.parquet", values, "parquet", types={"timestamp": kind})
+        assert_same_split(build_split(DataConfig(format="parquet", path=path)), ref)
