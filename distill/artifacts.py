@@ -49,6 +49,30 @@ def save_array(path: str | Path, array) -> None:
         np.save(f, np.asarray(array), allow_pickle=False)
 
 
+def load_array(path: str | Path) -> np.ndarray:
+    """A .npy file, memory-mapped once its header's shape is checked against the bytes the file holds (a header
+    claiming 2^40 rows is refused, never allocated); never unpickled. ArtifactError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file not found")
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read(f)
+            start = f.tell()
+    except (ValueError, OSError, SyntaxError) as e:
+        raise ArtifactError(f"{path}: not a readable .npy array ({' '.join(str(e).split())[:160]})") from None
+    if dtype.hasobject:
+        raise ArtifactError(f"{path}: holds Python objects (dtype {dtype}); expected numbers")
+    claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    held = path.stat().st_size - start
+    if held != claimed:
+        raise ArtifactError(f"{path}: holds {held:,} bytes of data, its header claims {shape} {dtype} "
+                            f"({claimed:,} bytes): truncated or not written by numpy")
+    return np.load(path, mmap_mode="r" if claimed else None, allow_pickle=False)
+
+
 def json_digest(obj) -> str:
     """sha256 of a JSON-able object in canonical form (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
@@ -196,3 +220,43 @@ def atomic_dir(path: str | Path):
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- id files (users.tsv, items.tsv)
+
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_ESCAPE_TABLE = str.maketrans(_ESCAPES)
+_UNESCAPES = {v[1]: k for k, v in _ESCAPES.items()}
+_ESCAPED = re.compile(r"\\(.|$)", re.DOTALL)
+
+
+def escape_field(text: str) -> str:
+    """A TSV field that holds any string: backslash, tab, newline and carriage return written as `\\\\`, `\\t`,
+    `\\n`, `\\r` (PostgreSQL's text format), everything else as it is, so no two ids are written alike."""
+    return text.translate(_ESCAPE_TABLE)
+
+
+def unescape_field(text: str, where: str) -> str:
+    """escape_field's inverse; a backslash before anything else is a CorruptError naming `where`."""
+    if "\\" not in text:
+        return text
+
+    def one(m: re.Match) -> str:
+        if m.group(1) not in _UNESCAPES:
+            raise CorruptError(f"{where}: unknown escape {m.group(0)} (fields escape only \\\\ \\t \\n \\r)")
+        return _UNESCAPES[m.group(1)]
+    return _ESCAPED.sub(one, text)
+
+
+def read_tsv(path: Path, expected_rows: int) -> list[list[str]]:
+    """The rows of a users.tsv / items.tsv after its header line, every field unescaped (escape_field)."""
+    if not path.is_file():
+        raise ArtifactError(f"{path}: not found")
+    try:
+        rows = path.read_text(encoding="utf-8").split("\n")[1:]
+    except UnicodeDecodeError as e:
+        raise CorruptError(f"{path}: not valid UTF-8 (byte offset {e.start})") from None
+    rows = [r for r in rows if r]
+    if len(rows) != expected_rows:
+        raise CorruptError(f"{path}: {len(rows)} rows, manifest says {expected_rows}")
+    return [[unescape_field(f, f"{path}:{n}") for f in r.split("\t")] for n, r in enumerate(rows, start=2)]

@@ -127,6 +127,45 @@ class CacheRows:
     topk_scores: np.ndarray  # (n_found, K)
 
 
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_manifest(path: Path, m: dict) -> None:
+    """A manifest that matches its own sha256 can still be hand-made: K, dims, counts are counts, and every file
+    it lists is a plain name inside the cache folder with its sha256; else CorruptError naming the key."""
+    for key in ("k", "dim"):
+        if not _count(m.get(key)):
+            raise CorruptError(f"{path}: '{key}' is {m.get(key)!r}, expected a count")
+    if not isinstance(m.get("shards"), list):
+        raise CorruptError(f"{path}: 'shards' is {type(m.get('shards')).__name__}, expected a list")
+    for where, entry in [(f"shards[{i}]", s) for i, s in enumerate(m["shards"])] + [("items", m.get("items"))]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or \
+                not isinstance(entry.get("sha256"), str) or (where != "items" and not _count(entry.get("rows"))):
+            raise CorruptError(f"{path}: '{where}' is not a file entry (file, sha256{', rows' if where != 'items' else ''})")
+        if Path(entry["file"]).name != entry["file"] or entry["file"] in ("", ".", ".."):
+            raise CorruptError(f"{path}: '{where}' names {entry['file']!r}, not a file of the cache folder")
+
+
+def _check_numbers(path: Path, tensors: dict[str, np.ndarray], n_items: int) -> None:
+    """A shard's sha256 says it is what was written, not that a NaN teacher did not write it: vectors are finite,
+    top-K ids are items (0..n_items, or -1 with score -inf where fewer than K were left), scores are not NaN
+    and -inf only there; else CorruptError naming the tensor and row."""
+    ids = tensors.get("topk_ids")
+    for name, t in tensors.items():
+        if t.dtype.kind != "f":
+            continue
+        bad = ~np.isfinite(t)
+        if name == "topk_scores":
+            bad &= ~(np.isneginf(t) & (ids == -1))
+        bad = bad.reshape(len(t), -1).any(axis=1)
+        if bad.any():
+            raise CorruptError(f"{path}: tensor {name} row {int(np.argmax(bad))} holds NaN or inf")
+    if ids is not None and ids.size and (int(ids.min()) < -1 or int(ids.max()) > n_items):
+        raise CorruptError(f"{path}: tensor topk_ids holds {int(ids.min())}..{int(ids.max())}, "
+                           f"outside the items 0..{n_items}")
+
+
 class TeacherCache:
     """Verified, memory-mapped reader of a complete teacher cache."""
 
@@ -142,7 +181,16 @@ class TeacherCache:
             raise StaleError(f"{self.folder}: cache built from split {m.get('split_hash')}, this run's split is {split_hash}")
         if n_items is not None and m.get("n_items") != n_items:
             raise StaleError(f"{self.folder}: cache has {m.get('n_items')} items, the split has {n_items}")
-        self.k, self.dim = int(m["k"]), int(m["dim"])
+        _check_manifest(self.folder / "manifest.json", m)
+        self.k, self.dim = m["k"], m["dim"]
+        items = self.folder / m["items"]["file"]
+        if sha256_file(items) != m["items"]["sha256"]:
+            raise CorruptError(f"{items}: sha256 does not match manifest.json")
+        table = memmap_tensors(items).get("item_table")
+        if table is None or table.ndim != 2:
+            raise CorruptError(f"{items}: no 2-D tensor item_table")
+        self.item_table = table
+        _check_numbers(items, {"item_table": table}, 0)
         self.shards = []
         for s in m["shards"]:
             path = self.folder / s["file"]
@@ -157,11 +205,8 @@ class TeacherCache:
             for name, shape in want.items():
                 if name not in t or t[name].shape != shape:
                     raise CorruptError(f"{path}: tensor {name} has shape {t.get(name, np.empty(0)).shape}, expected {shape}")
+            _check_numbers(path, t, len(self.item_table) - 1)
             self.shards.append(t)
-        items = self.folder / m["items"]["file"]
-        if sha256_file(items) != m["items"]["sha256"]:
-            raise CorruptError(f"{items}: sha256 does not match manifest.json")
-        self.item_table = memmap_tensors(items)["item_table"]
         self.item_parts = m.get("item_parts", {"cf": [0, self.item_table.shape[1]]})
         # sorted (user, position) keys -> (shard, row)
         self.stride = int(max((int(t["position"].max()) for t in self.shards if len(t["position"])), default=0)) + 1

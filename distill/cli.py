@@ -110,7 +110,11 @@ def _serving_commands(sub) -> None:
     p.add_argument("--model", choices=["student_distilled", "student_alone"], default="student_distilled")
     p = sub.add_parser("recommend", help="top-K next items for one history from an exported folder")
     p.add_argument("dir", help="an `anyo export` folder")
-    p.add_argument("--history", required=True, help="raw item ids as in your data, oldest first: ID,ID,...")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--history", help="raw item ids as in your data, oldest first: ID,ID,... "
+                                         "(--history=-5,7 for an id starting with -)")
+    given.add_argument("--history-json", metavar="JSON",
+                       help='the history as a JSON array of strings, exactly: \'["a, b", " 7", "-x"]\'')
     p.add_argument("-k", type=int, default=10, help="how many items (default 10)")
     p.add_argument("--json", action="store_true", help='print {"items": [{"item", "title", "score"}, ...]}')
     p.add_argument("--include-seen", action="store_true", help="do not exclude the history's items")

@@ -11,14 +11,13 @@ import functools
 import json
 from pathlib import Path
 
-import numpy as np
 
 from distill import export, exported, verify
-from distill.artifacts import atomic_file, write_json
+from distill.artifacts import atomic_file, load_array, write_json
 from distill.config import Recipe, load_recipe
 from distill.data import load_split
 from distill.distributed import world
-from distill.errors import AnyoError, ConfigError
+from distill.errors import ConfigError
 from distill.harness import evaluate
 from distill.runs import (CF_CACHE, CF_DISTILLED, STAGE_FOLDERS, STAGE_MARKERS, check_file_target, check_folder_target,
                           check_run_folder, cf_control_recipe, current_records, teacher_root)
@@ -157,14 +156,7 @@ def build_cf_control(recipe: Recipe, run: Path) -> None:
 def cmd_evaluate(args) -> None:
     check_file_target(Path(args.out), "--out")
     split = load_split(args.split)
-    vectors = []
-    for path in (args.user_vectors, args.item_vectors):
-        if not Path(path).is_file():
-            raise AnyoError(f"{path}: file not found")
-        try:
-            vectors.append(np.load(path, allow_pickle=False))
-        except (ValueError, OSError) as e:
-            raise AnyoError(f"{path}: not a readable .npy array ({e})") from None
+    vectors = [load_array(path) for path in (args.user_vectors, args.item_vectors)]
     res = evaluate(split, vectors[0], vectors[1], args.stage, mask_history=not args.no_mask_history,
                    protocol=args.protocol, index=args.index, names=(args.user_vectors, args.item_vectors))
     write_json(args.out, {"metrics": res.metrics, "by_popularity": res.by_popularity, "cold": res.cold,

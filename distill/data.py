@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from distill.artifacts import atomic_dir, read_record, sha256_file
+from distill.artifacts import atomic_dir, escape_field, read_record, read_tsv, sha256_file
 from distill.config import DataConfig
 from distill.errors import ArtifactError, CorruptError, DataError
 from distill.histories import Histories
@@ -193,9 +193,17 @@ def _content_hash(cfg: DataConfig, users, items, titles, texts, seqs: Histories,
     h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     for part in (users, items, titles) + ((texts,) if texts != titles else ()):
         h.update(str(len(part)).encode() + b"\0" + "\x1f".join(part).encode("utf-8", "surrogatepass") + b"\0")
-    for arr in (seqs.offsets.astype("<i8"), seqs.flat.astype("<i8"), times.astype("<f8")):
+    for arr in (seqs.offsets.astype("<i8"), seqs.flat.astype("<i8"), _hashed_times(times)):
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()[:16]
+
+
+def _hashed_times(times: np.ndarray) -> np.ndarray:
+    """The timestamps as hashed: float64 wherever that is exact (what every split hashed before integer clocks
+    were kept as int64, so their hashes stay), int64 otherwise (integers beyond 2^53 would collide in float64)."""
+    if times.dtype.kind == "f" or not len(times) or max(int(times.max()), -int(times.min())) <= 2**53:
+        return times.astype("<f8")
+    return np.concatenate([np.frombuffer(b"int64-ts", "<i8"), times.astype("<i8")])
 
 
 COLD_STREAM = 7  # the cold items' random stream, apart from the negatives' (both seeded by data.seed)
@@ -220,8 +228,11 @@ def _sort_order(u_codes, ts, i_codes, n_users: int, n_items: int) -> np.ndarray:
     ranks do not fit, (user, time rank) packed and the item as a second lexsort key. Rows with equal
     keys are identical interactions, so the order among them does not matter.
     """
-    exact = bool(np.all(np.abs(ts) <= 2**53)) and np.array_equal(ts, np.floor(ts))
-    t = ts.astype(np.int64) - np.int64(ts.min()) if exact else None          # integer offsets, no rounding
+    if ts.dtype.kind in "iu":   # int64 clocks (any unit): offsets from the minimum, when the span fits int64
+        t = (ts - ts.min()).astype(np.int64) if int(ts.max()) - int(ts.min()) < 2**63 else None
+    else:
+        exact = bool(np.all(np.abs(ts) <= 2**53)) and np.array_equal(ts, np.floor(ts))
+        t = ts.astype(np.int64) - np.int64(ts.min()) if exact else None      # integer offsets, no rounding
     if t is None or n_users * (int(t.max()) + 1) * n_items >= 2**63:
         t = np.unique(ts, return_inverse=True)[1].astype(np.int64)
     span = int(t.max()) + 1
@@ -311,10 +322,6 @@ def build_split(cfg: DataConfig) -> Split:
 
 # ---------------------------------------------------------------- on disk
 
-def _clean(text: str) -> str:
-    return text.replace("\t", " ").replace("\n", " ").replace("\r", " ")
-
-
 def save_split(split: Split, folder: str | Path) -> None:
     with atomic_dir(folder) as tmp:
         cold = {"cold_items": split.cold_items.astype(np.int64)} if len(split.cold_items) else {}
@@ -322,22 +329,40 @@ def save_split(split: Split, folder: str | Path) -> None:
                    "valid_negatives": split.negatives["valid"], "test_negatives": split.negatives["test"], **cold},
                   str(tmp / "split.safetensors"))
         (tmp / "users.tsv").write_text("row\tuser_id\n" + "".join(
-            f"{r}\t{_clean(u)}\n" for r, u in enumerate(split.users)))
+            f"{r}\t{escape_field(u)}\n" for r, u in enumerate(split.users)))
         (tmp / "items.tsv").write_text("item_id\titem_token\ttitle\ttext\n" + "".join(
-            f"{i}\t{_clean(t)}\t{_clean(split.titles[i])}\t{_clean(split.texts[i])}\n"
+            f"{i}\t{escape_field(t)}\t{escape_field(split.titles[i])}\t{escape_field(split.texts[i])}\n"
             for i, t in enumerate(split.items) if i > 0))
         manifest = dict(split.manifest, split_sha256=sha256_file(tmp / "split.safetensors"))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def _read_tsv_column(path: Path, col: int, expected_rows: int) -> list[str]:
-    if not path.is_file():
-        raise ArtifactError(f"{path}: not found")
-    rows = path.read_text(encoding="utf-8").split("\n")[1:]
-    rows = [r for r in rows if r]
-    if len(rows) != expected_rows:
-        raise CorruptError(f"{path}: {len(rows)} rows, manifest says {expected_rows}")
-    return [r.split("\t")[col] if len(r.split("\t")) > col else "" for r in rows]
+def _split_tensors(path: Path, n_users: int, n_items: int) -> dict[str, np.ndarray]:
+    """split.safetensors, every tensor present with the shape and range the manifest implies (a file that matches
+    its sha256 can still be a hand-made one), else CorruptError naming it."""
+    try:
+        t = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a malformed file
+        raise CorruptError(f"{path}: not a readable safetensors file ({' '.join(str(e).split())[:120]})") from None
+    shapes = {"sequence_offsets": (n_users + 1,), "valid_negatives": (n_users, NUM_NEGATIVES),
+              "test_negatives": (n_users, NUM_NEGATIVES)}
+    for name, shape in {"sequence_items": None, **shapes}.items():
+        if name not in t:
+            raise CorruptError(f"{path}: no tensor {name}")
+        if t[name].dtype.kind not in "iu" or (shape is not None and t[name].shape != shape):
+            raise CorruptError(f"{path}: tensor {name} is {t[name].dtype} {t[name].shape}, "
+                               f"expected integers of shape {shape or '(n,)'}")
+    offsets, flat = t["sequence_offsets"], t["sequence_items"]
+    if offsets[0] != 0 or offsets[-1] != len(flat) or (np.diff(offsets) < 0).any():
+        raise CorruptError(f"{path}: sequence_offsets do not partition the {len(flat)} sequence items")
+    for name in ("sequence_items", "valid_negatives", "test_negatives", "cold_items"):
+        if name in t and t[name].size and (t[name].min() < 1 or t[name].max() > n_items):
+            raise CorruptError(f"{path}: tensor {name} holds ids outside 1..{n_items}")
+    return t
+
+
+def _field(row: list[str], col: int) -> str:
+    return row[col] if len(row) > col else ""
 
 
 def load_split(folder: str | Path) -> Split:
@@ -348,13 +373,14 @@ def load_split(folder: str | Path) -> Split:
         raise ArtifactError(f"{tensors_path}: not found")
     if sha256_file(tensors_path) != manifest.get("split_sha256"):
         raise CorruptError(f"{tensors_path}: content does not match manifest.json (corrupt or edited)")
-    t = load_file(str(tensors_path))
-    seqs = Histories(t["sequence_items"], t["sequence_offsets"])
     n, n_items = manifest["n_users"], manifest["n_items"]
-    users = _read_tsv_column(folder / "users.tsv", 1, n)
-    items = ["[PAD]"] + _read_tsv_column(folder / "items.tsv", 1, n_items)
-    titles = [""] + _read_tsv_column(folder / "items.tsv", 2, n_items)
-    texts = [""] + _read_tsv_column(folder / "items.tsv", 3, n_items)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (n, n_items)):
+        raise CorruptError(f"{folder / 'manifest.json'}: n_users {n!r} / n_items {n_items!r} are not counts")
+    t = _split_tensors(tensors_path, n, n_items)
+    seqs = Histories(t["sequence_items"], t["sequence_offsets"])
+    users = [_field(f, 1) for f in read_tsv(folder / "users.tsv", n)]
+    rows = read_tsv(folder / "items.tsv", n_items)
+    items, titles, texts = ([pad] + [_field(f, col) for f in rows] for pad, col in (("[PAD]", 1), ("", 2), ("", 3)))
     return Split(users, items, titles, seqs, {s: t[f"{s}_negatives"] for s in STAGES}, manifest,
                  texts if any(texts) else None, t.get("cold_items", np.empty(0, np.int64)))
 

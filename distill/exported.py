@@ -14,7 +14,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from distill.artifacts import read_json, sha256_file
+from distill.artifacts import escape_field, read_json, read_tsv, sha256_file
 from distill.histories import Histories
 from distill.errors import AnyoError, ArtifactError
 from distill.search import ItemIndex
@@ -101,12 +101,8 @@ def verify_export(folder: Path) -> dict:
 
 
 def _read_items(path: Path, n_items: int) -> tuple[list[str], list[str]]:
-    rows = [r for r in path.read_text(encoding="utf-8").split("\n")[1:] if r]
-    if len(rows) != n_items:
-        raise ArtifactError(f"{path}: {len(rows)} rows, manifest says {n_items}")
     raw, titles = ["[PAD]"], [""]
-    for n, r in enumerate(rows, start=1):
-        f = r.split("\t")
+    for n, f in enumerate(read_tsv(path, n_items), start=1):
         if len(f) < 2 or f[0] != str(n):
             raise ArtifactError(f"{path}:{n + 1}: expected item_id {n}")
         raw.append(f[1])
@@ -136,24 +132,36 @@ def load_export(folder: str | Path, torch_max_items: int | None = None) -> Expor
 
 
 
-def parse_history(text: str) -> list[str]:
-    ids = [t.strip() for t in text.split(",")]
-    if not text.strip() or any(t == "" for t in ids):
-        raise AnyoError(f"--history {text!r}: expected comma-separated item ids, e.g. 12,7,301")
+def parse_history(text: str | None, as_json: str | None) -> list[str]:
+    """`--history ID,ID,...` (spaces around each id dropped) or `--history-json '["ID", ...]'` (any strings,
+    exactly: commas, spaces, a leading `-`)."""
+    if as_json is None:
+        ids = [t.strip() for t in text.split(",")]
+        if not text.strip() or any(t == "" for t in ids):
+            raise AnyoError(f"--history {text!r}: expected comma-separated item ids, e.g. 12,7,301 "
+                            "(--history-json for ids holding commas or spaces)")
+        return ids
+    try:
+        ids = json.loads(as_json)
+    except ValueError as e:
+        raise AnyoError(f"--history-json: not valid JSON ({e})") from None
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise AnyoError(f"--history-json {as_json!r}: expected a non-empty JSON array of strings, e.g. [\"12\", \"7\"]")
     return ids
 
 
 def cmd_recommend(args) -> int:
     exp = load_export(args.dir)
-    history = parse_history(args.history)
+    history = parse_history(args.history, args.history_json)
     if not 1 <= args.k <= exp.n_items:
         raise AnyoError(f"-k {args.k}: expected 1..{exp.n_items} (the catalogue size)")
     items = exp.recommend(history, args.k, include_seen=args.include_seen)
     if args.json:
         print(json.dumps({"items": items}))
         return 0
-    width = max([len(it["item"]) for it in items] + [4])
+    shown = [escape_field(it["item"]) for it in items]  # a tab or newline in an id must not break the table
+    width = max([len(s) for s in shown] + [4])
     print(f"{'rank':>4}  {'item':<{width}}  {'score':>9}  title")
-    for r, it in enumerate(items, start=1):
-        print(f"{r:>4}  {it['item']:<{width}}  {it['score']:>9.4f}  {it['title']}")
+    for r, (it, item) in enumerate(zip(items, shown), start=1):
+        print(f"{r:>4}  {item:<{width}}  {it['score']:>9.4f}  {escape_field(it['title'])}")
     return 0

@@ -12,7 +12,7 @@ import numpy as np
 
 from distill.data import Split
 from distill.errors import AnyoError
-from distill.search import Exclusions, ItemIndex, check_vectors
+from distill.search import Exclusions, ItemIndex, check_scores_fit, check_vectors
 
 DEFAULT_KS = (1, 5, 10, 20)
 
@@ -97,6 +97,7 @@ def evaluate(split: Split, user_vectors: np.ndarray, item_vectors: np.ndarray, s
     """Score one model's vectors on the split's `stage` targets."""
     items = check_vectors(names[1], item_vectors, split.n_items + 1)
     users = check_vectors(names[0], user_vectors, split.n_users, items.shape[1])
+    check_scores_fit(names[0], users, names[1], items)
     targets = split.targets(stage)
     ks = sorted(set(int(k) for k in ks))
     options = {"stage": stage, "protocol": protocol, "mask_history": mask_history, "index": index,

@@ -28,6 +28,8 @@ def check_vectors(name: str, x: np.ndarray, rows: int, dim: int | None = None) -
         raise AnyoError(f"{name}: {x.shape[0]} rows, expected {rows}")
     if dim is not None and x.shape[1] != dim:
         raise AnyoError(f"{name}: dimension {x.shape[1]}, expected {dim}")
+    if x.shape[1] == 0:
+        raise AnyoError(f"{name}: dimension 0 (no columns)")
     if not np.issubdtype(x.dtype, np.floating):
         raise AnyoError(f"{name}: dtype {x.dtype} is not floating point")
     if not np.isfinite(x).all():
@@ -39,6 +41,18 @@ def check_vectors(name: str, x: np.ndarray, rows: int, dim: int | None = None) -
             bad = int(np.argwhere(over)[0][0])
             raise AnyoError(f"{name}: row {bad} holds a value beyond the float32 range (|x| > 3.4e38)")
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def check_scores_fit(user_name: str, users: np.ndarray, item_name: str, items: np.ndarray) -> None:
+    """Refuse query and item tables whose inner products could overflow float32 (then inf, and a ranking decided
+    by ties): by Cauchy-Schwarz every score and every partial sum is at most the largest norms' product."""
+    def norms(x: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    nu, nv = norms(users), norms(items)
+    u, v = int(np.argmax(nu)), int(np.argmax(nv))
+    if nu[u] * nv[v] > np.finfo(np.float32).max:
+        raise AnyoError(f"{user_name} row {u} (norm {nu[u]:.3g}) x {item_name} row {v} (norm {nv[v]:.3g}): "
+                        "inner products overflow float32 (> 3.4e38); rescale the vectors")
 
 
 EXCLUSION_CHUNK = 256  # queries per search when exclusions set the depth

@@ -1,7 +1,13 @@
-"""Reading the raw data files: where they are, the RecBole atomic parser, Parquet / CSV / JSONL through
-`datasets` (Arrow, memory-mapped; pyarrow and datasets are imported where a file is read, so that serving an
-export, which reads none, needs neither). Everything here returns columns in file order; sorting, numbering and the
-split are distill.data's. A malformed file is one DataError naming the file, line or column.
+"""Reading the raw data files: where they are, the RecBole atomic parser, Parquet / CSV / JSONL through pyarrow
+(imported where a file is read, so that serving an export, which reads none, needs no pyarrow). Everything here
+returns columns in file order; sorting, numbering and the split are distill.data's. A malformed file is one
+DataError naming the file, line, row or column.
+
+Nothing is inferred from the text: user and item ids are the exact strings of the file (a CSV `00026` stays
+`00026`, a JSON number is its literal text, a Parquet integer its decimal text; floats, booleans, lists, nulls and
+empty ids are refused), and timestamps are int64 whenever the values are integers (any unit; date-times in their
+own unit), so they are ordered exactly. Every read is of the file's bytes now, never of a cache keyed by path and
+modification time (the split hash is of the content, distill.data).
 """
 
 from __future__ import annotations
@@ -98,6 +104,9 @@ def read_interactions(path: Path, user: str = "user_id", item: str = "item_id", 
         fields = line.split("\t")
         if len(fields) != width:
             raise DataError(f"{path}:{n}: expected {width} tab-separated fields, got {len(fields)}")
+        for name, i in ((user, iu), (item, ii)):
+            if not fields[i]:
+                raise DataError(f"{path}:{n}: empty {name}")
         users.append(fields[iu])
         items.append(fields[ii])
         if it is not None:
@@ -107,10 +116,15 @@ def read_interactions(path: Path, user: str = "user_id", item: str = "item_id", 
                 raise DataError(f"{path}:{n}: timestamp {fields[it]!r} is not a number") from None
             if not np.isfinite(t):
                 raise DataError(f"{path}:{n}: timestamp {fields[it]!r} is not finite")
-            times.append(t)
+            times.append(fields[it])
     if not users:
         raise DataError(f"{path}:2: no interactions after the header")
-    ts = np.asarray(times, dtype=np.float64) if it is not None else np.arange(len(users), dtype=np.float64)
+    if it is None:
+        return users, items, np.arange(len(users), dtype=np.int64)
+    try:  # integers stay exact (a float64 clock would merge nanoseconds); any fraction makes the column float64
+        ts = np.asarray([int(t) for t in times], dtype=np.int64)
+    except (ValueError, OverflowError):
+        ts = np.asarray([float(t) for t in times], dtype=np.float64)
     return users, items, ts
 
 
@@ -151,42 +165,164 @@ def read_titles(path: Path | None, title_field: str | None, text_fields: list[st
     return titles
 
 
-# ---------------------------------------------------------------- Parquet / CSV / JSONL through `datasets`
+# ---------------------------------------------------------------- Parquet / CSV / JSONL
 
-def _read_table(path: Path, fmt: str):
-    """The file as a pyarrow Table, read by `datasets` (Arrow, memory-mapped from its cache)."""
-    import datasets
-    from datasets import Dataset
-
-    reader = {"parquet": Dataset.from_parquet, "csv": Dataset.from_csv, "jsonl": Dataset.from_json}[fmt]
-    datasets.disable_progress_bars()
+def _read_table(path: Path, fmt: str, keys: dict[str, str]):
+    """The file as a pyarrow Table in which nothing was inferred from the text: CSV cells and JSONL scalars are the
+    file's strings (a JSON number its literal text); Parquet keeps its own types. `keys` (column -> recipe key)
+    names the columns a JSONL line must hold."""
+    if fmt == "jsonl":
+        return _read_jsonl(path, keys)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     try:
-        ds = reader(str(path))
-    except Exception as e:  # noqa: BLE001 - datasets/pyarrow/pandas raise many types for a malformed file
+        if fmt == "parquet":
+            return pq.read_table(path, memory_map=True)
+        return _read_csv(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        if "invalid UTF8" in str(e):
+            _check_utf8(path)
         reason = " ".join(str(e).split())[:200] or type(e).__name__
         raise DataError(f"{path}: cannot read as {fmt} (data.format): {reason}") from None
-    return ds.data.table
+
+
+def _check_utf8(path: Path) -> None:
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte offset {e.start})") from None
+
+
+def _read_csv(path: Path):
+    """Every column as strings, exactly as written (quoted cells may hold commas, tabs, newlines; `NA`, `null` and
+    `00026` are strings); a row with the wrong number of fields is one DataError naming its line."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        try:
+            header = next(csv.reader(f), None)
+        except (UnicodeDecodeError, csv.Error):
+            header = None
+    if not header:
+        _check_utf8(path)
+        raise DataError(f"{path}:1: empty file or unreadable header (expected a header line)")
+    ragged = []
+
+    def invalid(row):
+        ragged.append(row)
+        return "skip"
+
+    table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=invalid),
+                           convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
+                                                                strings_can_be_null=False))
+    if ragged:
+        row = ragged[0]
+        data = path.read_bytes()
+        at = data.find(b"\n" + row.text.encode("utf-8", "replace"))
+        line = data[:at].count(b"\n") + 2
+        where = f"{path}:{line}" if at >= 0 else f"{path}: row {row.text[:80]!r}"
+        raise DataError(f"{where}: expected {row.expected_columns} comma-separated fields, got {row.actual_columns}")
+    return table
+
+
+def _json_kind(value) -> str:
+    """How a parsed JSON value is named in a message (numbers were parsed as their text)."""
+    import json
+    return {dict: "an object", list: "an array", type(None): "null"}.get(type(value)) or json.dumps(value)[:40]
+
+
+def _read_jsonl(path: Path, keys: dict[str, str]):
+    """One JSON object per line -> a Table of strings (numbers as their literal text, so `26` and `"26"` are the
+    same id and a 19-digit timestamp stays exact); lists stay lists (text columns). Errors name the line."""
+    import json
+
+    import pyarrow as pa
+
+    def refuse_constant(name):
+        raise ValueError(f"{name} is not JSON")
+
+    objs, lines = [], []
+    decode = json.JSONDecoder(parse_int=str, parse_float=str, parse_constant=refuse_constant).decode
+    for n, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = decode(line)
+        except ValueError as e:
+            raise DataError(f"{path}:{n}: not valid JSON ({' '.join(str(e).split())[:120]})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object, got {_json_kind(obj)}")
+        objs.append(obj)
+        lines.append(n)
+    if not objs:
+        raise DataError(f"{path}:1: empty file")
+    missing = object()
+    for name, key in keys.items():
+        values = [o.get(name, missing) for o in objs]
+        bad = next((r for r, v in enumerate(values) if not isinstance(v, str)), None)
+        if bad is not None:
+            value, n = values[bad], lines[bad]
+            if value is missing:
+                raise DataError(f"{path}:{n}: no key `{name}` ({key})")
+            expected = "a number or a date-time" if key == "data.columns.time" else "a string or a number"
+            raise DataError(f"{path}:{n}: {name} ({key}) is {_json_kind(value)}, expected {expected}")
+    columns = {name: [o.get(name) for o in objs] for name in dict.fromkeys(k for o in objs for k in o)}
+
+    def text(v) -> str:
+        return v if isinstance(v, str) else json.dumps(v)
+
+    def column(values: list):
+        if any(isinstance(v, list) for v in values):  # a text column of lists (genres): a list per row
+            return pa.array([None if v is None else [text(x) for x in (v if isinstance(v, list) else [v])]
+                             for v in values], pa.list_(pa.string()))
+        return pa.array([None if v is None else text(v) for v in values], pa.string())
+    return pa.table({name: column(values) for name, values in columns.items()})
 
 
 def _column(table, path: Path, name: str, key: str):
     if name not in table.column_names:
         raise DataError(f"{path}: no column `{name}` ({key}); columns: {', '.join(table.column_names)}")
-    col = table.column(name)
-    if col.null_count:
-        import pyarrow.compute as pc
-        row = int(pc.index(pc.is_null(col), True).as_py())
-        raise DataError(f"{path}: column `{name}` ({key}) has {col.null_count} empty values (first at row {row})")
+    return table.column(name).combine_chunks()
+
+
+def _first(mask) -> int:
+    """The 1-based row of the first True of a boolean Arrow array."""
+    import pyarrow.compute as pc
+    return int(pc.index(mask, True).as_py()) + 1
+
+
+def _ids(col, path: Path, name: str, key: str):
+    """An id column as exact strings: strings as they are, integers as their decimal text; every other type
+    (floats, booleans, lists, ...), a null or an empty id is refused, naming the row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if pa.types.is_integer(col.type):
+        return col  # no empty or NUL value; _tokens writes only the distinct values as decimal text
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
+              or pa.types.is_string_view(col.type)):
+        raise DataError(f"{path}: column `{name}` ({key}) holds {col.type}; ids must be strings or integers")
+    empty = pc.fill_null(pc.equal(pc.utf8_length(col), 0), True)
+    if pc.any(empty).as_py():
+        raise DataError(f"{path}: column `{name}` ({key}) row {_first(empty)}: empty value "
+                        f"({pc.sum(empty).as_py()} in the column)")
+    nul = pc.match_substring(col, "\x00")  # numpy's fixed-width strings (distill.data) would drop a trailing NUL
+    if pc.any(nul).as_py():
+        raise DataError(f"{path}: column `{name}` ({key}) row {_first(nul)}: holds a NUL character")
     return col
 
 
 def _tokens(col):
-    """(codes, tokens): tokens = the column's distinct values as strings in sorted order, codes = each row's
-    index into them. Hashing is done by Arrow on the raw values, sorting only on the distinct strings."""
+    """(codes, tokens): tokens = the column's distinct values (an _ids column) as strings in sorted order, codes =
+    each row's index into them. Hashing is done by Arrow on the raw values, sorting only on the distinct strings."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
     enc = pc.dictionary_encode(col)
     idx = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     names = np.asarray(enc.dictionary.cast(pa.string()).to_numpy(zero_copy_only=False), dtype=str)
@@ -196,42 +332,100 @@ def _tokens(col):
     return rank[idx], names[order]
 
 
-def _times(col, path: Path, name: str) -> np.ndarray:
+def _time_strings(col, path: Path, name: str):
+    """Strings (CSV, JSONL) -> int64 when every value is an integer, else float64, else date-times (ISO 8601,
+    to the nanosecond, with or without a zone); the column's kind is its first value's, and the first value
+    that is not of it is named."""
     import pyarrow as pa
+    kinds = [pa.int64(), pa.float64()] + [pa.timestamp(u, tz) for tz in (None, "UTC") for u in ("ns", "us")]
+    for kind in kinds:
+        try:
+            return col.cast(kind)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
 
+    def fits(value, kind) -> bool:
+        try:
+            pa.array([value]).cast(kind)
+            return True
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return False
+    values = col.to_pylist()
+    own = [k for k in kinds if fits(values[0], k)]
+    row = next((r for r, v in enumerate(values, start=1) if not any(fits(v, k) for k in own)), None)
+    if row is None:
+        raise DataError(f"{path}: column `{name}` (data.columns.time): no one kind (integer, number, date-time "
+                        "of one resolution and zone) fits every value")
+    raise DataError(f"{path}: column `{name}` (data.columns.time) row {row}: {values[row - 1]!r} "
+                    "is not a number or a date-time")
+
+
+def _instants(col) -> np.ndarray:
+    """Dates and date-times of any unit as int64 nanoseconds (microseconds where a date lies outside 1677-2262),
+    so a Parquet `timestamp[us]` or `date32` column and the same instants written as text in a CSV are one clock
+    (and one split hash)."""
+    import pyarrow as pa
+    tz = getattr(col.type, "tz", None)
+    for unit in ("ns", "us"):
+        try:
+            return col.cast(pa.timestamp(unit, tz)).cast(pa.int64()).to_numpy(zero_copy_only=False)
+        except pa.ArrowInvalid:
+            pass
+    return col.cast(pa.int64()).to_numpy(zero_copy_only=False)
+
+
+def _times(col, path: Path, name: str) -> np.ndarray:
+    """(rows,) int64 (integers; dates and date-times as nanoseconds, _instants) or float64 (fractions): ordered
+    exactly as the file's values, never rounded through float64."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    if col.null_count:
+        raise DataError(f"{path}: column `{name}` (data.columns.time) row {_first(pc.is_null(col))}: empty value")
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        col = _time_strings(col, path, name)
     if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
-        col = col.cast(pa.timestamp("us")).cast(pa.int64())
-    elif not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        return _instants(col)
+    if pa.types.is_integer(col.type):
+        try:
+            return col.cast(pa.int64()).to_numpy(zero_copy_only=False)
+        except pa.ArrowInvalid:
+            raise DataError(f"{path}: column `{name}` (data.columns.time) holds integers beyond int64") from None
+    if not pa.types.is_floating(col.type):
         raise DataError(f"{path}: column `{name}` (data.columns.time) holds {col.type}, expected numbers or dates")
-    t = np.asarray(col.to_numpy(), dtype=np.float64)
+    t = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
     bad = ~np.isfinite(t)
     if bad.any():
-        raise DataError(f"{path}: column `{name}` (data.columns.time) row {int(np.argmax(bad))}: "
-                        f"timestamp {t[bad][0]!r} is not finite")
+        raise DataError(f"{path}: column `{name}` (data.columns.time) row {int(np.argmax(bad)) + 1}: "
+                        f"timestamp {float(t[bad][0])!r} is not finite")
     return t
 
 
 def _read_formatted(cfg: DataConfig, inter: Path, item: Path | None):
     c = cfg.columns
-    table = _read_table(inter, cfg.format)
+    keys = {c.user: "data.columns.user", c.item: "data.columns.item", c.time: "data.columns.time"}
+    table = _read_table(inter, cfg.format, keys)
     if table.num_rows == 0:
         raise DataError(f"{inter}: no interactions")
-    u_codes, u_tokens = _tokens(_column(table, inter, c.user, "data.columns.user"))
-    i_codes, i_tokens = _tokens(_column(table, inter, c.item, "data.columns.item"))
-    ts = _times(_column(table, inter, c.time, "data.columns.time"), inter, c.time)
+    u_codes, u_tokens = _tokens(_ids(_column(table, inter, c.user, keys[c.user]), inter, c.user, keys[c.user]))
+    i_codes, i_tokens = _tokens(_ids(_column(table, inter, c.item, keys[c.item]), inter, c.item, keys[c.item]))
+    ts = _times(_column(table, inter, c.time, keys[c.time]), inter, c.time)
     titles = None
     if item is not None:
         import pyarrow as pa
-        it = _read_table(item, cfg.format)
-        keys = np.asarray(_column(it, item, c.item, "data.columns.item").cast(pa.string())
-                          .to_numpy(zero_copy_only=False), dtype=str)
+        it = _read_table(item, cfg.format, {c.item: "data.columns.item"})
+        item_col = _ids(_column(it, item, c.item, "data.columns.item"), item, c.item, "data.columns.item")
+        keys_ = np.asarray(item_col.cast(pa.string()).to_numpy(zero_copy_only=False), dtype=str)
         if c.title not in it.column_names:
             raise DataError(f"{item}: no column `{c.title}` (data.columns.title); columns: {', '.join(it.column_names)}")
-        vals = it.column(c.title).cast(pa.string()).fill_null("")  # an empty title is allowed
+        title_col = it.column(c.title)
+        if pa.types.is_nested(title_col.type) or pa.types.is_binary(title_col.type):
+            raise DataError(f"{item}: column `{c.title}` (data.columns.title) holds {title_col.type}; "
+                            "titles must be strings")
+        vals = title_col.cast(pa.string()).fill_null("")  # an empty title is allowed
         vals = np.asarray(vals.to_numpy(zero_copy_only=False), dtype=object)
         texts = _formatted_texts(it, item, vals, text_columns(it.column_names, (c.item, c.title), c.text, str(item)))
-        last = len(keys) - 1 - np.unique(keys[::-1], return_index=True)[1]  # a repeated item: its last row
-        titles = (keys[last], vals[last], texts[last])
+        last = len(keys_) - 1 - np.unique(keys_[::-1], return_index=True)[1]  # a repeated item: its last row
+        titles = (keys_[last], vals[last], texts[last])
     return u_codes, u_tokens, i_codes, i_tokens, ts, titles
 
 
@@ -252,13 +446,13 @@ def _formatted_texts(table, path: Path, titles: np.ndarray, columns: list[str]) 
 def read_columns(cfg: DataConfig, inter: Path, item: Path | None):
     """(user codes, user tokens, item codes, item tokens, timestamps, titles) of the data files, in file order:
     what the split's vectorised builder sorts and numbers (distill.data)."""
-    import pyarrow as pa  # with `datasets` (the train extra): serving an export never reads data files
+    import pyarrow as pa  # the train extra: serving an export never reads data files
     if cfg.format == "recbole":
         c = cfg.columns
         user_tok, item_tok, ts = read_interactions(inter, c.user, c.item, c.time)
         raw = read_titles(item, cfg.title_field, c.text)
-        u_codes, u_tokens = _tokens(pa.array(user_tok, pa.string()))
-        i_codes, i_tokens = _tokens(pa.array(item_tok, pa.string()))
+        u_codes, u_tokens = _tokens(_ids(pa.array(user_tok, pa.string()), inter, c.user, "data.columns.user"))
+        i_codes, i_tokens = _tokens(_ids(pa.array(item_tok, pa.string()), inter, c.item, "data.columns.item"))
         keys = np.asarray(sorted(raw), dtype=str)
         titles = (keys, *(np.asarray([raw[k][j] for k in keys.tolist()], dtype=object) for j in (0, 1))) \
             if raw else None

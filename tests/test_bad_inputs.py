@@ -9,6 +9,7 @@ the data), except where the row says otherwise.
 
 from __future__ import annotations
 
+import re
 import threading
 
 import numpy as np
@@ -312,6 +313,9 @@ DATA_CASES = [
     ("too few items", "inter", text(good_inter(n_items=12)), "12 items; the candidate protocol needs at least 21"),
     ("no item_id in item file", "item", text(["id:token\ttitle:token_seq"] + good_item()[1:]),
      "toy.item:1: header has no `item_id` column"),
+    ("empty item token", "inter", text(replace(good_inter(), 5, "u1\t\t3\t1000")), "toy.inter:5: empty item_id"),
+    ("NUL in a user token", "inter", text(replace(good_inter(), 6, "u1\x00\ti2\t3\t1000")),
+     "column `user_id` (data.columns.user) row 5: holds a NUL character"),
 ] + [
     # a line break character inside a title or token is not a line break: later line numbers stay exact
     (f"{name} in a title", "item",
@@ -471,3 +475,293 @@ def test_backbone_refuses_zero_layers(tmp_path):
     from teacher.backbone import load_backbone
     with pytest.raises(ConfigError, match="teacher.num_layers: must be >= 1, got 0"):
         load_backbone(str(tmp_path), 0)
+
+
+# ---------------------------------------------------------------- Parquet / CSV / JSONL columns (issue 25)
+
+def interactions(n_users: int = 8, n_items: int = 25) -> list[tuple]:
+    return [(f"u{u}", f"i{(3 * u + t) % n_items}", 1000 + t) for u in range(n_users) for t in range(6)]
+
+
+def parquet(columns: dict) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    sink = io.BytesIO()
+    pq.write_table(pa.table(columns), sink)
+    return sink.getvalue()
+
+
+def good_columns(**replaced) -> dict:
+    users, items, times = (list(c) for c in zip(*interactions()))
+    return {"user_id": users, "item_id": items, "timestamp": times, **replaced}
+
+
+def csv_text(lines: list[str]) -> bytes:
+    return ("\n".join(lines) + "\n").encode()
+
+
+def good_csv() -> list[str]:
+    return ["user_id,item_id,timestamp"] + [f"{u},{i},{t}" for u, i, t in interactions()]
+
+
+def good_jsonl() -> list[str]:
+    import json
+    return [json.dumps({"user_id": u, "item_id": i, "timestamp": t}) for u, i, t in interactions()]
+
+
+def with_row(rows: list, n: int, value):
+    """`rows` with element n (0-based) replaced."""
+    return rows[:n] + [value] + rows[n + 1:]
+
+
+COLUMN_CASES = [
+    ("list column as item id", "parquet",
+     parquet(good_columns(item_id=[[i] for i in good_columns()["item_id"]])), "(data.columns.item) holds list"),
+    ("float item ids", "parquet", parquet(good_columns(item_id=[float(i) for i in range(48)])),
+     "(data.columns.item) holds double; ids must be strings or integers"),
+    ("bool user ids", "parquet", parquet(good_columns(user_id=[u % 2 == 0 for u in range(48)])),
+     "(data.columns.user) holds bool"),
+    ("struct user ids", "parquet", parquet(good_columns(user_id=[{"a": u} for u in range(48)])),
+     "(data.columns.user) holds struct"),
+    ("null item id", "parquet", parquet(good_columns(item_id=with_row(good_columns()["item_id"], 3, None))),
+     "column `item_id` (data.columns.item) row 4: empty value"),
+    ("empty item id in a csv", "csv", csv_text(with_row(good_csv(), 5, "u0,,1004")),
+     "column `item_id` (data.columns.item) row 5: empty value"),
+    ("NaN float time", "parquet", parquet(good_columns(timestamp=with_row([float(t) for t in good_columns()["timestamp"]],
+                                                                          2, float("nan")))),
+     "column `timestamp` (data.columns.time) row 3: timestamp nan is not finite"),
+    ("word as a csv time", "csv", csv_text(with_row(good_csv(), 7, "u1,i4,yesterday")),
+     "column `timestamp` (data.columns.time) row 7: 'yesterday' is not a number or a date-time"),
+    ("bad date in a csv time", "csv", csv_text(["user_id,item_id,timestamp"] + [
+        f"{u},{i},2026-01-{1 + t % 28:02d}" for u, i, t in interactions()][:9] + ["u1,i4,2026-13-01"]),
+     "row 10: '2026-13-01' is not a number or a date-time"),
+    ("list as a time", "parquet", parquet(good_columns(timestamp=[[t] for t in good_columns()["timestamp"]])),
+     "(data.columns.time) holds list"),
+    ("ragged csv row", "csv", csv_text(with_row(good_csv(), 4, "u0,i3,1003,extra")),
+     "d.csv:5: expected 3 comma-separated fields, got 4"),
+    ("csv not UTF-8", "csv", csv_text(good_csv()[:3]) + b"u9,caf\xe9,5\n", "d.csv:4: not valid UTF-8"),
+    ("jsonl not JSON", "jsonl", csv_text(with_row(good_jsonl(), 2, '{"user_id": "u0", ')), "d.jsonl:3: not valid JSON"),
+    ("jsonl line not an object", "jsonl", csv_text(with_row(good_jsonl(), 1, '["u0", "i1", 5]')),
+     "d.jsonl:2: expected a JSON object, got an array"),
+    ("jsonl id is an array", "jsonl", csv_text(with_row(good_jsonl(), 1, '{"user_id": "u0", "item_id": ["i1"], '
+                                                                         '"timestamp": 5}')),
+     "d.jsonl:2: item_id (data.columns.item) is an array, expected a string or a number"),
+    ("jsonl null id", "jsonl", csv_text(with_row(good_jsonl(), 1, '{"user_id": null, "item_id": "i1", "timestamp": 5}')),
+     "d.jsonl:2: user_id (data.columns.user) is null"),
+    ("jsonl key missing", "jsonl", csv_text(with_row(good_jsonl(), 3, '{"user_id": "u0", "item_id": "i1"}')),
+     "d.jsonl:4: no key `timestamp` (data.columns.time)"),
+    ("jsonl bool time", "jsonl", csv_text(with_row(good_jsonl(), 3, '{"user_id": "u0", "item_id": "i1", '
+                                                                    '"timestamp": true}')),
+     "d.jsonl:4: timestamp (data.columns.time) is true, expected a number or a date-time"),
+]
+
+
+@pytest.mark.parametrize("fmt,content,fragment", [c[1:] for c in COLUMN_CASES], ids=[c[0] for c in COLUMN_CASES])
+def test_bad_data_column(tmp_path, capsys, fmt, content, fragment):
+    path = tmp_path / f"d.{fmt}"
+    path.write_bytes(content)
+    line = expect_one_line_error(capsys, ["prepare", RECIPE, "--out", str(tmp_path / "run")]
+                                 + sets([f"data.format={fmt}", f"data.path={path}"]), fragment)
+    assert str(path) in line and "Traceback" not in line and not (tmp_path / "run" / "split").exists()
+
+
+# ---------------------------------------------------------------- numbers that cannot overflow silently (issue 25)
+
+def npy_claiming(shape: tuple, payload: bytes) -> bytes:
+    """A .npy file whose header claims `shape` (float32) over `payload` bytes."""
+    import io
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return head.getvalue() + payload
+
+
+def test_inner_products_beyond_float32_are_refused(tmp_path, prepared, capsys):
+    """Every value fits float32, but 1e20 x 1e20 does not: the scores would be inf and the ranks arbitrary."""
+    split_dir, split = prepared
+    rng = np.random.default_rng(0)
+    users = rng.normal(size=(split.n_users, 16)).astype(np.float32)
+    items = rng.normal(size=(split.n_items + 1, 16)).astype(np.float32)
+    users[4] *= 1e20
+    items[9] *= 1e20
+    line = expect_one_line_error(capsys, evaluate_argv(tmp_path, split_dir, users, items),
+                                 "inner products overflow float32")
+    assert "users.npy row 4" in line and "items.npy row 9" in line
+
+
+@pytest.mark.parametrize("which,array,fragment", [
+    ("users", "empty", "users.npy: 0 rows, expected"),
+    ("items", "no columns", "items.npy: dimension 0"),
+    ("users", "claims 2^40 rows", "users.npy: holds 64 bytes of data, its header claims (1099511627776, 16)"),
+    ("items", "truncated", "items.npy: holds 64 bytes of data, its header claims"),
+    ("items", "NaN", "items.npy: row 3 contains NaN or inf"),
+])
+def test_bad_vector_files(tmp_path, prepared, capsys, which, array, fragment):
+    split_dir, split = prepared
+    rng = np.random.default_rng(0)
+    vectors = {"users": rng.normal(size=(split.n_users, 16)), "items": rng.normal(size=(split.n_items + 1, 16))}
+    rows = vectors[which].shape[0]
+    argv = evaluate_argv(tmp_path, split_dir, vectors["users"], vectors["items"])
+    target = tmp_path / f"{which}.npy"
+    if array == "empty":
+        np.save(target, np.zeros((0, 16)))
+    elif array == "no columns":
+        np.save(target, np.zeros((rows, 0)))
+    elif array == "claims 2^40 rows":
+        target.write_bytes(npy_claiming((2**40, 16), b"\0" * 64))
+    elif array == "truncated":
+        target.write_bytes(npy_claiming((rows, 16), b"\0" * 64))
+    else:
+        bad = vectors[which].copy()
+        bad[3, 1] = np.nan
+        np.save(target, bad)
+    expect_one_line_error(capsys, argv, fragment)
+    assert not (tmp_path / "m.json").exists()
+
+
+def small_cache(folder, query=None, ids=None, scores=None, k: int = 3, dim: int = 4):
+    """A complete 6-row cache over 5 items, written by the cache's own writer."""
+    from distill.cache import complete_cache, shard_name, write_shard
+    staging = folder.parent / f"{folder.name}.staging"
+    staging.mkdir()
+    n = 6
+    write_shard(staging / shard_name(0), {
+        "user": np.arange(n), "position": np.zeros(n), "query": np.ones((n, dim)) if query is None else query,
+        "topk_ids": np.ones((n, k)) if ids is None else ids,
+        "topk_scores": np.ones((n, k)) if scores is None else scores}, {})
+    complete_cache(staging, folder, 1, {"split_hash": "x", "k": k, "dim": dim, "n_items": 5},
+                   np.ones((6, dim), np.float32))
+    return folder
+
+
+def with_nan(shape, row):
+    x = np.ones(shape)
+    x[row, 1] = np.nan
+    return x
+
+
+@pytest.mark.parametrize("tensors,fragment", [
+    ({"query": with_nan((6, 4), 2)}, "tensor query row 2 holds NaN or inf"),
+    ({"scores": with_nan((6, 3), 4)}, "tensor topk_scores row 4 holds NaN or inf"),
+    ({"ids": np.full((6, 3), 9)}, "tensor topk_ids holds 9..9, outside the items 0..5"),
+], ids=["NaN query", "NaN score", "ids beyond the catalogue"])
+def test_a_cache_holding_bad_numbers_is_refused_when_read_back(tmp_path, tensors, fragment):
+    """Sealed when written, but by a teacher gone NaN: its sha256 matches, its numbers are unusable."""
+    from distill.cache import TeacherCache
+    from distill.errors import CorruptError
+    with pytest.raises(CorruptError, match=r"shard-0+\.safetensors: " + re.escape(fragment)):
+        TeacherCache(small_cache(tmp_path / "cache", **tensors))
+
+
+def test_a_cache_padded_where_fewer_than_k_items_were_left_is_read():
+    """-1 ids with -inf scores are what the search writes when a user has seen nearly everything."""
+    import tempfile
+    from pathlib import Path
+
+    from distill.cache import TeacherCache
+    ids, scores = np.ones((6, 3)), np.ones((6, 3))
+    ids[:, 2], scores[:, 2] = -1, -np.inf
+    with tempfile.TemporaryDirectory() as tmp:
+        assert len(TeacherCache(small_cache(Path(tmp) / "cache", ids=ids, scores=scores))) == 6
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (lambda m: {k: v for k, v in m.items() if k != "k"}, "'k' is None, expected a count"),
+    (lambda m: dict(m, dim="4"), "'dim' is '4', expected a count"),
+    (lambda m: dict(m, shards=5), "'shards' is int, expected a list"),
+    (lambda m: dict(m, shards=[{"file": "shard-0.safetensors"}]), "'shards[0]' is not a file entry"),
+    (lambda m: dict(m, items=dict(m["items"], file="../../etc/passwd")), "'items' names '../../etc/passwd', not a file"),
+], ids=["no k", "dim a string", "shards not a list", "a shard without sha256", "a path outside the cache"])
+def test_a_resealed_cache_manifest_is_checked_before_it_is_read(tmp_path, edit, fragment):
+    """The manifest matches its own sha256 (resealed by hand): its keys are still checked, never a KeyError."""
+    import json
+
+    from distill.artifacts import json_digest
+    from distill.cache import TeacherCache
+    from distill.errors import CorruptError
+    folder = small_cache(tmp_path / "cache")
+    manifest = {k: v for k, v in json.loads((folder / "manifest.json").read_text()).items() if k != "manifest_sha256"}
+    manifest = edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(dict(manifest, manifest_sha256=json_digest(manifest))))
+    with pytest.raises(CorruptError, match=re.escape(fragment)):
+        TeacherCache(folder)
+
+
+def item_table(**replaced) -> dict:
+    return {"item_id": [f"i{i}" for i in range(25)], "title": [f"movie {i}" for i in range(25)], **replaced}
+
+
+@pytest.mark.parametrize("columns,fragment", [
+    (item_table(title=[[f"movie {i}"] for i in range(25)]), "(data.columns.title) holds list"),
+    (item_table(item_id=[float(i) for i in range(25)]), "items.parquet: column `item_id` (data.columns.item) holds double"),
+    (item_table(item_id=[None] + [f"i{i}" for i in range(1, 25)]), "items.parquet: column `item_id` (data.columns.item) "
+                                                                     "row 1: empty value"),
+], ids=["list title", "float item ids", "null item id"])
+def test_bad_item_file_column(tmp_path, capsys, columns, fragment):
+    (tmp_path / "d.parquet").write_bytes(parquet(good_columns()))
+    (tmp_path / "items.parquet").write_bytes(parquet(columns))
+    expect_one_line_error(capsys, ["prepare", RECIPE, "--out", str(tmp_path / "run")] + sets([
+        "data.format=parquet", f"data.path={tmp_path / 'd.parquet'}", f"data.items={tmp_path / 'items.parquet'}"]),
+        fragment)
+
+
+def test_jsonl_item_text_of_any_json_is_read(tmp_path):
+    """Nested values in a text column are written as JSON, not refused, and never crash the reader."""
+    import json
+    (tmp_path / "d.jsonl").write_bytes(csv_text(good_jsonl()))
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps({"item_id": f"i{i}", "title": f"movie {i}",
+                                                              "genres": [{"g": i}, 5, True] if i else "drama"}) + "\n"
+                                                  for i in range(25)))
+    from distill.config import DataConfig
+    from distill.data import build_split
+    s = build_split(DataConfig(format="jsonl", path=str(tmp_path / "d.jsonl"), items=str(tmp_path / "items.jsonl")))
+    assert s.texts[s.items.index("i3")] == 'movie 3: {"g": "3"}, 5, true' and s.texts[s.items.index("i0")] == "movie 0: drama"
+
+
+def reseal(folder, tensors: dict) -> None:
+    """split.safetensors replaced by `tensors`, its sha256 written into the manifest: only the content is wrong."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from distill.artifacts import sha256_file
+    save_file(tensors, str(folder / "split.safetensors"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps(dict(manifest, split_sha256=sha256_file(folder / "split.safetensors"))))
+
+
+def drop(name):
+    return lambda t: {k: v for k, v in t.items() if k != name}
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    (drop("valid_negatives"), "split.safetensors: no tensor valid_negatives"),
+    (lambda t: dict(t, sequence_items=t["sequence_items"] + 1000), "tensor sequence_items holds ids outside 1..60"),
+    (lambda t: dict(t, sequence_offsets=t["sequence_offsets"][::-1].copy()), "sequence_offsets do not partition"),
+    (lambda t: dict(t, test_negatives=t["test_negatives"][:3]),
+     "tensor test_negatives is int64 (3, 19), expected integers of shape (40, 19)"),
+    ("n_users", "manifest.json: n_users 'x' / n_items 60 are not counts"),
+    ("escape", "users.tsv:4: unknown escape \\q"),
+], ids=["a tensor missing", "ids beyond the catalogue", "offsets reversed", "negatives cut", "a count not a number",
+        "an unknown escape"])
+def test_a_resealed_or_edited_split_is_one_line(tmp_path, prepared, capsys, damage, fragment):
+    """The split's sha256 matches (resealed), or the edit is outside split.safetensors: the loader still checks."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file
+    split_dir, split = prepared
+    folder = tmp_path / "split"
+    shutil.copytree(split_dir, folder)
+    if damage == "n_users":
+        manifest = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps(dict(manifest, n_users="x")))
+    elif damage == "escape":
+        lines = (folder / "users.tsv").read_text().split("\n")
+        (folder / "users.tsv").write_text("\n".join(lines[:3] + [lines[3] + "\\q"] + lines[4:]))
+    else:
+        reseal(folder, damage(load_file(str(folder / "split.safetensors"))))
+    rng = np.random.default_rng(0)
+    argv = evaluate_argv(tmp_path, folder, rng.normal(size=(split.n_users, 8)), rng.normal(size=(split.n_items + 1, 8)))
+    expect_one_line_error(capsys, argv, fragment)

@@ -271,7 +271,8 @@ def test_negatives_for_dense_users_and_in_one_vectorised_draw():
 
 @pytest.mark.parametrize("times,users,items", [("small ints", 50, 300), ("fractions", 50, 300),
                                                ("wide ints", 50, 300), ("huge and fractional", 50, 300),
-                                               ("wide ints", 50, 2**62), ("wide ints", 2**62, 2**62)])
+                                               ("wide ints", 50, 2**62), ("wide ints", 2**62, 2**62),
+                                               ("int64 ns", 50, 300), ("int64 full range", 50, 300)])
 def test_packed_sort_order_equals_three_key_lexsort(times, users, items):
     # the packed key must order exactly as (user, time, item) in every regime: integral timestamps as
     # offsets, others (or too wide a span) as ranks, and nominal catalogues too large for one 63-bit key
@@ -282,7 +283,9 @@ def test_packed_sort_order_equals_three_key_lexsort(times, users, items):
     u, i = rng.integers(0, n_users, n), rng.integers(0, n_items, n)
     t = {"small ints": rng.integers(0, 20, n).astype(float), "fractions": rng.integers(0, 20, n) / 7,
          "wide ints": rng.integers(0, 2**62, n).astype(float),
-         "huge and fractional": np.where(rng.random(n) < 0.5, -2.0**53, rng.integers(0, 20, n) / 2)}[times]
+         "huge and fractional": np.where(rng.random(n) < 0.5, -2.0**53, rng.integers(0, 20, n) / 2),
+         "int64 ns": 1_700_000_000_000_000_000 + rng.integers(0, 20, n),      # 1 ns apart: float64 would tie them
+         "int64 full range": rng.integers(-2**63, 2**63 - 1, n)}[times]      # a span beyond int64: ranks
     order = _sort_order(u, t, i, users, items)   # nominal sizes pick the path
     expected = np.lexsort((i, t, u))
     for col in (u, t, i):
@@ -332,3 +335,160 @@ def test_item_text_renders_every_column_of_the_item_file(tmp_path):
         build_split(DataConfig(name="hand", path=str(tmp_path), columns=ColumnsConfig(text=["genre"])))
     titles_only = build_split(DataConfig(name="hand", path=str(tmp_path), columns=ColumnsConfig(text=[])))
     assert titles_only.texts[i1] == "The Empire Strikes Back" and titles_only.hash != s.hash
+
+
+# ---------------------------------------------------------------- ids and timestamps kept exactly (issue 25)
+
+ODD_ITEMS = ["00026", "26", "NA", "null", "a,b", "a\tb", "a b", " a b ", "x\ny", "-5", "1e3", "True", 'say "hi"',
+             "back\\slash", "a\\tb", "tab\t", "\\n"]
+ODD_USERS = ["007", "7", " 7", "u\t1", "NaN", "u,2"]
+
+
+def odd_rows(n_items: int = 25):
+    """(user, item, time) rows over ids that type inference, quoting or a careless TSV would change or merge."""
+    items = ODD_ITEMS + [f"i{i}" for i in range(n_items - len(ODD_ITEMS))]
+    rows = []
+    for u, user in enumerate(ODD_USERS):
+        for t in range(12):
+            rows.append((user, items[(5 * u + 3 * t) % len(items)], 1000 + 10 * t + u))
+    return rows
+
+
+def write_rows(path, rows, fmt, columns=("user_id", "item_id", "timestamp"), types=None):
+    """`rows` as a Parquet / CSV / JSONL file, each value written as the Python value it is (strings quoted
+    where the format needs it); `types` (pyarrow types per column) for Parquet."""
+    import csv
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    cols = list(zip(*rows))
+    if fmt == "parquet":
+        pq.write_table(pa.table({c: pa.array(v, type=(types or {}).get(c)) for c, v in zip(columns, cols)}), path)
+    elif fmt == "csv":
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(columns)
+            w.writerows(rows)
+    else:
+        with open(path, "w") as f:
+            f.writelines(json.dumps(dict(zip(columns, r))) + "\n" for r in rows)
+    return str(path)
+
+
+def test_odd_ids_are_the_same_exact_strings_in_every_format_and_survive_the_split_files(tmp_path):
+    rows = odd_rows()
+    splits = {fmt: build_split(DataConfig(format=fmt, path=write_rows(tmp_path / f"d.{fmt}", rows, fmt)))
+              for fmt in ("parquet", "csv", "jsonl")}
+    ref = splits["parquet"]
+    assert set(ref.users) == set(ODD_USERS) and set(ODD_ITEMS) <= set(ref.items)  # nothing parsed, stripped, merged
+    for s in splits.values():
+        assert_same_split(s, ref)
+    split, _ = prepare(DataConfig(format="csv", path=str(tmp_path / "d.csv")), tmp_path / "split")
+    from distill.data import load_split
+    back = load_split(tmp_path / "split")       # users.tsv / items.tsv keep tabs, newlines, spaces, backslashes
+    assert back.users == ref.users and back.items == ref.items
+    assert prepare(DataConfig(format="csv", path=str(tmp_path / "d.csv")), tmp_path / "split")[1] is False
+
+
+def test_csv_ids_are_strings_whatever_their_position_in_the_file(tmp_path):
+    """Numbers for the first 12,000 rows, then a word: one type for the whole column, the file's text."""
+    rows = [(f"{u:04d}", f"{(u + t) % 30:05d}", t) for u in range(1000) for t in range(12)] + [("0001", "x", 99)]
+    csv_split = build_split(DataConfig(format="csv", path=write_rows(tmp_path / "d.csv", rows, "csv")))
+    pq_split = build_split(DataConfig(format="parquet", path=write_rows(tmp_path / "d.parquet", rows, "parquet")))
+    assert "00026" in csv_split.items and "x" in csv_split.items and "0001" in csv_split.users
+    assert_same_split(csv_split, pq_split)
+
+
+def test_jsonl_numbers_are_their_text_and_equal_string_ids(tmp_path):
+    as_numbers = [(u, 100 + (u * 7 + t) % 30, 1000 + t) for u in range(8) for t in range(6)]
+    as_strings = [(str(u), str(i), t) for u, i, t in as_numbers]
+    a = build_split(DataConfig(format="jsonl", path=write_rows(tmp_path / "n.jsonl", as_numbers, "jsonl")))
+    b = build_split(DataConfig(format="jsonl", path=write_rows(tmp_path / "s.jsonl", as_strings, "jsonl")))
+    assert_same_split(a, b)
+    assert "100" in a.items
+
+
+NS = 1_700_000_000_000_000_000  # 2023-11-14 in nanoseconds: float64 spaces its neighbours 256 apart
+
+
+def tight_times():
+    """Per user, items whose timestamps differ by 1 ns in the reverse of their token order: a float64 clock
+    makes them ties, broken by the token (a, b, c), instead of the file's order (c, b, a)."""
+    rows = []
+    for u in range(8):
+        for t, item in enumerate(["c", "b", "a"] + [f"i{(3 * u + j) % 25:02d}" for j in range(5)]):
+            rows.append((f"u{u}", item, NS + t))
+    return rows
+
+
+@pytest.mark.parametrize("fmt", ["recbole", "parquet", "csv", "jsonl", "parquet timestamp[ns]", "csv date-times"])
+def test_timestamps_are_ordered_exactly(tmp_path, fmt):
+    import pyarrow as pa
+    rows = tight_times()
+    if fmt == "recbole":
+        cfg = write(tmp_path, HEADER + "".join(f"{u}\t{i}\t1\t{t}\n" for u, i, t in rows))
+    elif fmt == "parquet timestamp[ns]":
+        cfg = DataConfig(format="parquet", path=write_rows(tmp_path / "d.parquet", rows, "parquet",
+                                                            types={"timestamp": pa.timestamp("ns")}))
+    elif fmt == "csv date-times":
+        import pandas as pd
+        dated = [(u, i, str(pd.Timestamp(t, unit="ns"))) for u, i, t in rows]   # 2023-11-14 22:13:20.000000001
+        cfg = DataConfig(format="csv", path=write_rows(tmp_path / "d.csv", dated, "csv"))
+    else:
+        cfg = DataConfig(format=fmt, path=write_rows(tmp_path / f"d.{fmt}", rows, fmt))
+    s = build_split(cfg)
+    first = s.sequences.flat[s.sequences.offsets[0]:][:3]
+    assert [s.items[i] for i in first] == ["c", "b", "a"]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_a_file_changed_on_disk_is_read_again_with_the_same_path_and_mtime(tmp_path, fmt):
+    import os
+    path = tmp_path / f"d.{fmt}"
+    rows = [(f"u{u}", f"i{(4 * u + t) % 25:02d}", 1000 + t) for u in range(6) for t in range(8)]
+    write_rows(path, rows, fmt)
+    first, built = prepare(DataConfig(format=fmt, path=str(path)), tmp_path / "split")
+    stat = path.stat()
+    swapped = [(u, {"i01": "i02", "i02": "i01"}.get(i, i), t) for u, i, t in rows]  # same size, other content
+    write_rows(path, swapped, fmt)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second, rebuilt = prepare(DataConfig(format=fmt, path=str(path)), tmp_path / "split")
+    assert rebuilt and second.hash != first.hash
+
+
+def test_odd_ids_come_back_exactly_from_an_export_and_can_be_passed_to_recommend(tmp_path, capsys):
+    import json
+
+    from helpers import RECIPE, sets
+    path = write_rows(tmp_path / "d.csv", odd_rows(), "csv")
+    run, out = tmp_path / "run", tmp_path / "export"
+    tiny = sets([f"data.path={path}", "data.format=csv", "data.max_len=10", "student.hidden_size=16",
+                 "student.num_heads=2", "student.epochs=1", "student.batch_size=16"])
+    assert main(["student", "train", RECIPE, "--out", str(run)] + tiny) == 0
+    assert main(["export", str(run), "--out", str(out), "--model", "student_alone"]) == 0
+    n_items = build_split(DataConfig(format="csv", path=path)).n_items
+    capsys.readouterr()
+    history = ["a,b", " a b ", "x\ny", "-5"]
+    assert main(["recommend", str(out), "--history-json", json.dumps(history), "-k", str(n_items),
+                 "--include-seen", "--json"]) == 0
+    served = [it["item"] for it in json.loads(capsys.readouterr().out)["items"]]
+    assert set(ODD_ITEMS) <= set(served) and len(set(served)) == n_items        # every id once, exactly
+    assert main(["recommend", str(out), "--history=-5,00026", "-k", "3"]) == 0  # a leading '-' after '='
+    assert main(["recommend", str(out), "--history-json", '["a,b", 5]']) == 2   # not strings: one line
+    assert "expected a non-empty JSON array of strings" in capsys.readouterr().err
+
+
+def test_dates_of_any_type_and_unit_are_one_clock(tmp_path):
+    """A Parquet `timestamp[s]`, `timestamp[us]` or `date32` column and the same instants as CSV text give one
+    split (and hash): date-times are nanoseconds whatever their stored unit."""
+    import datetime
+
+    import pyarrow as pa
+    days = [(f"u{u}", f"i{(3 * u + t) % 25:02d}", datetime.date(2026, 1, 1 + t)) for u in range(8) for t in range(6)]
+    as_text = [(u, i, d.isoformat()) for u, i, d in days]
+    ref = build_split(DataConfig(format="csv", path=write_rows(tmp_path / "d.csv", as_text, "csv")))
+    for n, kind in enumerate([pa.date32(), pa.timestamp("s"), pa.timestamp("us"), pa.timestamp("ns", "UTC")]):
+        values = days if kind == pa.date32() else [(u, i, datetime.datetime(d.year, d.month, d.day)) for u, i, d in days]
+        path = write_rows(tmp_path / f"d{n}.parquet", values, "parquet", types={"timestamp": kind})
+        assert_same_split(build_split(DataConfig(format="parquet", path=path)), ref)
