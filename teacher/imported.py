@@ -248,7 +248,7 @@ def vector_topk(outputs: Outputs, split: Split, items: np.ndarray, k: int, mask_
                         f"{items.shape[1]}")
     if k > split.n_items:
         raise DataError(f"distill.k: {k} is larger than the catalogue ({split.n_items} items)")
-    o = search_outputs(ItemIndex(items, index), torch.from_numpy(outputs.query),
+    o = search_outputs(ItemIndex(items, index), torch.from_numpy(np.array(outputs.query)),
                        prefixes(split, outputs.users, outputs.positions), k, mask_history, 1.0)
     return Outputs(outputs.users, outputs.positions, o.topk_ids.numpy().astype(np.int32),
                    o.topk_scores.numpy(), outputs.query)
