@@ -6,7 +6,9 @@ file in Parquet, CSV or JSONL (read through `datasets`; rows are counted from 0 
     top-K file (--topk)     user      the user's token, as in the interaction file
                             position  the prefix length t: the teacher read the user's first t items and
                                       ranks the item at t (1 <= t <= len - 1: training, validation
-                                      (len - 2) or test (len - 1) positions)
+                                      (len - 2) or test (len - 1) positions); or instead
+                            timestamp the time of the last item the teacher read (as in the interaction
+                                      file): the prefix of the user's items up to that time
                             items     the teacher's item tokens, best first (the same K on every row)
                             scores    optional: the teacher's logits, best first; absent: -ln(rank)
                                       (softmax(scores) is then proportional to 1 / rank)
@@ -33,11 +35,11 @@ import torch
 from distill.artifacts import atomic_file, json_digest, sha256_file
 from distill.cache import TeacherCache, cache_key, complete_cache, shard_name, staging_dir, write_shard
 from distill.config import Recipe
-from distill.data import Split
+from distill.data import Split, sequence_times
 from distill.errors import DataError
 from distill.positions import prefixes, training_positions
 from distill.search import ItemIndex, check_vectors
-from distill.sources import _column, _read_table, _tokens
+from distill.sources import _column, _read_table, _times, _tokens
 from teacher.model import search_outputs
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -119,23 +121,46 @@ def _map_tokens(col, path: Path, name: str, known: dict[str, int], what: str, ro
     return mapped
 
 
-def read_keys(table, path: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
-    """(user rows, positions) of a keyed file: known users, positions 1 <= t <= len - 1, no repeats."""
+def positions_at(users: np.ndarray, at: np.ndarray, split: Split, times: np.ndarray, path: Path) -> np.ndarray:
+    """The prefix length whose last item has timestamp `at` for each row: the user's items up to and including
+    that time (items of one timestamp stay together); a time the user has no interaction at is refused."""
+    values, ranks = np.unique(np.concatenate([times, at]), return_inverse=True)
+    seq_rank, at_rank = ranks[:len(times)], ranks[len(times):]
+    span = len(values) + 1
+    seq_key = np.repeat(np.arange(split.n_users), split.sequences.lengths) * span + seq_rank
+    key = users * span + at_rank
+    end = np.searchsorted(seq_key, key, side="right")
+    bad = np.flatnonzero((end == 0) | (seq_key[np.maximum(end - 1, 0)] != key))
+    if len(bad):
+        r = bad[0]
+        raise DataError(f"{path}: row {r}, column `timestamp`: user {split.users[users[r]]!r} has no interaction at "
+                        f"{at[r]:g}")
+    return end - split.sequences.offsets[users]
+
+
+def read_keys(table, path: Path, split: Split, times) -> tuple[np.ndarray, np.ndarray]:
+    """(user rows, positions) of a keyed file: known users, positions 1 <= t <= len - 1 (given, or the prefix
+    ending at `timestamp`; `times()` gives the split's interaction times), no repeats."""
     import pyarrow as pa
 
     if table.num_rows == 0:
         raise DataError(f"{path}: no rows")
     users = _map_tokens(_column(table, path, "user", "user"), path, "user", {u: i for i, u in enumerate(split.users)},
                         "user")
-    col = _column(table, path, "position", "position")
-    if not pa.types.is_integer(col.type):
-        raise DataError(f"{path}: column `position` holds {col.type}, expected the prefix length (an integer)")
-    t = np.asarray(col.to_numpy(), np.int64)
     lengths = split.sequences.lengths[users]
+    name = "position"
+    if "position" not in table.column_names and "timestamp" in table.column_names:
+        name = "timestamp"
+        t = positions_at(users, _times(table.column("timestamp"), path, "timestamp"), split, times(), path)
+    else:
+        col = _column(table, path, "position", "position (or timestamp)")
+        if not pa.types.is_integer(col.type):
+            raise DataError(f"{path}: column `position` holds {col.type}, expected the prefix length (an integer)")
+        t = np.asarray(col.to_numpy(), np.int64)
     bad = np.flatnonzero((t < 1) | (t > lengths - 1))
     if len(bad):
         r = bad[0]
-        raise DataError(f"{path}: row {r}, column `position`: {t[r]} is not a position of user "
+        raise DataError(f"{path}: row {r}, column `{name}`: gives position {t[r]}, not a position of user "
                         f"{split.users[users[r]]!r} (1 to {lengths[r] - 1}: the prefix length before a training, "
                         f"validation or test item)")
     key = users * (int(split.sequences.lengths.max()) + 1) + t
@@ -143,7 +168,7 @@ def read_keys(table, path: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
     dup = np.flatnonzero(key[order][1:] == key[order][:-1])
     if len(dup):
         first, again = sorted((int(order[dup[0]]), int(order[dup[0] + 1])))
-        raise DataError(f"{path}: row {again}, column `position`: user {split.users[users[again]]!r} at position "
+        raise DataError(f"{path}: row {again}, column `{name}`: user {split.users[users[again]]!r} at position "
                         f"{t[again]} repeats row {first}")
     return users, t
 
@@ -173,10 +198,10 @@ def _check_ids(ids: np.ndarray, scores: np.ndarray | None, path, rows: np.ndarra
                             f"than the one before it)")
 
 
-def read_topk(path: Path, split: Split) -> Outputs:
+def read_topk(path: Path, split: Split, times) -> Outputs:
     """The top-K file: keys, item lists, optional scores and query vectors."""
     table = read_file(path)
-    users, t = read_keys(table, path, split)
+    users, t = read_keys(table, path, split, times)
     flat, lengths = _lists(table, path, "items", "items", numeric=False)
     k = _same_length(lengths, path, "items")
     if k > split.n_items:
@@ -194,9 +219,9 @@ def read_topk(path: Path, split: Split) -> Outputs:
     return Outputs(users, t, ids.astype(np.int32), scores, query)
 
 
-def read_queries(path: Path, split: Split) -> Outputs:
+def read_queries(path: Path, split: Split, times) -> Outputs:
     table = read_file(path)
-    users, t = read_keys(table, path, split)
+    users, t = read_keys(table, path, split, times)
     values, lengths = _lists(table, path, "query", "query", numeric=True)
     return Outputs(users, t, None, None, values.reshape(-1, _same_length(lengths, path, "query")))
 
@@ -300,15 +325,16 @@ def import_files(recipe: Recipe, split: Split, out: Path, topk: Path | None = No
                  items: Path | None = None) -> dict:
     """`anyo teacher import`: read and check every file, then write the cache (nothing before all checks pass)."""
     item_table = read_item_vectors(items, split) if items is not None else None
+    times = lambda: sequence_times(recipe.data, split)  # noqa: E731 - read only for a `timestamp` column
     if topk is not None:
-        outputs = read_topk(topk, split)
+        outputs = read_topk(topk, split, times)
         how = {"topk": "given", "scores": "given" if outputs.topk_scores is not None else "-ln(rank)"}
         if outputs.query is not None and item_table is not None and outputs.query.shape[1] != item_table.shape[1]:
             raise DataError(f"{topk}: row 0, column `query`: {outputs.query.shape[1]} values, the item vectors "
                             f"have {item_table.shape[1]}")
     else:
         ev = recipe.eval
-        outputs = vector_topk(read_queries(queries, split), split, item_table, recipe.distill.k, ev.mask_history,
+        outputs = vector_topk(read_queries(queries, split, times), split, item_table, recipe.distill.k, ev.mask_history,
                               ev.index, queries)
         how = {"topk": f"harness search over the imported vectors (index {ev.index}, "
                        f"mask_history {ev.mask_history})", "scores": "inner product"}

@@ -188,3 +188,34 @@ def test_item_vector_files_are_checked(source_run, tmp_path, capsys):
         assert message in capsys.readouterr().err
     assert main(["teacher", "import", RECIPE, "--out", str(b), "--queries", str(topk)] + sets(overrides)) == 2
     assert not (b / "teacher_cache").exists()
+
+
+def test_positions_given_as_timestamps(source_run, tmp_path, capsys):
+    from distill.data import sequence_times
+    run, overrides, topk, _ = source_run
+    recipe, split = load_recipe(RECIPE, overrides), load_split(run / "split")
+    times = sequence_times(recipe.data, split)
+    row_of = {u: i for i, u in enumerate(split.users)}
+    rows = pq.read_table(topk).select(["user", "position", "items"]).to_pylist()
+    at = lambda r: times[split.sequences.offsets[row_of[r["user"]]] + r["position"] - 1]  # noqa: E731
+    after = lambda r: times[split.sequences.offsets[row_of[r["user"]]] + r["position"]]  # noqa: E731
+    kept = [r for r in rows if at(r) < after(r)]      # the prefix ends at a change of time
+    assert len(kept) > len(rows) // 2
+    path = tmp_path / "topk.jsonl"
+    path.write_text("".join(json.dumps({"user": r["user"], "timestamp": float(at(r)), "items": r["items"]}) + "\n"
+                            for r in kept))
+    b = new_run(run, tmp_path / "b")
+    assert main(["teacher", "import", RECIPE, "--out", str(b), "--topk", str(path)] + sets(overrides)) == 0
+    cache = TeacherCache(b / "teacher_cache")
+    users = np.array([row_of[r["user"]] for r in kept])
+    found = cache.lookup(users, np.array([r["position"] for r in kept]))
+    assert found.found.all() and len(cache) == len(kept)
+    assert [split.items[i] for i in found.topk_ids[0]] == kept[0]["items"]
+    bad = [dict(kept[0], timestamp=float(at(kept[0])) + 0.5)] + [{"user": r["user"], "timestamp": float(at(r)),
+                                                                   "items": r["items"]} for r in kept[1:]]
+    path.write_text("".join(json.dumps({k: r[k] for k in ("user", "timestamp", "items")}) + "\n" for r in bad))
+    shutil.rmtree(b / "teacher_cache")
+    capsys.readouterr()
+    assert main(["teacher", "import", RECIPE, "--out", str(b), "--topk", str(path)] + sets(overrides)) == 2
+    assert f"{path}: row 0, column `timestamp`: user {kept[0]['user']!r} has no interaction at" in capsys.readouterr().err
+    assert not (b / "teacher_cache").exists()
