@@ -37,7 +37,7 @@ from distill.cache import TeacherCache, cache_key, complete_cache, shard_name, s
 from distill.config import Recipe
 from distill.data import Split, sequence_times
 from distill.errors import DataError
-from distill.positions import prefixes, training_positions
+from distill.positions import prefixes, scored_positions, training_positions
 from distill.search import ItemIndex, check_vectors
 from distill.sources import _column, _read_table, _times, _tokens
 from teacher.model import search_outputs
@@ -342,11 +342,13 @@ def import_files(recipe: Recipe, split: Split, out: Path, topk: Path | None = No
     return write_cache(recipe, split, outputs, item_table, sources, how, out)
 
 
-def import_teacher(recipe: Recipe, split: Split, teacher, out: Path, users: np.ndarray, positions: np.ndarray,
-                   name: str) -> dict:
-    """Fill a cache from any object with `get_teacher_outputs(histories, k)` (query, topk_ids, topk_scores;
-    tensors or arrays) and optionally `item_vectors()`, with the same checks as a file; `name` says what the
-    teacher is (recorded in the manifest)."""
+def import_teacher(recipe: Recipe, split: Split, teacher, out: Path) -> dict:
+    """Fill a cache from any object with `get_teacher_outputs(histories, k)` (an object with `query` (B, D),
+    `topk_ids` (B, K) item ids best first and `topk_scores` (B, K); tensors or arrays) and optionally
+    `item_vectors()` (N+1, D), asked for the positions anyo's own teacher scores (distill.positions, validation,
+    test), with the same checks as a file; the manifest records the object's class."""
+    users, positions = scored_positions(split, recipe.distill.positions)
+    name = type(teacher).__qualname__
     k, n = recipe.distill.k, len(users)
     if k > split.n_items:
         raise DataError(f"distill.k: {k} is larger than the catalogue ({split.n_items} items)")
@@ -371,8 +373,7 @@ def import_teacher(recipe: Recipe, split: Split, teacher, out: Path, users: np.n
     _check_ids(ids, scores, where)
     items = check_vectors(f"{name}.item_vectors()", np.asarray(teacher.item_vectors()), split.n_items + 1) \
         if hasattr(teacher, "item_vectors") else None
-    outputs = Outputs(np.asarray(users, np.int64), np.asarray(positions, np.int64), ids,
-                      scores.astype(np.float32), q.astype(np.float32))
+    outputs = Outputs(users, positions, ids, scores.astype(np.float32), q.astype(np.float32))
     return write_cache(recipe, split, outputs, items, [{"role": "python", "object": name}],
                        {"topk": "given", "scores": "given"}, out)
 

@@ -219,3 +219,32 @@ def test_positions_given_as_timestamps(source_run, tmp_path, capsys):
     assert main(["teacher", "import", RECIPE, "--out", str(b), "--topk", str(path)] + sets(overrides)) == 2
     assert f"{path}: row 0, column `timestamp`: user {kept[0]['user']!r} has no interaction at" in capsys.readouterr().err
     assert not (b / "teacher_cache").exists()
+
+
+def test_any_object_with_get_teacher_outputs_fills_the_cache(source_run, tmp_path):
+    from distill.errors import DataError
+    from distill.stages.external import run_teacher
+    from student.model import load_student
+    from teacher.cf_only import CFOnlyTeacher
+    run, overrides, _, _ = source_run
+    recipe, split = load_recipe(RECIPE, overrides), load_split(run / "split")
+    cf, _ = load_student(run / "student_alone", split.hash, split.n_items)
+    b = new_run(run, tmp_path / "b")
+    run_teacher(recipe, b, split, CFOnlyTeacher(cf, recipe.teacher.temperature))  # called as (histories, k)
+    a_t, b_t = tensors(run / "teacher_cache"), tensors(b / "teacher_cache")
+    assert a_t.keys() == b_t.keys() and all(np.array_equal(a_t[key], b_t[key]) for key in a_t)
+    assert TeacherCache(b / "teacher_cache").manifest["teacher"]["sources"] == [{"role": "python",
+                                                                                "object": "CFOnlyTeacher"}]
+    assert (b / "teacher_external" / "metrics.json").is_file()
+
+    class Broken(CFOnlyTeacher):   # returns the padding item 0 in one list
+        def get_teacher_outputs(self, histories, k):
+            o = super().get_teacher_outputs(histories, k)
+            o.topk_ids = o.topk_ids.clone()
+            o.topk_ids[0, 1] = 0
+            return o
+
+    c = new_run(run, tmp_path / "c")
+    with pytest.raises(DataError, match=r"Broken.get_teacher_outputs: row 0, topk_ids: an id outside 1\.\."):
+        run_teacher(recipe, c, split, Broken(cf, recipe.teacher.temperature))
+    assert not (c / "teacher_cache").exists() and not (c / "teacher_cache.partial").exists()

@@ -38,11 +38,11 @@ def run(recipe: Recipe, run: Path, split: Split, topk: Path | None, queries: Pat
     return manifest
 
 
-def run_teacher(recipe: Recipe, run: Path, split: Split, teacher, users: np.ndarray, positions: np.ndarray,
-                name: str) -> dict:
-    """The Python protocol: a cache from any object with `get_teacher_outputs(histories, k)`."""
+def run_teacher(recipe: Recipe, run: Path, split: Split, teacher) -> dict:
+    """The Python protocol: RUN/teacher_cache from any object with `get_teacher_outputs(histories, k)` (and
+    optionally `item_vectors()`), checked as an imported file is (teacher.imported.import_teacher)."""
     check_target(run)
-    manifest = import_teacher(recipe, split, teacher, run / "teacher_cache", users, positions, name)
+    manifest = import_teacher(recipe, split, teacher, run / "teacher_cache")
     report_import(recipe, run, split, manifest)
     return manifest
 
