@@ -74,6 +74,9 @@ def _lists(table, path: Path, name: str, what: str, numeric: bool):
     import pyarrow.compute as pc
 
     col = _column(table, path, name, what)
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)) and \
+            (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        col = col.cast(pa.string())        # a CSV cell of one value is read as a number
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
         col = pc.utf8_split_whitespace(col)
     if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
