@@ -122,7 +122,7 @@ def test_recbole_sasrec(tmp_path):
 def test_external_teacher(run, tmp_path):
     """The frozen backbone over the item texts, written in the public layout, imports as a teacher cache."""
     import shutil
-    bench("external_teacher.py", run, "--out", tmp_path / "vectors", "--last", 2)
+    bench("external_teacher.py", run, "--out", tmp_path / "vectors", "--last", 2, cwd=tmp_path)  # HOME: its cache
     other = tmp_path / "run"
     other.mkdir()
     for stage in ("split", "student_alone"):
