@@ -65,6 +65,18 @@ def _stage_commands(sub) -> None:
     p.add_argument("--teacher-seed", type=int, default=None,
                    help="the teacher trained with this seed (default: the recipe's; others live in RUN/teachers/seed-T)")
 
+    p = teacher.add_parser("import", help="turn another teacher's outputs into RUN/teacher_cache "
+                                          "(the layout: README, Bring your own teacher)")
+    _recipe_args(p)
+    p.add_argument("--topk", default=None, help="top-K lists per (user, position): .parquet, .csv or .jsonl")
+    p.add_argument("--queries", default=None, help="query vectors per (user, position): .parquet, .csv or .jsonl "
+                                                   "(the top-K is searched over --items)")
+    p.add_argument("--items", default=None, help="item vectors: .npy or .safetensors (items.tsv order) or a table")
+    p = teacher.add_parser("export-cache", help="write RUN/teacher_cache in the public layout (FILE.parquet and "
+                                                "FILE.items.parquet)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--out", required=True, help="FILE.parquet")
+
     p = sub.add_parser("distill", help="train the student from the teacher cache into RUN/student_distilled")
     _recipe_args(p, seed=True)
     p.add_argument("--name", default="student_distilled",
@@ -141,7 +153,9 @@ def handler(args):
     table = {
         "prepare": commands.cmd_prepare, "mostpop": commands.cmd_mostpop, "evaluate": commands.cmd_evaluate,
         "student train": commands.cmd_student_train, "teacher train": commands.cmd_teacher_train,
-        "teacher infer": commands.cmd_teacher_infer, "distill": commands.cmd_distill, "bench": commands.cmd_bench,
+        "teacher infer": commands.cmd_teacher_infer,
+        "teacher import": commands.cmd_teacher_import, "teacher export-cache": commands.cmd_teacher_export_cache,
+        "distill": commands.cmd_distill, "bench": commands.cmd_bench,
         "verify": commands.cmd_verify, "run": commands.cmd_run,
         "export": commands.cmd_export, "recommend": commands.cmd_recommend, "serve": commands.cmd_serve,
         "baseline llara": commands.cmd_baseline_llara,

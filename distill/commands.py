@@ -21,7 +21,7 @@ from distill.errors import ConfigError
 from distill.harness import evaluate
 from distill.runs import (CF_CACHE, CF_DISTILLED, STAGE_FOLDERS, STAGE_MARKERS, check_file_target, check_folder_target,
                           check_run_folder, cf_control_recipe, current_records, teacher_root)
-from distill.stages import cf_control, common
+from distill.stages import cf_control, common, external
 from distill.stages import distill as distill_stage
 from distill.stages import infer, llara, mostpop, pipeline, prepare, report, student, teacher
 
@@ -99,6 +99,24 @@ def cmd_teacher_infer(args) -> None:
     recipe, run = resolve(args)
     split = world().main_first(lambda: prepare.run(recipe, run))   # N ranks: rank 0 writes the split
     infer.run(recipe, run, split, merge_only=args.merge, teacher_seed=args.teacher_seed)
+
+
+@records_recipe
+def cmd_teacher_import(args) -> None:
+    if (args.topk is None) == (args.queries is None):
+        raise ConfigError("teacher import: give --topk FILE, or --queries FILE with --items FILE")
+    if args.queries is not None and args.items is None:
+        raise ConfigError("--queries: needs --items FILE (the item vectors the top-K is searched over)")
+    recipe, run = resolve(args)
+    paths = [None if p is None else Path(p) for p in (args.topk, args.queries, args.items)]
+    external.run(recipe, run, prepare.run(recipe, run), *paths)
+
+
+def cmd_teacher_export_cache(args) -> None:
+    run, out = Path(args.run), Path(args.out)
+    check_run_folder(run)
+    check_file_target(out, "--out")
+    external.export(run, load_split(run / "split"), out)
 
 
 @records_recipe

@@ -30,7 +30,7 @@ from safetensors.numpy import load_file, save_file
 
 from distill.artifacts import atomic_dir, escape_field, read_record, read_tsv, sha256_file
 from distill.config import DataConfig
-from distill.errors import ArtifactError, CorruptError, DataError
+from distill.errors import ArtifactError, CorruptError, DataError, StaleError
 from distill.histories import Histories
 from distill.sources import data_files, read_columns
 
@@ -166,6 +166,7 @@ class _Data:
     sequences: Histories
     cold_items: np.ndarray     # (C,) item ids made cold by data.cold_items
     cold_removed: int          # training interactions of those items removed
+    times: np.ndarray          # (n_interactions,) each interaction's timestamp, in `sequences.flat` order
     users_before: int
     hash: str
     inter: Path
@@ -281,7 +282,7 @@ def _assemble(cfg: DataConfig, u_codes, u_tokens, i_codes, i_tokens, ts, titles,
     title_list, text_list = [""] + title_list, [""] + text_list
     users = u_tokens[su[starts]].tolist()
     digest = _content_hash(cfg, users, items, title_list, text_list, seqs, st)
-    return _Data(users, items, title_list, text_list, seqs, cold, removed, users_before, digest, inter, item)
+    return _Data(users, items, title_list, text_list, seqs, cold, removed, st, users_before, digest, inter, item)
 
 
 def _read_data(cfg: DataConfig) -> _Data:
@@ -292,6 +293,15 @@ def _read_data(cfg: DataConfig) -> _Data:
 def split_hash(cfg: DataConfig) -> str:
     """The hash of the split `cfg` gives: of its content, not of the files' bytes or format."""
     return _read_data(cfg).hash
+
+
+def sequence_times(cfg: DataConfig, split: Split) -> np.ndarray:
+    """Each interaction's timestamp in `split.sequences.flat` order (the split keeps only the order), read again
+    from the data files `cfg` names; refused when they no longer give the split."""
+    d = _read_data(cfg)
+    if d.hash != split.hash:
+        raise StaleError(f"{d.inter}: gives split {d.hash}, the run's split is {split.hash}: the data changed")
+    return d.times
 
 
 def _finish(d: _Data, cfg: DataConfig) -> Split:

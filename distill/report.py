@@ -24,7 +24,7 @@ from distill.config import Recipe
 from distill.data import Split, load_split
 from distill.harness import BUCKET_NAMES
 from distill.plots import plot_report
-from distill.runs import CF_DISTILLED, MODELS, current_records, llara_inputs
+from distill.runs import CF_DISTILLED, EXTERNAL, MODELS, current_records, llara_inputs
 from distill.serving import measure_costs
 from distill.stats import levels, mean_ci, ndcg_per_user, nested_bootstrap
 
@@ -75,6 +75,7 @@ COMPARISONS = {  # key: (A, B), A minus B on per-user test NDCG@10
     "distilled_vs_teacher": ("student_distilled", "teacher"),
     "llm_vs_cf_teacher": ("student_distilled", CF_DISTILLED),
     "cf_teacher_vs_alone": (CF_DISTILLED, "student_alone"),
+    "distilled_vs_external_teacher": ("student_distilled", EXTERNAL),
 }
 
 

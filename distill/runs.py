@@ -10,6 +10,7 @@
     RUN/report/            teacher vs student                        anyo bench
     RUN/llara/             the LLaRA-style generative baseline       anyo baseline llara
     RUN/cf_teacher_cache/  the CF model alone as a teacher (w = 1)   the control, built by anyo run / bench
+    RUN/teacher_external/  an imported teacher's quality (its vectors)  anyo teacher import
     RUN/student_cf_distilled/  a student distilled from it           anyo distill --cf-teacher
     RUN/seeds/NAME-S/      the other seeds of a seeded model (`--seeds`)
     RUN/teachers/seed-T/   teacher/, teacher_cache/, student_distilled/, seeds/ of teacher seed T other than
@@ -43,14 +44,16 @@ from distill.errors import AnyoError, ArtifactError, ConfigError
 from distill.resume import clear_resume
 from student.model import load_student
 from teacher.cf_only import cf_cache_key
+from teacher.imported import imported_cache_key
 from teacher.infer import wrap_backend
 from teacher.checkpoint import load_teacher
 
 CF_CACHE = "cf_teacher_cache"        # the CF-only control: the CF model alone as a teacher
 CF_DISTILLED = "student_cf_distilled"
+EXTERNAL = "teacher_external"        # an imported teacher's quality, scored from its imported vectors
 TEACHERS = "teachers"                # RUN/teachers/seed-T: the teachers of seeds other than the recipe's
 STAGE_FOLDERS = ("split", "mostpop", "student_alone", "teacher", "teacher_cache", "student_distilled", "report",
-                 "seeds", "llara", CF_CACHE, CF_DISTILLED, TEACHERS)
+                 "seeds", "llara", CF_CACHE, CF_DISTILLED, TEACHERS, EXTERNAL)
 STAGE_MARKERS = ("manifest.json", "metrics.json", "teacher.json", "config.json", "report.json", "recipe.yaml")
 
 
@@ -160,6 +163,12 @@ def cf_control_recipe(recipe: Recipe) -> Recipe:
     return dataclasses.replace(recipe, distill=dataclasses.replace(recipe.distill, cold_init=False))
 
 
+def external_teacher_inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
+    """An imported teacher's metrics: scored from the query and item vectors of RUN/teacher_cache."""
+    return {"split_hash": split.hash, "eval": recipe.section_hash("eval"),
+            "cache_sha256": sha256_file(run / "teacher_cache" / "manifest.json")}
+
+
 def llara_inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
     return {"split_hash": split.hash, "recipe": recipe.section_hash("data", "teacher", "llara"),
             "seed": seed, "cf_sha256": sha256_file(run / "student_alone" / "model.safetensors")}
@@ -216,8 +225,21 @@ def cache_up_to_date(recipe: Recipe, run: Path, split: Split, teacher_seed: int 
     root = teacher_root(run, recipe, recipe.seed if teacher_seed is None else teacher_seed)
     if not (root / "teacher_cache" / "manifest.json").is_file():
         return None
+    if not (root / "teacher" / "teacher.json").is_file() and (key := imported_key(recipe, split, root)) is not None:
+        return current_manifest(root / "teacher_cache", key)
     teacher_hash = read_record(root / "teacher" / "teacher.json", "checkpoint_hash")["checkpoint_hash"]
     return current_manifest(root / "teacher_cache", cache_key(recipe, split, teacher_hash))
+
+
+def imported_key(recipe: Recipe, split: Split, root: Path) -> dict | None:
+    """The key an imported cache (`anyo teacher import`) in ROOT/teacher_cache must show, None for any other."""
+    try:
+        m = read_json(root / "teacher_cache" / "manifest.json")
+    except ArtifactError:
+        return None
+    if not isinstance(m, dict) or not isinstance(m.get("teacher"), dict) or m["teacher"].get("kind") != "external":
+        return None
+    return imported_cache_key(recipe, split, m.get("teacher_hash"), m.get("k"))
 
 
 def cf_cache_up_to_date(recipe: Recipe, run: Path, split: Split) -> dict | None:
@@ -232,7 +254,7 @@ def cf_cache_up_to_date(recipe: Recipe, run: Path, split: Split) -> dict | None:
 class ModelEntry:
     name: str                                       # folder name inside RUN (seeds: RUN/seeds/NAME-S)
     label: str                                      # how reports call it
-    load: Callable[[Path, Split, str], Retriever]   # (run folder, split, inference backend) -> retriever
+    load: Callable[[Path, Split, str], Retriever] | None  # (run, split, backend) -> retriever; None: nothing to run
     inputs: Callable[..., dict]                     # (recipe, run, split, seed, root) -> what its record must hold
     seeded: bool = False                            # trained once per seed with `--seeds`
     per_teacher: bool = False                       # one per teacher seed (`--teacher-seeds`), in its teacher root
@@ -272,6 +294,7 @@ MODELS = {e.name: e for e in (
                lambda recipe, run, split, seed, root: distill_inputs(cf_control_recipe(recipe), run, split, seed,
                                                                      run / CF_CACHE),
                seeded=True, cost=False),
+    ModelEntry(EXTERNAL, "external teacher (imported)", None, _at_run(external_teacher_inputs), cost=False),
 )}
 
 

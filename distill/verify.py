@@ -19,7 +19,7 @@ from distill.cache import TeacherCache
 from distill.config import load_recipe
 from distill.data import load_split
 from distill.errors import ConfigError, StaleError
-from distill.runs import (CF_CACHE, MODELS, cache_up_to_date, cf_cache_up_to_date, llara_inputs, model_folders,
+from distill.runs import (CF_CACHE, EXTERNAL, MODELS, cache_up_to_date, cf_cache_up_to_date, llara_inputs, model_folders,
                           report_inputs, teacher_roots)
 from student.model import load_student
 from teacher.checkpoint import check_teacher
@@ -58,7 +58,7 @@ def _model_rows(run: Path, recipe, split) -> list[Row]:
                 record = _record(folder, split)
                 if name == "teacher":
                     check_teacher(folder, run / "student_alone", split.hash)
-                elif name != "mostpop":
+                elif name not in ("mostpop", EXTERNAL):  # nothing to load: a baseline, imported vectors
                     load_student(folder, split.hash, split.n_items)
                 if record.get("inputs") != entry.inputs(recipe, run, split, record.get("seed", recipe.seed), root):
                     raise StaleError(f"{folder / 'metrics.json'}: built from other inputs than the run's recipe "

@@ -54,6 +54,15 @@ class TeacherOutputs:
     topk_scores: torch.Tensor  # (B, K) float, inner product / temperature (the teacher's logits)
 
 
+def search_outputs(index: ItemIndex, q: torch.Tensor, histories: Histories, k: int, mask_history: bool,
+                   temperature: float) -> TeacherOutputs:
+    """A teacher's outputs from its query vectors: the harness's top-k over the item index, the histories'
+    items masked, scores the inner products / temperature (every teacher's top-K: LLM, CF-only, imported)."""
+    exclude = Exclusions.from_histories(histories, index.n_rows) if mask_history else None
+    ids, scores = index.search(q.numpy(), k, exclude)
+    return TeacherOutputs(q, torch.from_numpy(ids), torch.from_numpy(scores) / temperature)
+
+
 class TeacherRetriever(SlotModel):
     def __init__(self, backbone: nn.Module, tokenizer, cf: SASRec, titles: list[str], cfg: TeacherConfig,
                  text_states: torch.Tensor | None = None):
@@ -167,10 +176,8 @@ class TeacherRetriever(SlotModel):
         """Query vectors and the top-k items over the whole catalogue (via the harness index)."""
         if self._index is None or self._index.kind != index:
             self._index = ItemIndex(self.item_vectors(), index)
-        q = self.query(histories).float().cpu()
-        exclude = Exclusions.from_histories(histories, len(self.item_table)) if mask_history else None
-        ids, scores = self._index.search(q.numpy(), k, exclude)
-        return TeacherOutputs(q, torch.from_numpy(ids), torch.from_numpy(scores) / self.cfg.temperature)
+        return search_outputs(self._index, self.query(histories).float().cpu(), histories, k, mask_history,
+                              self.cfg.temperature)
 
     def trained_parameter_count(self) -> int:
         """Parameters training changed: the heads and the LoRA weights (the backbone is frozen)."""

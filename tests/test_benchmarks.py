@@ -40,7 +40,7 @@ def run(tiny_run, tmp_path_factory):
 def test_every_script_is_covered():
     covered = {"make_synthetic.py", "harness_speed.py", "scale.py", "distill_ablation.py", "teacher_inference.py",
                "serve_load.py", "student_vs_recbole.py", "seed_claims.py", "recbole_sasrec.py", "text_decides.py",
-               "text_teacher.py"}
+               "text_teacher.py", "external_teacher.py"}
     assert set(SCRIPTS) == covered, "a new benchmark script needs its smoke test here"
 
 
@@ -117,3 +117,18 @@ def test_seed_claims(run, tmp_path):
                     reason="RecBole's own dependencies live in .venv-recbole (benchmarks/recbole_sasrec.py)")
 def test_recbole_sasrec(tmp_path):
     bench("recbole_sasrec.py", "--budget-min", 0.01, "--out", tmp_path / "curve.jsonl")
+
+
+def test_external_teacher(run, tmp_path):
+    """The frozen backbone over the item texts, written in the public layout, imports as a teacher cache."""
+    import shutil
+    bench("external_teacher.py", run, "--out", tmp_path / "vectors", "--last", 2, cwd=tmp_path)  # HOME: its cache
+    other = tmp_path / "run"
+    other.mkdir()
+    for stage in ("split", "student_alone"):
+        shutil.copytree(run / stage, other / stage)
+    shutil.copy(run / "recipe.yaml", other / "recipe.yaml")
+    assert main(["teacher", "import", str(other / "recipe.yaml"), "--out", str(other), "--queries",
+                 str(tmp_path / "vectors" / "queries.parquet"), "--items", str(tmp_path / "vectors" / "items.npy")]) == 0
+    record = json.loads((other / "teacher_external" / "metrics.json").read_text())
+    assert record["teacher"]["kind"] == "external" and 0 <= record["metrics"]["NDCG@10"] <= 1

@@ -64,6 +64,12 @@ def run(recipe: Recipe, run: Path, split: Split, seed: int, name: str = "student
     cache = TeacherCache(cache_dir, split.hash, split.n_items)
     if d.k > cache.k:
         raise ConfigError(f"distill.k: {d.k} is larger than the cache's K = {cache.k} ({cache.folder})")
+    if cache.dim == 0 and d.align_weight > 0:
+        raise ConfigError(f"distill.align_weight: the teacher in {cache.folder} has no query vectors (top-K lists "
+                          "imported alone); set it to 0 or import the query vectors too")
+    if cache.item_table.shape[1] == 0 and (d.ced_weight > 0 or d.cold_init):
+        raise ConfigError(f"distill.{'ced_weight' if d.ced_weight > 0 else 'cold_init'}: the teacher in "
+                          f"{cache.folder} has no item vectors; import them with --items, or turn it off")
     out = model_dir(cache_dir.parent, name, seed, recipe)
     wanted = distill_inputs(recipe, run, split, seed, cache_dir)
     if (record := finished_training(out, wanted)) is not None:
