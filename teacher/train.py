@@ -1,6 +1,8 @@
 """Contrastive training of the teacher as a `TrainingTask`: (history prefix -> next item) examples.
 
-Each epoch samples `examples_per_epoch` training positions across users. The LLM
+Each epoch samples `examples_per_epoch` training positions across users (teacher.examples pooled), or
+reads every training position once, as windows of max_history consecutive slots with an example at every
+slot (per_slot, `TeacherRetriever.slot_queries`). The LLM
 retriever trains alone; after each epoch its validation queries are blended with
 the CF retriever's at every weight in `teacher.cf_weights`, and the best blend's
 validation NDCG@10 drives early stopping. Test is scored once at the end.
@@ -18,7 +20,8 @@ from distill.config import Recipe
 from distill.data import Split
 from distill.harness import evaluate, evaluate_model, metrics_record
 from distill.losses import LossInputs, NegativeSampler, SoftmaxLoss
-from distill.positions import next_items, prefixes, training_positions
+from distill.histories import Histories
+from distill.positions import next_items, prefixes, training_positions, training_windows
 from distill.resources import decoder_step_bytes, optimizer_bytes, require_memory
 from distill.trainer import StepOutput, Trainer, TrainerConfig
 from student.model import SASRec
@@ -60,12 +63,16 @@ class TeacherTask:
         self.model, self.split, self.recipe, self.cfg = model, split, recipe, recipe.teacher
         self.loss = teacher_loss(recipe, split)
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.users, self.positions = training_positions(split)
-        self.n_examples = min(self.cfg.examples_per_epoch, len(self.users))
+        if self.cfg.examples == "per_slot":   # every training position once per epoch, max_history to a window
+            self.windows = training_windows(split.history("train"), self.cfg.max_history)
+            self.n_prompts = len(self.windows.users)                   # one prompt per window
+        else:
+            self.users, self.positions = training_positions(split)
+            self.n_prompts = min(self.cfg.examples_per_epoch, len(self.users))
         self.cf_valid = model.cf.encode(split.history("valid"))    # q_CF, blended with each epoch's q_LLM
         self.valid, self.cf_weight = None, 0.0                     # the last validation's best blend
         longest = model.prompts.longest()
-        batch = min(self.cfg.batch_size, self.n_examples)
+        batch = min(self.cfg.batch_size, self.n_prompts)
         require_memory(decoder_step_bytes(batch, longest, model.backbone.config, training=True)
                        + optimizer_bytes(model), f"a training step ({batch} prompts of up to {longest} tokens)",
                        "teacher.batch_size", model.device)
@@ -74,13 +81,32 @@ class TeacherTask:
         return list(self.trainable.values())
 
     def num_batches(self) -> int:
-        return -(-self.n_examples // self.cfg.batch_size)
+        return -(-self.n_prompts // self.cfg.batch_size)
 
     def batches(self, rng: np.random.Generator, gen: torch.Generator) -> list[np.ndarray]:
-        pick = rng.choice(len(self.users), size=self.n_examples, replace=False)
+        if self.cfg.examples == "per_slot":
+            pick = rng.permutation(self.n_prompts)
+        else:
+            pick = rng.choice(len(self.users), size=self.n_prompts, replace=False)
         return [pick[lo:lo + self.cfg.batch_size] for lo in range(0, len(pick), self.cfg.batch_size)]
 
     def step(self, rows: np.ndarray) -> StepOutput:
+        return self.slot_step(rows) if self.cfg.examples == "per_slot" else self.pooled_step(rows)
+
+    def slot_step(self, rows: np.ndarray) -> StepOutput:
+        """Windows `rows`: one causal pass each, an example at every slot (its next item)."""
+        w = self.windows
+        inputs, t = w.inputs[rows], w.positions[rows]
+        valid = t >= 0                                                            # left-padded windows
+        counts = valid.sum(1)
+        windows = Histories(inputs[valid], np.concatenate([[0], np.cumsum(counts)]))
+        states = self.model.cf_slot_states(self.split.sequences, np.repeat(w.users[rows], counts), t[valid])
+        q = self.model.slot_queries(windows, states)                              # (S, D) q_LLM
+        targets = torch.from_numpy(w.targets[rows][valid]).to(q.device)
+        loss = self.loss(LossInputs(q, targets, self.model.items()))
+        return StepOutput(loss, len(targets), int(self.model.prompts.lengths(windows).sum()))
+
+    def pooled_step(self, rows: np.ndarray) -> StepOutput:
         users, pos = self.users[rows], self.positions[rows]
         hist = prefixes(self.split, users, pos)
         q = self.model.query(hist, blend=False)                                  # (B, D) q_LLM
