@@ -162,7 +162,15 @@ class TeacherConfig(Section):
     examples_per_epoch: int = option("Training (prefix -> next item) examples sampled per epoch (examples: pooled; "
                                      "per_slot reads every training position each epoch).", 2000, min=1)
     epochs: int = option("Maximum number of epochs.", 2, min=1)
-    patience: int = option("Epochs without a better validation NDCG@10 before stopping.", 2, min=1)
+    minutes: typing.Optional[float] = option("Training budget in minutes (validation excluded): training stops at the "
+                                             "first optimiser step past it and validates that epoch, partial or "
+                                             "not; the learning-rate schedule still spans `epochs`. Unset = epochs "
+                                             "alone.", None, gt=0.0)
+    patience: int = option("Epochs in which neither the blend's nor the LLM alone's validation NDCG@10 improved "
+                           "before stopping.", 2, min=1)
+    select: str = option("Which validation NDCG@10 picks the epoch kept: `blend` (the best blend of q_LLM and q_CF "
+                         "over cf_weights) or `llm` (the LLM retriever alone, w = 0; the kept epoch's w is still "
+                         "its best blend on validation).", "blend", choices=("blend", "llm"))
     eval_batch_size: int = option("Prompts per forward pass at inference.", 32, min=1)
 
     def check(self):

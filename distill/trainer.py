@@ -9,9 +9,10 @@ owns everything around them. One epoch is
         (out.loss / grad_accum).backward()           # optimiser + scheduler step every grad_accum batches
     record = task.validate()                         # {task.metric: validation NDCG@10 or HR@1, ...}
 
-The best epoch's `task.snapshot()` is kept. With `resume=(out, inputs)` the whole
-state (current and best snapshots, optimiser, scheduler, RNGs, curve) is saved to
-OUT.resume/ after every epoch and a killed run continues from it bit for bit
+The best epoch's `task.snapshot()` is kept. With a time budget (`max_seconds`) training stops at the
+first optimiser step past it, and that (partial) epoch is validated and may be kept like any other.
+With `resume=(out, inputs)` the whole state (current and best snapshots, optimiser, scheduler, RNGs,
+curve) is saved to OUT.resume/ after every epoch and a killed run continues from it bit for bit
 (see distill.resume).
 """
 
@@ -63,6 +64,7 @@ class TrainerConfig:
     schedule: str = "constant"   # transformers scheduler name: constant, cosine, linear
     warmup_ratio: float = 0.0
     grad_accum: int = 1
+    max_seconds: float | None = None   # training-time budget (validation excluded); None = epochs alone
 
 
 @dataclass
@@ -119,7 +121,7 @@ class Trainer:
         p, best_state = self._load()
         self.events = Events(self.resume[0] if self.resume is not None else None, resumed=p.epoch > 0)
         for epoch in range(p.epoch + 1, self.cfg.epochs + 1):
-            if p.stale >= self.cfg.patience:
+            if p.stale >= self.cfg.patience or self._spent(p.train_seconds):
                 break
             loss = self._epoch(epoch, p)
             self.task.eval()
@@ -149,7 +151,8 @@ class Trainer:
         for i, batch in enumerate(bar, 1):
             out = self.task.step(batch)
             (out.loss / self.cfg.grad_accum).backward()
-            if i % self.cfg.grad_accum == 0 or i == len(batches):
+            stepped = i % self.cfg.grad_accum == 0 or i == len(batches)
+            if stepped:
                 self.opt.step()
                 self.sched.step()
                 self.opt.zero_grad(set_to_none=True)
@@ -159,8 +162,13 @@ class Trainer:
             p.examples += out.examples
             p.tokens += out.tokens
             bar.set_postfix(loss=f"{total / i:.4f}")
+            if stepped and self._spent(p.train_seconds + time.perf_counter() - t0):
+                break                     # the budget ends this epoch early; it is validated as usual
         p.train_seconds += time.perf_counter() - t0
-        return total / max(len(batches), 1)
+        return total / max(i, 1) if batches else 0.0
+
+    def _spent(self, seconds: float) -> bool:
+        return self.cfg.max_seconds is not None and seconds >= self.cfg.max_seconds
 
     # ---------------------------------------------------------------- resume
     def _save(self, p: _Progress, best_state: dict | None) -> None:

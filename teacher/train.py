@@ -2,10 +2,11 @@
 
 Each epoch samples `examples_per_epoch` training positions across users (teacher.examples pooled), or
 reads every training position once, as windows of max_history consecutive slots with an example at every
-slot (per_slot, `TeacherRetriever.slot_queries`). The LLM
-retriever trains alone; after each epoch its validation queries are blended with
-the CF retriever's at every weight in `teacher.cf_weights`, and the best blend's
-validation NDCG@10 drives early stopping. Test is scored once at the end.
+slot (per_slot, `TeacherRetriever.slot_queries`). The LLM retriever trains alone; after each epoch its
+validation queries are blended with the CF retriever's at every weight in `teacher.cf_weights`; the best
+blend's validation NDCG@10 (or the LLM alone's, teacher.select llm) picks the epoch kept, and training
+stops once neither has improved for `patience` epochs (or at the `minutes` budget). Test is scored once
+at the end.
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ def best_blend(split: Split, recipe: Recipe, q_llm: np.ndarray, q_cf: np.ndarray
 class TeacherTask:
     """The LLM retriever's sampled (prefix -> next item) examples under the contrastive loss."""
 
-    metric = "valid_NDCG@10"                                  # the best blend: picks the epoch kept
-    patience_metrics = (metric, "valid_NDCG@10_llm")          # training goes on while the LLM alone improves
+    patience_metrics = ("valid_NDCG@10", "valid_NDCG@10_llm")  # training goes on while either improves
 
     def __init__(self, model: TeacherRetriever, split: Split, recipe: Recipe):
         self.model, self.split, self.recipe, self.cfg = model, split, recipe, recipe.teacher
+        self.metric = {"blend": "valid_NDCG@10", "llm": "valid_NDCG@10_llm"}[self.cfg.select]  # picks the epoch
         self.loss = teacher_loss(recipe, split)
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if self.cfg.examples == "per_slot":   # every training position once per epoch, max_history to a window
@@ -125,7 +126,7 @@ class TeacherTask:
         items = self.model.item_vectors()
         llm = self.model.encode(self.split.history("valid"), desc="teacher valid queries", blend=False)
         ndcg, self.cf_weight, self.valid = best_blend(self.split, self.recipe, llm, self.cf_valid, items)
-        return {self.metric: ndcg, "cf_weight": self.cf_weight,
+        return {"valid_NDCG@10": ndcg, "cf_weight": self.cf_weight,
                 "valid_NDCG@10_llm": score_valid(self.split, self.recipe, llm, items)}
 
     def snapshot(self) -> dict[str, torch.Tensor]:
@@ -151,7 +152,8 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
     model = build_teacher(c, cf, split.titles, texts=split.texts)
     task = TeacherTask(model, split, recipe)
     cfg = TrainerConfig(epochs=c.epochs, patience=c.patience, lr=c.lr, weight_decay=c.weight_decay,
-                        schedule="cosine", warmup_ratio=c.warmup_ratio, grad_accum=c.grad_accum)
+                        schedule="cosine", warmup_ratio=c.warmup_ratio, grad_accum=c.grad_accum,
+                        max_seconds=None if c.minutes is None else 60 * c.minutes)
     result = Trainer(task, cfg, seed, "teacher", resume=(out, inputs)).fit()
     task.restore(result.best_state)
     with torch.no_grad():

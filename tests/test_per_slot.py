@@ -88,7 +88,8 @@ def test_per_token_gates_vary_along_the_prompt(tiny_recipe, split, cf):
 def test_per_slot_training_reads_every_training_position_and_its_cache_reproduces_validation(
         tmp_path, toy_data, tiny_llama, split):
     """`anyo teacher train` with teacher.examples=per_slot through the one trainer, then `anyo teacher infer`:
-    every epoch reads each training position once, and the cache (which must reproduce the teacher's recorded
+    every epoch reads each training position once, the epoch kept is the LLM alone's best (teacher.select llm),
+    and the cache (which must reproduce the teacher's recorded
     validation NDCG@10 to be completed) scores what training validated."""
     import json
 
@@ -98,11 +99,14 @@ def test_per_slot_training_reads_every_training_position_and_its_cache_reproduce
 
     run = tmp_path / "run"
     args = ["--out", str(run)] + sets(tiny_recipe_overrides(toy_data, tiny_llama) + [
-        "teacher.examples=per_slot", "teacher.use_titles=true", "teacher.max_title_tokens=2"])
+        "teacher.examples=per_slot", "teacher.use_titles=true", "teacher.max_title_tokens=2", "teacher.epochs=3",
+        "teacher.patience=3", "teacher.select=llm"])
     assert main(["student", "train", RECIPE] + args) == 0
     assert main(["teacher", "train", RECIPE] + args) == 0
     record = json.loads((run / "teacher" / "metrics.json").read_text())
     positions = len(training_positions(split)[0])
-    assert [e["examples"] for e in record["curve"]] == [positions * (i + 1) for i in range(len(record["curve"]))]
+    assert [e["examples"] for e in record["curve"]] == [positions * (i + 1) for i in range(3)]
+    llm = [e["valid_NDCG@10_llm"] for e in record["curve"]]
+    assert record["best_epoch"] == int(np.argmax(llm)) + 1                     # teacher.select llm keeps it
     assert main(["teacher", "infer", RECIPE, "--backend", "hf"] + args) == 0
     assert (run / "teacher_cache" / "manifest.json").is_file()
