@@ -10,8 +10,14 @@ text states (teacher/item_text.py); q_CF is 0 on the text part, q_LLM is 0 on th
 
 The CF model is the student-alone SASRec (frozen): its item embeddings feed the
 [HistoryEmb] slots and initialise the item table, its sequence representation
-drives the MoE-LoRA gate and is the CF query q_CF. The LLM retriever trains alone
-(w = 0); the blend weight w is chosen on validation afterwards (teacher.train).
+drives the MoE-LoRA gate and is the CF query q_CF.
+
+With teacher.examples per_slot the prompt has no query text and h_last is the state at the last
+[HistoryEmb] slot; the gate is set per token, from the CF model's user vector of the history up to the
+latest slot at or before that token (zero before the first slot), so one causal pass over a window
+(`slot_queries`, training) gives at every slot exactly the query `query` gives for the window cut there.
+
+The LLM retriever trains alone (w = 0); the blend weight w is chosen on validation afterwards (teacher.train).
 Training the LLM as a correction on top of q_CF instead fails: on its own training
 positions the CF model is already fitted, so the correction learns noise.
 """
@@ -194,7 +200,10 @@ class TeacherRetriever(SlotModel):
         decoder = tokens * (2 * sum(p.numel() for p in layers) + 4 * tokens * c.hidden_size * c.num_hidden_layers)
         heads = 2 * sum(p.numel() for m in (self.out_projector, self.text_query) if m is not None
                         for p in m.parameters())
-        return decoder + self.cf.flops_per_user(histories) + heads
+        cf = self.cf.flops_per_user(histories)
+        if self.cfg.examples == "per_slot":                # + the CF state of every slot's prefix (the gate)
+            cf = cf * (1 + np.minimum(histories.lengths, self.cfg.max_history))
+        return decoder + cf + heads
 
     # ------------------------------------------------------------ retrieval
     def invalidate_index(self) -> None:
