@@ -148,11 +148,29 @@ class TeacherConfig(Section):
     lr: float = option("Peak AdamW learning rate (warmup then cosine decay).", 1e-3, gt=0.0)
     weight_decay: float = option("AdamW weight decay.", 0.0, min=0.0)
     warmup_ratio: float = option("Fraction of steps spent warming up.", 0.05, min=0.0, lt=1.0)
-    batch_size: int = option("Examples per forward pass.", 16, min=1)
+    batch_size: int = option("Prompts per forward pass (examples: per_slot: windows, each up to max_history "
+                             "examples).", 16, min=1)
     grad_accum: int = option("Forward passes per optimiser step.", 1, min=1)
-    examples_per_epoch: int = option("Training (prefix -> next item) examples sampled per epoch.", 2000, min=1)
+    examples: str = option("How training reads the data: `pooled` (one prompt per sampled (prefix -> next item) example, "
+                           "pooled at the last query_text token, the MoE-LoRA gate set once per prompt from the CF "
+                           "model's user vector) or `per_slot` (SASRec-style: one causal pass over a window of up to "
+                           "max_history consecutive [HistoryEmb] slots after the instruction gives a next-item example "
+                           "at every slot, every training position once per epoch; no query_text, a query is the state "
+                           "at its last slot, and the gate is set per token from the CF model's state at the latest "
+                           "slot at or before it, so no token sees a later item; inference scores the same way).",
+                           "pooled", choices=("pooled", "per_slot"))
+    examples_per_epoch: int = option("Training (prefix -> next item) examples sampled per epoch (examples: pooled; "
+                                     "per_slot reads every training position each epoch).", 2000, min=1)
     epochs: int = option("Maximum number of epochs.", 2, min=1)
-    patience: int = option("Epochs without a better validation NDCG@10 before stopping.", 2, min=1)
+    minutes: typing.Optional[float] = option("Training budget in minutes (validation excluded): training stops at the "
+                                             "first optimiser step past it and validates that epoch, partial or "
+                                             "not; the learning-rate schedule still spans `epochs`. Unset = epochs "
+                                             "alone.", None, gt=0.0)
+    patience: int = option("Epochs in which neither the blend's nor the LLM alone's validation NDCG@10 improved "
+                           "before stopping.", 2, min=1)
+    select: str = option("Which validation NDCG@10 picks the epoch kept: `blend` (the best blend of q_LLM and q_CF "
+                         "over cf_weights) or `llm` (the LLM retriever alone, w = 0; the kept epoch's w is still "
+                         "its best blend on validation).", "blend", choices=("blend", "llm"))
     eval_batch_size: int = option("Prompts per forward pass at inference.", 32, min=1)
 
     def check(self):

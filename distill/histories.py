@@ -7,6 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def within(counts: np.ndarray) -> np.ndarray:
+    """0, 1, ..., c-1 for each count c, concatenated."""
+    return np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 @dataclass
 class Histories:
     """Variable-length item lists in CSR form: row u is flat[offsets[u]:offsets[u+1]]."""
@@ -58,7 +63,17 @@ class Histories:
         lens = self.lengths
         take = np.minimum(lens, max_len)
         rows = np.repeat(np.arange(n), take)
-        within = np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take)
-        src = np.repeat(self.offsets[1:] - take, take) + within
-        out[rows, max_len - np.repeat(take, take) + within] = self.flat[src]
+        j = within(take)
+        src = np.repeat(self.offsets[1:] - take, take) + j
+        out[rows, max_len - np.repeat(take, take) + j] = self.flat[src]
         return out
+
+    def padded_prefixes(self, rows: np.ndarray, lengths: np.ndarray, max_len: int) -> np.ndarray:
+        """Left-padded (S, max_len) matrix of the last `max_len` items of each prefix row(rows[s])[:lengths[s]]
+        (the same rows as `padded` gives for those prefixes, without building them)."""
+        rows, lengths = np.asarray(rows, np.int64), np.asarray(lengths, np.int64)
+        start = self.offsets[rows]
+        end = start + lengths                                            # (S,) exclusive
+        idx = end[:, None] - max_len + np.arange(max_len)[None]           # (S, max_len)
+        keep = idx >= start[:, None]
+        return np.where(keep, self.flat[np.clip(idx, 0, max(len(self.flat) - 1, 0))] if len(self.flat) else 0, 0)

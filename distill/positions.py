@@ -14,18 +14,13 @@ import numpy as np
 
 from distill.data import Split
 
-from distill.histories import Histories
-
-
-def _within(counts: np.ndarray) -> np.ndarray:
-    """0, 1, ..., c-1 for each count c, concatenated."""
-    return np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+from distill.histories import Histories, within
 
 
 def training_positions(split: Split) -> tuple[np.ndarray, np.ndarray]:
     """(users, t) of every training example: 1 <= t < len(train_u)."""
     pairs = np.maximum(split.history("train").lengths - 1, 0)
-    return np.repeat(np.arange(split.n_users), pairs), _within(pairs) + 1
+    return np.repeat(np.arange(split.n_users), pairs), within(pairs) + 1
 
 
 def scored_positions(split: Split, last: int) -> tuple[np.ndarray, np.ndarray]:
@@ -35,7 +30,7 @@ def scored_positions(split: Split, last: int) -> tuple[np.ndarray, np.ndarray]:
     n_train = np.clip(train_len - 1, 0, last)                  # t in [max(1, L_tr - P), L_tr - 1]
     per_user = n_train + 2
     users = np.repeat(np.arange(split.n_users), per_user)
-    t = np.repeat(train_len - n_train, per_user) + _within(per_user)  # the last two: L-2 (valid), L-1 (test)
+    t = np.repeat(train_len - n_train, per_user) + within(per_user)  # the last two: L-2 (valid), L-1 (test)
     return users, t
 
 
@@ -44,7 +39,7 @@ def prefixes(split: Split, users: np.ndarray, positions: np.ndarray) -> Historie
     seq = split.sequences
     positions = np.asarray(positions, np.int64)
     offsets = np.concatenate([[0], np.cumsum(positions)]).astype(np.int64)
-    src = np.repeat(seq.offsets[np.asarray(users)], positions) + _within(positions)
+    src = np.repeat(seq.offsets[np.asarray(users)], positions) + within(positions)
     return Histories(seq.flat[src], offsets)
 
 
@@ -68,7 +63,7 @@ def training_windows(train: Histories, max_len: int) -> Windows:
     chunks = -(-pairs // max_len)                            # ceil
     first_window = np.concatenate([[0], np.cumsum(chunks)])[:-1]
     user = np.repeat(np.arange(len(train)), pairs)           # one entry per pair
-    i = _within(pairs)
+    i = within(pairs)
     from_end = pairs[user] - 1 - i
     window = first_window[user] + from_end // max_len
     slot = max_len - 1 - from_end % max_len

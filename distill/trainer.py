@@ -12,11 +12,12 @@ owns everything around them. One epoch is
 On N ranks (`distill.distributed.World`, set by torchrun or deepspeed) every rank draws the same
 epoch of batch specs; of each optimiser step's grad_accum x N batches rank r takes every N-th from r,
 and gradients are summed over the ranks before the step, so N ranks take the optimiser steps of one
-rank with grad_accum x N. Rank 0 validates and writes; the others receive its record.
+rank with grad_accum x N. Rank 0 validates, keeps time and writes; the others receive its decisions.
 
-The best epoch's `task.snapshot()` is kept. With `resume=(out, inputs)` the whole
-state (current and best snapshots, optimiser, scheduler, RNGs, curve) is saved to
-OUT.resume/ after every epoch and a killed run continues from it bit for bit
+The best epoch's `task.snapshot()` is kept. With a time budget (`max_seconds`) training stops at the
+first optimiser step past it, and that (partial) epoch is validated and may be kept like any other.
+With `resume=(out, inputs)` the whole state (current and best snapshots, optimiser, scheduler, RNGs,
+curve) is saved to OUT.resume/ after every epoch and a killed run continues from it bit for bit
 (see distill.resume).
 """
 
@@ -69,6 +70,7 @@ class TrainerConfig:
     schedule: str = "constant"   # transformers scheduler name: constant, cosine, linear
     warmup_ratio: float = 0.0
     grad_accum: int = 1
+    max_seconds: float | None = None   # training-time budget (validation excluded); None = epochs alone
 
 
 @dataclass
@@ -127,7 +129,7 @@ class Trainer:
         self.events = Events(self.resume[0] if self.resume is not None and self.world.main else None,
                              resumed=p.epoch > 0)
         for epoch in range(p.epoch + 1, self.cfg.epochs + 1):
-            if p.stale >= self.cfg.patience:
+            if p.stale >= self.cfg.patience or self._spent(p.train_seconds):
                 break
             loss = self._epoch(epoch, p)
             self.task.eval()
@@ -171,12 +173,18 @@ class Trainer:
                 self.events.step(p.steps, out.loss.item(), self.sched.get_last_lr()[0])
             bar.update(min(self.group, len(batches) - lo))
             bar.set_postfix(loss=f"{total / max(done, 1):.4f}")
+            if self.cfg.max_seconds is not None and self.world.from_main(
+                    self._spent(p.train_seconds + time.perf_counter() - t0)):
+                break                     # the budget ends this epoch early; it is validated as usual
         bar.close()
         total, done, examples, tokens = self.world.sum([total, done, examples, tokens])
         p.examples += int(examples)
         p.tokens += int(tokens)
-        p.train_seconds += time.perf_counter() - t0
+        p.train_seconds = self.world.from_main(p.train_seconds + time.perf_counter() - t0)  # rank 0's clock
         return total / max(done, 1)
+
+    def _spent(self, seconds: float) -> bool:
+        return self.cfg.max_seconds is not None and seconds >= self.cfg.max_seconds
 
     # ---------------------------------------------------------------- resume
     def _save(self, p: _Progress, best_state: dict | None) -> None:

@@ -10,8 +10,14 @@ text states (teacher/item_text.py); q_CF is 0 on the text part, q_LLM is 0 on th
 
 The CF model is the student-alone SASRec (frozen): its item embeddings feed the
 [HistoryEmb] slots and initialise the item table, its sequence representation
-drives the MoE-LoRA gate and is the CF query q_CF. The LLM retriever trains alone
-(w = 0); the blend weight w is chosen on validation afterwards (teacher.train).
+drives the MoE-LoRA gate and is the CF query q_CF.
+
+With teacher.examples per_slot the prompt has no query text and h_last is the state at the last
+[HistoryEmb] slot; the gate is set per token, from the CF model's user vector of the history up to the
+latest slot at or before that token (zero before the first slot), so one causal pass over a window
+(`slot_queries`, training) gives at every slot exactly the query `query` gives for the window cut there.
+
+The LLM retriever trains alone (w = 0); the blend weight w is chosen on validation afterwards (teacher.train).
 Training the LLM as a correction on top of q_CF instead fails: on its own training
 positions the CF model is already fitted, so the correction learns noise.
 """
@@ -28,7 +34,7 @@ import torch.nn.functional as F
 
 from distill.config import TeacherConfig
 from distill.errors import ConfigError
-from distill.histories import Histories
+from distill.histories import Histories, within
 from distill.search import Exclusions, ItemIndex
 from student.model import SASRec
 from teacher.backbone import load_backbone
@@ -107,30 +113,69 @@ class TeacherRetriever(SlotModel):
     def item_parts(self) -> dict[str, list[int]]:
         return item_parts(self.cfg.item_side, self.item_table.shape[1])
 
-    def forward(self, batch: PromptBatch, cf_histories: torch.Tensor, blend: bool = True) -> torch.Tensor:
-        """Prompts + (B, max_len) CF histories -> (B, D) query vectors (q_LLM alone with blend=False)."""
-        batch = PromptBatch(*(t.to(self.device) for t in (batch.input_ids, batch.attention_mask,
-                                                          batch.history_items, batch.last_index)))
-        cf_histories = cf_histories.to(self.device)
+    def decode(self, batch: PromptBatch, gate_repr: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) last hidden states of the prompts, the MoE-LoRA gate set from `gate_repr`: (B, D) CF
+        representations, one per prompt, or (B, T, D), one per token (teacher.examples: per_slot)."""
         x = self.input_embeddings(batch)
         position_ids = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)   # padding-side independent
-        with torch.no_grad():
-            cf_repr = self.cf.encode_users(cf_histories)                         # (B, D)
-        with self.gated(cf_repr):
-            h = self.backbone(inputs_embeds=x, attention_mask=batch.attention_mask,
-                              position_ids=position_ids).last_hidden_state          # (B, T, H)
-        pooled = h[torch.arange(len(h)), batch.last_index]                       # (B, H)
-        q = self.out_projector(pooled.float())                                    # (B, D) or (B, 2D)
+        with self.gated(gate_repr):
+            return self.backbone(inputs_embeds=x, attention_mask=batch.attention_mask,
+                                 position_ids=position_ids).last_hidden_state
+
+    def head(self, pooled: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """(S, H) pooled states and (S,) the item of each one's last slot -> (S, D) q_LLM (or (S, 2D))."""
+        q = self.out_projector(pooled.float())
         if self.text_query is not None:                                           # + the last item's text
-            q = q + self.text_query(self.text_states[last_items(batch.history_items)])
+            q = q + self.text_query(self.text_states[items])
         if self.cfg.item_side == "text":
-            q = F.pad(q, (q.shape[-1], 0))                                        # (B, 2D): 0 on the CF part
-        return blend_queries(q, cf_repr, self.cf_weight) if blend else q
+            q = F.pad(q, (q.shape[-1], 0))                                        # (S, 2D): 0 on the CF part
+        return q
+
+    def cf_slot_states(self, histories: Histories, rows: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+        """(S, D) the frozen CF model's user vector of each prefix histories.row(rows[s])[:lengths[s]]."""
+        cf_in = histories.padded_prefixes(rows, lengths, self.cf.cfg.max_len)
+        with torch.no_grad():
+            return self.cf.encode_users(torch.from_numpy(cf_in).to(self.device))
+
+    @staticmethod
+    def token_states(history_items: torch.Tensor, slot_states: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) the per-token gate input: at every token the CF state of the latest [HistoryEmb] slot at or
+        before it (`slot_states` (S, D): the batch's slots in row-major order); zeros before a row's first slot,
+        so no token's gate reads an item that comes after it."""
+        is_slot = history_items > 0
+        latest = is_slot.cumsum(1) - 1                                            # (B, T) slot index in the row
+        first = is_slot.sum(1).cumsum(0) - is_slot.sum(1)                        # (B,) the row's first slot
+        table = torch.cat([slot_states.new_zeros(1, slot_states.shape[1]), slot_states])
+        return table[torch.where(latest >= 0, first[:, None] + latest + 1, 0)]
+
+    def slot_queries(self, windows: Histories, slot_states: torch.Tensor) -> torch.Tensor:
+        """teacher.examples per_slot: one causal pass over each window's prompt (instruction, then one
+        [HistoryEmb] slot per item) -> (S, D) q_LLM at every slot, row-major; `slot_states` (S, D) are the CF
+        model's states at those slots (`cf_slot_states`). The query at a slot is what `query` gives for the
+        window cut after that slot."""
+        batch = self.prompts(windows, "right").to(self.device)
+        h = self.decode(batch, self.token_states(batch.history_items, slot_states))
+        is_slot = batch.history_items > 0
+        return self.head(h[is_slot], batch.history_items[is_slot])
 
     def query(self, histories: Histories, padding_side: str = "left", blend: bool = True) -> torch.Tensor:
-        """Histories (item ids, oldest first) -> (B, D) query vectors, differentiable."""
-        cf_hist = torch.from_numpy(histories.padded(self.cf.cfg.max_len))
-        return self(self.prompts(histories, padding_side), cf_hist, blend)
+        """Histories (item ids, oldest first) -> (B, D) query vectors, differentiable (q_LLM alone with
+        blend=False). Pooled at the last query_text token with one gate per prompt, or (per_slot) at the last
+        slot with the gate per token, from the CF states of every prefix the prompt's slots end."""
+        batch = self.prompts(histories, padding_side).to(self.device)
+        with torch.no_grad():
+            cf_repr = self.cf.encode_users(torch.from_numpy(histories.padded(self.cf.cfg.max_len)).to(self.device))
+        gate_repr = cf_repr
+        if self.cfg.examples == "per_slot":
+            lengths = histories.lengths
+            n = np.minimum(lengths, self.cfg.max_history)                         # slots in each prompt
+            rows = np.repeat(np.arange(len(histories)), n)
+            gate_repr = self.token_states(batch.history_items,
+                                          self.cf_slot_states(histories, rows, np.repeat(lengths - n, n) + within(n) + 1))
+        h = self.decode(batch, gate_repr)
+        last = torch.arange(len(h), device=h.device)
+        q = self.head(h[last, batch.last_index], last_items(batch.history_items))
+        return blend_queries(q, cf_repr, self.cf_weight) if blend else q
 
     # ------------------------------------------------ the retriever protocol (distill.runs)
     @torch.inference_mode()
@@ -164,7 +209,10 @@ class TeacherRetriever(SlotModel):
         decoder = tokens * (2 * sum(p.numel() for p in layers) + 4 * tokens * c.hidden_size * c.num_hidden_layers)
         heads = 2 * sum(p.numel() for m in (self.out_projector, self.text_query) if m is not None
                         for p in m.parameters())
-        return decoder + self.cf.flops_per_user(histories) + heads
+        cf = self.cf.flops_per_user(histories)
+        if self.cfg.examples == "per_slot":                # + the CF state of every slot's prefix (the gate)
+            cf = cf * (1 + np.minimum(histories.lengths, self.cfg.max_history))
+        return decoder + cf + heads
 
     # ------------------------------------------------------------ retrieval
     def invalidate_index(self) -> None:

@@ -7,7 +7,9 @@ slices by the current sequence's gate, so each adapted layer computes
     delta(x) = scaling * sum_e g_e * B_e A_e x
 
 with one gate vector g (softmax over E) per sequence, shared by all adapted
-layers in that forward pass. With E = 1 the gate is 1 and this is plain LoRA.
+layers in that forward pass, or one per token (the teacher's per-slot training,
+where a sequence-wide gate would let early slots see later items). With E = 1
+the gate is 1 and this is plain LoRA.
 """
 
 from __future__ import annotations
@@ -37,16 +39,19 @@ class ExpertGate(nn.Module):
                               "adapted module)")
 
     def gates(self, cf_repr: torch.Tensor) -> torch.Tensor:
-        """(B, cf_dim) -> (B, E) expert weights."""
+        """(B, cf_dim) -> (B, E) expert weights; (B, T, cf_dim) -> (B, T, E), one gate per token."""
         return torch.softmax(self.net(cf_repr), dim=-1)
 
     def set(self, gates: torch.Tensor | None) -> None:
-        """Gate vector of each sequence of the next forward pass (None = hooks inactive)."""
+        """Gate vector of each sequence (B, E) or of each token (B, T, E) of the next forward pass (None = hooks
+        inactive)."""
         self._current = gates
 
     def _scale(self, module, inputs, output):
         g = self._current
         if g is None:
             return output
-        scale = g.repeat_interleave(self.slice, dim=-1).to(output.dtype)   # (B, r)
+        scale = g.repeat_interleave(self.slice, dim=-1).to(output.dtype)   # (B, r) or (B, T, r)
+        if scale.dim() == 3:                                                # per token: output is (B, T, r)
+            return output * scale
         return output * scale.view(scale.shape[0], *([1] * (output.dim() - 2)), scale.shape[1])

@@ -1,4 +1,5 @@
-"""The hybrid prompt: instruction, `title [HistoryEmb]` per history item, query text.
+"""The hybrid prompt: instruction, `title [HistoryEmb]` per history item, query text (none with
+teacher.examples per_slot, which pools at the last [HistoryEmb] slot).
 
 Each piece is tokenized once (per item for titles), so building a batch is only
 concatenation. The [HistoryEmb] positions carry the item id; the model replaces
@@ -36,6 +37,10 @@ class PromptBatch:
     history_items: torch.Tensor   # (B, T) item id at [HistoryEmb] positions, 0 elsewhere
     last_index: torch.Tensor      # (B,) position of the pooled (final query) token
 
+    def to(self, device) -> "PromptBatch":
+        return PromptBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.history_items,
+                                                    self.last_index)))
+
 
 class PromptBuilder:
     def __init__(self, tokenizer, titles: list[str], cfg: TeacherConfig):
@@ -45,8 +50,10 @@ class PromptBuilder:
         encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         self.prefix = np.asarray(bos + encode(cfg.instruction), dtype=np.int64)
-        self.suffix = np.asarray(encode(cfg.query_text), dtype=np.int64)
-        if len(self.suffix) == 0:
+        # per_slot pools at the slots themselves, so that one causal pass gives the query of every prefix
+        per_slot = cfg.examples == "per_slot"
+        self.suffix = np.asarray([] if per_slot else encode(cfg.query_text), dtype=np.int64)
+        if len(self.suffix) == 0 and not per_slot:
             raise ConfigError(f"teacher.query_text: {cfg.query_text!r} gives no tokens with this tokenizer "
                               "(its last token is pooled)")
         titles = [(" " + t) if (cfg.use_titles and t) else "" for t in titles]

@@ -1,9 +1,12 @@
 """Contrastive training of the teacher as a `TrainingTask`: (history prefix -> next item) examples.
 
-Each epoch samples `examples_per_epoch` training positions across users. The LLM
-retriever trains alone; after each epoch its validation queries are blended with
-the CF retriever's at every weight in `teacher.cf_weights`, and the best blend's
-validation NDCG@10 drives early stopping. Test is scored once at the end.
+Each epoch samples `examples_per_epoch` training positions across users (teacher.examples pooled), or
+reads every training position once, as windows of max_history consecutive slots with an example at every
+slot (per_slot, `TeacherRetriever.slot_queries`). The LLM retriever trains alone; after each epoch its
+validation queries are blended with the CF retriever's at every weight in `teacher.cf_weights`; the best
+blend's validation NDCG@10 (or the LLM alone's, teacher.select llm) picks the epoch kept, and training
+stops once neither has improved for `patience` epochs (or at the `minutes` budget). Test is scored once
+at the end.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from distill.data import Split
 from distill.distributed import world
 from distill.harness import evaluate, evaluate_model, metrics_record
 from distill.losses import LossInputs, NegativeSampler, SoftmaxLoss
-from distill.positions import next_items, prefixes, training_positions
+from distill.histories import Histories
+from distill.positions import next_items, prefixes, training_positions, training_windows
 from distill.resources import decoder_step_bytes, optimizer_bytes, require_memory
 from distill.trainer import StepOutput, Trainer, TrainerConfig
 from student.model import SASRec
@@ -55,19 +59,23 @@ def best_blend(split: Split, recipe: Recipe, q_llm: np.ndarray, q_cf: np.ndarray
 class TeacherTask:
     """The LLM retriever's sampled (prefix -> next item) examples under the contrastive loss."""
 
-    metric = "valid_NDCG@10"                                  # the best blend: picks the epoch kept
-    patience_metrics = (metric, "valid_NDCG@10_llm")          # training goes on while the LLM alone improves
+    patience_metrics = ("valid_NDCG@10", "valid_NDCG@10_llm")  # training goes on while either improves
 
     def __init__(self, model: TeacherRetriever, split: Split, recipe: Recipe):
         self.model, self.split, self.recipe, self.cfg = model, split, recipe, recipe.teacher
+        self.metric = {"blend": "valid_NDCG@10", "llm": "valid_NDCG@10_llm"}[self.cfg.select]  # picks the epoch
         self.loss = teacher_loss(recipe, split)
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.users, self.positions = training_positions(split)
-        self.n_examples = min(self.cfg.examples_per_epoch, len(self.users))
+        if self.cfg.examples == "per_slot":   # every training position once per epoch, max_history to a window
+            self.windows = training_windows(split.history("train"), self.cfg.max_history)
+            self.n_prompts = len(self.windows.users)                   # one prompt per window
+        else:
+            self.users, self.positions = training_positions(split)
+            self.n_prompts = min(self.cfg.examples_per_epoch, len(self.users))
         self.cf_valid = model.cf.encode(split.history("valid"))    # q_CF, blended with each epoch's q_LLM
         self.valid, self.cf_weight = None, 0.0                     # the last validation's best blend
         longest = model.prompts.longest()
-        batch = min(self.cfg.batch_size, self.n_examples)
+        batch = min(self.cfg.batch_size, self.n_prompts)
         require_memory(decoder_step_bytes(batch, longest, model.backbone.config, training=True)
                        + optimizer_bytes(model), f"a training step ({batch} prompts of up to {longest} tokens)",
                        "teacher.batch_size", model.device)
@@ -76,13 +84,32 @@ class TeacherTask:
         return list(self.trainable.values())
 
     def num_batches(self) -> int:
-        return -(-self.n_examples // self.cfg.batch_size)
+        return -(-self.n_prompts // self.cfg.batch_size)
 
     def batches(self, rng: np.random.Generator, gen: torch.Generator) -> list[np.ndarray]:
-        pick = rng.choice(len(self.users), size=self.n_examples, replace=False)
+        if self.cfg.examples == "per_slot":
+            pick = rng.permutation(self.n_prompts)
+        else:
+            pick = rng.choice(len(self.users), size=self.n_prompts, replace=False)
         return [pick[lo:lo + self.cfg.batch_size] for lo in range(0, len(pick), self.cfg.batch_size)]
 
     def step(self, rows: np.ndarray) -> StepOutput:
+        return self.slot_step(rows) if self.cfg.examples == "per_slot" else self.pooled_step(rows)
+
+    def slot_step(self, rows: np.ndarray) -> StepOutput:
+        """Windows `rows`: one causal pass each, an example at every slot (its next item)."""
+        w = self.windows
+        inputs, t = w.inputs[rows], w.positions[rows]
+        valid = t >= 0                                                            # left-padded windows
+        counts = valid.sum(1)
+        windows = Histories(inputs[valid], np.concatenate([[0], np.cumsum(counts)]))
+        states = self.model.cf_slot_states(self.split.sequences, np.repeat(w.users[rows], counts), t[valid])
+        q = self.model.slot_queries(windows, states)                              # (S, D) q_LLM
+        targets = torch.from_numpy(w.targets[rows][valid]).to(q.device)
+        loss = self.loss(LossInputs(q, targets, self.model.items()))
+        return StepOutput(loss, len(targets), int(self.model.prompts.lengths(windows).sum()))
+
+    def pooled_step(self, rows: np.ndarray) -> StepOutput:
         users, pos = self.users[rows], self.positions[rows]
         hist = prefixes(self.split, users, pos)
         q = self.model.query(hist, blend=False)                                  # (B, D) q_LLM
@@ -101,7 +128,7 @@ class TeacherTask:
         items = self.model.item_vectors()
         llm = self.model.encode(self.split.history("valid"), desc="teacher valid queries", blend=False)
         ndcg, self.cf_weight, self.valid = best_blend(self.split, self.recipe, llm, self.cf_valid, items)
-        return {self.metric: ndcg, "cf_weight": self.cf_weight,
+        return {"valid_NDCG@10": ndcg, "cf_weight": self.cf_weight,
                 "valid_NDCG@10_llm": score_valid(self.split, self.recipe, llm, items)}
 
     def snapshot(self) -> dict[str, torch.Tensor]:
@@ -129,7 +156,8 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
     model = build_teacher(c, cf, split.titles, texts=split.texts)
     task = TeacherTask(model, split, recipe)
     cfg = TrainerConfig(epochs=c.epochs, patience=c.patience, lr=c.lr, weight_decay=c.weight_decay,
-                        schedule="cosine", warmup_ratio=c.warmup_ratio, grad_accum=c.grad_accum)
+                        schedule="cosine", warmup_ratio=c.warmup_ratio, grad_accum=c.grad_accum,
+                        max_seconds=None if c.minutes is None else 60 * c.minutes)
     result = Trainer(task, cfg, seed, "teacher", resume=(out, inputs), world=ranks).fit()
     peak_rss = ranks.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)   # bytes, per rank
     if not ranks.main:

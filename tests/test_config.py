@@ -30,6 +30,9 @@ def test_every_shipped_recipe_loads(path):
     ("bench.teacher_backends=[vllm]", "bench.teacher_backends"),
     ("teacher.cf_weights=[0.5, 1.5]", "teacher.cf_weights: must be a non-empty list of numbers in \\[0, 1\\]"),
     ("teacher.cf_weights=[]", "teacher.cf_weights"),
+    ("teacher.examples=stacked", "teacher.examples: must be pooled or per_slot"),
+    ("teacher.minutes=0", "teacher.minutes: must be > 0"),
+    ("teacher.select=best", "teacher.select: must be blend or llm"),
 ])
 def test_bad_recipes_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):

@@ -97,3 +97,13 @@ def test_a_killed_fit_resumes_to_the_same_result(tmp_path):
     assert [c["train_loss"] for c in resumed.curve] == [c["train_loss"] for c in clean.curve]
     for k in clean.best_state:
         assert torch.equal(resumed.best_state[k], clean.best_state[k])
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_a_spent_time_budget_ends_training_at_the_first_optimiser_step_and_validates_it(grad_accum):
+    task = ScriptedTask([0.1, 0.2, 0.3])
+    cfg = TrainerConfig(epochs=3, patience=3, lr=0.1, grad_accum=grad_accum, max_seconds=1e-12)
+    result = Trainer(task, cfg, seed=0, desc="t").fit()
+    assert [e["epoch"] for e in result.curve] == [1]          # no second epoch once the budget is spent
+    assert result.examples == 8 * grad_accum                   # one optimiser step's batches, not the epoch's 32
+    assert result.best_epoch == 1 and task.epoch == 1          # the partial epoch was validated and kept
