@@ -59,13 +59,14 @@ def rank_scores(n: int, k: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- reading the public layout
 
-def read_file(path: Path):
-    """The file as a pyarrow Table (through distill.sources, i.e. `datasets`)."""
+def read_file(path: Path, key: str):
+    """The file as a pyarrow Table read by distill.sources (ids as the file's exact strings); `key` is the
+    column every row must hold as a string or number (a JSONL line without it is named)."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     if path.suffix.lower() not in FORMATS:
         raise DataError(f"{path}: expected a .parquet, .csv or .jsonl file")
-    return _read_table(path, FORMATS[path.suffix.lower()])
+    return _read_table(path, FORMATS[path.suffix.lower()], {key: key})
 
 
 def _lists(table, path: Path, name: str, what: str, numeric: bool):
@@ -157,9 +158,18 @@ def read_keys(table, path: Path, split: Split, times) -> tuple[np.ndarray, np.nd
         t = positions_at(users, _times(table.column("timestamp"), path, "timestamp"), split, times(), path)
     else:
         col = _column(table, path, "position", "position (or timestamp)")
-        if not pa.types.is_integer(col.type):
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):   # CSV and JSONL cells are text
+            text = np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
+            ok = np.array([v is not None and v.strip().lstrip("-").isdigit() for v in text], bool)
+            if not ok.all():
+                r = int(np.argmin(ok))
+                raise DataError(f"{path}: row {r}, column `position`: {text[r]!r} is not the prefix length "
+                                f"(an integer)")
+            t = np.array([int(v) for v in text], np.int64)
+        elif pa.types.is_integer(col.type):
+            t = np.asarray(col.to_numpy(), np.int64)
+        else:
             raise DataError(f"{path}: column `position` holds {col.type}, expected the prefix length (an integer)")
-        t = np.asarray(col.to_numpy(), np.int64)
     bad = np.flatnonzero((t < 1) | (t > lengths - 1))
     if len(bad):
         r = bad[0]
@@ -203,7 +213,7 @@ def _check_ids(ids: np.ndarray, scores: np.ndarray | None, path, rows: np.ndarra
 
 def read_topk(path: Path, split: Split, times) -> Outputs:
     """The top-K file: keys, item lists, optional scores and query vectors."""
-    table = read_file(path)
+    table = read_file(path, "user")
     users, t = read_keys(table, path, split, times)
     flat, lengths = _lists(table, path, "items", "items", numeric=False)
     k = _same_length(lengths, path, "items")
@@ -223,7 +233,7 @@ def read_topk(path: Path, split: Split, times) -> Outputs:
 
 
 def read_queries(path: Path, split: Split, times) -> Outputs:
-    table = read_file(path)
+    table = read_file(path, "user")
     users, t = read_keys(table, path, split, times)
     values, lengths = _lists(table, path, "query", "query", numeric=True)
     return Outputs(users, t, None, None, values.reshape(-1, _same_length(lengths, path, "query")))
@@ -246,7 +256,7 @@ def read_item_vectors(path: Path, split: Split) -> np.ndarray:
         except Exception as e:  # noqa: BLE001 - numpy and safetensors raise several types for a bad file
             raise DataError(f"{path}: not a readable {suffix[1:]} array ({' '.join(str(e).split())[:120]})") from None
         return check_vectors(str(path), x, split.n_items + 1)
-    table = read_file(path)
+    table = read_file(path, "item")
     known = {s: i for i, s in enumerate(split.items)}
     ids = _map_tokens(_column(table, path, "item", "item"), path, "item", known, "item")
     values, lengths = _lists(table, path, "vector", "vector", numeric=True)

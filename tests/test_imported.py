@@ -171,7 +171,10 @@ def test_malformed_files_are_refused_with_file_row_and_column(source_run, tmp_pa
     capsys.readouterr()
     assert main(["teacher", "import", RECIPE, "--out", str(b), "--topk", str(path)] + sets(overrides)) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith(f"anyo: error: {path}: row {row}, column `{column}`"), err
+    want = f"anyo: error: {path}: row {row}, column `{column}`"
+    if fmt == "jsonl" and case.startswith("NaN"):     # NaN is not JSON: the reader refuses the line itself
+        want = f"anyo: error: {path}:{row + 1}: not valid JSON"
+    assert err.count("\n") == 0 and err.startswith(want), err
     assert not (b / "teacher_cache").exists() and not (b / "teacher_cache.partial").exists()
 
 
