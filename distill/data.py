@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from distill.artifacts import atomic_dir, read_record, sha256_file
+from distill.artifacts import atomic_dir, check_record, folder_files, read_record, write_record
 from distill.config import DataConfig
 from distill.errors import ArtifactError, CorruptError, DataError
 from distill.histories import Histories
@@ -326,8 +326,7 @@ def save_split(split: Split, folder: str | Path) -> None:
         (tmp / "items.tsv").write_text("item_id\titem_token\ttitle\ttext\n" + "".join(
             f"{i}\t{_clean(t)}\t{_clean(split.titles[i])}\t{_clean(split.texts[i])}\n"
             for i, t in enumerate(split.items) if i > 0))
-        manifest = dict(split.manifest, split_sha256=sha256_file(tmp / "split.safetensors"))
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_record(tmp / "manifest.json", split.manifest, files=folder_files(tmp))
 
 
 def _read_tsv_column(path: Path, col: int, expected_rows: int) -> list[str]:
@@ -342,13 +341,9 @@ def _read_tsv_column(path: Path, col: int, expected_rows: int) -> list[str]:
 
 def load_split(folder: str | Path) -> Split:
     folder = Path(folder)
-    manifest = read_record(folder / "manifest.json", "hash", "split_sha256", "n_users", "n_items")
-    tensors_path = folder / "split.safetensors"
-    if not tensors_path.is_file():
-        raise ArtifactError(f"{tensors_path}: not found")
-    if sha256_file(tensors_path) != manifest.get("split_sha256"):
-        raise CorruptError(f"{tensors_path}: content does not match manifest.json (corrupt or edited)")
-    t = load_file(str(tensors_path))
+    read_record(folder / "manifest.json", "hash", "n_users", "n_items", "files")
+    manifest = check_record(folder / "manifest.json")  # it seals split.safetensors, users.tsv and items.tsv
+    t = load_file(str(folder / "split.safetensors"))
     seqs = Histories(t["sequence_items"], t["sequence_offsets"])
     n, n_items = manifest["n_users"], manifest["n_items"]
     users = _read_tsv_column(folder / "users.tsv", 1, n)

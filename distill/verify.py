@@ -6,6 +6,9 @@ unless every artifact is ok.
 - corrupt: its files do not match its own record, or cannot be read at all;
 - incomplete: a stage that was interrupted (a resume folder, a cache still being written).
 Every check catches everything: a malformed file is reported, never a traceback.
+
+`verify_run` is the one check of a run: `anyo verify` prints its rows, `anyo export` refuses a run with a row
+that is not ok (`check_run`). What seals each artifact: docs/run-layout.md.
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.artifacts import check_record
+from distill.artifacts import check_record, folder_files
 from distill.cache import TeacherCache
 from distill.config import load_recipe
 from distill.data import load_split
-from distill.errors import ConfigError, StaleError
+from distill.errors import ArtifactError, ConfigError, CorruptError, StaleError
 from distill.runs import (CF_CACHE, MODELS, cache_up_to_date, cf_cache_up_to_date, llara_inputs, model_folders,
-                          report_inputs, teacher_roots)
+                          report_inputs, symlink_message, symlinks, teacher_roots)
 from student.model import load_student
 from teacher.checkpoint import check_teacher
 
@@ -37,8 +40,13 @@ def _check(name: str, fn) -> Row:
 
 
 def _record(folder: Path, split) -> dict:
-    """metrics.json and test_ranks.npy of a stage, checked against the split."""
+    """metrics.json, every file it seals (each file of the stage) and test_ranks.npy, checked against the split."""
     record = check_record(folder / "metrics.json")
+    unsealed = [p for p in folder_files(folder, "metrics.json", "tb")
+                if p.relative_to(folder).as_posix() not in record["files"]]
+    if unsealed:
+        raise CorruptError(f"{unsealed[0]}: not sealed by {folder / 'metrics.json'} (added by hand, or the stage "
+                           f"was written by an older anyo: rerun it)")
     if not isinstance(record.get("metrics"), dict) or "NDCG@10" not in record["metrics"]:
         raise ValueError(f"{folder / 'metrics.json'}: not a metrics record (no metrics.NDCG@10)")
     ranks = np.load(folder / "test_ranks.npy", allow_pickle=False)
@@ -133,7 +141,27 @@ def verify_run(run: Path) -> list[Row]:
     for broken in [p for r in roots for pattern in ("*.resume.broken-*", "seeds/*.resume.broken-*")
                    for p in sorted(run.glob(r + pattern))]:
         rows.append((str(broken.relative_to(run)), "corrupt", "an unreadable resume state a rerun set aside: delete it"))
-    return rows
+    return _symlink_rows(run, rows)
+
+
+def _symlink_rows(run: Path, rows: list[Row]) -> list[Row]:
+    """A row whose artifact holds a symbolic link is corrupt, whatever the link points to; a link outside every
+    artifact gets its own row."""
+    links, named = symlinks(run), []
+    for i, (name, _, _) in enumerate(rows):
+        where = run / ("recipe.yaml" if name == "recipe" else name)
+        if inside := [link for link in links if link == where or where in link.parents]:
+            rows[i] = (name, "corrupt", symlink_message(inside[0]))
+            named += inside
+    return rows + [(str(link.relative_to(run)), "corrupt", symlink_message(link)) for link in links
+                   if link not in named]
+
+
+def check_run(run: Path) -> None:
+    """An ArtifactError naming the first artifact of `run` that `anyo verify` would not call ok."""
+    for name, state, why in verify_run(run):
+        if state != "ok":
+            raise ArtifactError(f"{run}: `anyo verify` calls {name} {state}: {why}")
 
 
 def cmd_verify(args) -> int:
