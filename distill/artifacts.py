@@ -118,6 +118,19 @@ def check_record(path: str | Path) -> dict:
     return record
 
 
+def check_sealed_folder(path: str | Path) -> dict:
+    """check_record, and no file of the record's folder is left out of its seal (TensorBoard logs in tb/ aside):
+    a stage folder is whole as written, never a sealed record beside a file put there by hand or an older anyo."""
+    path = Path(path)
+    record = check_record(path)
+    unsealed = [p for p in folder_files(path.parent, path.name, "tb")
+                if p.relative_to(path.parent).as_posix() not in record["files"]]
+    if unsealed:
+        raise CorruptError(f"{unsealed[0]}: not sealed by {path} (added by hand, or the stage was written by an "
+                           f"older anyo: rerun it)")
+    return record
+
+
 def check_finite(path: str | Path, tensors: dict | None = None) -> None:
     """CorruptError naming the first floating-point tensor of the safetensors file `path` (or of `tensors`, read
     from it) that holds NaN or inf: a model that trained into NaN is not a model, whatever its seal says."""

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from distill.artifacts import atomic_dir, check_record, folder_files, read_record, write_record
+from distill.artifacts import atomic_dir, check_sealed_folder, folder_files, read_record, write_record
 from distill.config import DataConfig
 from distill.errors import ArtifactError, CorruptError, DataError
 from distill.histories import Histories
@@ -342,7 +342,7 @@ def _read_tsv_column(path: Path, col: int, expected_rows: int) -> list[str]:
 def load_split(folder: str | Path) -> Split:
     folder = Path(folder)
     read_record(folder / "manifest.json", "hash", "n_users", "n_items", "files")
-    manifest = check_record(folder / "manifest.json")  # it seals split.safetensors, users.tsv and items.tsv
+    manifest = check_sealed_folder(folder / "manifest.json")  # it seals split.safetensors, users.tsv, items.tsv
     t = load_file(str(folder / "split.safetensors"))
     seqs = Histories(t["sequence_items"], t["sequence_offsets"])
     n, n_items = manifest["n_users"], manifest["n_items"]

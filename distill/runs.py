@@ -34,7 +34,7 @@ import re
 
 import numpy as np
 
-from distill.artifacts import check_record, json_digest, read_json, read_record, sha256_file
+from distill.artifacts import check_record, check_sealed_folder, json_digest, read_json, read_record, sha256_file
 from distill.baselines import MostPop
 from distill.cache import cache_key
 from distill.config import Recipe
@@ -233,11 +233,12 @@ def report_inputs(recipe: Recipe, run: Path) -> dict:
 # ---------------------------------------------------------------- up to date
 
 def up_to_date(path: Path, inputs: dict) -> dict | None:
-    """The record at `path` if it is intact (check_record) and was built from exactly `inputs`; a record
-    that cannot be read, was edited or lists a truncated file is not up to date: the stage is rebuilt."""
+    """The record at `path` if it and its folder are intact (check_sealed_folder) and it was built from exactly
+    `inputs`; a record that cannot be read, was edited, lists a truncated file or leaves a file of its folder out
+    is not up to date: the stage is rebuilt."""
     if path.is_file():
         try:
-            record = check_record(path)
+            record = check_sealed_folder(path)
         except ArtifactError:
             return None
         if record.get("inputs") == inputs:
@@ -353,7 +354,7 @@ def current_records(run: Path, recipe: Recipe, split: Split, name: str) -> tuple
     for folder, teacher, root in model_folders(run, recipe, name):
         if not (folder / "metrics.json").is_file():
             continue
-        record = check_record(folder / "metrics.json")  # an edited record is an error, never a result
+        record = check_sealed_folder(folder / "metrics.json")  # an edited record is an error, never a result
         try:
             ok = record.get("inputs") == entry.inputs(recipe, run, split, record.get("seed", recipe.seed), root)
         except (AnyoError, OSError):  # an upstream artifact is missing

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.artifacts import check_record, folder_files
+from distill.artifacts import check_sealed_folder
 from distill.cache import TeacherCache
 from distill.config import load_recipe
 from distill.data import load_split
-from distill.errors import ArtifactError, ConfigError, CorruptError, StaleError
+from distill.errors import ArtifactError, ConfigError, StaleError
 from distill.runs import (CF_CACHE, MODELS, cache_up_to_date, cf_cache_up_to_date, llara_inputs, model_folders,
                           report_inputs, symlink_message, symlinks, teacher_roots)
 from student.model import load_student
@@ -40,13 +40,8 @@ def _check(name: str, fn) -> Row:
 
 
 def _record(folder: Path, split) -> dict:
-    """metrics.json, every file it seals (each file of the stage) and test_ranks.npy, checked against the split."""
-    record = check_record(folder / "metrics.json")
-    unsealed = [p for p in folder_files(folder, "metrics.json", "tb")
-                if p.relative_to(folder).as_posix() not in record["files"]]
-    if unsealed:
-        raise CorruptError(f"{unsealed[0]}: not sealed by {folder / 'metrics.json'} (added by hand, or the stage "
-                           f"was written by an older anyo: rerun it)")
+    """metrics.json, the files it seals (every file of the stage) and test_ranks.npy, checked against the split."""
+    record = check_sealed_folder(folder / "metrics.json")
     if not isinstance(record.get("metrics"), dict) or "NDCG@10" not in record["metrics"]:
         raise ValueError(f"{folder / 'metrics.json'}: not a metrics record (no metrics.NDCG@10)")
     ranks = np.load(folder / "test_ranks.npy", allow_pickle=False)
@@ -79,7 +74,7 @@ def _model_rows(run: Path, recipe, split) -> list[Row]:
 def _generative_row(run: Path, recipe, split) -> Row:
     """RUN/llara: its sealed record, built from this run's split, CF model and recipe sections."""
     def check():
-        record = check_record(run / "llara" / "metrics.json")
+        record = check_sealed_folder(run / "llara" / "metrics.json")
         if record.get("inputs") != llara_inputs(recipe, run, split, record.get("seed", recipe.seed)):
             raise StaleError("llara/metrics.json: built from other inputs than the run's recipe and CF model")
         return f"test HR@1 {record['candidates']['HR@1']:.4f} (20 candidates)"
@@ -103,7 +98,7 @@ def _cache_rows(run: Path, recipe, split) -> list[Row]:
 
 def _report_row(run: Path, recipe) -> Row:
     def check():
-        report = check_record(run / "report" / "report.json")
+        report = check_sealed_folder(run / "report" / "report.json")
         if "models" not in report:
             raise ValueError("report/report.json: not a report")
         if report.get("inputs") != report_inputs(recipe, run):
