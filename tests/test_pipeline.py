@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import RECIPE, sets
-from distill.artifacts import write_record
+from distill.artifacts import folder_files, write_record
 from distill.cache import TeacherCache, memmap_tensors
 from distill.cli import main
 from distill.config import load_recipe
@@ -266,7 +266,7 @@ def test_report_and_verify_leave_out_seeds_built_from_another_recipe(tiny_run, t
     shutil.copytree(run / "student_alone", foreign)
     record = json.loads((foreign / "metrics.json").read_text())
     record["seed"], record["inputs"]["seed"], record["inputs"]["recipe"] = 7, 7, "another-recipe"
-    write_record(foreign / "metrics.json", record, files=[foreign / "test_ranks.npy"])  # as if trained so
+    write_record(foreign / "metrics.json", record, files=folder_files(foreign, "metrics.json", "tb"))  # as if trained so
     assert main(["bench", str(run), "--no-cost"]) == 0
     r = json.loads((run / "report" / "report.json").read_text())
     assert r["models"]["student_alone"]["seeds"] == 1 and r["stale"] == ["seeds/student_alone-7"]
