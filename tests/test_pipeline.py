@@ -208,9 +208,13 @@ def test_verify_reports_ok_then_corrupt_and_stale(tiny_run, tmp_path, capsys):
     shutil.copytree(run, copy)
     shard = sorted((copy / "teacher_cache").glob("shard-*"))[0]
     shard.write_bytes(shard.read_bytes()[:-4])
-    meta = json.loads((copy / "student_alone" / "config.json").read_text())
+    alone = copy / "student_alone"
+    meta = json.loads((alone / "config.json").read_text())
     meta["split_hash"] = "0000"
-    (copy / "student_alone" / "config.json").write_text(json.dumps(meta))
+    (alone / "config.json").write_text(json.dumps(meta))
+    # sealed as a stage trained on another split would be (an edited file alone is corrupt: test_destructive)
+    write_record(alone / "metrics.json", json.loads((alone / "metrics.json").read_text()),
+                 files=folder_files(alone, "metrics.json", "tb"))
     capsys.readouterr()
     assert main(["verify", str(copy)]) == 1
     lines = {l.split()[0]: l for l in capsys.readouterr().out.splitlines()}
