@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.torch import load_file
 
 from distill.errors import ArtifactError, CorruptError
 
@@ -104,12 +106,19 @@ def read_record(path: str | Path, *keys: str) -> dict:
 RECORD_DIGEST = "record_sha256"
 
 
+def folder_files(folder: Path, *leave_out: str) -> list[Path]:
+    """Every file under `folder` (its subfolders too), sorted, less the top-level names in `leave_out`: what a
+    stage's record seals."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.relative_to(folder).parts[0] not in leave_out)
+
+
 def write_record(path: str | Path, record: dict, files=()) -> dict:
-    """Write a stage's JSON record sealed with its own sha256 and the sha256 of `files` (beside it), so an
-    edited record or a truncated file is found (check_record) instead of read as a result."""
+    """Write a stage's JSON record sealed with its own sha256 and the sha256 of `files` (in its folder, named by
+    their path from there), so an edited record or a swapped, edited or truncated file is found (check_record)
+    instead of read as a result."""
     path = Path(path)
     sealed = {k: v for k, v in record.items() if k != RECORD_DIGEST}
-    sealed["files"] = {Path(f).name: sha256_file(f) for f in files}
+    sealed["files"] = {Path(f).relative_to(path.parent).as_posix(): sha256_file(f) for f in files}
     sealed[RECORD_DIGEST] = json_digest(sealed)
     write_json(path, sealed)
     return sealed
@@ -131,6 +140,27 @@ def check_record(path: str | Path) -> dict:
         if sha256_file(f) != digest:
             raise CorruptError(f"{f}: sha256 does not match {path.name} (truncated or edited)")
     return record
+
+
+def check_sealed_folder(path: str | Path) -> dict:
+    """check_record, and no file of the record's folder is left out of its seal (TensorBoard logs in tb/ aside):
+    a stage folder is whole as written, never a sealed record beside a file put there by hand or an older anyo."""
+    path = Path(path)
+    record = check_record(path)
+    unsealed = [p for p in folder_files(path.parent, path.name, "tb")
+                if p.relative_to(path.parent).as_posix() not in record["files"]]
+    if unsealed:
+        raise CorruptError(f"{unsealed[0]}: not sealed by {path} (added by hand, or the stage was written by an "
+                           f"older anyo: rerun it)")
+    return record
+
+
+def check_finite(path: str | Path, tensors: dict | None = None) -> None:
+    """CorruptError naming the first floating-point tensor of the safetensors file `path` (or of `tensors`, read
+    from it) that holds NaN or inf: a model that trained into NaN is not a model, whatever its seal says."""
+    for name, tensor in sorted((load_file(str(path)) if tensors is None else tensors).items()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CorruptError(f"{path}: tensor {name} holds NaN or inf")
 
 
 def _fsync(path: Path) -> None:

@@ -11,20 +11,21 @@ import functools
 import json
 from pathlib import Path
 
-
 from distill import export, exported, verify
-from distill.artifacts import atomic_file, load_array, write_json
+from distill.artifacts import atomic_file, load_array, write_record
 from distill.config import Recipe, load_recipe
 from distill.data import load_split
 from distill.distributed import world
 from distill.errors import ConfigError
 from distill.harness import evaluate
-from distill.runs import (CF_CACHE, CF_DISTILLED, STAGE_FOLDERS, STAGE_MARKERS, check_file_target, check_folder_target,
-                          check_run_folder, cf_control_recipe, current_records, teacher_root)
+from distill.runs import (CF_CACHE, CF_DISTILLED, STAGE_FOLDERS, STAGE_MARKERS, check_apart_from_inputs,
+                          check_file_target, check_folder_target, check_no_symlinks, check_run_folder,
+                          cf_control_recipe, current_records, teacher_root)
 from distill.stages import cf_control, common, external
 from distill.stages import distill as distill_stage
 from distill.stages import infer, llara, mostpop, pipeline, prepare, report, student, teacher
 
+EVALUATE = "anyo evaluate"   # the `command` its sealed output records: only such a file is ever replaced
 FLAG_KEYS = {"backend": "distill.backend", "positions": "distill.positions", "k": "distill.k"}
 
 
@@ -40,6 +41,9 @@ def resolve(args, record: bool = True) -> tuple[Recipe, Path]:
     stage_files = [m for m in STAGE_MARKERS if m != "recipe.yaml" and (run / m).is_file()]
     if stage_files:
         raise ConfigError(f"--out {run}: is a stage folder (holds {stage_files[0]}), expected the run folder")
+    check_apart_from_inputs(run, {"data.path": recipe.data.path, "data.items": recipe.data.items,
+                                  "teacher.model": recipe.teacher.model})
+    check_no_symlinks(run)
     if record:
         args.recipe_to_record = (run, recipe)
     return recipe, run
@@ -157,6 +161,7 @@ def cmd_bench(args) -> None:
                          ["bench.measure_cost=false"] if args.no_cost else [])
     out = Path(args.out) if args.out else run / "report"
     check_folder_target(out, run, "--out", keep="report.json")
+    check_no_symlinks(run)
     build_cf_control(recipe, run)
     report.run(recipe, run, out)
 
@@ -172,13 +177,14 @@ def build_cf_control(recipe: Recipe, run: Path) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    check_file_target(Path(args.out), "--out")
+    check_file_target(Path(args.out), "--out", {"--user-vectors": args.user_vectors,
+                                                "--item-vectors": args.item_vectors}, EVALUATE)
     split = load_split(args.split)
     vectors = [load_array(path) for path in (args.user_vectors, args.item_vectors)]
     res = evaluate(split, vectors[0], vectors[1], args.stage, mask_history=not args.no_mask_history,
                    protocol=args.protocol, index=args.index, names=(args.user_vectors, args.item_vectors))
-    write_json(args.out, {"metrics": res.metrics, "by_popularity": res.by_popularity, "cold": res.cold,
-                          **res.options})
+    write_record(args.out, {"command": EVALUATE, "metrics": res.metrics, "by_popularity": res.by_popularity,
+                            "cold": res.cold, **res.options})
     print(json.dumps(res.metrics, indent=1))
     if res.cold["users"]:
         print(f"cold targets (never in training): {res.cold['users']} users, HR@10 {res.cold['HR@10']:.4f}, "

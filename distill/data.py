@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from distill.artifacts import atomic_dir, escape_field, read_record, read_tsv, sha256_file
+from distill.artifacts import atomic_dir, check_sealed_folder, escape_field, folder_files, read_record, read_tsv, write_record
 from distill.config import DataConfig
 from distill.errors import ArtifactError, CorruptError, DataError, StaleError
 from distill.histories import Histories
@@ -343,8 +343,7 @@ def save_split(split: Split, folder: str | Path) -> None:
         (tmp / "items.tsv").write_text("item_id\titem_token\ttitle\ttext\n" + "".join(
             f"{i}\t{escape_field(t)}\t{escape_field(split.titles[i])}\t{escape_field(split.texts[i])}\n"
             for i, t in enumerate(split.items) if i > 0))
-        manifest = dict(split.manifest, split_sha256=sha256_file(tmp / "split.safetensors"))
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_record(tmp / "manifest.json", split.manifest, files=folder_files(tmp))
 
 
 def _split_tensors(path: Path, n_users: int, n_items: int) -> dict[str, np.ndarray]:
@@ -377,12 +376,9 @@ def _field(row: list[str], col: int) -> str:
 
 def load_split(folder: str | Path) -> Split:
     folder = Path(folder)
-    manifest = read_record(folder / "manifest.json", "hash", "split_sha256", "n_users", "n_items")
+    read_record(folder / "manifest.json", "hash", "n_users", "n_items", "files")
+    manifest = check_sealed_folder(folder / "manifest.json")  # it seals split.safetensors, users.tsv, items.tsv
     tensors_path = folder / "split.safetensors"
-    if not tensors_path.is_file():
-        raise ArtifactError(f"{tensors_path}: not found")
-    if sha256_file(tensors_path) != manifest.get("split_sha256"):
-        raise CorruptError(f"{tensors_path}: content does not match manifest.json (corrupt or edited)")
     n, n_items = manifest["n_users"], manifest["n_items"]
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (n, n_items)):
         raise CorruptError(f"{folder / 'manifest.json'}: n_users {n!r} / n_items {n_items!r} are not counts")

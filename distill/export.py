@@ -10,42 +10,47 @@
     DIR/README.md           the model card
     DIR/manifest.json       format, model, split hash, catalogue size, sha256 of every file above
 
-`distill.exported.load_export` checks every listed hash before it reads anything and refuses a missing or
-edited file with an ArtifactError naming it (the CLI prints it on one line and exits 2).
+The export is written only from a run `anyo verify` calls ok (`distill.verify.check_run`); the manifest seals
+itself (`manifest_sha256`). `distill.exported.load_export` checks it and every listed hash before it reads
+anything and refuses a missing or edited file with an ArtifactError naming it (the CLI prints it on one line and
+exits 2).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from distill.artifacts import atomic_dir, read_json, sha256_file
+from distill.artifacts import atomic_dir, json_digest, read_json, sha256_file
 from distill.data import load_split
 from distill.errors import AnyoError, ArtifactError
-from distill.exported import EXPORT_FORMAT, EXPORT_KIND, FILES
+from distill.exported import EXPORT_FORMAT, EXPORT_KIND, FILES, MANIFEST_DIGEST, verify_export
 from distill.runs import MODELS
+from distill.verify import check_run
 from student.model import load_student
 
 EXPORTABLE = [name for name, entry in MODELS.items() if entry.exportable]
 
 
 def _is_previous_export(folder: Path) -> bool:
-    """True when `folder` holds exactly an export's files (so replacing it deletes nothing else)."""
+    """True when `folder` holds exactly an intact export's files (so replacing it deletes nothing else): a
+    hand-made manifest.json does not make a folder an export."""
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict) or manifest.get("kind") != EXPORT_KIND:
+        manifest = verify_export(folder)
+    except AnyoError:
         return False
     names = {p.name for p in folder.iterdir()}
-    return names <= set(manifest.get("files", {})) | {"manifest.json"}
+    return names <= set(manifest["files"]) | {"manifest.json"}
 
 
 def check_out(run: Path, out: Path) -> None:
+    if out.is_symlink():
+        raise AnyoError(f"--out {out}: is a symbolic link (to {os.readlink(out)}); export to a real folder")
     r, o = run.resolve(), out.resolve()
     if o == r or r in o.parents:
         raise AnyoError(f"--out {out}: inside the run folder {run}; export to a folder outside the run")
@@ -118,6 +123,7 @@ def export(run: str | Path, out: str | Path, model_name: str = "student_distille
     src = run / model_name
     if not (src / "model.safetensors").is_file():
         raise ArtifactError(f"{src / 'model.safetensors'}: not found (train {model_name} first)")
+    check_run(run)  # only what `anyo verify` calls ok is published
     split = load_split(run / "split")
     model, meta = load_student(src, split.hash, split.n_items)
     metrics = read_json(src / "metrics.json")
@@ -148,6 +154,7 @@ def export(run: str | Path, out: str | Path, model_name: str = "student_distille
                     "split_hash": split.hash, "n_items": split.n_items, "dim": int(items.shape[1]),
                     "source": {"run": str(run.resolve()), "seed": meta.get("seed")},
                     "files": {name: sha256_file(tmp / name) for name in FILES}}
+        manifest[MANIFEST_DIGEST] = json_digest(manifest)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from distill.artifacts import escape_field, read_json, read_tsv, sha256_file
+from distill.artifacts import escape_field, json_digest, read_record, read_tsv, sha256_file
 from distill.histories import Histories
 from distill.errors import AnyoError, ArtifactError
 from distill.search import ItemIndex
@@ -24,6 +24,7 @@ from student.model import load_student
 EXPORT_FORMAT = 1
 EXPORT_KIND = "anyo-export"
 FILES = ("model.safetensors", "config.json", "items.tsv", "items.faiss", "metrics.json", "README.md")
+MANIFEST_DIGEST = "manifest_sha256"   # the manifest's own seal, over every other key
 
 
 class UnknownItems(AnyoError):
@@ -84,9 +85,12 @@ def verify_export(folder: Path) -> dict:
     """The manifest, once every listed file is present with its hash and nothing else is there."""
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: export folder not found")
-    manifest = read_json(folder / "manifest.json")
+    manifest = read_record(folder / "manifest.json")
     if manifest.get("kind") != EXPORT_KIND or manifest.get("format") != EXPORT_FORMAT:
         raise ArtifactError(f"{folder / 'manifest.json'}: not an anyo export of format {EXPORT_FORMAT}")
+    if json_digest({k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}) != manifest.get(MANIFEST_DIGEST):
+        raise ArtifactError(f"{folder / 'manifest.json'}: does not match its own sha256 (edited, or exported by an "
+                            f"older anyo: export again)")
     files = manifest.get("files", {})
     for name in FILES:
         if name not in files:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.artifacts import atomic_dir, read_json, write_record
+from distill.artifacts import atomic_dir, folder_files, read_json, write_record
 from distill.config import Recipe
 from distill.data import Split, load_split
 from distill.harness import BUCKET_NAMES
@@ -128,8 +128,8 @@ def write_report(run: Path, recipe: Recipe, out: Path, inputs: dict) -> dict:
               "missing": q["missing"], "stale": q["stale"], "inputs": inputs}
     with atomic_dir(out) as tmp:
         (tmp / "report.md").write_text(markdown(report))
-        report = write_record(tmp / "report.json", report, files=[tmp / "report.md"])
         plot_report(report, tmp)
+        report = write_record(tmp / "report.json", report, files=folder_files(tmp))  # report.md and the figures
     print(markdown(report))
     return report
 

@@ -26,6 +26,7 @@ holds (folder name -> label, loader, inputs), looked up by name, never by displa
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -34,7 +35,7 @@ import re
 
 import numpy as np
 
-from distill.artifacts import check_record, json_digest, read_json, read_record, sha256_file
+from distill.artifacts import check_record, check_sealed_folder, json_digest, read_json, read_record, sha256_file
 from distill.baselines import MostPop
 from distill.cache import cache_key
 from distill.config import Recipe
@@ -96,17 +97,73 @@ def _holds_artifacts(folder: Path) -> bool:
     return any((folder / m).is_file() for m in STAGE_MARKERS)
 
 
-def check_file_target(path: Path, option: str) -> None:
-    """A file a command will write: not a folder, and not inside a run's stage folder or the run itself."""
+def symlinks(folder: Path) -> list[Path]:
+    """Every symbolic link under `folder`, sorted (links to folders are not followed)."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        found += [Path(root) / name for name in dirs + files if (Path(root) / name).is_symlink()]
+    return sorted(found)
+
+
+def symlink_message(link: Path) -> str:
+    return (f"{link}: is a symbolic link (to {os.readlink(link)}); anyo reads and writes only the files it "
+            f"wrote: replace the link with a copy of its target")
+
+
+def check_no_symlinks(run: Path) -> None:
+    """A run folder a command will write into holds no symbolic link (a write or a rename could land elsewhere)."""
+    links = symlinks(run) if run.is_dir() else []
+    if links:
+        raise ConfigError(symlink_message(links[0]))
+
+
+def _refuse_symlink(path: Path, option: str) -> None:
+    if path.is_symlink():
+        raise ConfigError(f"{option} {path}: is a symbolic link (to {os.readlink(path)}); write to a real path")
+
+
+def check_file_target(path: Path, option: str, inputs: dict[str, str], command: str) -> None:
+    """A file `command` will write: not a symbolic link, a folder, a file in a run's stage folder or the run
+    itself, nor one of its `inputs` (option -> path); if it exists, an earlier output of the same command (a
+    record it sealed, naming it): a file anyo did not write is never replaced."""
+    _refuse_symlink(path, option)
     if path.is_dir():
         raise ConfigError(f"{option} {path}: is a folder, expected a file path")
     if _holds_artifacts(path.parent):
         raise ConfigError(f"{option} {path}: {path.parent} holds a run's artifacts; write elsewhere")
+    if not path.exists():
+        return
+    for name, given in inputs.items():
+        if Path(given).exists() and path.samefile(given):
+            raise ConfigError(f"{option} {path}: is the input {name}; write elsewhere")
+    try:
+        ours = check_record(path).get("command") == command
+    except ArtifactError:
+        ours = False
+    if not ours:
+        raise ConfigError(f"{option} {path}: exists and was not written by `{command}`; choose a new file "
+                          f"(nothing was written)")
+
+
+def check_apart_from_inputs(run: Path, inputs: dict[str, str | None]) -> None:
+    """The run folder of a recipe command is none of the files and folders the recipe reads (`inputs`: key ->
+    path), is not inside one, and holds none."""
+    target = run.resolve()
+    for key, given in inputs.items():
+        if not given or not Path(given).exists():
+            continue
+        source = Path(given).resolve()
+        where = "is" if source == target else "is inside" if source in target.parents else \
+            "contains" if target in source.parents else None
+        if where:
+            raise ConfigError(f"--out {run}: {where} the recipe's input {key} ({given}); choose a run folder apart "
+                              f"from the data and models it reads")
 
 
 def check_folder_target(path: Path, run: Path, option: str, keep: str) -> None:
     """A folder a command will replace whole: never the run, a folder above it, or another stage's folder,
     and, if it exists, only a previous output of the same command (it holds `keep`)."""
+    _refuse_symlink(path, option)
     target, root = path.resolve(), run.resolve()
     if target == root or target in root.parents:
         raise ConfigError(f"{option} {path}: would replace the run folder {run}")
@@ -185,11 +242,12 @@ def report_inputs(recipe: Recipe, run: Path) -> dict:
 # ---------------------------------------------------------------- up to date
 
 def up_to_date(path: Path, inputs: dict) -> dict | None:
-    """The record at `path` if it is intact (check_record) and was built from exactly `inputs`; a record
-    that cannot be read, was edited or lists a truncated file is not up to date: the stage is rebuilt."""
+    """The record at `path` if it and its folder are intact (check_sealed_folder) and it was built from exactly
+    `inputs`; a record that cannot be read, was edited, lists a truncated file or leaves a file of its folder out
+    is not up to date: the stage is rebuilt."""
     if path.is_file():
         try:
-            record = check_record(path)
+            record = check_sealed_folder(path)
         except ArtifactError:
             return None
         if record.get("inputs") == inputs:
@@ -319,7 +377,7 @@ def current_records(run: Path, recipe: Recipe, split: Split, name: str) -> tuple
     for folder, teacher, root in model_folders(run, recipe, name):
         if not (folder / "metrics.json").is_file():
             continue
-        record = check_record(folder / "metrics.json")  # an edited record is an error, never a result
+        record = check_sealed_folder(folder / "metrics.json")  # an edited record is an error, never a result
         try:
             ok = record.get("inputs") == entry.inputs(recipe, run, split, record.get("seed", recipe.seed), root)
         except (AnyoError, OSError):  # an upstream artifact is missing

@@ -6,6 +6,9 @@ unless every artifact is ok.
 - corrupt: its files do not match its own record, or cannot be read at all;
 - incomplete: a stage that was interrupted (a resume folder, a cache still being written).
 Every check catches everything: a malformed file is reported, never a traceback.
+
+`verify_run` is the one check of a run: `anyo verify` prints its rows, `anyo export` refuses a run with a row
+that is not ok (`check_run`). What seals each artifact: docs/run-layout.md.
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.artifacts import check_record
+from distill.artifacts import check_sealed_folder
 from distill.cache import TeacherCache
 from distill.config import load_recipe
 from distill.data import load_split
-from distill.errors import ConfigError, StaleError
+from distill.errors import ArtifactError, ConfigError, StaleError
 from distill.runs import (CF_CACHE, EXTERNAL, MODELS, cache_up_to_date, cf_cache_up_to_date, llara_inputs, model_folders,
-                          report_inputs, teacher_roots)
+                          report_inputs, symlink_message, symlinks, teacher_roots)
 from student.model import load_student
 from teacher.checkpoint import check_teacher
 
@@ -37,8 +40,8 @@ def _check(name: str, fn) -> Row:
 
 
 def _record(folder: Path, split) -> dict:
-    """metrics.json and test_ranks.npy of a stage, checked against the split."""
-    record = check_record(folder / "metrics.json")
+    """metrics.json, the files it seals (every file of the stage) and test_ranks.npy, checked against the split."""
+    record = check_sealed_folder(folder / "metrics.json")
     if not isinstance(record.get("metrics"), dict) or "NDCG@10" not in record["metrics"]:
         raise ValueError(f"{folder / 'metrics.json'}: not a metrics record (no metrics.NDCG@10)")
     ranks = np.load(folder / "test_ranks.npy", allow_pickle=False)
@@ -71,7 +74,7 @@ def _model_rows(run: Path, recipe, split) -> list[Row]:
 def _generative_row(run: Path, recipe, split) -> Row:
     """RUN/llara: its sealed record, built from this run's split, CF model and recipe sections."""
     def check():
-        record = check_record(run / "llara" / "metrics.json")
+        record = check_sealed_folder(run / "llara" / "metrics.json")
         if record.get("inputs") != llara_inputs(recipe, run, split, record.get("seed", recipe.seed)):
             raise StaleError("llara/metrics.json: built from other inputs than the run's recipe and CF model")
         return f"test HR@1 {record['candidates']['HR@1']:.4f} (20 candidates)"
@@ -95,7 +98,7 @@ def _cache_rows(run: Path, recipe, split) -> list[Row]:
 
 def _report_row(run: Path, recipe) -> Row:
     def check():
-        report = check_record(run / "report" / "report.json")
+        report = check_sealed_folder(run / "report" / "report.json")
         if "models" not in report:
             raise ValueError("report/report.json: not a report")
         if report.get("inputs") != report_inputs(recipe, run):
@@ -133,7 +136,27 @@ def verify_run(run: Path) -> list[Row]:
     for broken in [p for r in roots for pattern in ("*.resume.broken-*", "seeds/*.resume.broken-*")
                    for p in sorted(run.glob(r + pattern))]:
         rows.append((str(broken.relative_to(run)), "corrupt", "an unreadable resume state a rerun set aside: delete it"))
-    return rows
+    return _symlink_rows(run, rows)
+
+
+def _symlink_rows(run: Path, rows: list[Row]) -> list[Row]:
+    """A row whose artifact holds a symbolic link is corrupt, whatever the link points to; a link outside every
+    artifact gets its own row."""
+    links, named = symlinks(run), []
+    for i, (name, _, _) in enumerate(rows):
+        where = run / ("recipe.yaml" if name == "recipe" else name)
+        if inside := [link for link in links if link == where or where in link.parents]:
+            rows[i] = (name, "corrupt", symlink_message(inside[0]))
+            named += inside
+    return rows + [(str(link.relative_to(run)), "corrupt", symlink_message(link)) for link in links
+                   if link not in named]
+
+
+def check_run(run: Path) -> None:
+    """An ArtifactError naming the first artifact of `run` that `anyo verify` would not call ok."""
+    for name, state, why in verify_run(run):
+        if state != "ok":
+            raise ArtifactError(f"{run}: `anyo verify` calls {name} {state}: {why}")
 
 
 def cmd_verify(args) -> int:

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from distill.artifacts import atomic_dir, read_record
+from distill.artifacts import atomic_dir, check_finite, read_record
 from distill.histories import Histories
 from distill.errors import CorruptError, StaleError
 
@@ -174,8 +174,10 @@ def load_student(folder: Path, split_hash: str | None = None, n_items: int | Non
     if not weights.is_file():
         raise CorruptError(f"{weights}: not found")
     try:
-        model.load_state_dict(load_file(str(weights)))
+        tensors = load_file(str(weights))
+        model.load_state_dict(tensors)
     except Exception as e:  # safetensors raises several types for truncated or foreign files
         raise CorruptError(f"{weights}: cannot load ({str(e).splitlines()[0]})") from None
+    check_finite(weights, tensors)
     model.eval()
     return model, meta

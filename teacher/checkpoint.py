@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from distill.artifacts import atomic_dir, read_json, read_record, sha256_file, sha256_files
+from distill.artifacts import atomic_dir, check_finite, read_json, read_record, sha256_file, sha256_files
 from distill.checked import config_from_dict
 from distill.config import LlaraConfig, TeacherConfig
 from distill.data import Split
@@ -96,6 +96,8 @@ def check_teacher(folder: Path, cf_dir: Path, split_hash: str) -> dict:
                          f"(retrain the teacher: `anyo teacher train`)")
     if checkpoint_hash(folder) != meta.get("checkpoint_hash"):
         raise CorruptError(f"{folder}: adapter or heads do not match teacher.json (corrupt or edited)")
+    for weights in [folder / "heads.safetensors"] + sorted((folder / "adapter").glob("*.safetensors")):
+        check_finite(weights)
     return meta
 
 

@@ -41,8 +41,26 @@ def one_line(capsys, argv: list[str], fragment: str = "", rc: int = 2) -> str:
 
 @pytest.fixture(scope="module")
 def base(tiny_run, tmp_path_factory):
+    """The run, and beside it what a user has (files and folders anyo did not write) and evaluate's inputs."""
+    from distill.data import load_split
+    from distill.exported import EXPORT_KIND
     run = tmp_path_factory.mktemp("destructive") / "run"
     shutil.copytree(tiny_run[0], run)
+    mine = run.parent
+    split = load_split(run / "split")
+    rng = np.random.default_rng(0)
+    np.save(mine / "users.npy", rng.normal(size=(split.n_users, 8)).astype(np.float32))
+    np.save(mine / "items.npy", rng.normal(size=(split.n_items + 1, 8)).astype(np.float32))
+    (mine / "mine.csv").write_text("user,score\nu1,3\n")
+    (mine / "link.json").symlink_to(mine / "mine.csv")
+    (mine / "handmade").mkdir()
+    (mine / "handmade" / "notes.txt").write_text("keep me")
+    (mine / "handmade" / "manifest.json").write_text(json.dumps({"kind": EXPORT_KIND, "files": {"notes.txt": "0"}}))
+    (mine / "elsewhere").mkdir()
+    (mine / "folderlink").symlink_to(mine / "elsewhere", target_is_directory=True)
+    data = Path(next(o for o in tiny_run[1] if o.startswith("data.path=")).split("=", 1)[1])
+    shutil.copytree(data, mine / "data")
+    shutil.copytree(data, mine / "outer" / "data")
     return run, tiny_run[1]
 
 
@@ -52,6 +70,11 @@ def copy(base, tmp_path: Path, name: str = "c") -> Path:
 
 
 # ---------------------------------------------------------------- commands that must not touch the run
+
+def evaluate(run: Path, out: Path) -> list[str]:
+    return ["evaluate", "--split", str(run / "split"), "--user-vectors", str(run.parent / "users.npy"),
+            "--item-vectors", str(run.parent / "items.npy"), "--out", str(out)]
+
 
 DESTRUCTIVE = [
     ("bench-out-run", lambda r, o: ["bench", str(r), "--out", str(r)], "would replace the run folder"),
@@ -81,6 +104,23 @@ DESTRUCTIVE = [
      "is a stage folder"),
     ("merge-without-shards", lambda r, o: ["teacher", "infer", RECIPE, "--out", str(r), "--merge"] + sets(o),
      "no shards to merge"),
+    # no command writes over what it did not create (files, symlinks, its own inputs)
+    ("evaluate-over-user-file", lambda r, o: evaluate(r, r.parent / "mine.csv"), "not written by `anyo evaluate`"),
+    ("evaluate-out-is-user-vectors", lambda r, o: evaluate(r, r.parent / "users.npy"), "is the input --user-vectors"),
+    ("evaluate-out-is-item-vectors", lambda r, o: evaluate(r, r.parent / "items.npy"), "is the input --item-vectors"),
+    ("evaluate-out-symlink", lambda r, o: evaluate(r, r.parent / "link.json"), "is a symbolic link"),
+    ("export-out-handmade-manifest", lambda r, o: ["export", str(r), "--out", str(r.parent / "handmade")],
+     "not an anyo export"),
+    ("export-out-symlink", lambda r, o: ["export", str(r), "--out", str(r.parent / "folderlink")],
+     "is a symbolic link"),
+    ("bench-out-symlink", lambda r, o: ["bench", str(r), "--no-cost", "--out", str(r.parent / "folderlink")],
+     "is a symbolic link"),
+    ("prepare-out-is-data", lambda r, o: ["prepare", RECIPE, "--out", str(r.parent / "data")] + sets(o)
+     + ["--set", f"data.path={r.parent / 'data'}"], "is the recipe's input data.path"),
+    ("prepare-out-inside-data", lambda r, o: ["prepare", RECIPE, "--out", str(r.parent / "data" / "run")] + sets(o)
+     + ["--set", f"data.path={r.parent / 'data'}"], "is inside the recipe's input data.path"),
+    ("prepare-out-contains-data", lambda r, o: ["prepare", RECIPE, "--out", str(r.parent / "outer")] + sets(o)
+     + ["--set", f"data.path={r.parent / 'outer' / 'data'}"], "contains the recipe's input data.path"),
 ]
 
 
@@ -340,3 +380,109 @@ def test_bench_refuses_an_edited_record_instead_of_reporting_it(base, tmp_path, 
     run = copy(base, tmp_path)
     _edit_json(("metrics", "NDCG@10"), 0.99)(run / "student_alone" / "metrics.json")
     one_line(capsys, ["bench", str(run), "--no-cost"], "does not match its own sha256")
+
+
+def test_evaluate_replaces_only_its_own_earlier_output(base, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert main(evaluate(base[0], out)) == 0
+    first = out.read_bytes()
+    assert main(evaluate(base[0], out)) == 0 and out.read_bytes() == first  # its own output: rewritten
+    _edit_json(("metrics", "NDCG@10"), 0.99)(out)                            # edited by hand: no longer anyo's
+    edited = out.read_bytes()
+    one_line(capsys, evaluate(base[0], out), "not written by `anyo evaluate`")
+    assert out.read_bytes() == edited and [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_a_run_holding_a_symlinked_artifact_is_refused(base, tmp_path, capsys):
+    """A stage file replaced by a symbolic link (to an identical copy elsewhere): the commands that write the run
+    refuse it, verify calls it corrupt and export refuses it; nothing is written anywhere."""
+    run = copy(base, tmp_path)
+    outside = tmp_path / "outside.json"
+    shutil.copyfile(run / "mostpop" / "metrics.json", outside)
+    (run / "mostpop" / "metrics.json").unlink()
+    (run / "mostpop" / "metrics.json").symlink_to(outside)
+    before = digest(tmp_path)
+    for argv in (["mostpop", RECIPE, "--out", str(run)] + sets(base[1]), ["bench", str(run), "--no-cost"],
+                 ["export", str(run), "--out", str(tmp_path / "export")]):
+        one_line(capsys, argv, "mostpop/metrics.json: is a symbolic link")
+    assert digest(tmp_path) == before and not (tmp_path / "export").exists()
+    assert main(["verify", str(run)]) == 1
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert lines["mostpop"].split()[1] == "corrupt" and "symbolic link" in lines["mostpop"]
+
+
+# ---------------------------------------------------------------- every byte that decides an answer is sealed
+
+def _copy_from(source: str):
+    def swap(p: Path) -> None:
+        shutil.copyfile(p.parents[1] / source, p)
+    return swap
+
+
+def _nan_weights_resealed(p: Path) -> None:
+    """NaN in one weight, the stage record resealed over it: a model that trained into NaN, sealed as it was."""
+    from safetensors.torch import load_file, save_file
+
+    from distill.artifacts import write_record
+    tensors = load_file(str(p))
+    tensors["item_emb.weight"][3, 0] = float("nan")
+    save_file(tensors, str(p))
+    record = json.loads((p.parent / "metrics.json").read_text())
+    write_record(p.parent / "metrics.json", record, files=[p.parent / name for name in record["files"]])
+
+
+def _swap_first_two_rows(p: Path) -> None:
+    lines = p.read_text().split("\n")
+    a, b = lines[1].split("\t"), lines[2].split("\t")
+    a[1], b[1] = b[1], a[1]
+    lines[1], lines[2] = "\t".join(a), "\t".join(b)
+    p.write_text("\n".join(lines))
+
+
+def _recipe_set(section: str, key: str, value):
+    def edit(p: Path) -> None:
+        import yaml
+        recipe = yaml.safe_load(p.read_text())
+        recipe[section][key] = value
+        p.write_text(yaml.safe_dump(recipe))
+    return edit
+
+
+# (id, file, damage, verify row, its state, what the row and export's one line name)
+SEALED = [
+    ("weights-swapped", "student_distilled/model.safetensors", _copy_from("student_alone/model.safetensors"),
+     "student_distilled", "corrupt", "student_distilled/model.safetensors"),
+    ("weights-nan", "student_distilled/model.safetensors", _nan_weights_resealed, "student_distilled", "corrupt",
+     "student_distilled/model.safetensors: tensor item_emb.weight holds NaN or inf"),
+    ("weights-truncated", "student_distilled/model.safetensors", _truncate, "student_distilled", "corrupt",
+     "student_distilled/model.safetensors"),
+    ("config-edited", "student_distilled/config.json", _edit_json(("seed",), 99), "student_distilled", "corrupt",
+     "student_distilled/config.json"),
+    ("metrics-edited", "student_distilled/metrics.json", _edit_json(("metrics", "NDCG@10"), 0.99),
+     "student_distilled", "corrupt", "student_distilled/metrics.json"),
+    ("teacher-json-edited", "teacher/teacher.json", _edit_json(("seed",), 99), "teacher", "corrupt",
+     "teacher/teacher.json"),
+    ("items-tsv-edited", "split/items.tsv", _swap_first_two_rows, "split", "corrupt", "split/items.tsv"),
+    ("users-tsv-edited", "split/users.tsv", _swap_first_two_rows, "split", "corrupt", "split/users.tsv"),
+    ("split-manifest-edited", "split/manifest.json", _edit_json(("n_interactions",), 1), "split", "corrupt",
+     "split/manifest.json"),
+    ("report-figure-swapped", "report/quality.png", _copy_from("report/curves.png"), "report", "corrupt",
+     "report/quality.png"),
+    ("recipe-did-not-train-it", "recipe.yaml", _recipe_set("student", "epochs", 4), "student_alone", "stale",
+     "student_alone/metrics.json: built from other inputs"),
+]
+
+
+@pytest.mark.parametrize("target, damage, row, state, names",
+                         [pytest.param(*c[1:], id=c[0]) for c in SEALED])
+def test_verify_and_export_name_each_damaged_artifact(base, tmp_path, capsys, target, damage, row, state, names):
+    """verify calls the artifact corrupt (or stale) and names the file; export refuses the run in one line naming
+    it and writes nothing."""
+    run = copy(base, tmp_path)
+    damage(run / target)
+    capsys.readouterr()
+    assert main(["verify", str(run)]) == 1
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert lines[row].split()[1] == state and names in lines[row], lines
+    one_line(capsys, ["export", str(run), "--out", str(tmp_path / "export")], names)
+    assert not (tmp_path / "export").exists() and not list(tmp_path.glob(".export*"))

@@ -84,7 +84,9 @@ def test_tampered_or_missing_file_is_refused(exported, tmp_path, capsys):
     _, out = exported
     for name, damage in [("items.tsv", lambda p: p.write_text(p.read_text().replace("\t", " ", 1))),
                          ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:-1] + b"\0")),
-                         ("items.faiss", lambda p: p.unlink())]:
+                         ("items.faiss", lambda p: p.unlink()),
+                         ("manifest.json", lambda p: p.write_text(p.read_text().replace('"model": "student_distilled"',
+                                                                                         '"model": "student_alone"')))]:
         copy = tmp_path / name
         shutil.copytree(out, copy)
         damage(copy / name)

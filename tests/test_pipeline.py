@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import RECIPE, sets
-from distill.artifacts import write_record
+from distill.artifacts import folder_files, write_record
 from distill.cache import TeacherCache, memmap_tensors
 from distill.cli import main
 from distill.config import load_recipe
@@ -208,9 +208,13 @@ def test_verify_reports_ok_then_corrupt_and_stale(tiny_run, tmp_path, capsys):
     shutil.copytree(run, copy)
     shard = sorted((copy / "teacher_cache").glob("shard-*"))[0]
     shard.write_bytes(shard.read_bytes()[:-4])
-    meta = json.loads((copy / "student_alone" / "config.json").read_text())
+    alone = copy / "student_alone"
+    meta = json.loads((alone / "config.json").read_text())
     meta["split_hash"] = "0000"
-    (copy / "student_alone" / "config.json").write_text(json.dumps(meta))
+    (alone / "config.json").write_text(json.dumps(meta))
+    # sealed as a stage trained on another split would be (an edited file alone is corrupt: test_destructive)
+    write_record(alone / "metrics.json", json.loads((alone / "metrics.json").read_text()),
+                 files=folder_files(alone, "metrics.json", "tb"))
     capsys.readouterr()
     assert main(["verify", str(copy)]) == 1
     lines = {l.split()[0]: l for l in capsys.readouterr().out.splitlines()}
@@ -266,7 +270,7 @@ def test_report_and_verify_leave_out_seeds_built_from_another_recipe(tiny_run, t
     shutil.copytree(run / "student_alone", foreign)
     record = json.loads((foreign / "metrics.json").read_text())
     record["seed"], record["inputs"]["seed"], record["inputs"]["recipe"] = 7, 7, "another-recipe"
-    write_record(foreign / "metrics.json", record, files=[foreign / "test_ranks.npy"])  # as if trained so
+    write_record(foreign / "metrics.json", record, files=folder_files(foreign, "metrics.json", "tb"))  # as if trained so
     assert main(["bench", str(run), "--no-cost"]) == 0
     r = json.loads((run / "report" / "report.json").read_text())
     assert r["models"]["student_alone"]["seeds"] == 1 and r["stale"] == ["seeds/student_alone-7"]

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.artifacts import write_record
+from distill.artifacts import folder_files, write_record
 from distill.events import keep_events
 from distill.resume import clear_resume
 
 
 def finish_training(out: Path, record: dict) -> dict:
-    ranks = out / "test_ranks.npy"
-    record = write_record(out / "metrics.json", record, files=[ranks] if ranks.is_file() else [])
+    """Seal the stage: metrics.json holds the sha256 of every file of `out` (weights, config, ranks, adapter)."""
+    record = write_record(out / "metrics.json", record, files=folder_files(out, "metrics.json"))
     keep_events(out)
     clear_resume(out)
     return record
