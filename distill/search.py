@@ -130,14 +130,9 @@ class Exclusions:
     lengths: np.ndarray  # (n_queries,) how many items each query excludes
 
     @classmethod
-    def from_histories(cls, histories: Histories, n_rows: int, keep: np.ndarray | None = None) -> "Exclusions":
-        """Exclude each row's history items, except `keep[row]` (the target is never masked)."""
-        rows = histories.row_ids()
-        flat = histories.flat
-        if keep is not None:
-            mask = flat != keep[rows]
-            rows, flat = rows[mask], flat[mask]
-        keys = np.unique(rows.astype(np.int64) * n_rows + flat)
+    def from_histories(cls, histories: Histories, n_rows: int) -> "Exclusions":
+        """Exclude every item of each row's history."""
+        keys = np.unique(histories.row_ids().astype(np.int64) * n_rows + histories.flat)
         return cls(keys, n_rows, np.bincount(keys // n_rows, minlength=len(histories)))
 
     def contains(self, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -146,6 +141,24 @@ class Exclusions:
             return np.zeros(q.shape, dtype=bool)
         pos = np.searchsorted(self.keys, q).clip(max=len(self.keys) - 1)
         return self.keys[pos] == q
+
+
+# ---------------------------------------------------------------- the ranking protocol
+
+def ranking_exclusions(histories: Histories, n_rows: int, mask_history: bool) -> Exclusions | None:
+    """The ranking protocol, the one definition the harness, the teacher, the model card, `anyo recommend` and
+    `anyo serve` use: padding (row 0) is never ranked; with `mask_history` every item of the history is
+    excluded too, so a target that repeats an earlier item is not rankable (a miss), exactly as a served list
+    that leaves out what the user has seen; without it seen items stay rankable (data with repeat consumption).
+    Nothing depends on the target, so what is evaluated is what is served."""
+    return Exclusions.from_histories(histories, n_rows) if mask_history else None
+
+
+def describe_protocol(mask_history: bool) -> str:
+    """The protocol in words (the model card, `anyo recommend --help`)."""
+    return ("padding and every item of the user's history excluded (a target that repeats a history item "
+            "counts as a miss)" if mask_history else
+            "padding excluded; the history's items stay rankable (repeat consumption)")
 
 
 # ---------------------------------------------------------------- index strings

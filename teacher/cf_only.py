@@ -19,7 +19,7 @@ from distill.config import Recipe
 from distill.data import Split
 from distill.histories import Histories
 from distill.positions import scored_positions
-from distill.search import Exclusions, ItemIndex
+from distill.search import ItemIndex, ranking_exclusions
 from student.model import SASRec
 from teacher.guard import check_validation
 from teacher.infer import pending_shards, score_shards
@@ -42,7 +42,7 @@ class CFOnlyTeacher:
         if self._index is None or self._index.kind != index:
             self._index = ItemIndex(self.item_vectors(), index)
         q = self.cf.encode_users(torch.from_numpy(histories.padded(self.cf.cfg.max_len))).float()
-        exclude = Exclusions.from_histories(histories, self.cf.cfg.n_items + 1) if mask_history else None
+        exclude = ranking_exclusions(histories, self.cf.cfg.n_items + 1, mask_history)
         ids, scores = self._index.search(q.numpy(), k, exclude)
         return TeacherOutputs(q, torch.from_numpy(ids), torch.from_numpy(scores) / self.temperature)
 

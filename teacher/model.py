@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from distill.config import TeacherConfig
 from distill.errors import ConfigError
 from distill.histories import Histories
-from distill.search import Exclusions, ItemIndex
+from distill.search import ItemIndex, ranking_exclusions
 from student.model import SASRec
 from teacher.backbone import load_backbone
 from teacher.item_text import item_parts, item_states
@@ -168,7 +168,7 @@ class TeacherRetriever(SlotModel):
         if self._index is None or self._index.kind != index:
             self._index = ItemIndex(self.item_vectors(), index)
         q = self.query(histories).float().cpu()
-        exclude = Exclusions.from_histories(histories, len(self.item_table)) if mask_history else None
+        exclude = ranking_exclusions(histories, len(self.item_table), mask_history)
         ids, scores = self._index.search(q.numpy(), k, exclude)
         return TeacherOutputs(q, torch.from_numpy(ids), torch.from_numpy(scores) / self.cfg.temperature)
 
