@@ -125,7 +125,7 @@ def load_average() -> str:
 
 def commit() -> str:
     p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return p.stdout.strip() or "unknown"
+    return p.stdout.strip()
 
 
 def section(results: dict) -> str:
@@ -187,8 +187,9 @@ def main() -> int:
     hist = split.history("test")
     raw = [[split.items[i] for i in hist.row(u % split.n_users)] for u in range(2048)]
     cmd = "python benchmarks/serving_profile.py " + " ".join(sys.argv[1:])
-    entry = {"threads": args.threads, "load": load_average(), "commit": commit(),
-             "source": f"`{cmd}`, {args.date}, commit {commit()}", "runtimes": {}}
+    at = commit()
+    entry = {"threads": args.threads, "load": load_average(), "commit": at,
+             "source": f"`{cmd}`, {args.date}" + (f", commit {at}" if at else ""), "runtimes": {}}
     for runtime in [r for r in args.runtimes.split(",") if r]:
         exp = load_export(args.export, runtime=runtime)
         if exp.manifest["split_hash"] != split.hash:

@@ -158,15 +158,17 @@ class Recommender:
         if depth > k:
             # a tie across the cut: topk may have kept a higher id than an equal-scoring item left out
             cut = torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten()
-            vals, ids = vals[:, :k].clone(), ids[:, :k].clone()
+            vals, ids = vals[:, :k], ids[:, :k]
             if len(cut):
+                vals, ids = vals.clone(), ids.clone()
                 v, i = torch.sort(scores[cut], dim=1, descending=True, stable=True)
                 vals[cut], ids[cut] = v[:, :k], i[:, :k]
-        # within the list: higher score first, then lower id (topk leaves the order of ties open)
-        order = torch.argsort(ids, dim=1)
-        ids, vals = ids.gather(1, order), vals.gather(1, order)
-        order = torch.argsort(vals, dim=1, descending=True, stable=True)
-        ids, vals = ids.gather(1, order), vals.gather(1, order)
+        if bool((vals[:, 1:] == vals[:, :-1]).any()):
+            # ties within the list: higher score first, then lower id (topk leaves the order of ties open)
+            order = torch.argsort(ids, dim=1)
+            ids, vals = ids.gather(1, order), vals.gather(1, order)
+            order = torch.argsort(vals, dim=1, descending=True, stable=True)
+            ids, vals = ids.gather(1, order), vals.gather(1, order)
         ids = ids.masked_fill(torch.isneginf(vals), -1)
         ids, vals = ids.numpy(), vals.numpy()
         if ids.shape[1] < k:  # catalogue smaller than k
