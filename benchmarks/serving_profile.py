@@ -11,7 +11,7 @@ The path is `distill.exported.Exported` / `distill.recommender.Recommender`, wha
    the encoder, the exclusions of the ranking protocol, scoring + top-10, the answer as JSON (median of
    `--runs` passes over the same users).
 2. In process: latency p50 at batch 1 (encode + top-10, history masked, internal ids: `Recommender.top_k`)
-   over 256 users, and users/s at batch 1,024 over 2,048 users; median of `--runs` runs.
+   over `--singles` users (default 256), and users/s at batch 1,024 over 2,048 users; median of `--runs` runs.
 
 Histories are the split's test histories (raw ids, as a client sends them). Each run's figures are stored in
 `--json` under `--label` (with the date, the commit, `uptime`'s load), so a profile taken before a change stays
@@ -48,12 +48,13 @@ def _median_time(fn, runs: int) -> float:
     return float(np.median(times))
 
 
-def profile(exp, raw: list[list[str]], batch: int, runs: int) -> dict:
-    """Seconds per user of each stage, the batches of `raw` at size `batch` served one after the other."""
+def profile(exp, raw: list[list[str]], batch: int, runs: int, singles: int) -> dict:
+    """Seconds per user of each stage, the batches of `raw` at size `batch` served one after the other (the
+    first `singles` users at batch 1)."""
     from distill.histories import Histories
     from distill.search import ranking_exclusions
     rec = exp.recommender
-    raw = raw[:256] if batch == 1 else raw
+    raw = raw[:singles] if batch == 1 else raw
     groups = [raw[i:i + batch] for i in range(0, len(raw) - batch + 1, batch)]
     rows = [[exp.to_internal(h) for h in g] for g in groups]
     hists = [Histories.from_rows(r) for r in rows]
@@ -90,12 +91,12 @@ def profile(exp, raw: list[list[str]], batch: int, runs: int) -> dict:
     return out
 
 
-def in_process(exp, raw: list[list[str]], runs: int) -> dict:
-    """Latency p50 at batch 1 (256 users, one at a time) and users/s at batch 1,024 (2,048 users)."""
+def in_process(exp, raw: list[list[str]], runs: int, singles: int) -> dict:
+    """Latency p50 at batch 1 (`singles` users, one at a time) and users/s at batch 1,024 (2,048 users)."""
     from distill.histories import Histories
     rec = exp.recommender
     rows = [exp.to_internal(h) for h in raw]
-    singles = [Histories.from_rows([r]) for r in rows[:256]]
+    singles = [Histories.from_rows([r]) for r in rows[:singles]]
     big = [Histories.from_rows(rows[i:i + 1024]) for i in range(0, 2048, 1024)]
     p50s, rates = [], []
     for _ in range(runs):
@@ -172,13 +173,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime threads")
     ap.add_argument("--runs", type=int, default=3, help="runs per figure (the median counts)")
     ap.add_argument("--runtimes", default="onnxruntime,torch")
+    ap.add_argument("--singles", type=int, default=256, help="users timed one at a time (batch 1)")
     ap.add_argument("--label", default="after", help="the name these figures are stored under (before, after)")
     ap.add_argument("--date", default=time.strftime("%Y-%m-%d"))
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "serving_profile.json"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "serving.md"))
     args = ap.parse_args()
-    if args.threads < 1 or args.runs < 1:
-        raise SystemExit("--threads and --runs must be >= 1")
+    if args.threads < 1 or args.runs < 1 or args.singles < 1:
+        raise SystemExit("--threads, --runs and --singles must be >= 1")
     import torch
     from distill.data import load_split
     from distill.exported import load_export
@@ -194,8 +196,9 @@ def main() -> int:
         exp = load_export(args.export, runtime=runtime)
         if exp.manifest["split_hash"] != split.hash:
             raise SystemExit(f"--split {args.split}: split {split.hash}, the export's is {exp.manifest['split_hash']}")
-        entry["runtimes"][runtime] = {"profile": {str(b): profile(exp, raw, b, args.runs) for b in (1, 1024)},
-                                      "in_process": in_process(exp, raw, args.runs)}
+        entry["runtimes"][runtime] = {"profile": {str(b): profile(exp, raw, b, args.runs, args.singles)
+                                                  for b in (1, 1024)},
+                                      "in_process": in_process(exp, raw, args.runs, args.singles)}
         print(json.dumps({runtime: entry["runtimes"][runtime]}), flush=True)
     store = Path(args.json)
     results = json.loads(store.read_text()) if store.is_file() else {}
