@@ -42,6 +42,7 @@ def check_vectors(name: str, x: np.ndarray, rows: int, dim: int | None = None) -
 
 
 EXCLUSION_CHUNK = 256  # queries per search when exclusions set the depth
+DENSE_EXCLUSIONS = 1 << 24  # cells (queries x catalogue rows) up to which exclusions are built from a bitmap
 
 
 class ItemIndex:
@@ -131,8 +132,15 @@ class Exclusions:
 
     @classmethod
     def from_histories(cls, histories: Histories, n_rows: int) -> "Exclusions":
-        """Exclude every item of each row's history."""
-        keys = np.unique(histories.row_ids().astype(np.int64) * n_rows + histories.flat)
+        """Exclude every item of each row's history. The keys come sorted and unique from a (rows, N+1) bitmap
+        when it is at most DENSE_EXCLUSIONS cells (a serving batch: no sort of the whole batch's histories),
+        else from np.unique."""
+        rows = histories.row_ids()
+        if len(histories) * n_rows <= DENSE_EXCLUSIONS:
+            seen = np.zeros((len(histories), n_rows), dtype=bool)
+            seen[rows, histories.flat] = True
+            return cls(np.flatnonzero(seen), n_rows, np.count_nonzero(seen, axis=1))
+        keys = np.unique(rows.astype(np.int64) * n_rows + histories.flat)
         return cls(keys, n_rows, np.bincount(keys // n_rows, minlength=len(histories)))
 
     def contains(self, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:

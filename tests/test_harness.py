@@ -172,3 +172,15 @@ def test_index_search_parameters_after_a_question_mark():
     check_index_string("IVF8,Flat?nprobe=4", 8)
     with pytest.raises(AnyoError, match="could not set parameter bogus"):
         check_index_string("IVF8,Flat?bogus=4", 8)
+
+
+def test_exclusions_from_the_bitmap_equal_those_from_a_sort(monkeypatch):
+    """Serving batches build their exclusions from a bitmap, larger ones with np.unique: the same keys."""
+    import distill.search as search
+    rng = np.random.default_rng(0)
+    hist = Histories.from_rows([rng.integers(1, 50, size=int(rng.integers(0, 80))) for _ in range(64)])
+    dense = Exclusions.from_histories(hist, 50)
+    monkeypatch.setattr(search, "DENSE_EXCLUSIONS", 0)
+    sort = Exclusions.from_histories(hist, 50)
+    assert np.array_equal(dense.keys, sort.keys) and np.array_equal(dense.lengths, sort.lengths)
+    assert dense.keys.dtype == sort.keys.dtype == np.int64 and (dense.lengths == [len(set(r)) for r in hist]).all()
