@@ -139,7 +139,8 @@ def load_export(folder: str | Path, torch_max_items: int | None = None, runtime:
     item_index = None
     if len(items) > limit:
         item_index = ItemIndex(items)
-    onnx = (folder / "model.onnx").read_bytes() if (runtime or default_runtime()) == "onnxruntime" else None
+    runtime = default_runtime() if runtime is None else runtime
+    onnx = (folder / "model.onnx").read_bytes() if runtime == "onnxruntime" else None
     rec = Recommender(model, torch_max_items=limit, index=item_index, runtime=runtime, onnx=onnx)
     id_of = {r: i for i, r in enumerate(raw) if i > 0}
     return Exported(folder, manifest, rec, raw, titles, id_of)
