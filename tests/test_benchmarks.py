@@ -101,6 +101,7 @@ def test_serving_profile(tiny_run, tmp_path):
     out.write_text("# Serving benchmark\n\nkept\n")
     for label in ("before", "after"):
         bench("serving_profile.py", "--export", export, "--split", tiny_run[0] / "split", "--threads", 1, "--runs", 1,
+              "--singles", 4,
               "--label", label, "--json", store, "--out", out)
     text = out.read_text()
     assert text.startswith("# Serving benchmark\n\nkept\n") and text.count("serving_profile.py: begin") == 1
