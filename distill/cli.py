@@ -10,6 +10,7 @@ import sys
 from distill import commands
 from distill.checked import SEED_MAX
 from distill.errors import AnyoError, ConfigError
+from distill.recommender import RUNTIMES
 
 RECIPE_HELP = "recipe YAML file, or the name of a recipe shipped with anyo (ml100k, ml100k-cold, ...)"
 
@@ -129,7 +130,15 @@ def _serving_commands(sub) -> None:
                        help='the history as a JSON array of strings, exactly: \'["a, b", " 7", "-x"]\'')
     p.add_argument("-k", type=int, default=10, help="how many items (default 10)")
     p.add_argument("--json", action="store_true", help='print {"items": [{"item", "title", "score"}, ...]}')
-    p.add_argument("--include-seen", action="store_true", help="do not exclude the history's items")
+    seen = p.add_mutually_exclusive_group()
+    seen.add_argument("--include-seen", action="store_true", default=None,
+                      help="keep the history's items rankable (default: the protocol the model was evaluated with, "
+                           "eval.mask_history, recorded in the export)")
+    seen.add_argument("--exclude-seen", dest="include_seen", action="store_false",
+                      help="never return the history's items")
+    p.add_argument("--runtime", choices=RUNTIMES, default=None,
+                   help="encoder runtime: onnxruntime (model.onnx) or torch (default: onnxruntime when installed, "
+                        "the faster; benchmarks/serving.md)")
     p = sub.add_parser("serve", help="serve an exported folder over HTTP (FastAPI + uvicorn)")
     p.add_argument("dir", help="an `anyo export` folder")
     p.add_argument("--host", default="127.0.0.1")

@@ -250,7 +250,9 @@ class EvalConfig(Section):
     key: typing.ClassVar[str] = "eval"
     ks: list = option("Cut-offs K of HR/NDCG/MRR/Recall/coverage; must include 10 (early stopping and the "
                       "report read NDCG@10).", [1, 5, 10, 20], items=int, nonempty=True, min=1)
-    mask_history: bool = option("Exclude the user's history (never the target) from the ranking.", True)
+    mask_history: bool = option("Exclude every item of the user's history from the ranking (a target that repeats "
+                                "one is a miss), as `anyo serve` does; false for data with repeat consumption: "
+                                "seen items stay rankable, and the export serves them by default.", True)
     index: str = option("FAISS index_factory string; `Flat` is exact search. Search parameters follow a `?`: "
                         "`IVF1024,Flat?nprobe=32`, `HNSW32?efSearch=128`.", "Flat", nonempty=True)
 

@@ -4,11 +4,14 @@
     DIR/config.json         {"model": SASRecConfig, "split_hash", "seed"} (as in RUN/MODEL)
     DIR/items.tsv           item_id, item_token (the raw id in the user's data), title;
                             data row i is internal id i (1..N); id 0 is padding and has no row
+    DIR/model.onnx          the encoder (left-padded int64 histories (B, T) -> (B, d) user vectors), batch and
+                            length dynamic, for ONNX Runtime; checked against the torch model before it is written
     DIR/items.faiss         faiss.write_index of an IndexFlatIP over the item table (N+1 rows,
                             row 0 padding, never returned)
     DIR/metrics.json        the model's test metrics record (as in RUN/MODEL)
     DIR/README.md           the model card
-    DIR/manifest.json       format, model, split hash, catalogue size, sha256 of every file above
+    DIR/manifest.json       format, model, split hash, catalogue size, the ranking protocol the model was
+                            evaluated with (served by default), the ONNX opset and parity check, sha256 of every file
 
 The export is written only from a run `anyo verify` calls ok (`distill.verify.check_run`); the manifest seals
 itself (`manifest_sha256`). `distill.exported.load_export` checks it and every listed hash before it reads
@@ -25,16 +28,42 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import torch
 
 from distill.artifacts import atomic_dir, json_digest, read_json, sha256_file
-from distill.data import load_split
+from distill.data import Split, load_split
 from distill.errors import AnyoError, ArtifactError
 from distill.exported import EXPORT_FORMAT, EXPORT_KIND, FILES, MANIFEST_DIGEST, verify_export
+from distill.recommender import onnx_encoder, onnx_session
 from distill.runs import MODELS
+from distill.search import describe_protocol
 from distill.verify import check_run
 from student.model import load_student
 
 EXPORTABLE = [name for name, entry in MODELS.items() if entry.exportable]
+PARITY_USERS = 256       # test histories (seeded sample) encoded by both runtimes before model.onnx is written
+PARITY_SEED = 0
+PARITY_TOLERANCE = 1e-4  # largest |onnx - torch| of a user vector, relative to the largest |torch| component
+
+
+def onnx_parity(model, onnx: bytes, split: Split, users: int = PARITY_USERS, seed: int = PARITY_SEED) -> dict:
+    """Encode a seeded sample of test histories with torch and with ONNX Runtime, in batches of 1 and of the
+    whole sample (each padded to its longest history, as served); the largest difference, relative."""
+    hist = split.history("test")
+    pick = np.sort(np.random.default_rng(seed).choice(len(hist), size=min(users, len(hist)), replace=False))
+    rows = hist.take(pick)
+    session = onnx_session(onnx, torch.get_num_threads())
+    worst, scale = 0.0, 0.0
+    for lo, hi in [(i, i + 1) for i in range(min(8, len(pick)))] + [(0, len(pick))]:
+        batch = rows.take(np.arange(lo, hi))
+        padded = batch.padded(max(1, min(int(model.cfg.max_len), int(batch.lengths.max()))))
+        with torch.inference_mode():
+            want = model.encode_users(torch.from_numpy(padded)).numpy()
+        got = session.run(None, {"history": padded})[0]
+        worst = max(worst, float(np.abs(got - want).max()))
+        scale = max(scale, float(np.abs(want).max()))
+    return {"users": int(len(pick)), "seed": seed, "max_abs_diff": worst,
+            "relative_diff": worst / max(scale, 1e-12), "tolerance": PARITY_TOLERANCE}
 
 
 def _is_previous_export(folder: Path) -> bool:
@@ -67,9 +96,17 @@ def _fmt(x) -> str:
     return f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
+def _repeats(metrics: dict, split_manifest: dict) -> str:
+    n = metrics.get("repeated_targets")
+    if n is None:
+        return "repeat consumption not recorded by this run;"
+    return f"{n:,} of {split_manifest.get('n_users', '?'):,} test targets repeat an item of their history;"
+
+
 def model_card(model_name: str, cfg: dict, params: int, split_manifest: dict, metrics: dict,
-               cost: dict | None, machine: dict | None, recipe: str | None) -> str:
+               cost: dict | None, machine: dict | None, recipe: str | None, onnx: dict) -> str:
     m = split_manifest
+    mask_history = bool(metrics.get("mask_history", True))
     data = Path(m.get("inputs", {}).get("inter") or "?").stem
     lines = [f"# anyo export: {model_name} ({MODELS[model_name].label})", "",
              "A SASRec next-item recommender (pre-LN causal self-attention, item table tied to the input "
@@ -86,8 +123,10 @@ def model_card(model_name: str, cfg: dict, params: int, split_manifest: dict, me
              "- leave-one-out split by timestamp: last item = test target, second last = validation",
              f"- split hash `{m.get('hash')}` (options {json.dumps(m.get('options', {}), sort_keys=True)})", "",
              "## Test metrics", "",
-             f"Full ranking over the whole catalogue, history items excluded "
-             f"(mask_history={metrics.get('mask_history')}, index {metrics.get('index')}); "
+             f"Full ranking over the whole catalogue, {describe_protocol(mask_history)} "
+             f"(mask_history={mask_history}, index {metrics.get('index')}); {_repeats(metrics, m)} "
+             f"`anyo recommend` and `anyo serve` rank the same way by default"
+             f"{' (`--include-seen` / `include_seen: true` keeps seen items)' if mask_history else ''}. "
              f"HR@1(cand) is the 20-candidate protocol. Seed {metrics.get('seed')}, best epoch "
              f"{metrics.get('best_epoch')}.", ""]
     test = metrics.get("metrics", {})
@@ -108,6 +147,12 @@ def model_card(model_name: str, cfg: dict, params: int, split_manifest: dict, me
         lines += ["Not measured in this run (no `RUN/report/report.json` with this model's cost).", ""]
     if recipe is not None:
         lines += ["## Recipe", "", "```yaml", recipe.rstrip("\n"), "```", ""]
+    lines += ["## Runtimes", "",
+              f"`model.onnx` (opset {onnx['opset']}) is the encoder for ONNX Runtime (the default, `--runtime "
+              f"onnxruntime`); `model.safetensors` the same weights for torch (`--runtime torch`). On "
+              f"{onnx['parity']['users']} seeded test histories the two gave user vectors within "
+              f"{onnx['parity']['relative_diff']:.1e} of each other (relative; the export refuses more than "
+              f"{onnx['parity']['tolerance']:.0e}).", ""]
     lines += ["## Files", "", "`manifest.json` lists the sha256 of every file; loading refuses a missing or edited one.", ""]
     return "\n".join(lines)
 
@@ -139,6 +184,20 @@ def export(run: str | Path, out: str | Path, model_name: str = "student_distille
     recipe_path = run / "recipe.yaml"
     recipe = recipe_path.read_text() if recipe_path.is_file() else None
     params = sum(p.numel() for p in model.parameters())
+    try:
+        import onnx as onnx_lib  # the `onnx` extra: the other commands (recommend, serve on torch) run without it
+    except ImportError:
+        raise AnyoError("anyo export writes model.onnx: install the onnx extra (pip install 'anyo-distill[onnx]')") \
+            from None
+    onnx_bytes = onnx_encoder(model)
+    parity = onnx_parity(model, onnx_bytes, split)
+    if not parity["relative_diff"] <= parity["tolerance"]:
+        raise ArtifactError(f"{src / 'model.safetensors'}: the ONNX encoder differs from the torch model by "
+                            f"{parity['relative_diff']:.2e} (relative) on {parity['users']} sampled test users, "
+                            f"tolerance {parity['tolerance']:.0e}; nothing was exported")
+    graph = onnx_lib.load_from_string(onnx_bytes)
+    onnx_lib.checker.check_model(graph)
+    onnx = {"opset": next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), "parity": parity}
 
     with atomic_dir(out) as tmp:
         shutil.copyfile(src / "model.safetensors", tmp / "model.safetensors")
@@ -148,10 +207,12 @@ def export(run: str | Path, out: str | Path, model_name: str = "student_distille
         index = faiss.IndexFlatIP(items.shape[1])
         index.add(items)
         faiss.write_index(index, str(tmp / "items.faiss"))
+        (tmp / "model.onnx").write_bytes(onnx_bytes)
         (tmp / "README.md").write_text(model_card(model_name, meta["model"], params, split.manifest, metrics,
-                                                  cost, machine, recipe))
+                                                  cost, machine, recipe, onnx))
         manifest = {"kind": EXPORT_KIND, "format": EXPORT_FORMAT, "model": model_name,
                     "split_hash": split.hash, "n_items": split.n_items, "dim": int(items.shape[1]),
+                    "mask_history": bool(metrics.get("mask_history", True)), "onnx": onnx,
                     "source": {"run": str(run.resolve()), "seed": meta.get("seed")},
                     "files": {name: sha256_file(tmp / name) for name in FILES}}
         manifest[MANIFEST_DIGEST] = json_digest(manifest)

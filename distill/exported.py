@@ -18,12 +18,12 @@ from distill.artifacts import escape_field, json_digest, read_record, read_tsv, 
 from distill.histories import Histories
 from distill.errors import AnyoError, ArtifactError
 from distill.search import ItemIndex
-from distill.recommender import TORCH_MAX_ITEMS, Recommender
+from distill.recommender import TORCH_MAX_ITEMS, Recommender, default_runtime
 from student.model import load_student
 
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: model.onnx, the ranking protocol and the ONNX parity check in the manifest
 EXPORT_KIND = "anyo-export"
-FILES = ("model.safetensors", "config.json", "items.tsv", "items.faiss", "metrics.json", "README.md")
+FILES = ("model.safetensors", "model.onnx", "config.json", "items.tsv", "items.faiss", "metrics.json", "README.md")
 MANIFEST_DIGEST = "manifest_sha256"   # the manifest's own seal, over every other key
 
 
@@ -65,11 +65,19 @@ class Exported:
             raise UnknownItems(field, unknown)
         return np.asarray(ids, dtype=np.int64)
 
-    def recommend_many(self, histories: list, k: int = 10, include_seen: bool = False,
+    @property
+    def mask_history(self) -> bool:
+        """The ranking protocol the model was evaluated with (distill.search.ranking_exclusions), served by
+        default: True excludes the history's items, False keeps them rankable (repeat consumption)."""
+        return bool(self.manifest["mask_history"])
+
+    def recommend_many(self, histories: list, k: int = 10, include_seen: bool | None = None,
                        field: str = "histories") -> list[list[dict]]:
+        """Top-k for each history of raw ids; include_seen None = the evaluated protocol (`mask_history`)."""
         rows = [self.to_internal(h, f"{field}[{n}]" if field == "histories" else field)
                 for n, h in enumerate(histories)]
-        ids, scores = self.recommender.top_k(Histories.from_rows(rows), k, exclude_seen=not include_seen)
+        exclude = self.mask_history if include_seen is None else not include_seen
+        ids, scores = self.recommender.top_k(Histories.from_rows(rows), k, exclude_seen=exclude)
         out = []
         raw, titles = self.raw_ids, self.titles
         for row_ids, row_scores in zip(ids.tolist(), scores.tolist()):
@@ -77,7 +85,7 @@ class Exported:
                         for i, s in zip(row_ids, row_scores) if i > 0])
         return out
 
-    def recommend(self, history: list, k: int = 10, include_seen: bool = False) -> list[dict]:
+    def recommend(self, history: list, k: int = 10, include_seen: bool | None = None) -> list[dict]:
         return self.recommend_many([history], k, include_seen, field="history")[0]
 
 
@@ -114,7 +122,8 @@ def _read_items(path: Path, n_items: int) -> tuple[list[str], list[str]]:
     return raw, titles
 
 
-def load_export(folder: str | Path, torch_max_items: int | None = None) -> Exported:
+def load_export(folder: str | Path, torch_max_items: int | None = None, runtime: str | None = None) -> Exported:
+    """A verified export; `runtime` onnxruntime (model.onnx) or torch, default `default_runtime()`."""
     folder = Path(folder)
     manifest = verify_export(folder)
     model, meta = load_student(folder, manifest["split_hash"], manifest["n_items"])
@@ -130,7 +139,9 @@ def load_export(folder: str | Path, torch_max_items: int | None = None) -> Expor
     item_index = None
     if len(items) > limit:
         item_index = ItemIndex(items)
-    rec = Recommender(model, torch_max_items=limit, index=item_index)
+    runtime = default_runtime() if runtime is None else runtime
+    onnx = (folder / "model.onnx").read_bytes() if runtime == "onnxruntime" else None
+    rec = Recommender(model, torch_max_items=limit, index=item_index, runtime=runtime, onnx=onnx)
     id_of = {r: i for i, r in enumerate(raw) if i > 0}
     return Exported(folder, manifest, rec, raw, titles, id_of)
 
@@ -155,7 +166,7 @@ def parse_history(text: str | None, as_json: str | None) -> list[str]:
 
 
 def cmd_recommend(args) -> int:
-    exp = load_export(args.dir)
+    exp = load_export(args.dir, runtime=args.runtime)
     history = parse_history(args.history, args.history_json)
     if not 1 <= args.k <= exp.n_items:
         raise AnyoError(f"-k {args.k}: expected 1..{exp.n_items} (the catalogue size)")

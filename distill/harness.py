@@ -12,7 +12,7 @@ import numpy as np
 
 from distill.data import Split
 from distill.errors import AnyoError
-from distill.search import Exclusions, ItemIndex, check_scores_fit, check_vectors
+from distill.search import ItemIndex, check_scores_fit, check_vectors, ranking_exclusions
 
 DEFAULT_KS = (1, 5, 10, 20)
 
@@ -91,6 +91,12 @@ class EvalResult:
         return self.by_popularity.get("unseen", {"users": 0})
 
 
+def repeated_targets(histories, targets: np.ndarray) -> np.ndarray:
+    """(n,) whether each user's target repeats an item of their history (repeat consumption)."""
+    rows = histories.row_ids()
+    return np.bincount(rows[histories.flat == targets[rows]], minlength=len(targets)) > 0
+
+
 def evaluate(split: Split, user_vectors: np.ndarray, item_vectors: np.ndarray, stage: str = "valid",
              ks=DEFAULT_KS, mask_history: bool = True, protocol: str = "full", index: str = "Flat",
              names: tuple[str, str] = ("user vectors", "item vectors")) -> EvalResult:
@@ -111,9 +117,9 @@ def evaluate(split: Split, user_vectors: np.ndarray, item_vectors: np.ndarray, s
         return EvalResult(rank_metrics(ranks, [k for k in ks if k <= cands.shape[1]]), ranks, None, options)
     if protocol != "full":
         raise AnyoError(f"--protocol {protocol!r}: expected full or candidates")
-    exclude = None
-    if mask_history:
-        exclude = Exclusions.from_histories(split.history(stage), split.n_items + 1, keep=targets)
+    hist = split.history(stage)
+    options["repeated_targets"] = int(repeated_targets(hist, targets).sum())
+    exclude = ranking_exclusions(hist, split.n_items + 1, mask_history)
     ids, _ = ItemIndex(items, index).search(users, max(ks), exclude)
     hit = ids == targets[:, None]
     ranks = np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
@@ -142,6 +148,7 @@ def metrics_record(results: dict, split: Split, **extra) -> dict:
     rec = {"metrics": results["test"].metrics, "stage": "test", "valid_metrics": results["valid"].metrics,
            "by_popularity": results["test"].by_popularity, "cold": results["test"].cold,
            "candidates": results["candidates"].metrics, "split_hash": split.hash,
-           "mask_history": results["test"].options["mask_history"], "index": results["test"].options["index"]}
+           "mask_history": results["test"].options["mask_history"], "index": results["test"].options["index"],
+           "repeated_targets": results["test"].options["repeated_targets"]}
     rec.update(extra)
     return rec

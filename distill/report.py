@@ -120,7 +120,7 @@ def write_report(run: Path, recipe: Recipe, out: Path, inputs: dict) -> dict:
     models = q["models"]
     if recipe.bench.measure_cost:
         costs = measure_costs(run, split, [name for name in models if name in MODELS and MODELS[name].cost],
-                              recipe.bench)
+                              recipe.bench, recipe.eval.mask_history)
         for name, m in models.items():
             m.update(costs.get(name, {}))
     report = {"split_hash": split.hash, "dataset": Path(split.manifest["inputs"]["inter"]).stem, "machine": machine(),
@@ -214,6 +214,10 @@ def markdown(report: dict) -> str:
         cost = [_count(m.get("params")), _count(None if rss is None else rss / 2**20),
                 _fmt(m.get("latency_ms", {}).get("p50")), _count(m.get("throughput_users_per_s"))]
         lines.append(f"| {m['label']} | {trained(name, m)} | " + " | ".join(q + cost) + " |")
+    runtimes = sorted({m["runtime"] for m in report["models"].values() if "runtime" in m})
+    if runtimes:
+        lines.append(f"\nThe students' cost is that of the `Recommender` `anyo serve` runs, minus HTTP (runtime "
+                     f"{', '.join(runtimes)}); the teacher's that of its own retriever and the harness's search.")
     if CF_DISTILLED in report["models"]:
         lines.append(f"\n{MODELS[CF_DISTILLED].label}: the recipe's distillation from a w = 1 cache of the CF model "
                      "every teacher blends with (no LLM); its serving cost is the distilled student's (the same SASRec).")

@@ -56,6 +56,7 @@ def check_scores_fit(user_name: str, users: np.ndarray, item_name: str, items: n
 
 
 EXCLUSION_CHUNK = 256  # queries per search when exclusions set the depth
+DENSE_EXCLUSIONS = 1 << 24  # cells (queries x catalogue rows) up to which exclusions are built from a bitmap
 
 
 class ItemIndex:
@@ -144,14 +145,16 @@ class Exclusions:
     lengths: np.ndarray  # (n_queries,) how many items each query excludes
 
     @classmethod
-    def from_histories(cls, histories: Histories, n_rows: int, keep: np.ndarray | None = None) -> "Exclusions":
-        """Exclude each row's history items, except `keep[row]` (the target is never masked)."""
+    def from_histories(cls, histories: Histories, n_rows: int) -> "Exclusions":
+        """Exclude every item of each row's history. The keys come sorted and unique from a (rows, N+1) bitmap
+        when it is at most DENSE_EXCLUSIONS cells (a serving batch: no sort of the whole batch's histories),
+        else from np.unique."""
         rows = histories.row_ids()
-        flat = histories.flat
-        if keep is not None:
-            mask = flat != keep[rows]
-            rows, flat = rows[mask], flat[mask]
-        keys = np.unique(rows.astype(np.int64) * n_rows + flat)
+        if len(histories) * n_rows <= DENSE_EXCLUSIONS:
+            seen = np.zeros((len(histories), n_rows), dtype=bool)
+            seen[rows, histories.flat] = True
+            return cls(np.flatnonzero(seen), n_rows, np.count_nonzero(seen, axis=1))
+        keys = np.unique(rows.astype(np.int64) * n_rows + histories.flat)
         return cls(keys, n_rows, np.bincount(keys // n_rows, minlength=len(histories)))
 
     def contains(self, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -160,6 +163,24 @@ class Exclusions:
             return np.zeros(q.shape, dtype=bool)
         pos = np.searchsorted(self.keys, q).clip(max=len(self.keys) - 1)
         return self.keys[pos] == q
+
+
+# ---------------------------------------------------------------- the ranking protocol
+
+def ranking_exclusions(histories: Histories, n_rows: int, mask_history: bool) -> Exclusions | None:
+    """The ranking protocol, the one definition the harness, the teacher, the model card, `anyo recommend` and
+    `anyo serve` use: padding (row 0) is never ranked; with `mask_history` every item of the history is
+    excluded too, so a target that repeats an earlier item is not rankable (a miss), exactly as a served list
+    that leaves out what the user has seen; without it seen items stay rankable (data with repeat consumption).
+    Nothing depends on the target, so what is evaluated is what is served."""
+    return Exclusions.from_histories(histories, n_rows) if mask_history else None
+
+
+def describe_protocol(mask_history: bool) -> str:
+    """The protocol in words (the model card, `anyo recommend --help`)."""
+    return ("padding and every item of the user's history excluded (a target that repeats a history item "
+            "counts as a miss)" if mask_history else
+            "padding excluded; the history's items stay rankable (repeat consumption)")
 
 
 # ---------------------------------------------------------------- index strings

@@ -4,9 +4,13 @@ Each model is measured in its own child process, forked from a forkserver that
 has already imported torch, so its peak resident memory is its own (on top of
 the interpreter and torch, the same for every model) and no child pays for the
 imports. Every model serves the same users (recipe section `bench`): latency per user at
-batch 1 (encode + top-10 search with history masking, model loading excluded), and a
-throughput sweep over batch sizes (median of its passes); the report compares each
+batch 1 (encode + top-10 search under the ranking protocol of `eval.mask_history`, model loading excluded),
+and a throughput sweep over batch sizes (median of its passes); the report compares each
 model's best throughput, and the FLOPs per user each model's shapes imply.
+
+A student (a model `anyo export` can serve) is measured through `distill.recommender.Recommender` on its
+default runtime, the path `anyo recommend` and `anyo serve` run; the teacher and MostPop through their own
+retriever and the harness's search.
 `python -m distill.serving RUN NAME [BACKEND]` measures one model (a name in distill.runs.MODELS) from the shell.
 """
 
@@ -23,8 +27,9 @@ import numpy as np
 
 from distill.config import BenchConfig
 from distill.data import Split, load_split
-from distill.search import Exclusions, ItemIndex
-from distill.runs import load_retriever
+from distill.recommender import Recommender
+from distill.runs import MODELS, load_retriever
+from distill.search import ItemIndex, ranking_exclusions
 
 clock = time.perf_counter  # module-level so a test can substitute a fake clock
 
@@ -42,20 +47,28 @@ def parameter_counts(model) -> tuple[int, int]:
     return params, trained
 
 
-def measure(run: Path, name: str, backend: str, bench) -> dict:
-    """One model's serving cost: encode + top-10 search with the history masked, model loading excluded.
+def measure(run: Path, name: str, backend: str, bench, mask_history: bool = True) -> dict:
+    """One model's serving cost: encode + top-10 search under the ranking protocol, model loading excluded.
     Every model serves the same users: `bench.latency_users` one at a time, then the first `bench.users`
     test users at each batch size of `bench.batch_sizes` (median of `bench.passes` passes)."""
     split = load_split(run / "split")
     model = load_retriever(run, split, name, backend)
     items = model.item_vectors()
     params, trained = parameter_counts(model)
-    index = ItemIndex(items)
     hist = split.history("test")
+    extra = {}
+    if MODELS[name].exportable:  # what `anyo serve` runs
+        rec = Recommender(model)
+        extra["runtime"] = rec.runtime
 
-    def serve(users: np.ndarray) -> None:
-        rows = hist.take(users)
-        index.search(model.encode(rows), 10, Exclusions.from_histories(rows, len(items)))
+        def serve(users: np.ndarray) -> None:
+            rec.top_k(hist.take(users), 10, mask_history)
+    else:
+        index = ItemIndex(items)
+
+        def serve(users: np.ndarray) -> None:
+            rows = hist.take(users)
+            index.search(model.encode(rows), 10, ranking_exclusions(rows, len(items), mask_history))
 
     serve(np.arange(2))  # warm-up
     lat = []
@@ -80,10 +93,10 @@ def measure(run: Path, name: str, backend: str, bench) -> dict:
             "latency_ms": {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
                            "users": len(lat)},
             "throughput_users_per_s": max(sweep.values()), "throughput_by_batch": sweep, "users": len(users),
-            "flops_per_user": float(np.mean(model.flops_per_user(hist.take(users))))}
+            "flops_per_user": float(np.mean(model.flops_per_user(hist.take(users)))), **extra}
 
 
-def measure_costs(run: Path, split: Split, names: list[str], bench) -> dict:
+def measure_costs(run: Path, split: Split, names: list[str], bench, mask_history: bool = True) -> dict:
     """Cost of each model by name; the teacher's top-level figures are its first backend's."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "distill.serving"])
@@ -92,7 +105,7 @@ def measure_costs(run: Path, split: Split, names: list[str], bench) -> dict:
         for backend in bench.teacher_backends if name == "teacher" else ["hf"]:
             pool = ctx.Pool(processes=1)  # a fresh child per model: its own peak RSS
             try:
-                cost = pool.apply(measure, (run, name, backend, bench))
+                cost = pool.apply(measure, (run, name, backend, bench, mask_history))
             except Exception as e:
                 raise RuntimeError(f"measuring {name} ({backend}) failed: {e}") from e
             finally:

@@ -90,11 +90,11 @@ class SASRec(nn.Module):
         for earlier positions (serving needs only the user vector)."""
         B, T = seq.shape
         valid = seq > 0                                                   # (B, T)
-        pos = (valid.flip(1).cumsum(1).flip(1) - 1).clamp(min=0)          # 0 = most recent item
+        pos = (valid.long().flip(1).cumsum(1).flip(1) - 1).clamp(min=0)   # 0 = most recent item
         x = F.embedding(seq, self.item_table, padding_idx=0) * self.cfg.hidden_size ** 0.5 + self.pos_emb(pos)
         x = self.drop(x) * valid.unsqueeze(-1)
-        causal = torch.ones(T, T, dtype=torch.bool, device=seq.device).tril()
-        eye = torch.eye(T, dtype=torch.bool, device=seq.device)
+        idx = torch.arange(T, device=seq.device)
+        causal, eye = idx[None, :] <= idx[:, None], idx[None, :] == idx[:, None]   # (T, T); exportable to ONNX
         # a query sees earlier real items; itself always, so all-padding rows stay finite
         mask = (causal & valid[:, None, :]) | eye                         # (B, T, T)
         mask = mask.unsqueeze(1)                                          # (B, 1, T, T)

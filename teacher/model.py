@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from distill.config import TeacherConfig
 from distill.errors import ConfigError
 from distill.histories import Histories, within
-from distill.search import Exclusions, ItemIndex
+from distill.search import ItemIndex, ranking_exclusions
 from student.model import SASRec
 from teacher.backbone import load_backbone
 from teacher.item_text import item_parts, item_states
@@ -64,7 +64,7 @@ def search_outputs(index: ItemIndex, q: torch.Tensor, histories: Histories, k: i
                    temperature: float) -> TeacherOutputs:
     """A teacher's outputs from its query vectors: the harness's top-k over the item index, the histories'
     items masked, scores the inner products / temperature (every teacher's top-K: LLM, CF-only, imported)."""
-    exclude = Exclusions.from_histories(histories, index.n_rows) if mask_history else None
+    exclude = ranking_exclusions(histories, index.n_rows, mask_history)
     ids, scores = index.search(q.numpy(), k, exclude)
     return TeacherOutputs(q, torch.from_numpy(ids), torch.from_numpy(scores) / temperature)
 

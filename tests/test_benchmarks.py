@@ -40,7 +40,7 @@ def run(tiny_run, tmp_path_factory):
 def test_every_script_is_covered():
     covered = {"make_synthetic.py", "harness_speed.py", "scale.py", "distill_ablation.py", "teacher_inference.py",
                "serve_load.py", "student_vs_recbole.py", "seed_claims.py", "recbole_sasrec.py", "text_decides.py",
-               "text_teacher.py", "external_teacher.py"}
+               "text_teacher.py", "external_teacher.py", "serving_profile.py"}
     assert set(SCRIPTS) == covered, "a new benchmark script needs its smoke test here"
 
 
@@ -92,6 +92,21 @@ def test_serve_load(tiny_run, tmp_path):
     bench("serve_load.py", "--export", export, "--split", tiny_run[0] / "split", "--clients", 2, "--seconds", 1,
           "--max-requests", 40, "--in-process-threads", "1", "--out", out)
     assert "users/s" in out.read_text()
+
+
+def test_serving_profile(tiny_run, tmp_path):
+    export = tmp_path / "export"
+    assert main(["export", str(tiny_run[0]), "--out", str(export)]) == 0
+    out, store = tmp_path / "serving.md", tmp_path / "profile.json"
+    out.write_text("# Serving benchmark\n\nkept\n")
+    for label in ("before", "after"):
+        bench("serving_profile.py", "--export", export, "--split", tiny_run[0] / "split", "--threads", 1, "--runs", 1,
+              "--singles", 4,
+              "--label", label, "--json", store, "--out", out)
+    text = out.read_text()
+    assert text.startswith("# Serving benchmark\n\nkept\n") and text.count("serving_profile.py: begin") == 1
+    assert "| before | onnxruntime | 1 | 1 |" in text and "| after | torch | 1 | 1,024 |" in text
+    assert set(json.loads(store.read_text())) == {"before", "after"}
 
 
 def test_student_vs_recbole(run, tmp_path):

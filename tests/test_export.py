@@ -1,5 +1,6 @@
 """`anyo export` / `anyo recommend`: the served ranking is the evaluated ranking; tampering is refused."""
 
+import copy
 import json
 import shutil
 
@@ -7,13 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import RECIPE, sets, tiny_recipe_overrides
+
 from distill.cli import main
 from distill.data import load_split
 from distill.histories import Histories
 from distill.errors import ArtifactError
 from distill.exported import load_export
 from distill.search import Exclusions, ItemIndex
-from distill.recommender import Recommender
+from distill.export import PARITY_TOLERANCE
+from distill.harness import repeated_targets
+from distill.recommender import ONNX_OPSET, RUNTIMES, Recommender
 from student.model import SASRecConfig
 
 
@@ -28,8 +33,11 @@ def exported(tiny_run, tmp_path_factory):
 def test_export_folder_is_self_contained(exported):
     run, out = exported
     manifest = json.loads((out / "manifest.json").read_text())
-    names = {"model.safetensors", "config.json", "items.tsv", "items.faiss", "metrics.json", "README.md"}
+    names = {"model.safetensors", "model.onnx", "config.json", "items.tsv", "items.faiss", "metrics.json", "README.md"}
     assert set(manifest["files"]) == names and {p.name for p in out.iterdir()} == names | {"manifest.json"}
+    assert manifest["onnx"]["opset"] == ONNX_OPSET and manifest["mask_history"] is True
+    parity = manifest["onnx"]["parity"]
+    assert parity["users"] > 0 and 0 <= parity["relative_diff"] <= parity["tolerance"] == PARITY_TOLERANCE
     split = load_split(run / "split")
     card = (out / "README.md").read_text()
     metrics = json.loads((run / "student_distilled" / "metrics.json").read_text())
@@ -38,27 +46,33 @@ def test_export_folder_is_self_contained(exported):
     assert exp.raw_ids[1:] == split.items[1:] and exp.n_items == split.n_items
 
 
-def test_served_ranking_is_the_harness_ranking(exported):
-    """For every test user: the target's position in the served list is the one in test_ranks.npy."""
+def served_ranks(exp, split, **kw) -> np.ndarray:
+    """Each test user's target position in the served top-20 (-1 = not in it), as test_ranks.npy holds it."""
+    hist, targets = split.history("test"), split.targets("test")
+    raw = [[split.items[i] for i in hist.row(u)] for u in range(split.n_users)]
+    served = exp.recommend_many(raw, k=min(20, split.n_items), **kw)
+    return np.array([next((r for r, it in enumerate(items) if it["item"] == split.items[targets[u]]), -1)
+                     for u, items in enumerate(served)])
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_served_ranking_is_the_harness_ranking(exported, runtime):
+    """For every test user, on either runtime: the target's position in the served list is the one in
+    test_ranks.npy, a target that repeats a history item included (a miss in both)."""
     run, out = exported
     split = load_split(run / "split")
-    exp = load_export(out)
+    exp = load_export(out, runtime=runtime)
+    assert exp.recommender.runtime == runtime
     hist, targets = split.history("test"), split.targets("test")
     ranks = np.load(run / "student_distilled" / "test_ranks.npy")
-    k = ranks.max() + 1 if ranks.max() >= 0 else 20
-    k = max(int(k), 20)
-    raw = [[split.items[i] for i in hist.row(u)] for u in range(split.n_users)]
-    served = exp.recommend_many(raw, k=min(k, split.n_items))
-    # the harness never masks the target: compare where the target is not in the history
-    fair = np.array([targets[u] not in set(hist.row(u).tolist()) for u in range(split.n_users)])
-    assert fair.sum() >= split.n_users // 2
-    got = np.array([next((r for r, it in enumerate(items) if it["item"] == split.items[targets[u]]), -1)
-                    for u, items in enumerate(served)])
-    got = np.where(got >= 20, -1, got)  # test_ranks covers the harness's max K (20)
-    assert np.array_equal(got[fair], ranks[fair])
+    repeated = repeated_targets(hist, targets)
+    record = json.loads((run / "student_distilled" / "metrics.json").read_text())
+    assert record["repeated_targets"] == repeated.sum() > 0   # the toy data has repeat consumption
+    assert np.array_equal(served_ranks(exp, split), ranks) and (ranks[repeated] == -1).all()
     # and the whole lists equal the harness's search over the same vectors with the same masking
     users = exp.recommender.model.encode(hist)
     ids, _ = ItemIndex(exp.recommender.items.numpy()).search(users, 10, Exclusions.from_histories(hist, split.n_items + 1))
+    served = exp.recommend_many([[split.items[i] for i in hist.row(u)] for u in range(split.n_users)], k=10)
     served_ids = [[exp.id_of[it["item"]] for it in items[:10]] for items in served]
     assert [list(r[r > 0]) for r in ids] == served_ids
 
@@ -84,6 +98,7 @@ def test_tampered_or_missing_file_is_refused(exported, tmp_path, capsys):
     _, out = exported
     for name, damage in [("items.tsv", lambda p: p.write_text(p.read_text().replace("\t", " ", 1))),
                          ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:-1] + b"\0")),
+                         ("model.onnx", lambda p: p.write_bytes(p.read_bytes()[:-1] + b"\0")),
                          ("items.faiss", lambda p: p.unlink()),
                          ("manifest.json", lambda p: p.write_text(p.read_text().replace('"model": "student_distilled"',
                                                                                          '"model": "student_alone"')))]:
@@ -140,7 +155,7 @@ def test_ties_are_broken_by_lower_id_like_the_harness():
     model = IntegerModel(40)
     rng = np.random.default_rng(0)
     hist = Histories.from_rows([rng.integers(1, 41, size=rng.integers(2, 12)) for _ in range(64)])
-    rec = Recommender(model)
+    rec = Recommender(model, runtime="torch")
     users = rec.encode(hist).numpy()
     items = model.item_vectors()
     exclude = Exclusions.from_histories(hist, 41)
@@ -152,6 +167,51 @@ def test_ties_are_broken_by_lower_id_like_the_harness():
         # the FAISS path is the harness's Flat search itself (which, at exact ties across its search
         # depth, may keep a higher id: FAISS's heap does not order ties)
         flat, _ = ItemIndex(items, "Flat").search(users, k, exclude)
-        assert np.array_equal(Recommender(model, torch_max_items=10).top_k(hist, k)[0], flat)
+        assert np.array_equal(Recommender(model, torch_max_items=10, runtime="torch").top_k(hist, k)[0], flat)
     want, _ = ItemIndex(items, "brute").search(users, 7)
     assert np.array_equal(rec.top_k(hist, 7, exclude_seen=False)[0], want)
+
+
+def test_an_onnx_encoder_unlike_the_model_is_refused(tiny_run, tmp_path, monkeypatch, capsys):
+    """The parity check: a model.onnx of other weights (here: the first MLP perturbed) is never exported."""
+    from distill import export as export_module
+    real = export_module.onnx_encoder
+
+    def drifted(model):
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            w = other.blocks[0].mlp[0].weight
+            w.add_(0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+        return real(other)
+
+    monkeypatch.setattr(export_module, "onnx_encoder", drifted)
+    out = tmp_path / "drifted"
+    assert main(["export", str(tiny_run[0]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "ONNX encoder differs from the torch model" in err and "tolerance 1e-04" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_repeat_consumption_run_serves_the_protocol_it_was_evaluated_with(toy_data, tiny_llama, tmp_path, capsys):
+    """eval.mask_history=false (data with repeats): the harness ranks repeated targets, and the export serves
+    that protocol by default, so the served ranks equal test_ranks.npy for every user, repeated targets found."""
+    run, out = tmp_path / "run", tmp_path / "export"
+    overrides = sets(tiny_recipe_overrides(toy_data, tiny_llama) + ["eval.mask_history=false"])
+    assert main(["student", "train", RECIPE, "--out", str(run)] + overrides) == 0
+    assert main(["export", str(run), "--out", str(out), "--model", "student_alone"]) == 0
+    split = load_split(run / "split")
+    ranks = np.load(run / "student_alone" / "test_ranks.npy")
+    repeated = repeated_targets(split.history("test"), split.targets("test"))
+    assert (ranks[repeated] >= 0).any()           # the protocol decides these users' ranks
+    for runtime in RUNTIMES:
+        exp = load_export(out, runtime=runtime)
+        assert exp.manifest["mask_history"] is False
+        assert np.array_equal(served_ranks(exp, split), ranks)
+        assert not np.array_equal(served_ranks(exp, split, include_seen=False), ranks)
+    assert "history's items stay rankable" in (out / "README.md").read_text()
+    history = [split.items[i] for i in split.history("test").row(int(np.flatnonzero(repeated)[0]))]
+    capsys.readouterr()
+    assert main(["recommend", str(out), "--history", ",".join(history), "-k", "20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["items"] == load_export(out).recommend(history, 20, include_seen=True)
+    assert main(["recommend", str(out), "--history", ",".join(history), "-k", "20", "--json", "--exclude-seen"]) == 0
+    assert not set(it["item"] for it in json.loads(capsys.readouterr().out)["items"]) & set(history)

@@ -7,8 +7,8 @@ from distill.cli import main
 from distill.config import DataConfig
 from distill.data import build_split, save_split
 from distill.histories import Histories
-from distill.harness import evaluate, rank_metrics
-from distill.search import Exclusions, ItemIndex
+from distill.harness import evaluate, rank_metrics, repeated_targets
+from distill.search import Exclusions, ItemIndex, ranking_exclusions
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +78,19 @@ def test_popularity_buckets_split_users_by_their_targets_training_count():
     assert m["unseen"]["NDCG@1"] == 1.0
 
 
-def test_history_masking_never_masks_the_target():
-    hist = Histories.from_rows([[1, 2, 3], [4]])
-    ex = Exclusions.from_histories(hist, 6, keep=np.array([2, 5]))   # user 0's target 2 repeats a history item
+def test_ranking_protocol_is_what_serving_can_reproduce():
+    """mask_history excludes every history item, a repeated target too (it does not depend on the target, so a
+    server can apply it); without it only padding is excluded and the repeated target is found."""
+    hist = Histories.from_rows([[1, 2, 3], [4]])                 # user 0's target 2 repeats a history item
     items = np.eye(6, dtype=np.float32)[:, :6]
-    q = np.array([[0, 1, 1.5, 0.5, 0.1, 0], [0, 0, 0, 0, 2, 1]], np.float32)  # user 0 likes 2 most but 2 is kept
-    ids, _ = ItemIndex(items).search(q, 3, ex)
-    assert ids[0].tolist()[:2] == [2, 4] and 1 not in ids[0] and 3 not in ids[0]
+    q = np.array([[0, 1, 1.5, 0.5, 0.1, 0], [0, 0, 0, 0, 2, 1]], np.float32)  # user 0 likes 2 most
+    ids, _ = ItemIndex(items).search(q, 3, ranking_exclusions(hist, 6, mask_history=True))
+    assert ids[0].tolist()[:1] == [4] and not {1, 2, 3} & set(ids[0].tolist())
     assert ids[1][0] == 5 and 4 not in ids[1]
+    assert ranking_exclusions(hist, 6, mask_history=False) is None
+    ids, _ = ItemIndex(items).search(q, 3, None)
+    assert ids[0].tolist() == [2, 1, 3]
+    assert repeated_targets(hist, np.array([2, 5])).tolist() == [True, False]
 
 
 def test_candidate_protocol_counts_target_against_its_19_negatives(split):
@@ -112,7 +117,7 @@ def independent_ndcg10(inter_path, users_tsv, items_tsv, U, I, mask=True):
         s = I @ U[r]
         s[0] = -np.inf
         if mask:
-            s[[h for h in history if h != target]] = -np.inf
+            s[history] = -np.inf
         order = sorted(range(len(s)), key=lambda j: (-s[j], j))
         rank = order.index(target)
         total += 1 / np.log2(rank + 2) if rank < 10 else 0.0
@@ -167,3 +172,15 @@ def test_index_search_parameters_after_a_question_mark():
     check_index_string("IVF8,Flat?nprobe=4", 8)
     with pytest.raises(AnyoError, match="could not set parameter bogus"):
         check_index_string("IVF8,Flat?bogus=4", 8)
+
+
+def test_exclusions_from_the_bitmap_equal_those_from_a_sort(monkeypatch):
+    """Serving batches build their exclusions from a bitmap, larger ones with np.unique: the same keys."""
+    import distill.search as search
+    rng = np.random.default_rng(0)
+    hist = Histories.from_rows([rng.integers(1, 50, size=int(rng.integers(0, 80))) for _ in range(64)])
+    dense = Exclusions.from_histories(hist, 50)
+    monkeypatch.setattr(search, "DENSE_EXCLUSIONS", 0)
+    sort = Exclusions.from_histories(hist, 50)
+    assert np.array_equal(dense.keys, sort.keys) and np.array_equal(dense.lengths, sort.lengths)
+    assert dense.keys.dtype == sort.keys.dtype == np.int64 and (dense.lengths == [len(set(r)) for r in hist]).all()

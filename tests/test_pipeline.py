@@ -239,10 +239,19 @@ def test_latency_excludes_model_loading(tiny_run, monkeypatch):
         now[0] += 1000.0
         return real(*args)
 
+    served = []
+
+    class Counted(serving.Recommender):  # a student is timed through what `anyo serve` runs
+        def top_k(self, histories, k, exclude_seen=True):
+            served.append(len(histories))
+            return super().top_k(histories, k, exclude_seen)
+
     monkeypatch.setattr(serving, "clock", tick)
     monkeypatch.setattr(serving, "load_retriever", slow_load)
+    monkeypatch.setattr(serving, "Recommender", Counted)
     from distill.config import BenchConfig
     cost = serving.measure(run, "student_alone", "hf", BenchConfig(batch_sizes=[1, 1024], latency_users=30))
+    assert cost["runtime"] == "onnxruntime" and served[:31] == [2] + [1] * 30
     assert cost["latency_ms"]["p50"] == pytest.approx(1.0) and cost["latency_ms"]["p95"] == pytest.approx(1.0)
     n_users = load_split(run / "split").n_users
     assert cost["throughput_by_batch"] == pytest.approx({"1": n_users / 1e-3, "1024": n_users / 1e-3})  # 2 readings
