@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 import sys
+import typing
 
 from distill import commands
 from distill.checked import SEED_MAX
 from distill.errors import AnyoError, ConfigError
+from distill.serve_config import ServeConfig
 
 RECIPE_HELP = "recipe YAML file, or the name of a recipe shipped with anyo (ml100k, ml100k-cold, ...)"
 
@@ -116,10 +119,10 @@ def _serving_commands(sub) -> None:
     p.add_argument("--include-seen", action="store_true", help="do not exclude the history's items")
     p = sub.add_parser("serve", help="serve an exported folder over HTTP (FastAPI + uvicorn)")
     p.add_argument("dir", help="an `anyo export` folder")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    hints = typing.get_type_hints(ServeConfig)
+    for f in dataclasses.fields(ServeConfig):
+        p.add_argument(ServeConfig.flag(f.name), type=hints[f.name], default=f.default,
+                       help=f"{f.metadata['help']} (default {f.default})")
 
 
 def _check_args(args) -> None:
