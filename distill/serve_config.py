@@ -36,7 +36,7 @@ class ServeConfig(Section):
                                       gt=0.0, max=3600.0)
     max_response_items: int = option("histories x k in one answer; a larger request is answered 422",
                                      2_000_000, min=1)
-    max_header_bytes: int = option("request line and headers; larger is answered 400", 16_384, min=1_024)
+    max_header_bytes: int = option("bytes of request line and headers; more is answered 431", 16_384, min=1_024)
     read_timeout_s: float = option("a request (headers and body) must arrive within this many seconds of its "
                                    "connection, or of the previous answer on it; else the connection is closed",
                                    10.0, gt=0.0, max=3600.0)

@@ -18,10 +18,11 @@ large one does not stall small ones. More than `--max-queue` histories waiting, 
 against its manifest at start (`snapshot_export`), so re-exporting the folder never mixes two models.
 
 Raw ids are JSON strings or integers (an integer is matched as its decimal string). Bad input
-is answered with a 4xx and {"detail": "FIELD: what is wrong"}: 400 malformed JSON (or request headers over
-`--max-header-bytes`, from the HTTP layer), 413 a body over MAX_BODY_BYTES, 415 a content type other than
-JSON, 422 everything else (unknown ids, all of them named; an empty or too long history; k outside
-1..catalogue size; histories x k over `--max-response-items`; wrong types).
+is answered with a 4xx and {"detail": "FIELD: what is wrong"}: 400 malformed JSON, 413 a body over
+MAX_BODY_BYTES, 415 a content type other than JSON, 431 a request line and headers over `--max-header-bytes`
+(400 from the HTTP layer when they never end), 422 everything else (unknown ids, all of them named; an
+empty or too long history; k outside 1..catalogue size; histories x k over `--max-response-items`; wrong
+types). 503 with Retry-After: the server is full (see above); try again.
 The ranking is `distill.recommender.Recommender`'s, the same as the evaluation harness's.
 """
 
@@ -64,6 +65,7 @@ ENV_DIR = "ANYO_SERVE_DIR"          # for --workers > 1: the snapshot each worke
 ENV_CONFIG = "ANYO_SERVE_CONFIG"    # the settings (JSON),
 ENV_MASTER = "ANYO_SERVE_MASTER"    # and the pid of the process that started them
 RETRY_AFTER_S = 1
+WORKER_STARTUP_S = 120               # uvicorn kills a worker that does not answer its health ping within this
 
 
 def _field(loc) -> str:
@@ -424,11 +426,12 @@ UNLIMITED = ("/health", "/metrics")
 
 
 class Gate:
-    """Pure ASGI middleware: at most `limit` requests in progress (/health and /metrics aside), else 503 with
-    Retry-After; every answer counted in `metrics`."""
+    """Pure ASGI middleware: 431 for a request line and headers over `max_header_bytes` (uvicorn's h11 bounds
+    only what it buffers before the headers are whole); at most `limit` requests in progress (/health and
+    /metrics aside), else 503 with Retry-After; every answer counted in `metrics`."""
 
-    def __init__(self, app, limit: int, metrics: Metrics):
-        self.app, self.limit, self.metrics = app, limit, metrics
+    def __init__(self, app, limit: int, max_header_bytes: int, metrics: Metrics):
+        self.app, self.limit, self.max_header_bytes, self.metrics = app, limit, max_header_bytes, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -442,7 +445,13 @@ class Gate:
 
         counted = int(path not in UNLIMITED)
         m = self.metrics
+        size = len(scope.get("raw_path") or b"") + len(scope["query_string"]) + sum(
+            len(k) + len(v) + 4 for k, v in scope["headers"])
         try:
+            if size > self.max_header_bytes:
+                await reply(sending, 431, f"headers: {size:,} bytes with the request line, more than the server's "
+                                          f"limit of {self.max_header_bytes:,} (--max-header-bytes)")
+                return
             if counted and m.in_progress >= self.limit:
                 await reply(sending, 503, f"server busy: {m.in_progress} requests in progress, "
                                           f"--max-concurrency {self.limit}; retry after {RETRY_AFTER_S} s")
@@ -622,7 +631,8 @@ def create_app(exported: Exported, settings: ServeConfig | None = None, manifest
         return Response('{"results":[' + ",".join(text) + "]}", media_type="application/json")
 
     app.add_middleware(BodyGuard)
-    app.add_middleware(Gate, limit=settings.max_concurrency, metrics=metrics)  # the outer one
+    app.add_middleware(Gate, limit=settings.max_concurrency, max_header_bytes=settings.max_header_bytes,
+                       metrics=metrics)  # the outer one
     return app
 
 
@@ -715,7 +725,9 @@ def cmd_serve(args) -> int:
         else:
             os.environ.update({ENV_DIR: str(snapshot / "export"), ENV_MASTER: str(os.getpid()),
                                ENV_CONFIG: json.dumps(dataclasses.asdict(settings))})
-            config = uvicorn.Config("distill.server:app_from_env", factory=True, workers=settings.workers, **common)
+            # a worker answers the master's health pings only once it has imported torch: give it time
+            config = uvicorn.Config("distill.server:app_from_env", factory=True, workers=settings.workers,
+                                    timeout_worker_healthcheck=WORKER_STARTUP_S, **common)
             Multiprocess(config, sockets=[sock]).run()
     finally:
         shutil.rmtree(snapshot, ignore_errors=True)
