@@ -39,7 +39,7 @@ def run(tiny_run, tmp_path_factory):
 
 def test_every_script_is_covered():
     covered = {"make_synthetic.py", "harness_speed.py", "scale.py", "distill_ablation.py", "teacher_inference.py",
-               "serve_load.py", "student_vs_recbole.py", "seed_claims.py", "recbole_sasrec.py", "text_decides.py",
+               "serve_load.py", "serve_mixed.py", "student_vs_recbole.py", "seed_claims.py", "recbole_sasrec.py", "text_decides.py",
                "text_teacher.py"}
     assert set(SCRIPTS) == covered, "a new benchmark script needs its smoke test here"
 
@@ -92,6 +92,19 @@ def test_serve_load(tiny_run, tmp_path):
     bench("serve_load.py", "--export", export, "--split", tiny_run[0] / "split", "--clients", 2, "--seconds", 1,
           "--max-requests", 40, "--in-process-threads", "1", "--out", out)
     assert "users/s" in out.read_text()
+
+
+def test_serve_mixed(tiny_run, tmp_path):
+    export = tmp_path / "export"
+    assert main(["export", str(tiny_run[0]), "--out", str(export)]) == 0
+    out = tmp_path / "serving.md"
+    out.write_text("# Serving benchmark\n\nkept\n")
+    for _ in range(2):  # the second run replaces its own section, leaving the rest
+        bench("serve_mixed.py", "--export", export, "--clients", 2, "--seconds", 1, "--large-histories", 32,
+              "--serve-args", "--max-batch 8", "--out", out)
+    text = out.read_text()
+    assert text.startswith("# Serving benchmark\n\nkept\n") and text.count("Small requests while large") == 1
+    assert "| alone |" in text and "| beside 1 client(s) sending 32 histories" in text
 
 
 def test_student_vs_recbole(run, tmp_path):
