@@ -39,8 +39,8 @@ def run(tiny_run, tmp_path_factory):
 
 def test_every_script_is_covered():
     covered = {"make_synthetic.py", "harness_speed.py", "scale.py", "distill_ablation.py", "teacher_inference.py",
-               "serve_load.py", "serve_mixed.py", "student_vs_recbole.py", "seed_claims.py", "recbole_sasrec.py", "text_decides.py",
-               "text_teacher.py"}
+               "serve_load.py", "serve_mixed.py", "student_vs_recbole.py", "seed_claims.py", "recbole_sasrec.py",
+               "text_decides.py", "text_teacher.py"}
     assert set(SCRIPTS) == covered, "a new benchmark script needs its smoke test here"
 
 

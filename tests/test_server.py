@@ -286,6 +286,15 @@ def test_the_settings_are_checked_and_named_by_their_flag(export_dir, capsys):
     assert "--max-queue: must be >= 1024" in capsys.readouterr().err
 
 
+def test_a_port_in_use_is_one_line(export_dir, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", str(export_dir), "--port", str(port)]) == 2
+    assert capsys.readouterr().err.strip() == f"anyo: error: --host 127.0.0.1 --port {port}: address already in use"
+
+
 def test_a_snapshot_is_one_whole_export_even_while_the_folder_is_replaced(tiny_run, export_dir, tmp_path,
                                                                           monkeypatch):
     """The folder is re-exported (another model) between reading its manifest and copying its files: the
