@@ -540,9 +540,13 @@ def docs_page(schema: dict) -> str:
     return "\n".join(parts)
 
 
-def create_app(exported: Exported, settings: ServeConfig | None = None, manifest_sha256: str = "") -> FastAPI:
-    """The FastAPI app for a loaded export (`distill.exported.load_export`)."""
-    settings = settings or ServeConfig()
+def manifest_sha256(folder: Path) -> str:
+    return hashlib.sha256((Path(folder) / "manifest.json").read_bytes()).hexdigest()
+
+
+def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
+    """The FastAPI app for a loaded export (`distill.exported.load_export`; served from a snapshot, whose
+    manifest does not change under it)."""
     manifest, n_items = exported.manifest, exported.n_items
     metrics = Metrics()
     batcher = Batcher(exported.recommender, settings.max_batch, settings.batch_wait_ms / 1000, settings.max_queue,
@@ -559,7 +563,7 @@ def create_app(exported: Exported, settings: ServeConfig | None = None, manifest
                               f"{n_items:,} items). Ranking = the evaluation harness's.")
     app.state.batcher, app.state.metrics = batcher, metrics
     health_body = json.dumps({"status": "ok", "model": manifest["model"], "split_hash": manifest["split_hash"],
-                              "n_items": n_items, "manifest_sha256": manifest_sha256}, separators=(",", ":"))
+                              "n_items": n_items, "manifest_sha256": manifest_sha256(exported.folder)}, separators=(",", ":"))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -657,7 +661,7 @@ def snapshot_export(folder: Path, into: Path) -> str:
             for name in json.loads(manifest)["files"]:
                 shutil.copyfile(folder / name, into / name)
             verify_export(into)
-            return hashlib.sha256(manifest).hexdigest()
+            return manifest_sha256(into)
         except (OSError, ValueError, KeyError, TypeError, ArtifactError):
             pass  # a file was replaced between the manifest and the copy: read it all again
         time.sleep(0.2)
@@ -701,9 +705,7 @@ def app_from_env():
     settings = ServeConfig(**json.loads(os.environ[ENV_CONFIG]))
     _prepare_process(settings)
     _exit_with_master(int(os.environ[ENV_MASTER]))
-    folder = Path(os.environ[ENV_DIR])
-    sha = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
-    return create_app(load_export(folder), settings, sha)
+    return create_app(load_export(os.environ[ENV_DIR]), settings)
 
 
 def cmd_serve(args) -> int:
@@ -721,7 +723,7 @@ def cmd_serve(args) -> int:
         common = dict(log_level="warning", access_log=False, http=GuardedH11, timeout_keep_alive=settings.keep_alive_s,
                       h11_max_incomplete_event_size=settings.max_header_bytes)
         if settings.workers == 1:
-            uvicorn.Server(uvicorn.Config(create_app(exported, settings, sha), **common)).run(sockets=[sock])
+            uvicorn.Server(uvicorn.Config(create_app(exported, settings), **common)).run(sockets=[sock])
         else:
             os.environ.update({ENV_DIR: str(snapshot / "export"), ENV_MASTER: str(os.getpid()),
                                ENV_CONFIG: json.dumps(dataclasses.asdict(settings))})
