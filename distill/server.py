@@ -255,9 +255,9 @@ class Batcher:
     largest k asked, each cut to its own: the order is total, so a prefix is the top-k); the pieces of batch
     requests take turns with them. At most `max_queue` histories wait; more is `Busy`."""
 
-    def __init__(self, recommender, max_batch: int, wait_s: float, max_queue: int, on_call=None):
+    def __init__(self, recommender, max_batch: int, wait_s: float, max_queue: int, on_call):
         self.recommender, self.max_batch, self.wait_s, self.max_queue = recommender, max_batch, wait_s, max_queue
-        self.on_call = on_call or (lambda n: None)
+        self.on_call = on_call      # told the number of histories of every model call (metrics)
         self._small: deque[Job] = deque()
         self._pieces: deque[Job] = deque()
         self._cond = threading.Condition()
