@@ -69,10 +69,6 @@ class Exported:
         rows = [self.to_internal(h, f"{field}[{n}]" if field == "histories" else field)
                 for n, h in enumerate(histories)]
         ids, scores = self.recommender.top_k(Histories.from_rows(rows), k, exclude_seen=not include_seen)
-        return self.listed(ids, scores)
-
-    def listed(self, ids: np.ndarray, scores: np.ndarray) -> list[list[dict]]:
-        """The recommender's (B, k) ids and scores as raw-id items, the id -1 tail dropped."""
         out = []
         raw, titles = self.raw_ids, self.titles
         for row_ids, row_scores in zip(ids.tolist(), scores.tolist()):

@@ -263,6 +263,14 @@ def test_too_many_requests_in_progress_is_503_and_health_still_answers(exp, hist
     assert health.status_code == first.status_code == after.status_code == 200
 
 
+def test_answers_are_the_json_of_the_item_dicts(exp, hists):
+    from distill.histories import Histories
+    rows = [exp.to_internal(h) for h in hists[:6]]
+    ids, scores = exp.recommender.top_k(Histories.from_rows(rows), exp.n_items)  # with the -1 tail
+    want = [json.dumps({"items": items}, separators=(",", ":")) for items in exp.recommend_many(hists[:6], exp.n_items)]
+    assert server_module.AnswerText(exp).rows(ids, scores) == want
+
+
 def test_metrics_count_requests_and_model_calls(exp, hists):
     async def body(client, held, batcher):
         await client.post("/recommend", json={"history": hists[0], "k": 3})
