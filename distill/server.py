@@ -36,6 +36,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -66,6 +67,7 @@ ENV_DIR = "ANYO_SERVE_DIR"          # for --workers > 1: the snapshot each worke
 ENV_CONFIG = "ANYO_SERVE_CONFIG"    # the settings (JSON),
 ENV_MASTER = "ANYO_SERVE_MASTER"    # and the pid of the process that started them
 RETRY_AFTER_S = 1
+GIL_SWITCH_S = 0.001                 # the event loop waits at most this for the GIL the formatting thread holds
 WORKER_STARTUP_S = 120               # uvicorn kills a worker that does not answer its health ping within this
 
 
@@ -229,6 +231,23 @@ def check_request(k: int, n_items: int, histories: list[list], max_items: int) -
     total = sum(len(h) for h in histories)
     if total > MAX_BATCH_IDS:
         raise Problem(422, f"histories: {total:,} ids in all, at most {MAX_BATCH_IDS:,}")
+
+
+class Pieces(Response):
+    """A JSON answer sent as the pieces it was made in (no join of a 100 MB answer on the event loop), its
+    length known before the first byte, so that it is whole or refused (503), never cut."""
+
+    media_type = "application/json"
+
+    def __init__(self, parts: list[bytes]):
+        super().__init__(b"", media_type=self.media_type)
+        self.parts = parts
+        self.headers["content-length"] = str(sum(len(p) for p in parts))
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        for n, part in enumerate(self.parts):
+            await send({"type": "http.response.body", "body": part, "more_body": n < len(self.parts) - 1})
 
 
 class AnswerText:
@@ -635,10 +654,13 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
         ids, scores = await answered([one], True, lambda: one.future)
         return Response(text.rows(ids, scores)[0], media_type="application/json")
 
-    async def piece(j: Job) -> str:
-        # formatted in the one formatting thread, so a large answer does not hold the event loop
+    def encoded(ids, scores) -> bytes:
+        return ",".join(text.rows(ids, scores)).encode()
+
+    async def piece(j: Job) -> bytes:
+        # formatted and encoded in the one formatting thread, so a large answer does not hold the event loop
         ids, scores = await j.future
-        return ",".join(await asyncio.get_running_loop().run_in_executor(formatter, text.rows, ids, scores))
+        return await asyncio.get_running_loop().run_in_executor(formatter, encoded, ids, scores)
 
     @app.post("/recommend/batch", response_model=Results, responses={400: {}, 413: {}, 415: {}, 422: {}, 503: {}})
     async def recommend_batch(req: BatchRequest):
@@ -647,7 +669,8 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
         rows, size = rows_of(req.histories, req.k, "histories"), settings.max_batch
         jobs = [job(rows[i:i + size], req.k, req.include_seen) for i in range(0, len(rows), size)]
         parts = await answered(jobs, False, lambda: asyncio.gather(*(piece(j) for j in jobs)))
-        return Response('{"results":[' + ",".join(parts) + "]}", media_type="application/json")
+        return Pieces([b'{"results":[', *(p for n, part in enumerate(parts) for p in ((b",", part) if n else (part,))),
+                       b"]}"])
 
     app.add_middleware(BodyGuard)
     app.add_middleware(Gate, limit=settings.max_concurrency, max_header_bytes=settings.max_header_bytes,
@@ -701,6 +724,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 def _prepare_process(settings: ServeConfig) -> None:
     torch.set_num_threads(settings.threads)
+    sys.setswitchinterval(GIL_SWITCH_S)
     GuardedH11.read_timeout_s = settings.read_timeout_s
 
 
