@@ -24,8 +24,8 @@ class ServeConfig(Section):
     workers: int = option("uvicorn worker processes (each loads the same snapshot of the export)", 1, min=1, max=64)
     threads: int = option("torch threads per worker", 1, min=1, max=256)
     max_batch: int = option("histories in one model call: concurrent /recommend requests are answered together "
-                            "up to this many, and a /recommend/batch is cut into pieces of this size so that it "
-                            "takes turns with them", 64, min=1, max=MAX_BATCH)
+                            "up to this many, and a /recommend/batch is cut into pieces of at most this size "
+                            "(fewer for a large k) that take turns with them", 64, min=1, max=MAX_BATCH)
     batch_wait_ms: float = option("how long a /recommend waits for others to share its model call (0: none)",
                                   1.0, min=0.0, max=1000.0)
     max_queue: int = option("histories waiting for the model, all requests together; a request beyond it is "

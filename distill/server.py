@@ -11,11 +11,12 @@
 
 Inference runs off the event loop in one thread (`Batcher`): concurrent /recommend requests wait up to
 `--batch-wait-ms` for one another and are answered from one Recommender call of at most `--max-batch`
-histories; a /recommend/batch is cut into pieces of `--max-batch` histories that take turns with them, so a
-large one does not stall small ones. More than `--max-queue` histories waiting, or more than
-`--max-concurrency` requests in progress, is answered 503 with Retry-After; a request not answered within
-`--request-timeout-s` too. Each process serves one private snapshot of the export, copied and checked
-against its manifest at start (`snapshot_export`), so re-exporting the folder never mixes two models.
+histories; a /recommend/batch is cut into pieces of `--max-batch` histories (fewer when k is large:
+PIECE_ITEMS) that take turns with them, so a large one does not stall small ones. More than `--max-queue`
+histories waiting, or more than `--max-concurrency` requests in progress, is answered 503 with Retry-After;
+a request not answered within `--request-timeout-s` too. Each process serves one private snapshot of the
+export, copied and checked against its manifest at start (`snapshot_export`), so re-exporting the folder
+never mixes two models.
 
 Raw ids are JSON strings or integers (an integer is matched as its decimal string). Bad input
 is answered with a 4xx and {"detail": "FIELD: what is wrong"}: 400 malformed JSON, 413 a body over
@@ -68,6 +69,8 @@ ENV_CONFIG = "ANYO_SERVE_CONFIG"    # the settings (JSON),
 ENV_MASTER = "ANYO_SERVE_MASTER"    # and the pid of the process that started them
 RETRY_AFTER_S = 1
 GIL_SWITCH_S = 0.001                 # the event loop waits at most this for the GIL the formatting thread holds
+PIECE_ITEMS = 16_384                 # histories x k in one piece of a batch request (at most --max-batch histories):
+                                     # what a /recommend waits for at most, besides its own call
 WORKER_STARTUP_S = 120               # uvicorn kills a worker that does not answer its health ping within this
 
 
@@ -664,9 +667,10 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
 
     @app.post("/recommend/batch", response_model=Results, responses={400: {}, 413: {}, 415: {}, 422: {}, 503: {}})
     async def recommend_batch(req: BatchRequest):
-        """Top-k next items for each of several histories, in pieces of --max-batch that take turns with
-        /recommend requests."""
-        rows, size = rows_of(req.histories, req.k, "histories"), settings.max_batch
+        """Top-k next items for each of several histories, in pieces (of --max-batch histories, fewer for a
+        large k) that take turns with /recommend requests."""
+        rows = rows_of(req.histories, req.k, "histories")
+        size = max(1, min(settings.max_batch, PIECE_ITEMS // req.k))
         jobs = [job(rows[i:i + size], req.k, req.include_seen) for i in range(0, len(rows), size)]
         parts = await answered(jobs, False, lambda: asyncio.gather(*(piece(j) for j in jobs)))
         return Pieces([b'{"results":[', *(p for n, part in enumerate(parts) for p in ((b",", part) if n else (part,))),
