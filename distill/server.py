@@ -766,7 +766,10 @@ def cmd_serve(args) -> int:
         common = dict(log_level="warning", access_log=False, http=GuardedH11, timeout_keep_alive=settings.keep_alive_s,
                       h11_max_incomplete_event_size=settings.max_header_bytes)
         if settings.workers == 1:
-            uvicorn.Server(uvicorn.Config(create_app(exported, settings), **common)).run(sockets=[sock])
+            app = create_app(exported, settings)
+            # the model is in memory now; uvicorn ends a signalled process without running `finally`
+            shutil.rmtree(snapshot, ignore_errors=True)
+            uvicorn.Server(uvicorn.Config(app, **common)).run(sockets=[sock])
         else:
             os.environ.update({ENV_DIR: str(snapshot / "export"), ENV_MASTER: str(os.getpid()),
                                ENV_CONFIG: json.dumps(dataclasses.asdict(settings))})
