@@ -458,12 +458,14 @@ def test_workers_leave_no_orphan_when_their_master_is_killed(export_dir, tmp_pat
         workers = psutil.Process(proc.pid).children(recursive=True)
         assert len([w for w in workers if "python" in w.name().lower()]) >= 2
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        snapshot = Path(workers[-1].environ()[server_module.ENV_DIR]).parent  # a killed master cannot remove it
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=WAIT)
         gone, alive = psutil.wait_procs(workers, timeout=WAIT)
         assert not alive, f"orphans: {alive}"
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))  # the port is free again
+        shutil.rmtree(snapshot)
     finally:
         if proc.poll() is None:
             proc.kill()
