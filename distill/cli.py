@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 import sys
+import typing
 
 from distill import commands
 from distill.checked import SEED_MAX
 from distill.errors import AnyoError, ConfigError
-from distill.recommender import RUNTIMES
+
+from distill.serve_config import RUNTIMES, ServeConfig
 
 RECIPE_HELP = "recipe YAML file, or the name of a recipe shipped with anyo (ml100k, ml100k-cold, ...)"
 
@@ -141,10 +144,11 @@ def _serving_commands(sub) -> None:
                         "the faster; benchmarks/serving.md)")
     p = sub.add_parser("serve", help="serve an exported folder over HTTP (FastAPI + uvicorn)")
     p.add_argument("dir", help="an `anyo export` folder")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    hints = typing.get_type_hints(ServeConfig)
+    for f in dataclasses.fields(ServeConfig):
+        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])  # X | None
+        p.add_argument(ServeConfig.flag(f.name), type=kind, default=f.default, choices=f.metadata.get("choices"),
+                       help=f"{f.metadata['help']} (default {f.default})")
 
 
 def _check_args(args) -> None:

@@ -30,12 +30,12 @@ import torch
 
 from distill.errors import AnyoError
 from distill.histories import Histories
+from distill.serve_config import RUNTIMES
 from distill.search import ItemIndex, ranking_exclusions
 
 TORCH_MAX_ITEMS = 200_000  # item-table rows up to which scores are a dense matmul in torch
 ENCODE_CHUNK = 256         # users per torch encoder pass: a large batch is encoded in chunks whose activations
                            # stay in cache (on the 2-core sandbox 1,024 at once was about 1.7x slower)
-RUNTIMES = ("onnxruntime", "torch")
 ONNX_OPSET = 17            # the ONNX opset model.onnx is written with (recorded in the export's manifest)
 
 

@@ -1,40 +1,77 @@
-"""`anyo serve DIR`: an exported student over HTTP (FastAPI + uvicorn).
+"""`anyo serve DIR`: an exported student over HTTP (FastAPI + uvicorn), micro-batched and bounded.
 
     POST /recommend        {"history": [RAW_ID, ...], "k": 10, "include_seen": false}
                            -> {"items": [{"item": RAW_ID, "title": ..., "score": ...}, ...]}
     POST /recommend/batch  {"histories": [[...], ...], "k": 10, "include_seen": false}
                            -> {"results": [{"items": [...]}, ...]}
-    GET  /health           -> {"status": "ok", "model", "split_hash", "n_items"}
-    GET  /docs, /openapi.json   FastAPI's OpenAPI documentation
+    GET|HEAD /health       -> {"status": "ok", "model", "split_hash", "n_items", "manifest_sha256"}
+    GET  /metrics          Prometheus text: requests by path and status, latency histogram, model-call sizes
+    GET  /docs             the endpoints and their schemas, one HTML page with no external assets;
+         /openapi.json     the OpenAPI schema
+
+Inference runs off the event loop in one thread (`Batcher`): concurrent /recommend requests wait up to
+`--batch-wait-ms` for one another and are answered from one Recommender call of at most `--max-batch`
+histories; a /recommend/batch is cut into pieces of `--max-batch` histories (fewer when k is large:
+PIECE_ITEMS) that take turns with them, so a large one does not stall small ones. More than `--max-queue`
+histories waiting, or more than `--max-concurrency` requests in progress, is answered 503 with Retry-After;
+a request not answered within `--request-timeout-s` too. Each process serves one private snapshot of the
+export, copied and checked against its manifest at start (`snapshot_export`), so re-exporting the folder
+never mixes two models.
 
 Raw ids are JSON strings or integers (an integer is matched as its decimal string). Bad input
-is answered with a 4xx and {"detail": "FIELD: what is wrong"}: 400 malformed JSON, 413 a
-body over MAX_BODY_BYTES, 415 a content type other than JSON, 422 everything else (unknown ids,
-all of them named; an empty or too long history; k outside 1..catalogue size; wrong types).
+is answered with a 4xx and {"detail": "FIELD: what is wrong"}: 400 malformed JSON, 413 a body over
+MAX_BODY_BYTES, 415 a content type other than JSON, 431 a request line and headers over `--max-header-bytes`
+(400 from the HTTP layer when they never end), 422 everything else (unknown ids, all of them named; an
+empty or too long history; k outside 1..catalogue size; histories x k over `--max-response-items`; wrong
+types). 503 with Retry-After: the server is full (see above); try again.
 The ranking is `distill.recommender.Recommender`'s, the same as the evaluation harness's.
 """
 
 
+import asyncio
+import dataclasses
+import hashlib
+import html
 import json
 import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
+import h11
+import numpy as np
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.supervisors import Multiprocess
 
-from distill.errors import AnyoError
-from distill.exported import Exported, load_export
+from distill.errors import AnyoError, ArtifactError
+from distill.exported import Exported, load_export, verify_export
+from distill.histories import Histories
+from distill.serve_config import MAX_BATCH, MAX_BATCH_IDS, MAX_BODY_BYTES, MAX_HISTORY, ServeConfig
 
-MAX_HISTORY = 10_000        # ids in one history
-MAX_BATCH = 1_024           # histories in one batch request
-MAX_BATCH_IDS = 200_000     # ids in one batch request, all histories together
-MAX_BODY_BYTES = 4 << 20    # request body
-ENV_DIR = "ANYO_SERVE_DIR"
+ENV_DIR = "ANYO_SERVE_DIR"          # for --workers > 1: the snapshot each worker loads,
+ENV_CONFIG = "ANYO_SERVE_CONFIG"    # the settings (JSON),
+ENV_MASTER = "ANYO_SERVE_MASTER"    # and the pid of the process that started them
+RETRY_AFTER_S = 1
+GIL_SWITCH_S = 0.001                 # the event loop waits at most this for the GIL the formatting thread holds
+PIECE_ITEMS = 16_384                 # histories x k in one piece of a batch request (at most --max-batch histories):
+                                     # what a /recommend waits for at most, besides its own call
+WORKER_STARTUP_S = 120               # uvicorn kills a worker that does not answer its health ping within this
 
 
 def _field(loc) -> str:
@@ -108,7 +145,8 @@ class RecommendRequest(BaseModel):
     history: list[ItemId] = Field(min_length=1, max_length=MAX_HISTORY,
                                   description="raw item ids as in the user's data (strings or integers), oldest first")
     k: StrictInt = Field(10, description="how many items, 1..catalogue size")
-    include_seen: StrictBool = Field(False, description="also return items of the history")
+    include_seen: StrictBool | None = Field(None, description="also return items of the history (default: the "
+                                                               "protocol the model was evaluated with)")
 
 
 class BatchRequest(BaseModel):
@@ -116,7 +154,7 @@ class BatchRequest(BaseModel):
     histories: list[list[ItemId]] = Field(min_length=1, max_length=MAX_BATCH,
                                           description=f"at most {MAX_BATCH} histories, {MAX_BATCH_IDS} ids in all")
     k: StrictInt = Field(10, description="how many items per history, 1..catalogue size")
-    include_seen: StrictBool = False
+    include_seen: StrictBool | None = None
 
 
 class Item(BaseModel):
@@ -138,6 +176,7 @@ class Health(BaseModel):
     model: str
     split_hash: str
     n_items: int
+    manifest_sha256: str
 
 
 class Problem(Exception):
@@ -145,6 +184,13 @@ class Problem(Exception):
 
     def __init__(self, status: int, detail: str):
         self.status, self.detail = status, detail
+
+
+class Busy(Problem):
+    """The server cannot take the request now: 503 with Retry-After."""
+
+    def __init__(self, detail: str):
+        super().__init__(503, detail)
 
 
 def validation_problem(errors: list[dict]) -> Problem:
@@ -173,10 +219,14 @@ def validation_problem(errors: list[dict]) -> Problem:
     return Problem(422, "; ".join(lines[:5]) + more)
 
 
-def check_request(k: int, n_items: int, histories: list[list]) -> None:
-    """What the schema cannot say: k within the catalogue, each history's length, the batch's total."""
+def check_request(k: int, n_items: int, histories: list[list], max_items: int) -> None:
+    """What the schema cannot say: k within the catalogue, each history's length, the batch's total, the
+    answer's size."""
     if not 1 <= k <= n_items:
         raise Problem(422, f"k: {k} is not in 1..{n_items} (the catalogue size)")
+    if len(histories) * k > max_items:
+        raise Problem(422, f"k: {len(histories):,} histories x k = {k:,} is {len(histories) * k:,} items, "
+                           f"more than the server's limit of {max_items:,} (--max-response-items)")
     for n, h in enumerate(histories):
         if not h:
             raise Problem(422, f"histories[{n}]: must not be empty")
@@ -187,16 +237,373 @@ def check_request(k: int, n_items: int, histories: list[list]) -> None:
         raise Problem(422, f"histories: {total:,} ids in all, at most {MAX_BATCH_IDS:,}")
 
 
-def answer(obj) -> Response:
-    return Response(json.dumps(obj, separators=(",", ":")), media_type="application/json")
+class Pieces(Response):
+    """A JSON answer sent as the pieces it was made in (no join of a 100 MB answer on the event loop), its
+    length known before the first byte, so that it is whole or refused (503), never cut."""
+
+    media_type = "application/json"
+
+    def __init__(self, parts: list[bytes]):
+        super().__init__(b"", media_type=self.media_type)
+        self.parts = parts
+        self.headers["content-length"] = str(sum(len(p) for p in parts))
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        for n, part in enumerate(self.parts):
+            await send({"type": "http.response.body", "body": part, "more_body": n < len(self.parts) - 1})
 
 
-def create_app(exported: Exported) -> FastAPI:
-    """The FastAPI app for a loaded export (`distill.exported.load_export`)."""
+class AnswerText:
+    """Answers as JSON text from per-item fragments made once (`{"item":ID,"title":T,"score":`): the bytes
+    json.dumps gives for the item dicts, several times faster, so that formatting a large answer (1,024
+    histories x every item) holds the GIL, which the event loop needs, for less."""
+
+    def __init__(self, exported: Exported):
+        self.head = [f'{{"item":{json.dumps(r)},"title":{json.dumps(t)},"score":'
+                     for r, t in zip(exported.raw_ids, exported.titles)]
+
+    def rows(self, ids: np.ndarray, scores: np.ndarray) -> list[str]:
+        """`{"items":[...]}` for each row of the Recommender's (B, k) ids and scores (the id -1 tail dropped)."""
+        head = self.head
+        return ['{"items":[' + ",".join([head[i] + repr(s) + "}" for i, s in zip(row_ids, row_scores) if i > 0])
+                + "]}" for row_ids, row_scores in zip(ids.tolist(), scores.tolist())]
+
+
+# ---------------------------------------------------------------- the micro-batcher
+
+@dataclass(eq=False)
+class Job:
+    """Histories (internal ids) of one /recommend, or one piece of a /recommend/batch, and where its answer goes."""
+
+    rows: list[np.ndarray]
+    k: int
+    exclude_seen: bool
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    arrived: float = 0.0
+    cancelled: bool = False   # its request gave up (timeout): the worker skips it
+
+
+class Batcher:
+    """One inference thread: /recommend jobs are gathered for up to `wait_s` after the first of them, at most
+    `max_batch` histories, and answered by one `Recommender.top_k` call per include_seen setting (with the
+    largest k asked, each cut to its own: the order is total, so a prefix is the top-k); the pieces of batch
+    requests take turns with them. At most `max_queue` histories wait; more is `Busy`."""
+
+    def __init__(self, recommender, max_batch: int, wait_s: float, max_queue: int, on_call):
+        self.recommender, self.max_batch, self.wait_s, self.max_queue = recommender, max_batch, wait_s, max_queue
+        self.on_call = on_call      # told the number of histories of every model call (metrics)
+        self._small: deque[Job] = deque()
+        self._pieces: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._small_turn = True
+        self._closed = False
+        self.waiting = 0            # histories queued, not yet taken by the thread
+        self._thread = threading.Thread(target=self._run, name="anyo-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, jobs: list[Job], small: bool) -> None:
+        """Queue `jobs` (all or none), from the event loop."""
+        n = sum(len(j.rows) for j in jobs)
+        now = time.monotonic()
+        with self._cond:
+            if self._closed:
+                raise Busy("server: shutting down")
+            if self.waiting + n > self.max_queue:
+                raise Busy(f"server busy: {self.waiting:,} histories are waiting and this request brings {n:,}, "
+                           f"more than --max-queue {self.max_queue:,}; retry after {RETRY_AFTER_S} s")
+            for j in jobs:
+                j.arrived = now
+            (self._small if small else self._pieces).extend(jobs)
+            self.waiting += n
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=10)
+
+    def _take(self) -> list[Job] | None:
+        with self._cond:
+            while not (self._small or self._pieces or self._closed):
+                self._cond.wait()
+            if self._closed:
+                jobs = list(self._small) + list(self._pieces)
+                self._small.clear(), self._pieces.clear()
+                for j in jobs:
+                    _settle(j, None, Busy("server: shutting down"))
+                return None
+            if self._small and (self._small_turn or not self._pieces):
+                deadline = self._small[0].arrived + self.wait_s
+                while len(self._small) < self.max_batch and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                jobs, n = [], 0
+                while self._small and n + len(self._small[0].rows) <= self.max_batch or not jobs:
+                    jobs.append(self._small.popleft())
+                    n += len(jobs[-1].rows)
+                self._small_turn = False
+            else:
+                jobs = [self._pieces.popleft()]
+                self._small_turn = True
+            self.waiting -= sum(len(j.rows) for j in jobs)
+            return jobs
+
+    def _run(self) -> None:
+        while (jobs := self._take()) is not None:
+            jobs = [j for j in jobs if not j.cancelled]
+            for exclude in (True, False):
+                group = [j for j in jobs if j.exclude_seen is exclude]
+                if group:
+                    self._answer(group, exclude)
+
+    def _answer(self, group: list[Job], exclude: bool) -> None:
+        rows = [r for j in group for r in j.rows]
+        try:
+            ids, scores = self.recommender.top_k(Histories.from_rows(rows), max(j.k for j in group),
+                                                 exclude_seen=exclude)
+        except Exception as e:  # noqa: BLE001 - handed to each request, which answers 500 and the server goes on
+            for j in group:
+                _settle(j, None, e)
+            return
+        self.on_call(len(rows))
+        start = 0
+        for j in group:
+            end = start + len(j.rows)
+            _settle(j, (ids[start:end, :j.k], scores[start:end, :j.k]), None)
+            start = end
+
+
+def _settle(job: Job, result, error) -> None:
+    """Hand a job's answer to its request's event loop (from any thread)."""
+    def done():
+        if not job.future.done():
+            job.future.set_exception(error) if error is not None else job.future.set_result(result)
+    try:
+        job.loop.call_soon_threadsafe(done)
+    except RuntimeError:  # the loop is closed: nobody waits for it
+        pass
+
+
+# ---------------------------------------------------------------- metrics and the gate
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+ROUTES = ("/recommend", "/recommend/batch", "/health", "/metrics", "/docs", "/openapi.json")
+
+
+class Histogram:
+    def __init__(self, bounds):
+        self.bounds, self.counts, self.sum, self.n = bounds, [0] * len(bounds), 0.0, 0
+
+    def observe(self, x: float) -> None:
+        for i, b in enumerate(self.bounds):
+            if x <= b:
+                self.counts[i] += 1
+                break
+        self.sum += x
+        self.n += 1
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        sep = "," if labels else ""
+        out, total = [], 0
+        for b, c in zip(self.bounds, self.counts):
+            total += c
+            out.append(f'{name}_bucket{{{labels}{sep}le="{b:g}"}} {total}')
+        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.n}')
+        tail = f"{{{labels}}}" if labels else ""
+        return out + [f"{name}_sum{tail} {self.sum:.6f}", f"{name}_count{tail} {self.n}"]
+
+
+class Metrics:
+    """Request counts by path and status, latency by path, model-call sizes; Prometheus text format."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.in_progress = 0        # requests being answered (kept by Gate)
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency = {r: Histogram(LATENCY_BUCKETS_S) for r in ROUTES[:2]}
+        self.calls = Histogram(BATCH_BUCKETS)
+
+    def request(self, path: str, status: int, seconds: float) -> None:
+        path = path if path in ROUTES else "other"
+        with self._lock:
+            self.requests[path, status] = self.requests.get((path, status), 0) + 1
+            if path in self.latency and status == 200:
+                self.latency[path].observe(seconds)
+
+    def call(self, n: int) -> None:
+        with self._lock:
+            self.calls.observe(n)
+
+    def text(self, waiting: int) -> str:
+        with self._lock:
+            lines = ["# HELP anyo_requests_total HTTP requests answered, by path and status.",
+                     "# TYPE anyo_requests_total counter"]
+            lines += [f'anyo_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())]
+            lines += ["# HELP anyo_request_seconds Time to answer a successful request.",
+                      "# TYPE anyo_request_seconds histogram"]
+            for path, h in self.latency.items():
+                lines += h.lines("anyo_request_seconds", f'path="{path}"')
+            lines += ["# HELP anyo_model_call_histories Histories per Recommender call (micro-batch size).",
+                      "# TYPE anyo_model_call_histories histogram", *self.calls.lines("anyo_model_call_histories"),
+                      "# HELP anyo_queue_histories Histories waiting for the model.", "# TYPE anyo_queue_histories gauge",
+                      f"anyo_queue_histories {waiting}",
+                      "# HELP anyo_requests_in_progress Requests being answered.",
+                      "# TYPE anyo_requests_in_progress gauge", f"anyo_requests_in_progress {self.in_progress}"]
+        return "\n".join(lines) + "\n"
+
+
+UNLIMITED = ("/health", "/metrics")
+
+
+class Gate:
+    """Pure ASGI middleware: 431 for a request line and headers over `max_header_bytes` (uvicorn's h11 bounds
+    only what it buffers before the headers are whole); at most `limit` requests in progress (/health and
+    /metrics aside), else 503 with Retry-After; every answer counted in `metrics`."""
+
+    def __init__(self, app, limit: int, max_header_bytes: int, metrics: Metrics):
+        self.app, self.limit, self.max_header_bytes, self.metrics = app, limit, max_header_bytes, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, t0, status = scope["path"], time.perf_counter(), [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        counted = int(path not in UNLIMITED)
+        m = self.metrics
+        size = len(scope.get("raw_path") or b"") + len(scope["query_string"]) + sum(
+            len(k) + len(v) + 4 for k, v in scope["headers"])
+        try:
+            if size > self.max_header_bytes:
+                await reply(sending, 431, f"headers: {size:,} bytes with the request line, more than the server's "
+                                          f"limit of {self.max_header_bytes:,} (--max-header-bytes)")
+                return
+            if counted and m.in_progress >= self.limit:
+                await reply(sending, 503, f"server busy: {m.in_progress} requests in progress, "
+                                          f"--max-concurrency {self.limit}; retry after {RETRY_AFTER_S} s")
+                return
+            m.in_progress += counted
+            try:
+                await self.app(scope, receive, sending)
+            finally:
+                m.in_progress -= counted
+        finally:
+            self.metrics.request(path, status[0], time.perf_counter() - t0)
+
+
+async def reply(send, status: int, detail: str) -> None:
+    """A JSON {"detail"} answer written straight to ASGI (the middlewares' refusals); 503 says when to retry."""
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 503:
+        headers.append((b"retry-after", str(RETRY_AFTER_S).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol (whose `h11_max_incomplete_event_size` bounds the request line and headers) with a
+    read timeout: a request must arrive whole, headers and body, within `read_timeout_s` of the connection or of
+    the previous answer on it, or the connection is closed (a silent or trickling client holds nothing for long).
+    `read_timeout_s` is set by each serving process before it listens."""
+
+    read_timeout_s = ServeConfig.read_timeout_s
+
+    def connection_made(self, transport) -> None:
+        self._read_timer = None
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._read_timer = self.loop.call_later(self.read_timeout_s, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _too_slow(self) -> None:
+        self._read_timer = None
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _request_in(self) -> bool:
+        return self.conn.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._request_in():
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self._request_in():
+            self._arm()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+# ---------------------------------------------------------------- the app
+
+def docs_page(schema: dict) -> str:
+    """The OpenAPI schema as one self-contained HTML page (FastAPI's /docs loads Swagger UI from a CDN)."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(schema['info']['title'])}"
+             "</title></head><body>", f"<h1>{html.escape(schema['info']['title'])}</h1>",
+             f"<p>{html.escape(schema['info'].get('description', ''))}</p>"]
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            parts.append(f"<h2><code>{method.upper()} {html.escape(path)}</code></h2>"
+                         f"<p>{html.escape(op.get('description') or op.get('summary', ''))}</p>")
+            body = op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+            if body:
+                ref = body.get("$ref", "").rsplit("/", 1)[-1]
+                shown = schema.get("components", {}).get("schemas", {}).get(ref, body)
+                parts.append(f"<pre>{html.escape(json.dumps(shown, indent=2))}</pre>")
+    parts.append("<p>The machine-readable schema: <a href='/openapi.json'>/openapi.json</a>.</p></body></html>")
+    return "\n".join(parts)
+
+
+def manifest_sha256(folder: Path) -> str:
+    return hashlib.sha256((Path(folder) / "manifest.json").read_bytes()).hexdigest()
+
+
+def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
+    """The FastAPI app for a loaded export (`distill.exported.load_export`; served from a snapshot, whose
+    manifest does not change under it)."""
     manifest, n_items = exported.manifest, exported.n_items
-    app = FastAPI(title="anyo recommender", version=str(manifest.get("format")),
+    metrics = Metrics()
+    batcher = Batcher(exported.recommender, settings.max_batch, settings.batch_wait_ms / 1000, settings.max_queue,
+                      on_call=metrics.call)
+
+    text = AnswerText(exported)
+    formatter = ThreadPoolExecutor(1, thread_name_prefix="anyo-format")  # one: more would crowd the event loop
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        batcher.close()
+        formatter.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="anyo recommender", version=str(manifest.get("format")), lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
                   description=f"{manifest['model']} exported by `anyo export` (split {manifest['split_hash']}, "
                               f"{n_items:,} items). Ranking = the evaluation harness's.")
+    app.state.batcher, app.state.metrics = batcher, metrics
+    health_body = json.dumps({"status": "ok", "model": manifest["model"], "split_hash": manifest["split_hash"],
+                              "n_items": n_items, "manifest_sha256": manifest_sha256(exported.folder)}, separators=(",", ":"))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -204,62 +611,175 @@ def create_app(exported: Exported) -> FastAPI:
 
     @app.exception_handler(Problem)
     async def problem(request: Request, exc: Problem):
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
 
-    @app.get("/health", response_model=Health)
+    @app.api_route("/health", methods=["GET", "HEAD"], response_model=Health)
     async def health():
-        return answer({"status": "ok", "model": manifest["model"], "split_hash": manifest["split_hash"],
-                       "n_items": n_items})
+        """Liveness and what is served; touches no model."""
+        return Response(health_body, media_type="application/json")
 
-    def answered(call, histories: list[list], k: int):
-        check_request(k, n_items, histories)
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        text = metrics.text(batcher.waiting)
+        return Response(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return HTMLResponse(docs_page(app.openapi()))
+
+    def rows_of(histories: list[list], k: int, field: str) -> list[np.ndarray]:
+        check_request(k, n_items, histories, settings.max_response_items)
         try:
-            return call()
+            return [exported.to_internal(h, f"{field}[{n}]" if field == "histories" else field)
+                    for n, h in enumerate(histories)]
         except AnyoError as e:  # unknown item ids, named
             raise Problem(422, str(e)) from None
 
-    @app.post("/recommend", response_model=Items, responses={400: {}, 413: {}, 415: {}, 422: {}})
+    async def answered(jobs: list[Job], small: bool, pieces):
+        """Queue the jobs and await `pieces()` (their answers, formatted), within the request timeout."""
+        batcher.submit(jobs, small)
+        try:
+            return await asyncio.wait_for(pieces(), settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            for j in jobs:
+                j.cancelled = True
+            raise Busy(f"server busy: no answer within --request-timeout-s {settings.request_timeout_s:g} s; "
+                       f"retry after {RETRY_AFTER_S} s") from None
+
+    def job(rows: list[np.ndarray], k: int, include_seen: bool | None) -> Job:
+        if include_seen is None:
+            include_seen = not exported.mask_history     # the evaluated protocol (served = published)
+        loop = asyncio.get_running_loop()
+        return Job(rows, k, not include_seen, loop, loop.create_future())
+
+    @app.post("/recommend", response_model=Items, responses={400: {}, 413: {}, 415: {}, 422: {}, 503: {}})
     async def recommend(req: RecommendRequest):
         """Top-k next items for one history; history items are excluded unless include_seen."""
-        items = answered(lambda: exported.recommend(req.history, req.k, include_seen=req.include_seen),
-                         [req.history], req.k)
-        return answer({"items": items})
+        one = job(rows_of([req.history], req.k, "history"), req.k, req.include_seen)
+        ids, scores = await answered([one], True, lambda: one.future)
+        return Response(text.rows(ids, scores)[0], media_type="application/json")
 
-    @app.post("/recommend/batch", response_model=Results, responses={400: {}, 413: {}, 415: {}, 422: {}})
+    def encoded(ids, scores) -> bytes:
+        return ",".join(text.rows(ids, scores)).encode()
+
+    async def piece(j: Job) -> bytes:
+        # formatted and encoded in the one formatting thread, so a large answer does not hold the event loop
+        ids, scores = await j.future
+        return await asyncio.get_running_loop().run_in_executor(formatter, encoded, ids, scores)
+
+    @app.post("/recommend/batch", response_model=Results, responses={400: {}, 413: {}, 415: {}, 422: {}, 503: {}})
     async def recommend_batch(req: BatchRequest):
-        """Top-k next items for each of several histories, in one encoder pass."""
-        lists = answered(lambda: exported.recommend_many(req.histories, req.k, include_seen=req.include_seen),
-                         req.histories, req.k)
-        return answer({"results": [{"items": items} for items in lists]})
+        """Top-k next items for each of several histories, in pieces (of --max-batch histories, fewer for a
+        large k) that take turns with /recommend requests."""
+        rows = rows_of(req.histories, req.k, "histories")
+        size = max(1, min(settings.max_batch, PIECE_ITEMS // req.k))
+        jobs = [job(rows[i:i + size], req.k, req.include_seen) for i in range(0, len(rows), size)]
+        parts = await answered(jobs, False, lambda: asyncio.gather(*(piece(j) for j in jobs)))
+        return Pieces([b'{"results":[', *(p for n, part in enumerate(parts) for p in ((b",", part) if n else (part,))),
+                       b"]}"])
 
     app.add_middleware(BodyGuard)
+    app.add_middleware(Gate, limit=settings.max_concurrency, max_header_bytes=settings.max_header_bytes,
+                       metrics=metrics)  # the outer one
     return app
 
 
+# ---------------------------------------------------------------- serving
+
+SNAPSHOT_TRIES = 5
+
+
+def snapshot_export(folder: Path, into: Path) -> str:
+    """Copy the export in `folder` into `into` so that every file matches the copied manifest: one export,
+    whole, even while `anyo export` replaces the folder (then it is read again). The manifest's sha256."""
+    for _ in range(SNAPSHOT_TRIES):
+        names = verify_export(folder)["files"]  # a corrupt or edited export is named as such
+        bad = [n for n in names if Path(n).name != n]
+        if bad:
+            raise ArtifactError(f"{folder / 'manifest.json'}: lists {bad[0]!r}, not a file of the folder")
+        shutil.rmtree(into, ignore_errors=True)
+        into.mkdir(parents=True)
+        try:
+            manifest = (folder / "manifest.json").read_bytes()
+            (into / "manifest.json").write_bytes(manifest)
+            for name in json.loads(manifest)["files"]:
+                shutil.copyfile(folder / name, into / name)
+            verify_export(into)
+            return manifest_sha256(into)
+        except (OSError, ValueError, KeyError, TypeError, ArtifactError):
+            pass  # a file was replaced between the manifest and the copy: read it all again
+        time.sleep(0.2)
+    raise ArtifactError(f"{folder}: changed while being read, {SNAPSHOT_TRIES} times (being re-exported?); "
+                        "serve it once `anyo export` has finished")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that the real port is known (and printed) for --port 0."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        reason = os.strerror(e.errno).lower() if e.errno else str(e)
+        raise AnyoError(f"--host {host} --port {port}: {reason}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _prepare_process(settings: ServeConfig) -> None:
+    torch.set_num_threads(settings.threads)
+    sys.setswitchinterval(GIL_SWITCH_S)
+    GuardedH11.read_timeout_s = settings.read_timeout_s
+
+
+def _exit_with_master(master: int) -> None:
+    """A worker whose master is gone (killed with SIGKILL, say) shuts down, so no orphan keeps the port."""
+    def watch():
+        while os.getppid() == master:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown
+        time.sleep(10)
+        os._exit(1)
+    threading.Thread(target=watch, name="anyo-master-watch", daemon=True).start()
+
+
 def app_from_env():
-    """uvicorn factory for --workers > 1: each worker loads (and verifies) the export itself."""
-    torch.set_num_threads(int(os.environ.get("ANYO_SERVE_THREADS", "1")))
-    return create_app(load_export(os.environ[ENV_DIR]))
+    """uvicorn factory for --workers > 1: each worker loads the master's snapshot of the export."""
+    settings = ServeConfig(**json.loads(os.environ[ENV_CONFIG]))
+    _prepare_process(settings)
+    _exit_with_master(int(os.environ[ENV_MASTER]))
+    return create_app(load_export(os.environ[ENV_DIR], runtime=settings.runtime), settings)
 
 
 def cmd_serve(args) -> int:
-    if args.workers < 1:
-        raise AnyoError(f"--workers {args.workers}: expected 1 or more")
-    if not 0 <= args.port <= 65535:
-        raise AnyoError(f"--port {args.port}: expected 0..65535")
-    threads = getattr(args, "threads", 1)
-    if threads < 1:
-        raise AnyoError(f"--threads {threads}: expected 1 or more")
-    torch.set_num_threads(threads)
-    exported = load_export(args.dir)  # refuses a tampered export before anything listens
-    print(f"serving {exported.manifest['model']} ({exported.n_items:,} items, split {exported.manifest['split_hash']}) "
-          f"on http://{args.host}:{args.port} (docs at /docs), {args.workers} worker(s) x {threads} torch thread(s)",
-          flush=True)
-    common = dict(host=args.host, port=args.port, log_level="warning", access_log=False)
-    if args.workers == 1:
-        uvicorn.run(create_app(exported), **common)
-    else:
-        os.environ[ENV_DIR] = str(Path(args.dir).resolve())
-        os.environ["ANYO_SERVE_THREADS"] = str(threads)
-        uvicorn.run("distill.server:app_from_env", factory=True, workers=args.workers, **common)
+    settings = ServeConfig.from_args(args)
+    _prepare_process(settings)
+    snapshot = Path(tempfile.mkdtemp(prefix="anyo-serve-"))
+    try:
+        sha = snapshot_export(Path(args.dir), snapshot / "export")
+        exported = load_export(snapshot / "export", runtime=settings.runtime)  # refuses a tampered export before anything listens
+        sock = listen(settings.host, settings.port)
+        port = sock.getsockname()[1]
+        print(f"serving {exported.manifest['model']} ({exported.n_items:,} items, split "
+              f"{exported.manifest['split_hash']}, manifest {sha[:16]}) on http://{settings.host}:{port} "
+              f"(docs at /docs), {settings.workers} worker(s) x {settings.threads} torch thread(s)", flush=True)
+        common = dict(log_level="warning", access_log=False, http=GuardedH11, timeout_keep_alive=settings.keep_alive_s,
+                      h11_max_incomplete_event_size=settings.max_header_bytes)
+        if settings.workers == 1:
+            app = create_app(exported, settings)
+            # the model is in memory now; uvicorn ends a signalled process without running `finally`
+            shutil.rmtree(snapshot, ignore_errors=True)
+            uvicorn.Server(uvicorn.Config(app, **common)).run(sockets=[sock])
+        else:
+            os.environ.update({ENV_DIR: str(snapshot / "export"), ENV_MASTER: str(os.getpid()),
+                               ENV_CONFIG: json.dumps(dataclasses.asdict(settings))})
+            # a worker answers the master's health pings only once it has imported torch: give it time
+            config = uvicorn.Config("distill.server:app_from_env", factory=True, workers=settings.workers,
+                                    timeout_worker_healthcheck=WORKER_STARTUP_S, **common)
+            Multiprocess(config, sockets=[sock]).run()
+    finally:
+        shutil.rmtree(snapshot, ignore_errors=True)
     return 0

@@ -39,8 +39,8 @@ def run(tiny_run, tmp_path_factory):
 
 def test_every_script_is_covered():
     covered = {"make_synthetic.py", "harness_speed.py", "scale.py", "distill_ablation.py", "teacher_inference.py",
-               "serve_load.py", "student_vs_recbole.py", "seed_claims.py", "recbole_sasrec.py", "text_decides.py",
-               "text_teacher.py", "external_teacher.py", "serving_profile.py"}
+               "serve_load.py", "serve_mixed.py", "student_vs_recbole.py", "seed_claims.py", "recbole_sasrec.py",
+               "text_decides.py", "text_teacher.py", "external_teacher.py", "serving_profile.py"}
     assert set(SCRIPTS) == covered, "a new benchmark script needs its smoke test here"
 
 
@@ -107,6 +107,23 @@ def test_serving_profile(tiny_run, tmp_path):
     assert text.startswith("# Serving benchmark\n\nkept\n") and text.count("serving_profile.py: begin") == 1
     assert "| before | onnxruntime | 1 | 1 |" in text and "| after | torch | 1 | 1,024 |" in text
     assert set(json.loads(store.read_text())) == {"before", "after"}
+
+
+def test_serve_mixed(tiny_run, tmp_path):
+    export = tmp_path / "export"
+    assert main(["export", str(tiny_run[0]), "--out", str(export)]) == 0
+    out = tmp_path / "serving.md"
+    out.write_text("# Serving benchmark\n\nkept\n")
+    bench("serve_mixed.py", "--export", export, "--clients", 2, "--seconds", 1, "--large-histories", 32,
+          "--serve-args", "--max-batch 8", "--out", out)
+    text = out.read_text()
+    assert text.startswith("# Serving benchmark\n\nkept\n") and text.count("Small requests while large") == 1
+    assert "| alone |" in text and "| beside 1 client(s) sending 32 histories" in text
+    spec = importlib.util.spec_from_file_location("serve_mixed", ROOT / "benchmarks" / "serve_mixed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_section(out, "newer figures")  # a rerun replaces its own section, and only that
+    assert out.read_text() == "# Serving benchmark\n\nkept\n\n" + module.BEGIN + "\nnewer figures\n" + module.END + "\n"
 
 
 def test_student_vs_recbole(run, tmp_path):

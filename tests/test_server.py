@@ -1,10 +1,17 @@
-"""`anyo serve`: a real server in a subprocess on a free loopback port, started once for the module."""
+"""`anyo serve`: the micro-batcher and the limits in process (the app over httpx's ASGI transport, the
+Recommender held at chosen calls so that every ordering is forced, never timed), and a real server in a
+subprocess on the port it picked itself (`--port 0`), started once for the module."""
 
+import asyncio
+import dataclasses
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,58 +24,62 @@ pytest.importorskip("uvicorn")
 from distill.cli import main  # noqa: E402
 from distill.data import load_split  # noqa: E402
 from distill.exported import load_export  # noqa: E402
-from distill.server import MAX_HISTORY  # noqa: E402
+from distill.serve_config import MAX_HISTORY, ServeConfig  # noqa: E402
+from distill import server as server_module  # noqa: E402
+from distill.server import create_app, snapshot_export  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+WAIT = 60  # seconds: only ever reached when the behaviour under test is broken
 
 
 @pytest.fixture(scope="module")
-def server(tiny_run, tmp_path_factory):
+def export_dir(tiny_run, tmp_path_factory):
     run, _ = tiny_run
     out = tmp_path_factory.mktemp("serve") / "export"
     assert main(["export", str(run), "--out", str(out)]) == 0
-    port = free_port()
-    log = open(out.parent / "server.log", "w")
+    return out
+
+
+def start_server(folder: Path, log_path: Path, *flags: str):
+    """`anyo serve FOLDER --port 0 FLAGS`: the process and the port it printed."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "serve", str(out), "--port", str(port)],
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "serve", str(folder), "--port", "0", *flags],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     deadline = time.monotonic() + 120
-    while True:
-        try:
-            if client.get("/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"server did not start: {(out.parent / 'server.log').read_text()[-2000:]}")
+    while time.monotonic() < deadline and proc.poll() is None:
+        text = log_path.read_text()
+        if " on http://127.0.0.1:" in text:
+            port = int(text.split(" on http://127.0.0.1:")[1].split(" ")[0])
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                    return proc, port
+            except httpx.TransportError:
+                pass
         time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not start: {log_path.read_text()[-2000:]}")
+
+
+def stop(proc) -> None:
+    proc.terminate()
     try:
-        yield client, run, out
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, export_dir):
+    run, _ = tiny_run
+    proc, port = start_server(export_dir, export_dir.parent / "server.log", "--read-timeout-s", "5",
+                              "--max-header-bytes", "4096", "--max-response-items", "1000")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    try:
+        yield client, run, export_dir
     finally:
         client.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-def test_health_and_docs(server):
-    client, run, out = server
-    h = client.get("/health").json()
-    split = load_split(run / "split")
-    assert h == {"status": "ok", "model": "student_distilled", "split_hash": split.hash, "n_items": split.n_items}
-    assert "/recommend" in client.get("/openapi.json").json()["paths"]
-    assert client.get("/docs").status_code == 200
+        stop(proc)
 
 
 def same(got: list[dict], want: list[dict]) -> bool:
@@ -76,6 +87,261 @@ def same(got: list[dict], want: list[dict]) -> bool:
     longest history and multiplied in other blocks than one history alone)."""
     return [(g["item"], g["title"]) for g in got] == [(w["item"], w["title"]) for w in want] and \
         [g["score"] for g in got] == pytest.approx([w["score"] for w in want], rel=1e-5, abs=1e-6)
+
+
+# ---------------------------------------------------------------- in process, the Recommender held
+
+class Held:
+    """The export's Recommender; a call for which `hold(histories)` is true says so (`entered`) and waits
+    for one `permits.release()`."""
+
+    def __init__(self, rec, hold):
+        self.rec, self.hold = rec, hold
+        self.entered, self.permits = threading.Semaphore(0), threading.Semaphore(0)
+        self.calls: list[int] = []
+
+    def top_k(self, histories, k, exclude_seen=True):
+        self.calls.append(len(histories))
+        if self.hold(histories):
+            self.entered.release()
+            self.permits.acquire(timeout=WAIT)
+        return self.rec.top_k(histories, k, exclude_seen=exclude_seen)
+
+
+@pytest.fixture(scope="module")
+def exp(export_dir):
+    return load_export(export_dir)
+
+
+@pytest.fixture(scope="module")
+def hists(tiny_run, exp):
+    split = load_split(tiny_run[0] / "split")
+    return [[split.items[i] for i in split.history("test").row(u)] for u in range(split.n_users)]
+
+
+def in_process(exp, hold, **settings):
+    """Run `body(client, held, batcher)` against the app of `exp` with its Recommender held by `hold`."""
+    held = Held(exp.recommender, hold)
+    app = create_app(dataclasses.replace(exp, recommender=held), ServeConfig(**settings))
+
+    def run(body):
+        async def go():
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://anyo", timeout=WAIT) as client:
+                try:
+                    return await body(client, held, app.state.batcher)
+                finally:
+                    for _ in range(64):
+                        held.permits.release()
+        try:
+            return asyncio.run(go())
+        finally:
+            app.state.batcher.close()
+    return run
+
+
+async def until(cond) -> None:
+    for _ in range(WAIT * 100):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("never happened")
+
+
+def first_call():
+    seen = []
+    return lambda h: not seen and not seen.append(1)
+
+
+def test_micro_batched_answers_equal_single_answers_under_concurrency(exp, hists):
+    """40 concurrent requests (other histories, k and include_seen each) while the first call is held: the
+    rest are answered together, at most max_batch a call, every answer the one a single call gives."""
+    asks = [(hists[n % len(hists)][: 1 + n % 7] + hists[(n * 7) % len(hists)][:2], 1 + (n * 5) % exp.n_items,
+             n % 3 == 0) for n in range(40)]
+
+    async def body(client, held, batcher):
+        post = lambda h, k, s: asyncio.create_task(client.post("/recommend", json={  # noqa: E731
+            "history": h, "k": k, "include_seen": s}))
+        tasks = [post(*asks[0])]
+        await asyncio.to_thread(held.entered.acquire, timeout=WAIT)
+        tasks += [post(*a) for a in asks[1:]]
+        await until(lambda: batcher.waiting == len(asks) - 1)
+        held.permits.release()
+        return await asyncio.gather(*tasks)
+
+    answers = in_process(exp, first_call(), max_batch=16, batch_wait_ms=0.0)(body)
+    for (h, k, s), r in zip(asks, answers):
+        assert r.status_code == 200, r.text
+        assert same(r.json()["items"], exp.recommend(h, k, include_seen=s)), (h, k, s)
+
+
+def test_micro_batches_are_bounded_and_shared(exp, hists):
+    held_calls = []
+
+    async def body(client, held, batcher):
+        post = lambda n: asyncio.create_task(client.post("/recommend", json={"history": hists[n], "k": 5}))  # noqa: E731
+        tasks = [post(0)]
+        await asyncio.to_thread(held.entered.acquire, timeout=WAIT)
+        tasks += [post(n) for n in range(1, 20)]
+        await until(lambda: batcher.waiting == 19)
+        held.permits.release()
+        await asyncio.gather(*tasks)
+        held_calls.extend(held.calls)
+
+    in_process(exp, first_call(), max_batch=8, batch_wait_ms=0.0)(body)
+    assert held_calls[0] == 1 and held_calls[1:] == [8, 8, 3], held_calls
+
+
+def test_a_full_queue_answers_503_and_the_server_recovers(exp, hists):
+    """The first call held, a legal batch of 1,024 histories fills --max-queue: the next request is 503 with
+    Retry-After; once the model is free, everything queued is answered and new requests are too."""
+    async def body(client, held, batcher):
+        first = asyncio.create_task(client.post("/recommend", json={"history": hists[0], "k": 3}))
+        await asyncio.to_thread(held.entered.acquire, timeout=WAIT)
+        big = asyncio.create_task(client.post("/recommend/batch", json={
+            "histories": [hists[n % len(hists)] for n in range(1024)], "k": 2}))
+        await until(lambda: batcher.waiting == 1024)
+        refused = await client.post("/recommend", json={"history": hists[1], "k": 3})
+        held.permits.release()
+        return refused, await first, await big, await client.post("/recommend", json={"history": hists[1], "k": 3})
+
+    refused, first, big, after = in_process(exp, first_call(), max_queue=1024)(body)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "--max-queue" in refused.json()["detail"]
+    assert first.status_code == big.status_code == after.status_code == 200
+    assert len(big.json()["results"]) == 1024
+    assert same(big.json()["results"][1023]["items"], exp.recommend(hists[1023 % len(hists)], 2))
+    assert same(after.json()["items"], exp.recommend(hists[1], 3))
+
+
+def test_a_request_not_answered_in_time_is_503_and_its_answer_goes_to_nobody(exp, hists):
+    async def body(client, held, batcher):
+        late = await client.post("/recommend", json={"history": hists[0], "k": 3})  # held until the timeout
+        held.permits.release()
+        return late, await client.post("/recommend", json={"history": hists[2], "k": 4})
+
+    late, next_one = in_process(exp, first_call(), request_timeout_s=0.2)(body)
+    assert late.status_code == 503 and "--request-timeout-s" in late.json()["detail"] and late.headers["retry-after"]
+    assert next_one.status_code == 200 and same(next_one.json()["items"], exp.recommend(hists[2], 4))
+
+
+def test_small_requests_are_answered_while_a_large_batch_is_in_flight(exp, hists):
+    """A batch of 16 histories is cut into pieces of --max-batch 4, each held until the test lets it go: a
+    /recommend sent while a piece is held is answered right after that piece, before the batch is done."""
+    async def body(client, held, batcher):
+        big = asyncio.create_task(client.post("/recommend/batch", json={"histories": hists[:16], "k": 5}))
+        await asyncio.to_thread(held.entered.acquire, timeout=WAIT)       # piece 1 is held
+        for n in range(3):
+            queued = batcher.waiting
+            small = asyncio.create_task(client.post("/recommend", json={"history": hists[20 + n], "k": 3}))
+            await until(lambda q=queued: batcher.waiting == q + 1)
+            held.permits.release()                                          # piece n + 1 ends
+            r = await asyncio.wait_for(small, WAIT)
+            assert r.status_code == 200 and same(r.json()["items"], exp.recommend(hists[20 + n], 3))
+            assert not big.done()
+            await asyncio.to_thread(held.entered.acquire, timeout=WAIT)   # piece n + 2 is held
+        held.permits.release()
+        return await big
+
+    big = in_process(exp, lambda h: len(h) == 4, max_batch=4, batch_wait_ms=0.0)(body)
+    assert big.status_code == 200
+    assert all(same(got["items"], exp.recommend(h, 5)) for got, h in zip(big.json()["results"], hists[:16]))
+
+
+def test_too_many_requests_in_progress_is_503_and_health_still_answers(exp, hists):
+    async def body(client, held, batcher):
+        first = asyncio.create_task(client.post("/recommend", json={"history": hists[0], "k": 3}))
+        await asyncio.to_thread(held.entered.acquire, timeout=WAIT)
+        refused = await client.post("/recommend", json={"history": hists[1], "k": 3})
+        health = await client.get("/health")
+        held.permits.release()
+        return refused, health, await first, await client.post("/recommend", json={"history": hists[1], "k": 3})
+
+    refused, health, first, after = in_process(exp, first_call(), max_concurrency=1)(body)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "--max-concurrency" in refused.json()["detail"]
+    assert health.status_code == first.status_code == after.status_code == 200
+
+
+def test_answers_are_the_json_of_the_item_dicts(exp, hists):
+    from distill.histories import Histories
+    rows = [exp.to_internal(h) for h in hists[:6]]
+    ids, scores = exp.recommender.top_k(Histories.from_rows(rows), exp.n_items)  # with the -1 tail
+    want = [json.dumps({"items": items}, separators=(",", ":")) for items in exp.recommend_many(hists[:6], exp.n_items)]
+    assert server_module.AnswerText(exp).rows(ids, scores) == want
+
+
+def test_metrics_count_requests_and_model_calls(exp, hists):
+    async def body(client, held, batcher):
+        await client.post("/recommend", json={"history": hists[0], "k": 3})
+        await client.post("/recommend", json={"history": ["nope"], "k": 3})
+        await client.post("/recommend/batch", json={"histories": hists[:5], "k": 3})
+        return await client.get("/metrics")
+
+    r = in_process(exp, lambda h: False)(body)
+    text = r.text
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert 'anyo_requests_total{path="/recommend",status="200"} 1' in text
+    assert 'anyo_requests_total{path="/recommend",status="422"} 1' in text
+    assert 'anyo_request_seconds_count{path="/recommend/batch"} 1' in text
+    assert "anyo_model_call_histories_count 2" in text and "anyo_model_call_histories_sum 6" in text
+
+
+def test_the_settings_are_checked_and_named_by_their_flag(export_dir, capsys):
+    assert main(["serve", str(export_dir), "--max-batch", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "anyo: error: --max-batch: must be >= 1, got 0"
+    assert main(["serve", str(export_dir), "--max-queue", "10"]) == 2
+    assert "--max-queue: must be >= 1024" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_one_line(export_dir, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["serve", str(export_dir), "--port", str(port)]) == 2
+    assert capsys.readouterr().err.strip() == f"anyo: error: --host 127.0.0.1 --port {port}: address already in use"
+
+
+def test_a_snapshot_is_one_whole_export_even_while_the_folder_is_replaced(tiny_run, export_dir, tmp_path,
+                                                                          monkeypatch):
+    """The folder is re-exported (another model) between reading its manifest and copying its files: the
+    snapshot is read again and is the new export, whole."""
+    other = tmp_path / "other"
+    assert main(["export", str(tiny_run[0]), "--out", str(other), "--model", "student_alone"]) == 0
+    served = tmp_path / "served"
+    shutil.copytree(export_dir, served)
+    copy, swapped = shutil.copyfile, []
+
+    def copy_while_reexported(src, dst, **kwargs):
+        if not swapped:
+            swapped.append(1)
+            shutil.rmtree(served)
+            shutil.copytree(other, served)
+        return copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(server_module.shutil, "copyfile", copy_while_reexported)
+    sha = snapshot_export(served, tmp_path / "snap")
+    assert swapped and load_export(tmp_path / "snap").manifest["model"] == "student_alone"
+    assert (tmp_path / "snap" / "manifest.json").read_bytes() == (other / "manifest.json").read_bytes()
+    assert len(sha) == 64
+
+
+# ---------------------------------------------------------------- a real server
+
+def test_health_head_and_docs_without_a_cdn(server):
+    client, run, out = server
+    h = client.get("/health").json()
+    split = load_split(run / "split")
+    sha = __import__("hashlib").sha256((out / "manifest.json").read_bytes()).hexdigest()
+    assert h == {"status": "ok", "model": "student_distilled", "split_hash": split.hash, "n_items": split.n_items,
+                 "manifest_sha256": sha}
+    head = client.head("/health")
+    assert head.status_code == 200 and head.content == b""
+    assert "/recommend" in client.get("/openapi.json").json()["paths"]
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "POST /recommend" in docs.text
+    assert "<script" not in docs.text and "<link" not in docs.text and "cdn" not in docs.text.lower()
 
 
 def test_recommend_matches_the_exported_model(server):
@@ -90,6 +356,29 @@ def test_recommend_matches_the_exported_model(server):
     assert all(same(got["items"], exp.recommend(h, 4)) for got, h in zip(r.json()["results"], hists))
     r = client.post("/recommend", json={"history": hists[0], "k": 3, "include_seen": True})
     assert same(r.json()["items"], exp.recommend(hists[0], 3, include_seen=True))
+
+
+def test_concurrent_clients_get_their_own_answers(server, exp, hists):
+    client, run, out = server
+    asks = [(hists[n % len(hists)][: 2 + n % 5], 1 + n % 9) for n in range(32)]
+    got = [None] * len(asks)
+
+    def ask(n):
+        h, k = asks[n]
+        with httpx.Client(base_url=client.base_url, timeout=30) as c:
+            try:
+                got[n] = c.post("/recommend", json={"history": h, "k": k})
+            except httpx.HTTPError as e:  # shown by the assertion below
+                got[n] = e
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (h, k), r in zip(asks, got):
+        assert isinstance(r, httpx.Response), repr(r)
+        assert r.status_code == 200 and same(r.json()["items"], exp.recommend(h, k))
 
 
 def test_integer_ids_are_matched_as_strings(tiny_run, server):
@@ -121,6 +410,8 @@ def test_bad_inputs_get_a_4xx_naming_the_field_and_the_server_keeps_serving(serv
         ({"json": {"histories": [good, []]}, "url": "/recommend/batch"}, 422, ["histories[1]"]),
         ({"json": {"histories": [good, ["nope"]]}, "url": "/recommend/batch"}, 422, ["histories[1]", "'nope'"]),
         ({"json": {"histories": good}, "url": "/recommend/batch"}, 422, ["histories[0]"]),
+        ({"json": {"histories": [good] * 101, "k": 10}, "url": "/recommend/batch"}, 422,
+         ["k", "1,010 items", "--max-response-items"]),
     ]
     for kwargs, status, words in bad:
         url = kwargs.pop("url", "/recommend")
@@ -131,3 +422,50 @@ def test_bad_inputs_get_a_4xx_naming_the_field_and_the_server_keeps_serving(serv
         assert isinstance(detail, str) and all(w in detail for w in words), (detail, words)
         ok = client.post("/recommend", json={"history": good, "k": 5})
         assert ok.status_code == 200 and len(ok.json()["items"]) == 5
+
+
+def raw(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    return s
+
+
+def test_oversized_headers_are_400_and_slow_connections_are_closed(server):
+    client, run, out = server
+    port = client.base_url.port
+    r = client.get("/health", headers={"x-big": "y" * 8192})
+    assert r.status_code == 431 and "--max-header-bytes" in r.json()["detail"]
+    s = raw(port)  # headers that never end: refused by the HTTP layer once they pass the limit
+    s.sendall(b"GET /health HTTP/1.1\r\nx-big: " + b"y" * 8192)
+    assert s.recv(100).startswith(b"HTTP/1.1 400")
+    s.close()
+    # a client that sends half a request line and then nothing is cut off after --read-timeout-s 5
+    s = raw(port)
+    s.sendall(b"GET /hea")
+    assert s.recv(100) == b""
+    s.close()
+    # one that trickles its body in is cut off too
+    s = raw(port)
+    s.sendall(b"POST /recommend HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{")
+    assert s.recv(100) == b""
+    s.close()
+    assert client.get("/health").status_code == 200
+
+
+def test_workers_leave_no_orphan_when_their_master_is_killed(export_dir, tmp_path):
+    psutil = pytest.importorskip("psutil")
+    proc, port = start_server(export_dir, tmp_path / "workers.log", "--workers", "2")
+    try:
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len([w for w in workers if "python" in w.name().lower()]) >= 2
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        snapshot = Path(workers[-1].environ()[server_module.ENV_DIR]).parent  # a killed master cannot remove it
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=WAIT)
+        gone, alive = psutil.wait_procs(workers, timeout=WAIT)
+        assert not alive, f"orphans: {alive}"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # the port is free again
+        shutil.rmtree(snapshot)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
