@@ -719,16 +719,18 @@ def test_jsonl_item_text_of_any_json_is_read(tmp_path):
     assert s.texts[s.items.index("i3")] == 'movie 3: {"g": "3"}, 5, true' and s.texts[s.items.index("i0")] == "movie 0: drama"
 
 
-def reseal(folder, tensors: dict) -> None:
-    """split.safetensors replaced by `tensors`, its sha256 written into the manifest: only the content is wrong."""
+def reseal(folder, tensors: dict | None = None, **manifest_changes) -> None:
+    """The split folder edited (split.safetensors replaced by `tensors`, manifest keys changed), then sealed again
+    by hand (manifest.json's record over the files as they now are): only the content is wrong."""
     import json
 
     from safetensors.numpy import save_file
 
-    from distill.artifacts import sha256_file
-    save_file(tensors, str(folder / "split.safetensors"))
-    manifest = json.loads((folder / "manifest.json").read_text())
-    (folder / "manifest.json").write_text(json.dumps(dict(manifest, split_sha256=sha256_file(folder / "split.safetensors"))))
+    from distill.artifacts import folder_files, write_record
+    if tensors is not None:
+        save_file(tensors, str(folder / "split.safetensors"))
+    manifest = dict(json.loads((folder / "manifest.json").read_text()), **manifest_changes)
+    write_record(folder / "manifest.json", manifest, files=folder_files(folder, "manifest.json"))
 
 
 def drop(name):
@@ -746,8 +748,7 @@ def drop(name):
 ], ids=["a tensor missing", "ids beyond the catalogue", "offsets reversed", "negatives cut", "a count not a number",
         "an unknown escape"])
 def test_a_resealed_or_edited_split_is_one_line(tmp_path, prepared, capsys, damage, fragment):
-    """The split's sha256 matches (resealed), or the edit is outside split.safetensors: the loader still checks."""
-    import json
+    """The split folder edited and resealed by hand: its seal matches, the loader still checks the content."""
     import shutil
 
     from safetensors.numpy import load_file
@@ -755,11 +756,11 @@ def test_a_resealed_or_edited_split_is_one_line(tmp_path, prepared, capsys, dama
     folder = tmp_path / "split"
     shutil.copytree(split_dir, folder)
     if damage == "n_users":
-        manifest = json.loads((folder / "manifest.json").read_text())
-        (folder / "manifest.json").write_text(json.dumps(dict(manifest, n_users="x")))
+        reseal(folder, n_users="x")
     elif damage == "escape":
         lines = (folder / "users.tsv").read_text().split("\n")
         (folder / "users.tsv").write_text("\n".join(lines[:3] + [lines[3] + "\\q"] + lines[4:]))
+        reseal(folder)
     else:
         reseal(folder, damage(load_file(str(folder / "split.safetensors"))))
     rng = np.random.default_rng(0)
