@@ -45,17 +45,22 @@ class World:
         return result
 
     def sum_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Every rank's gradients summed into every rank (a parameter no rank touched stays None)."""
+        """Every rank's gradients summed into every rank; a parameter no rank gave a gradient keeps none (as
+        in one process, so AdamW leaves it alone)."""
         if self.size == 1:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads]).to(self.device)
+        has = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype if grads else torch.float32)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [has.to(grads[0].device)]).to(self.device)
         torch.distributed.all_reduce(flat)
         offset = 0
-        for p, g in zip(params, grads):
+        touched = flat[-len(params):] > 0
+        for p, g, t in zip(params, grads, touched.tolist()):
             part = flat[offset:offset + g.numel()].view_as(g).to(g.device)
             offset += g.numel()
-            if p.grad is None:
+            if not t:
+                p.grad = None
+            elif p.grad is None:
                 p.grad = part.clone()
             else:
                 p.grad.copy_(part)

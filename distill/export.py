@@ -186,9 +186,10 @@ def export(run: str | Path, out: str | Path, model_name: str = "student_distille
     params = sum(p.numel() for p in model.parameters())
     try:
         import onnx as onnx_lib  # the `onnx` extra: the other commands (recommend, serve on torch) run without it
+        import onnxruntime  # noqa: F401 - the parity check runs model.onnx
     except ImportError:
-        raise AnyoError("anyo export writes model.onnx: install the onnx extra (pip install 'anyo-distill[onnx]')") \
-            from None
+        raise AnyoError("anyo export writes and checks model.onnx: install the onnx extra "
+                        "(pip install 'anyo-distill[onnx]': onnx and onnxruntime)") from None
     onnx_bytes = onnx_encoder(model)
     parity = onnx_parity(model, onnx_bytes, split)
     if not parity["relative_diff"] <= parity["tolerance"]:

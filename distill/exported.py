@@ -90,7 +90,7 @@ class Exported:
 
 
 def verify_export(folder: Path) -> dict:
-    """The manifest, once every listed file is present with its hash and nothing else is there."""
+    """The manifest, once it matches its own seal and every listed file is present with its hash."""
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: export folder not found")
     manifest = read_record(folder / "manifest.json")

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.artifacts import atomic_dir, folder_files, read_json, write_record
+from distill.artifacts import atomic_dir, check_sealed_folder, folder_files, write_record
 from distill.config import Recipe
 from distill.data import Split, load_split
+from distill.errors import ArtifactError
 from distill.harness import BUCKET_NAMES
 from distill.plots import plot_report
 from distill.runs import CF_DISTILLED, EXTERNAL, MODELS, current_records, llara_inputs
@@ -103,7 +104,10 @@ def generative_row(run: Path, recipe: Recipe, split: Split) -> dict | None:
     path = run / "llara" / "metrics.json"
     if not path.is_file():
         return None
-    record = read_json(path)
+    try:
+        record = check_sealed_folder(path)        # an edited record is never a result
+    except ArtifactError:
+        return None
     if record.get("inputs") != llara_inputs(recipe, run, split, record.get("seed", recipe.seed)):
         return None
     c = record["candidates"]

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
-from distill.artifacts import check_sealed_folder
+from distill.artifacts import check_sealed_folder, load_array
 from distill.cache import TeacherCache
 from distill.config import load_recipe
 from distill.data import load_split
@@ -44,7 +43,7 @@ def _record(folder: Path, split) -> dict:
     record = check_sealed_folder(folder / "metrics.json")
     if not isinstance(record.get("metrics"), dict) or "NDCG@10" not in record["metrics"]:
         raise ValueError(f"{folder / 'metrics.json'}: not a metrics record (no metrics.NDCG@10)")
-    ranks = np.load(folder / "test_ranks.npy", allow_pickle=False)
+    ranks = load_array(folder / "test_ranks.npy")
     if ranks.shape != (split.n_users,):
         raise ValueError(f"{folder / 'test_ranks.npy'}: shape {ranks.shape}, expected ({split.n_users},)")
     if record.get("split_hash") != split.hash:

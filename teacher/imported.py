@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.artifacts import atomic_file, json_digest, sha256_file
+from distill.artifacts import atomic_file, json_digest, load_array, sha256_file
 from distill.cache import TeacherCache, cache_key, complete_cache, shard_name, staging_dir, write_shard
 from distill.config import Recipe
 from distill.data import Split, sequence_times
@@ -244,13 +244,12 @@ def read_item_vectors(path: Path, split: Split) -> np.ndarray:
     suffix = path.suffix.lower()
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    if suffix in (".npy", ".safetensors"):
+    if suffix == ".npy":
+        return check_vectors(str(path), np.asarray(load_array(path)), split.n_items + 1)
+    if suffix == ".safetensors":
         try:
-            if suffix == ".npy":
-                x = np.load(path, allow_pickle=False)
-            else:
-                from safetensors.numpy import load_file
-                x = load_file(str(path))["item_vectors"]
+            from safetensors.numpy import load_file
+            x = load_file(str(path))["item_vectors"]
         except KeyError:
             raise DataError(f"{path}: no tensor `item_vectors`") from None
         except Exception as e:  # noqa: BLE001 - numpy and safetensors raise several types for a bad file
@@ -412,6 +411,10 @@ def export_cache(cache: TeacherCache, split: Split, out: Path) -> tuple[int, Pat
         scores.append(np.asarray(t["topk_scores"]))
         query.append(np.asarray(t["query"]))
     u, p, i, s, q = (np.concatenate(x) for x in (users, pos, ids, scores, query))
+    if (i < 1).any():   # the search pads a list with -1 when fewer than K items were rankable
+        r = int(np.flatnonzero((i < 1).any(axis=1))[0])
+        raise DataError(f"{cache.folder}: row {r} lists fewer than K = {i.shape[1]} items (padded with -1); "
+                        f"the public layout has K items on every row: rebuild the cache with a smaller distill.k")
     tokens = np.asarray(split.items, dtype=object)
 
     def lists(x: np.ndarray, values) -> pa.Array:

@@ -111,3 +111,18 @@ def test_kill_of_rank_1_mid_epoch_then_rerun_equals_uninterrupted(tiny_run, two_
     assert "resuming after epoch 1" in (tmp_path / "rerun" / "rank0.log").read_text()
     a, b = weights(run), weights(two_ranks)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_parameter_without_gradient_keeps_none():
+    """As in one process (AdamW then leaves it alone, weight decay included), not a summed zero gradient."""
+    import torch
+
+    from distill.distributed import World
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+        (used * 2).sum().backward()
+        World(0, 2).sum_gradients([used, unused])   # a 2-rank world whose other rank adds nothing
+        assert unused.grad is None and torch.equal(used.grad, torch.full((3,), 2.0))
+    finally:
+        torch.distributed.destroy_process_group()

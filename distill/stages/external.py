@@ -19,8 +19,8 @@ from distill.config import Recipe
 from distill.data import Split
 from distill.errors import ConfigError
 from distill.harness import evaluate_model, metrics_record
-from distill.runs import EXTERNAL, external_teacher_inputs
-from teacher.imported import export_cache, import_files, import_teacher
+from distill.runs import EXTERNAL, check_file_target, external_teacher_inputs
+from teacher.imported import export_cache, import_files, import_teacher, items_file
 
 
 def check_target(run: Path) -> None:
@@ -81,5 +81,7 @@ def score(recipe: Recipe, run: Path, split: Split) -> dict | None:
 def export(run: Path, split: Split, out: Path) -> None:
     if out.suffix != ".parquet":
         raise ConfigError(f"--out {out}: expected a .parquet file")
+    for path in (out, items_file(out)):                   # an existing file is never replaced
+        check_file_target(path, "--out", {}, "anyo teacher export-cache")
     rows, items = export_cache(TeacherCache(run / "teacher_cache", split.hash, split.n_items), split, out)
     print(f"teacher cache: {rows} rows written to {out}" + (f", item vectors to {items}" if items else ""))
