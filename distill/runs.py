@@ -41,6 +41,7 @@ from distill.cache import cache_key
 from distill.config import Recipe
 from distill.data import Split
 from distill.histories import Histories
+from distill.search import RANKING_PROTOCOL
 from distill.errors import AnyoError, ArtifactError, ConfigError
 from distill.resume import clear_resume
 from student.model import load_student
@@ -192,23 +193,25 @@ def check_run_folder(run: Path) -> None:
 # ---------------------------------------------------------------- each stage's inputs
 
 def mostpop_inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
-    return {"split_hash": split.hash, "eval": recipe.section_hash("eval")}
+    return {"split_hash": split.hash, "eval": recipe.section_hash("eval"), "protocol": RANKING_PROTOCOL}
 
 
 def student_inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
-    return {"split_hash": split.hash, "recipe": recipe.section_hash("data", "student", "eval"), "seed": seed}
+    return {"split_hash": split.hash, "recipe": recipe.section_hash("data", "student", "eval"), "seed": seed,
+            "protocol": RANKING_PROTOCOL}
 
 
 def teacher_inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
     return {"split_hash": split.hash, "recipe": recipe.section_hash("data", "student", "teacher", "eval"),
-            "seed": seed, "cf_sha256": sha256_file(run / "student_alone" / "model.safetensors")}
+            "seed": seed, "cf_sha256": sha256_file(run / "student_alone" / "model.safetensors"),
+            "protocol": RANKING_PROTOCOL}
 
 
 def distill_inputs(recipe: Recipe, run: Path, split: Split, seed: int, cache: Path | None = None) -> dict:
     """A student distilled from `cache` (default RUN/teacher_cache), starting from its seed's student alone."""
     cache = run / "teacher_cache" if cache is None else cache
     wanted = {"split_hash": split.hash, "recipe": recipe.section_hash("data", "student", "distill", "eval"),
-              "seed": seed, "cache_sha256": sha256_file(cache / "manifest.json")}
+              "seed": seed, "cache_sha256": sha256_file(cache / "manifest.json"), "protocol": RANKING_PROTOCOL}
     if recipe.distill.warm_start:
         wanted["init_sha256"] = sha256_file(model_dir(run, "student_alone", seed, recipe) / "model.safetensors")
     return wanted
@@ -222,7 +225,7 @@ def cf_control_recipe(recipe: Recipe) -> Recipe:
 
 def external_teacher_inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
     """An imported teacher's metrics: scored from the query and item vectors of RUN/teacher_cache."""
-    return {"split_hash": split.hash, "eval": recipe.section_hash("eval"),
+    return {"split_hash": split.hash, "eval": recipe.section_hash("eval"), "protocol": RANKING_PROTOCOL,
             "cache_sha256": sha256_file(run / "teacher_cache" / "manifest.json")}
 
 

@@ -167,6 +167,10 @@ class Exclusions:
 
 # ---------------------------------------------------------------- the ranking protocol
 
+RANKING_PROTOCOL = 2  # the version of ranking_exclusions in every evaluated stage's inputs: 2 (2026-12-01) = no
+                      # exemption for a target that repeats a history item (1 kept it rankable)
+
+
 def ranking_exclusions(histories: Histories, n_rows: int, mask_history: bool) -> Exclusions | None:
     """The ranking protocol, the one definition the harness, the teacher, the model card, `anyo recommend` and
     `anyo serve` use: padding (row 0) is never ranked; with `mask_history` every item of the history is
