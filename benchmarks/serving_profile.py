@@ -60,7 +60,7 @@ def profile(exp, raw: list[list[str]], batch: int, runs: int, singles: int) -> d
     hists = [Histories.from_rows(r) for r in rows]
     widths = [max(1, min(rec.max_len, int(h.lengths.max()))) for h in hists]
     users = [rec.encode(h) for h in hists]
-    excl = [ranking_exclusions(h, rec.n_rows, True) for h in hists]
+    excl = [ranking_exclusions(h, rec.n_rows, exp.mask_history) for h in hists]
     import torch
     with torch.inference_mode():
         tops = [rec._torch_top_k(u, e, 10) for u, e in zip(users, excl)]
@@ -100,23 +100,23 @@ def in_process(exp, raw: list[list[str]], runs: int, singles: int) -> dict:
     big = [Histories.from_rows(rows[i:i + 1024]) for i in range(0, 2048, 1024)]
     p50s, rates = [], []
     for _ in range(runs):
-        rec.top_k(singles[0], 10)
+        rec.top_k(singles[0], 10, exclude_seen=exp.mask_history)
         lat = []
         for h in singles:
             t = clock()
-            rec.top_k(h, 10)
+            rec.top_k(h, 10, exclude_seen=exp.mask_history)
             lat.append(clock() - t)
         p50s.append(float(np.median(lat)) * 1000)
-        rates.append(_users_per_s(rec, big))
+        rates.append(_users_per_s(rec, big, exp.mask_history))
     return {"p50_ms": float(np.median(p50s)), "users_per_s_1024": float(np.median(rates)),
             "p50_runs": p50s, "rate_runs": rates}
 
 
-def _users_per_s(rec, batches) -> float:
-    rec.top_k(batches[0], 10)
+def _users_per_s(rec, batches, exclude_seen: bool) -> float:
+    rec.top_k(batches[0], 10, exclude_seen=exclude_seen)
     t = clock()
     for h in batches:
-        rec.top_k(h, 10)
+        rec.top_k(h, 10, exclude_seen=exclude_seen)
     return sum(len(h) for h in batches) / (clock() - t)
 
 
