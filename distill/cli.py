@@ -12,7 +12,6 @@ import typing
 from distill import commands
 from distill.checked import SEED_MAX
 from distill.errors import AnyoError, ConfigError
-
 from distill.serve_config import RUNTIMES, ServeConfig
 
 RECIPE_HELP = "recipe YAML file, or the name of a recipe shipped with anyo (ml100k, ml100k-cold, ...)"

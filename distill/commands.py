@@ -91,18 +91,15 @@ def cmd_student_train(args) -> None:
 @records_recipe
 def cmd_teacher_train(args) -> None:
     recipe, run = resolve(args)
-    ranks = world()                                   # N ranks under torchrun / deepspeed: rank 0 writes
-    split = ranks.main_first(lambda: prepare.run(recipe, run))
-    record = teacher.run(recipe, run, split, seed_of(args, recipe))
-    if ranks.main:
+    record = teacher.run(recipe, run, prepare.run(recipe, run), seed_of(args, recipe))
+    if world().main:                                  # N ranks under torchrun / deepspeed: rank 0 reports
         common.print_table({"teacher": common.table_row(record)})
 
 
 @records_recipe
 def cmd_teacher_infer(args) -> None:
     recipe, run = resolve(args)
-    split = world().main_first(lambda: prepare.run(recipe, run))   # N ranks: rank 0 writes the split
-    infer.run(recipe, run, split, merge_only=args.merge, teacher_seed=args.teacher_seed)
+    infer.run(recipe, run, prepare.run(recipe, run), merge_only=args.merge, teacher_seed=args.teacher_seed)
 
 
 @records_recipe
@@ -204,5 +201,4 @@ def cmd_serve(args) -> int:
 
 def cmd_baseline_llara(args) -> None:
     recipe, run = resolve(args)
-    split = world().main_first(lambda: prepare.run(recipe, run))   # N ranks: rank 0 writes the split
-    llara.run(recipe, run, split, seed_of(args, recipe))
+    llara.run(recipe, run, prepare.run(recipe, run), seed_of(args, recipe))

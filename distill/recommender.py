@@ -176,7 +176,3 @@ class Recommender:
             ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
             vals = np.pad(vals, ((0, 0), (0, pad)), constant_values=-np.inf)
         return ids, vals
-
-    def recommend(self, rows: list, k: int = 10, exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Lists of internal ids -> (B, k) ids and scores."""
-        return self.top_k(Histories.from_rows(rows), k, exclude_seen)

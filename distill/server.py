@@ -88,27 +88,21 @@ class BodyGuard:
     def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
         self.app, self.max_bytes = app, max_bytes
 
-    async def _reply(self, send, status: int, detail: str) -> None:
-        body = json.dumps({"detail": detail}).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         ctype = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         if ctype != "application/json" and not ctype.endswith("+json"):
-            return await self._reply(send, 415, f"content-type: expected application/json, got {ctype or 'none'!r}")
+            return await reply(send, 415, f"content-type: expected application/json, got {ctype or 'none'!r}")
         length = headers.get(b"content-length")
         if length is not None:
             try:
                 n = int(length)
             except ValueError:
-                return await self._reply(send, 400, "content-length: not a number")
+                return await reply(send, 400, "content-length: not a number")
             if n > self.max_bytes:
-                return await self._reply(send, 413, self._too_big(n))
+                return await reply(send, 413, self._too_big(n))
             return await self.app(scope, receive, send)
         # no length (chunked): read it all, up to the limit, then replay it
         chunks, total = [], 0
@@ -119,7 +113,7 @@ class BodyGuard:
             chunks.append(message.get("body", b""))
             total += len(chunks[-1])
             if total > self.max_bytes:
-                return await self._reply(send, 413, self._too_big(total))
+                return await reply(send, 413, self._too_big(total))
             if not message.get("more_body", False):
                 break
         body, sent = b"".join(chunks), False

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from distill.artifacts import check_sealed_folder, load_array
 from distill.cache import TeacherCache
 from distill.config import load_recipe
