@@ -172,8 +172,28 @@ class TeacherConfig(Section):
                          "over cf_weights) or `llm` (the LLM retriever alone, w = 0; the kept epoch's w is still "
                          "its best blend on validation).", "blend", choices=("blend", "llm"))
     eval_batch_size: int = option("Prompts per forward pass at inference.", 32, min=1)
+    max_grad_norm: typing.Optional[float] = option("Clip the global gradient norm of each optimiser step to this; "
+                                                   "unset = no clipping.", None, gt=0.0)
+    distributed: str = option("How N ranks (torchrun / deepspeed launchers) train the LLM (this teacher and the "
+                              "llara baseline): `ddp` (gradients summed, AdamW on every rank; one process: plain "
+                              "AdamW), `zero1` or `zero2` (DeepSpeed ZeRO stage 1 / 2: AdamW's moments, and at "
+                              "stage 2 the gradients, partitioned across the ranks). Every strategy takes the "
+                              "optimiser steps of one process with grad_accum x N and saves the same checkpoint "
+                              "(distill/optimisers.py).", "ddp", choices=("ddp", "zero1", "zero2"))
+    offload_optimizer: bool = option("ZeRO only: keep AdamW's state in CPU memory and step it there (ZeRO-Offload; "
+                                     "it also runs in one process, on one GPU too small for the optimiser state).",
+                                     False)
+    deepspeed_config: typing.Optional[str] = option("ZeRO only: a DeepSpeed JSON file merged over the config the "
+                                                    "recipe implies (communication, bucket sizes, offload "
+                                                    "details); the keys the recipe sets (batch, accumulation, "
+                                                    "optimizer, scheduler, precision, clipping) are refused. Its "
+                                                    "content is part of the teacher's inputs.", None, nonempty=True)
 
     def check(self):
+        require(self.distributed != "ddp" or not self.offload_optimizer, "teacher.offload_optimizer",
+                "needs teacher.distributed zero1 or zero2")
+        require(self.distributed != "ddp" or self.deepspeed_config is None, "teacher.deepspeed_config",
+                "needs teacher.distributed zero1 or zero2")
         require(self.lora_r % self.num_experts == 0, "teacher.num_experts",
                  f"num_experts {self.num_experts} must divide lora_r {self.lora_r}")
         require(all(0 <= w <= 1 for w in self.cf_weights), "teacher.cf_weights",

@@ -204,7 +204,17 @@ def student_inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
 def teacher_inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
     return {"split_hash": split.hash, "recipe": recipe.section_hash("data", "student", "teacher", "eval"),
             "seed": seed, "cf_sha256": sha256_file(run / "student_alone" / "model.safetensors"),
-            "protocol": RANKING_PROTOCOL}
+            "protocol": RANKING_PROTOCOL, **deepspeed_file_input(recipe)}
+
+
+def deepspeed_file_input(recipe: Recipe) -> dict:
+    """The content hash of teacher.deepspeed_config, so an edited file makes the LLM stages stale."""
+    path = recipe.teacher.deepspeed_config
+    if path is None:
+        return {}
+    if not Path(path).is_file():
+        raise ConfigError(f"teacher.deepspeed_config: {path}: no such file")
+    return {"deepspeed_config_sha256": sha256_file(Path(path))}
 
 
 def distill_inputs(recipe: Recipe, run: Path, split: Split, seed: int, cache: Path | None = None) -> dict:
@@ -231,7 +241,8 @@ def external_teacher_inputs(recipe: Recipe, run: Path, split: Split, seed: int) 
 
 def llara_inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:
     return {"split_hash": split.hash, "recipe": recipe.section_hash("data", "teacher", "llara"),
-            "seed": seed, "cf_sha256": sha256_file(run / "student_alone" / "model.safetensors")}
+            "seed": seed, "cf_sha256": sha256_file(run / "student_alone" / "model.safetensors"),
+            **deepspeed_file_input(recipe)}
 
 
 def report_inputs(recipe: Recipe, run: Path) -> dict:

@@ -35,7 +35,8 @@ from tqdm.auto import tqdm
 
 from distill.distributed import ONE_PROCESS, World
 from distill.events import Events
-from distill.resume import load_optimizer_state, load_resume, optimizer_state, resume_dir, save_resume, set_aside
+from distill.optimisers import OptimiserConfig, build_optimiser
+from distill.resume import load_resume, resume_dir, save_resume, set_aside
 
 
 @dataclass
@@ -61,14 +62,10 @@ class TrainingTask(Protocol):
     def restore(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
-@dataclass
-class TrainerConfig:
+@dataclass(kw_only=True)
+class TrainerConfig(OptimiserConfig):
     epochs: int
     patience: int
-    lr: float
-    weight_decay: float = 0.0
-    schedule: str = "constant"   # transformers scheduler name: constant, cosine, linear
-    warmup_ratio: float = 0.0
     grad_accum: int = 1
     max_seconds: float | None = None   # training-time budget (validation excluded); None = epochs alone
 
@@ -106,13 +103,6 @@ class _Progress:
     curve: list[dict] = field(default_factory=list)
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainerConfig, steps_per_epoch: int):
-    from transformers import get_scheduler
-    total = steps_per_epoch * cfg.epochs
-    warmup = math.ceil(cfg.warmup_ratio * total) if cfg.warmup_ratio > 0 else 0
-    return get_scheduler(cfg.schedule, opt, num_warmup_steps=warmup, num_training_steps=total)
-
-
 class Trainer:
     def __init__(self, task: TrainingTask, cfg: TrainerConfig, seed: int, desc: str,
                  resume: tuple[Path, dict] | None = None, world: World = ONE_PROCESS):
@@ -121,8 +111,7 @@ class Trainer:
         torch.manual_seed(seed)
         self.rng = np.random.default_rng(seed)
         self.gen = torch.Generator().manual_seed(seed)
-        self.opt = torch.optim.AdamW(task.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.sched = build_scheduler(self.opt, cfg, math.ceil(task.num_batches() / self.group))
+        self.optim = build_optimiser(task.parameters(), cfg, world, cfg.epochs * math.ceil(task.num_batches() / self.group))
 
     def fit(self) -> FitResult:
         p, best_state = self._load()
@@ -159,18 +148,20 @@ class Trainer:
         total, done, examples, tokens, t0 = 0.0, 0, 0, 0, time.perf_counter()
         bar = tqdm(total=len(batches), desc=f"{self.desc} epoch {epoch}", leave=False, disable=not self.world.main)
         for lo in range(0, len(batches), self.group):
-            for batch in batches[lo + self.world.rank:lo + self.group:self.world.size]:  # this rank's share
+            share = batches[lo + self.world.rank:lo + self.group:self.world.size]     # this rank's batches
+            for batch in share:
                 out = self.task.step(batch)
-                (out.loss / self.group).backward()
+                self.optim.backward(out.loss / self.group)
                 total, done = total + out.loss.item(), done + 1
                 examples, tokens = examples + out.examples, tokens + out.tokens
-            self.world.sum_gradients(self.task.parameters())
-            self.opt.step()
-            self.sched.step()
-            self.opt.zero_grad(set_to_none=True)
+            if self.optim.lockstep and len(share) < len(batches[lo:lo + self.group:self.world.size]):
+                # a short share of the epoch's last step: rank 0's first batch again, weighted 0, so that every
+                # rank runs as many backward passes (ZeRO-2 reduces inside each) and adds nothing
+                self.optim.backward(self.task.step(batches[lo]).loss * 0.0)
+            self.optim.step()
             p.steps += 1
             if self.world.main:                                   # rank 0 has a batch in every step
-                self.events.step(p.steps, out.loss.item(), self.sched.get_last_lr()[0])
+                self.events.step(p.steps, out.loss.item(), self.optim.lr())
             bar.update(min(self.group, len(batches) - lo))
             bar.set_postfix(loss=f"{total / max(done, 1):.4f}")
             if self.cfg.max_seconds is not None and self.world.from_main(
@@ -188,43 +179,43 @@ class Trainer:
 
     # ---------------------------------------------------------------- resume
     def _save(self, p: _Progress, best_state: dict | None) -> None:
-        if self.resume is not None and self.world.main:
+        if self.resume is None:
+            return
+        opt_tensors, opt_meta = self.optim.state()                # gathered from every rank (ZeRO)
+        if self.world.main:
             out, inputs = self.resume
-            opt_tensors, opt_meta = optimizer_state(self.opt)
             save_resume(out, {"current": self.task.snapshot(), "best": best_state or {}, "optim": opt_tensors,
                               "rng": {"torch": torch.get_rng_state(), "order": self.gen.get_state()}},
                         {"inputs": inputs, "progress": vars(p), "optimizer": opt_meta,
-                         "scheduler": self.sched.state_dict(), "numpy_rng": self.rng.bit_generator.state})
+                         "numpy_rng": self.rng.bit_generator.state})
         self.world.barrier()                                      # no rank runs ahead of a saved epoch
 
     def _load(self) -> tuple[_Progress, dict | None]:
         if self.resume is None:
             return _Progress(), None
-        return self.world.main_first(self._read_resume)  # a broken state is set aside once, by rank 0
+        fresh = (self.task.snapshot(), self.optim.state(), torch.get_rng_state(), self.gen.get_state(),
+                 self.rng.bit_generator.state)                    # before any rank reads: state() is collective
+        return self.world.main_first(lambda: self._read_resume(fresh))  # a broken state is set aside once, by rank 0
 
-    def _read_resume(self) -> tuple[_Progress, dict | None]:
+    def _read_resume(self, fresh: tuple) -> tuple[_Progress, dict | None]:
         saved = load_resume(*self.resume, groups_needed=("current", "rng"),
-                            meta_needed=("progress", "optimizer", "scheduler", "numpy_rng"))
+                            meta_needed=("progress", "optimizer", "numpy_rng"))
         if saved is None:
             return _Progress(), None
         groups, meta = saved
-        fresh = (self.task.snapshot(), self.opt.state_dict(), self.sched.state_dict(), torch.get_rng_state(),
-                 self.gen.get_state(), self.rng.bit_generator.state)
         try:
             self.task.restore(groups["current"])
-            load_optimizer_state(self.opt, groups.get("optim", {}), meta["optimizer"])
-            self.sched.load_state_dict(meta["scheduler"])
+            self.optim.load_state(groups.get("optim", {}), meta["optimizer"])
             torch.set_rng_state(groups["rng"]["torch"])
             self.gen.set_state(groups["rng"]["order"])
             self.rng.bit_generator.state = meta["numpy_rng"]
             p = _Progress(**meta["progress"])
         except Exception as e:  # noqa: BLE001 — a state that does not fit: start again exactly as a fresh run
             self.task.restore(fresh[0])
-            self.opt.load_state_dict(fresh[1])
-            self.sched.load_state_dict(fresh[2])
-            torch.set_rng_state(fresh[3])
-            self.gen.set_state(fresh[4])
-            self.rng.bit_generator.state = fresh[5]
+            self.optim.load_state(*fresh[1])
+            torch.set_rng_state(fresh[2])
+            self.gen.set_state(fresh[3])
+            self.rng.bit_generator.state = fresh[4]
             set_aside(self.resume[0], str(e).splitlines()[0] if str(e) else type(e).__name__)
             return _Progress(), None
         print(f"{self.desc}: resuming after epoch {p.epoch} from {resume_dir(self.resume[0])}")

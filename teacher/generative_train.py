@@ -22,6 +22,7 @@ from distill.data import Split
 from distill.distributed import world
 from distill.positions import next_items, prefixes, training_positions
 from distill.resources import decoder_step_bytes, optimizer_bytes, require_memory
+from distill.optimisers import llm_optimiser, strategy_name
 from distill.trainer import StepOutput, Trainer, TrainerConfig
 from student.model import SASRec
 from teacher.checkpoint import save_generative
@@ -88,8 +89,8 @@ class GenerativeTask:
 
 def trainer_config(recipe: Recipe) -> TrainerConfig:
     c = recipe.llara
-    return TrainerConfig(epochs=c.epochs, patience=c.patience, lr=c.lr, weight_decay=c.weight_decay,
-                         schedule="cosine", warmup_ratio=c.warmup_ratio, grad_accum=c.grad_accum)
+    return TrainerConfig(epochs=c.epochs, patience=c.patience, **llm_optimiser(recipe.teacher, c),
+                         grad_accum=c.grad_accum)
 
 
 def train_generative(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int, inputs: dict) -> dict | None:
@@ -117,8 +118,8 @@ def train_generative(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: 
     test_seconds = time.perf_counter() - start
     outputs = [{"user": int(u), "output": text, "named_item": int(item)}
                for u, text, item in zip(test.users, test.outputs, test.named)]
-    digest = save_generative(model, out, {"split_hash": split.hash, "seed": seed, "inputs": inputs,
-                                          "world_size": ranks.size},
+    trained_on = {"world_size": ranks.size, "strategy": strategy_name(recipe.teacher, ranks)}
+    digest = save_generative(model, out, {"split_hash": split.hash, "seed": seed, "inputs": inputs, **trained_on},
                              {"test_outputs.json": outputs})
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in task.parameters())
@@ -128,4 +129,4 @@ def train_generative(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: 
             "train_seconds": round(fit.seconds, 2), **fit.rates(),
             "test_seconds": round(test_seconds, 2), "test_users_per_second": len(test.users) / test_seconds,
             "params": params, "trainable_params": trainable, "checkpoint_hash": digest, "inputs": inputs,
-            "world_size": ranks.size}
+            **trained_on}

@@ -26,6 +26,7 @@ from distill.losses import LossInputs, NegativeSampler, SoftmaxLoss
 from distill.histories import Histories
 from distill.positions import next_items, prefixes, training_positions, training_windows
 from distill.resources import decoder_step_bytes, optimizer_bytes, require_memory
+from distill.optimisers import llm_optimiser, strategy_name
 from distill.trainer import StepOutput, Trainer, TrainerConfig
 from student.model import SASRec
 from teacher.checkpoint import save_teacher
@@ -155,8 +156,7 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
     torch.manual_seed(seed)
     model = build_teacher(c, cf, split.titles, texts=split.texts)
     task = TeacherTask(model, split, recipe)
-    cfg = TrainerConfig(epochs=c.epochs, patience=c.patience, lr=c.lr, weight_decay=c.weight_decay,
-                        schedule="cosine", warmup_ratio=c.warmup_ratio, grad_accum=c.grad_accum,
+    cfg = TrainerConfig(epochs=c.epochs, patience=c.patience, **llm_optimiser(c), grad_accum=c.grad_accum,
                         max_seconds=None if c.minutes is None else 60 * c.minutes)
     result = Trainer(task, cfg, seed, "teacher", resume=(out, inputs), world=ranks).fit()
     peak_rss = ranks.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)   # bytes, per rank
@@ -176,7 +176,7 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
              for stage, q in llm.items()}
     llm_alone = {**{stage: r.metrics for stage, r in alone.items()}, "by_popularity": alone["test"].by_popularity,
                  "cold": alone["test"].cold}
-    trained_on = {"world_size": ranks.size, "strategy": "ddp" if ranks.size > 1 else "one process"}
+    trained_on = {"world_size": ranks.size, "strategy": strategy_name(c, ranks)}
     digest = save_teacher(model, out, {"split_hash": split.hash, "seed": seed, "inputs": inputs, **trained_on})
     save_array(out / "test_ranks.npy", results["test"].ranks)
     return metrics_record(results, split, best_epoch=result.best_epoch, cf_weight=task.cf_weight, seed=seed,

@@ -62,42 +62,52 @@ def weights(run: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny_run, launcher, tmp_path_factory):
-    """A teacher trained on 2 ranks, uninterrupted."""
+def one_rank(tiny_run, launcher, tmp_path_factory):
+    """The reference: one process taking both ranks' batches of a step (grad_accum 2)."""
     _, overrides = tiny_run
-    tmp = tmp_path_factory.mktemp("ddp")
+    tmp = tmp_path_factory.mktemp("one")
+    one = fresh_run(tiny_run, tmp / "run")
+    pid = launcher.start(argv(one, overrides, "teacher.grad_accum=2"), tmp / "one.log")
+    assert launcher.wait(pid, tmp / "one.log", timeout=600) == 0, (tmp / "one.log").read_text()[-3000:]
+    return one
+
+
+@pytest.fixture(scope="module", params=["ddp", "zero2"])
+def two_ranks(request, tiny_run, launcher, tmp_path_factory):
+    """A teacher trained on 2 ranks, uninterrupted, with each strategy."""
+    _, overrides = tiny_run
+    tmp = tmp_path_factory.mktemp(request.param)
     run = fresh_run(tiny_run, tmp / "run")
+    overrides = overrides + [f"teacher.distributed={request.param}"]
     wait_all(launcher, start_ranks(launcher, run, overrides, tmp / "logs"), tmp / "logs")
-    return run
+    return run, request.param, overrides
 
 
-def test_two_ranks_equal_one_rank_with_accumulation(tiny_run, two_ranks, launcher, tmp_path):
-    _, overrides = tiny_run
-    one = fresh_run(tiny_run, tmp_path / "one")
-    pid = launcher.start(argv(one, overrides, "teacher.grad_accum=2"), tmp_path / "one.log")
-    assert launcher.wait(pid, tmp_path / "one.log", timeout=600) == 0, (tmp_path / "one.log").read_text()[-3000:]
-    a, b = weights(one), weights(two_ranks)
+def test_two_ranks_equal_one_rank_with_accumulation(one_rank, two_ranks):
+    two, strategy, _ = two_ranks
+    a, b = weights(one_rank), weights(two)
     assert a.keys() == b.keys()
     for k in a:   # the same steps; only the order of a float sum differs (rank 1's batches added by all-reduce)
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
-    one_rec, two_rec = (json.loads((r / "teacher" / "metrics.json").read_text()) for r in (one, two_ranks))
+    one_rec, two_rec = (json.loads((r / "teacher" / "metrics.json").read_text()) for r in (one_rank, two))
     assert [c["examples"] for c in two_rec["curve"]] == [c["examples"] for c in one_rec["curve"]]
     assert two_rec["valid_metrics"]["NDCG@10"] == pytest.approx(one_rec["valid_metrics"]["NDCG@10"], abs=0.002)
     assert (one_rec["world_size"], two_rec["world_size"]) == (1, 2)
-    assert two_rec["strategy"] == "ddp"
+    assert (one_rec["strategy"], two_rec["strategy"]) == ("one process", strategy)
     assert len(two_rec["peak_rss_bytes_per_rank"]) == 2 and min(two_rec["peak_rss_bytes_per_rank"]) > 0
 
 
 def test_a_two_rank_teacher_loads_in_one_process(two_ranks):
-    split = load_split(two_ranks / "split")
-    model, meta = load_teacher(two_ranks / "teacher", two_ranks / "student_alone", split)
-    assert (meta["world_size"], meta["strategy"]) == (2, "ddp")
+    two, strategy, _ = two_ranks
+    split = load_split(two / "split")
+    model, meta = load_teacher(two / "teacher", two / "student_alone", split)
+    assert (meta["world_size"], meta["strategy"]) == (2, strategy)
     q = model.encode(split.history("valid"), desc="valid", blend=False)
     assert q.shape == (split.n_users, model.query_dim) and np.isfinite(q).all()
 
 
 def test_kill_of_rank_1_mid_epoch_then_rerun_equals_uninterrupted(tiny_run, two_ranks, launcher, tmp_path):
-    _, overrides = tiny_run
+    two_ranks, _, overrides = two_ranks
     run = fresh_run(tiny_run, tmp_path / "run")
     # rank 1 builds 2 of epoch 1's 4 batches, so its 3rd prefix lookup is epoch 2's first batch
     pids = start_ranks(launcher, run, overrides, tmp_path / "killed", kill_rank1_after="teacher.train.prefixes:3")

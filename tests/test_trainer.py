@@ -77,8 +77,9 @@ def test_learning_rate_follows_the_transformers_schedule():
     task = ScriptedTask([0.1] * 4)
     trainer = Trainer(task, TrainerConfig(epochs=4, patience=9, lr=0.1, schedule="cosine", warmup_ratio=0.25), 0, "t")
     lrs = []
-    real = trainer.sched.step
-    trainer.sched.step = lambda: (lrs.append(trainer.opt.param_groups[0]["lr"]), real())[1]
+    sched, opt = trainer.optim.sched, trainer.optim.opt
+    real = sched.step
+    sched.step = lambda: (lrs.append(opt.param_groups[0]["lr"]), real())[1]
     trainer.fit()
     assert lrs[0] == 0.0 and max(lrs) == pytest.approx(0.1) and lrs[-1] < 0.01   # warm-up, peak, cosine decay
     assert np.argmax(lrs) == 4                                                      # 25% of 16 steps
