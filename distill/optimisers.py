@@ -78,6 +78,10 @@ class DataParallel:
     def lr(self) -> float:
         return self.sched.get_last_lr()[0]
 
+    def held_bytes(self) -> int:
+        """Optimiser state this rank holds (AdamW's moments of every parameter)."""
+        return state_bytes(self.opt)
+
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, meta = optimizer_state(self.opt)
         return tensors, {"optimizer": meta, "scheduler": self.sched.state_dict()}
@@ -114,6 +118,10 @@ class Zero:
 
     def lr(self) -> float:
         return self.sched.get_last_lr()[0]
+
+    def held_bytes(self) -> int:
+        """Optimiser state this rank holds: the moments of its partition (and of no other rank's)."""
+        return state_bytes(self.base)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """AdamW's state dict as one process holds it, each moment gathered from the ranks (collective)."""
@@ -152,6 +160,11 @@ class Zero:
         for i, p in enumerate(self.params):
             for key in ("exp_avg", "exp_avg_sq"):
                 self.set_moment(p, tensors[f"{i}.{key}"].to(torch.float32), key)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for per_param in opt.state.values() for v in per_param.values()
+               if torch.is_tensor(v) and v.dim() > 0)
 
 
 def llm_optimiser(teacher: TeacherConfig, section: TeacherConfig | LlaraConfig | None = None) -> dict:

@@ -79,6 +79,7 @@ class FitResult:
     seconds: float = 0.0         # training time (validation excluded)
     examples: int = 0
     tokens: int = 0
+    optimizer_state_bytes: int = 0   # held by this rank at the end (ZeRO: its partition)
 
     def rates(self) -> dict[str, float]:
         if not self.seconds:
@@ -140,7 +141,8 @@ class Trainer:
             self.events.epoch(epoch, p.curve[-1])
             self._save(p, best_state)
         self.events.close()
-        return FitResult(best_state, p.best_epoch, p.best, p.curve, p.train_seconds, p.examples, p.tokens)
+        return FitResult(best_state, p.best_epoch, p.best, p.curve, p.train_seconds, p.examples, p.tokens,
+                         self.optim.held_bytes())
 
     def _epoch(self, epoch: int, p: _Progress) -> float:
         self.task.train()

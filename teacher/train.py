@@ -160,6 +160,7 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
                         max_seconds=None if c.minutes is None else 60 * c.minutes)
     result = Trainer(task, cfg, seed, "teacher", resume=(out, inputs), world=ranks).fit()
     peak_rss = ranks.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)   # bytes, per rank
+    optimizer_bytes = ranks.gather(result.optimizer_state_bytes)
     if not ranks.main:
         return None
     task.restore(result.best_state)
@@ -183,4 +184,5 @@ def train_teacher(recipe: Recipe, split: Split, cf: SASRec, out: Path, seed: int
                           llm_alone=llm_alone, cf_weight_grid=list(c.cf_weights),
                           curve=result.curve, checkpoint_hash=digest, train_seconds=round(result.seconds, 2),
                           inputs=inputs, **trained_on, peak_rss_bytes_per_rank=[int(b) for b in peak_rss],
+                          optimizer_state_bytes_per_rank=[int(b) for b in optimizer_bytes],
                           **result.rates())

@@ -35,6 +35,12 @@ def tiny_llama(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture(scope="session")
+def tiny_causal_llama(tmp_path_factory) -> Path:
+    """The tiny Llama with its LM head, for the generative (LLaRA-style) baseline."""
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-causal-llama"), causal=True)
+
+
 @pytest.fixture
 def tiny_recipe(toy_data, tiny_llama):
     from distill.config import load_recipe

@@ -16,6 +16,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from distill.data import load_split
+from distill.distributed import World
+from distill.optimisers import OptimiserConfig
 from helpers import RECIPE, sets
 from teacher.checkpoint import load_teacher
 
@@ -95,6 +97,25 @@ def test_two_ranks_equal_one_rank_with_accumulation(one_rank, two_ranks):
     assert (one_rec["world_size"], two_rec["world_size"]) == (1, 2)
     assert (one_rec["strategy"], two_rec["strategy"]) == ("one process", strategy)
     assert len(two_rec["peak_rss_bytes_per_rank"]) == 2 and min(two_rec["peak_rss_bytes_per_rank"]) > 0
+    whole = one_rec["optimizer_state_bytes_per_rank"][0]
+    held = two_rec["optimizer_state_bytes_per_rank"]
+    if strategy == "ddp":
+        assert held == [whole, whole]             # every rank holds all of AdamW's moments
+    else:                                         # ZeRO: each rank holds its half (up to alignment padding)
+        assert sum(held) == pytest.approx(whole, rel=0.01) and max(held) < 0.51 * whole
+
+
+def test_zero1_with_offload_in_one_process_equals_plain_adamw(one_rank, tiny_run, launcher, tmp_path):
+    """ZeRO-Offload on one device (a process group of one, AdamW stepped on the CPU copy): the same steps."""
+    _, overrides = tiny_run
+    run = fresh_run(tiny_run, tmp_path / "run")
+    pid = launcher.start(argv(run, overrides, "teacher.grad_accum=2", "teacher.distributed=zero1",
+                              "teacher.offload_optimizer=true"), tmp_path / "zero1.log")
+    assert launcher.wait(pid, tmp_path / "zero1.log", timeout=600) == 0, (tmp_path / "zero1.log").read_text()[-3000:]
+    a, b = weights(one_rank), weights(run)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    assert json.loads((run / "teacher" / "metrics.json").read_text())["strategy"] == "zero1"
 
 
 def test_a_two_rank_teacher_loads_in_one_process(two_ranks):
@@ -127,7 +148,6 @@ def test_a_parameter_without_gradient_keeps_none():
     """As in one process (AdamW then leaves it alone, weight decay included), not a summed zero gradient."""
     import torch
 
-    from distill.distributed import World
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
@@ -136,3 +156,58 @@ def test_a_parameter_without_gradient_keeps_none():
         assert unused.grad is None and torch.equal(used.grad, torch.full((3,), 2.0))
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_a_users_deepspeed_json_is_merged_and_what_the_recipe_sets_is_refused(tmp_path):
+    from distill.config import load_recipe
+    from distill.errors import ConfigError
+    from distill.optimisers import deepspeed_config, llm_optimiser, read_deepspeed_config
+
+    good = tmp_path / "ds.json"
+    good.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 5e7}, "communication_data_type": "fp32"}))
+    recipe = load_recipe(RECIPE, ["teacher.distributed=zero2", f"teacher.deepspeed_config={good}",
+                                  "teacher.max_grad_norm=1.0"])
+    config = deepspeed_config(OptimiserConfig(**llm_optimiser(recipe.teacher)), World(0, 2))
+    assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 5e7}
+    assert config["communication_data_type"] == "fp32" and config["gradient_clipping"] == 1.0
+    assert config["train_batch_size"] == 2 and config["managed_gradient_accumulation"] is False
+    for content, why in [({"gradient_accumulation_steps": 4}, "'gradient_accumulation_steps' is set by the recipe"),
+                         ({"optimizer": {"type": "Adam"}}, "'optimizer' is set by the recipe"),
+                         ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage 3 is not"),
+                         ([1, 2], "must be a JSON object")]:
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(content))
+        with pytest.raises(ConfigError, match=why) as e:
+            read_deepspeed_config(bad, "zero2")
+        assert str(bad) in str(e.value)
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ConfigError, match="not a readable JSON file"):
+        read_deepspeed_config(tmp_path / "broken.json", "zero1")
+    for override in ("teacher.offload_optimizer=true", f"teacher.deepspeed_config={good}"):
+        with pytest.raises(ConfigError, match="needs teacher.distributed zero1 or zero2"):
+            load_recipe(RECIPE, [override])
+
+
+def test_llara_on_two_zero2_ranks_equals_one_rank_with_accumulation(tiny_run, tiny_causal_llama, launcher, tmp_path):
+    """The generative baseline is a TrainingTask too: the same strategies, the same steps."""
+    _, overrides = tiny_run
+    llara = overrides + [f"teacher.model={tiny_causal_llama}", "teacher.lora_dropout=0.0",
+                         "llara.examples_per_epoch=32", "llara.batch_size=8", "llara.epochs=1", "llara.valid_users=8",
+                         "llara.eval_batch_size=20", "llara.max_history=5"]
+    runs = {}
+    for name, extra, ranks in [("one", ["llara.grad_accum=2"], 1), ("two", ["teacher.distributed=zero2"], 2)]:
+        run = fresh_run(tiny_run, tmp_path / name)
+        cmd = ["baseline", "llara", RECIPE, "--out", str(run)] + sets(llara + extra)
+        env = {"WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
+        pids = [launcher.start(cmd, tmp_path / f"{name}{r}.log", dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+                for r in range(ranks)]
+        for r, pid in enumerate(pids):
+            assert launcher.wait(pid, tmp_path / f"{name}{r}.log", timeout=600) == 0, \
+                (tmp_path / f"{name}{r}.log").read_text()[-3000:]
+        runs[name] = {**load_file(str(run / "llara" / "heads.safetensors")),
+                      **load_file(str(run / "llara" / "adapter" / "adapter_model.safetensors"))}
+        record = json.loads((run / "llara" / "metrics.json").read_text())
+        assert (record["world_size"], record["strategy"]) == (ranks, "one process" if ranks == 1 else "zero2")
+    assert runs["one"].keys() == runs["two"].keys()
+    for k in runs["one"]:
+        np.testing.assert_allclose(runs["one"][k], runs["two"][k], rtol=1e-4, atol=1e-6, err_msg=k)

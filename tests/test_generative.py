@@ -13,14 +13,7 @@ from teacher.generative import CANS_TOKEN, IGNORE, build_generative, candidate_s
 from teacher.titles import judge, match_candidates, normalise
 from teacher.prompt import HISTORY_TOKEN
 
-from helpers import write_tiny_llama
-
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "ml100k.yaml")
-
-
-@pytest.fixture(scope="module")
-def tiny_causal_llama(tmp_path_factory) -> Path:
-    return write_tiny_llama(tmp_path_factory.mktemp("tiny-causal-llama"), causal=True)
 
 
 @pytest.fixture(scope="module")
