@@ -127,6 +127,7 @@ def test_a_two_rank_teacher_loads_in_one_process(two_ranks):
     assert q.shape == (split.n_users, model.query_dim) and np.isfinite(q).all()
 
 
+@pytest.mark.parametrize("two_ranks", ["zero2"], indirect=True)   # the strategy whose state is gathered on save
 def test_kill_of_rank_1_mid_epoch_then_rerun_equals_uninterrupted(tiny_run, two_ranks, launcher, tmp_path):
     two_ranks, _, overrides = two_ranks
     run = fresh_run(tiny_run, tmp_path / "run")
