@@ -1,6 +1,7 @@
-"""Load test of `anyo serve` plus the in-process serving path; writes benchmarks/serving.md.
+"""Load test of `anyo serve` plus the in-process serving path; writes its section of benchmarks/serving.md.
 
-    python benchmarks/serve_load.py --export DIR [--clients 8] [--seconds 20] [--split RUN/split]
+    python benchmarks/serve_load.py --export DIR [--clients 8] [--seconds 60] [--split RUN/split]
+                                    [--runtime onnxruntime|onnxruntime-int8|torch] [--label NAME]
 
 1. In process (the `Recommender` that `anyo recommend` and `anyo serve` use): users/s at
    batch 1, 32, 256 and 1,024 (encode + top-10 with the history masked; median of 3 passes),
@@ -11,7 +12,13 @@
    connection, for `--seconds` seconds (at most `--max-requests` requests in all), while one
    more thread sends the bad inputs of tests/test_server.py in turn; then stops the server.
    Reports requests/s, latency p50/p95/p99, errors among good requests, bad inputs answered
-   4xx, and the server's RSS at start and end.
+   4xx, and the server's RSS (all its processes) sampled every `RSS_EVERY_S` seconds during the
+   load: at the start, at the end and the largest sample, so "flat" can be judged.
+
+`--runtime` is the encoder runtime of both parts (the export's default when not given). Each run's
+figures, with the UTC date and time and the load average (`uptime`) before and after each part, are
+stored in `--json` under `--label` (default: the runtime), and the section between the markers in
+`--out` is rewritten from that file, so runs of the other runtimes stay beside it.
 
 Histories are the split's test histories with `--split` (raw ids from users' data), else
 random histories of 5 to 100 catalogue items (seeded). Loopback only; stops by itself.
@@ -36,7 +43,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DATE = "2026-11-30"
+BEGIN, END = "<!-- serve_load.py: begin -->", "<!-- serve_load.py: end -->"
+RSS_EVERY_S = 1.0
+
+
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def free_port() -> int:
@@ -148,7 +160,7 @@ def http_load(args, exp, hists: list[list[str]]) -> dict:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "distill.cli", "serve", args.export, "--port", str(port),
-           "--workers", str(args.workers), "--threads", str(args.threads)]
+           "--workers", str(args.workers), "--threads", str(args.threads), "--runtime", exp.recommender.runtime]
     server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -225,8 +237,14 @@ def http_load(args, exp, hists: list[list[str]]) -> dict:
                 n += 1
                 stop.wait(0.25)
 
+        rss_samples = [rss_start]
+
+        def rss_sampler() -> None:
+            while not stop.wait(RSS_EVERY_S):
+                rss_samples.append(rss_bytes(server.pid))
+
         workers = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
-        workers.append(threading.Thread(target=bad_client))
+        workers += [threading.Thread(target=bad_client), threading.Thread(target=rss_sampler)]
         t0 = time.perf_counter()
         for w in workers:
             w.start()
@@ -255,101 +273,137 @@ def http_load(args, exp, hists: list[list[str]]) -> dict:
             "bad": {"sent": len(bad_results), "answered_4xx": sum(400 <= s < 500 for _, s in bad_results),
                     "kinds": sorted({what for what, _ in bad_results}),
                     "not_4xx": sorted({f"{w}: {s}" for w, s in bad_results if not 400 <= s < 500})},
-            "rss_start": rss_start, "rss_end": rss_end, "after_status": after,
+            "rss_start": rss_start, "rss_end": rss_end, "rss_max": max(rss_samples + [rss_end]),
+            "rss_samples": len(rss_samples) + 1, "after_status": after,
             "server_cpu_ms_per_request": (cpu1 - cpu0) * 1000 / max(1, len(ok) + len(bad_results))}
 
 
 # ---------------------------------------------------------------- report
 
-def write_md(path: Path, args, exp, procs: list[dict], http: dict | None, machine: str) -> None:
-    cmd = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
-    tag = f"(`{cmd}`, {DATE})"
-    cfg = exp.recommender.model.cfg
-    lines = ["# Serving benchmark", "",
-             f"Model: `{exp.manifest['model']}` from `{args.export}` (SASRec {cfg.hidden_size}d x {cfg.num_layers} "
-             f"layers, max_len {cfg.max_len}, {exp.n_items:,} items, split {exp.manifest['split_hash']}). "
-             f"Machine: {machine}. Histories: {'test histories of ' + args.split if args.split else 'random'}. "
-             "Every figure: command and date beside it; this sandbox's 2 cores are shared with other "
-             "jobs, so figures move a lot from one run to the next.", "",
-             "## In process (encode + top-10, history masked)", "",
-             "Wall-clock users/s; in brackets users per CPU-second of this process (less sensitive to the "
-             "other jobs on the machine). Latency p50 / p95 wall-clock, p50 of the thread's CPU time in brackets.", "",
-             "| torch threads | batch 1 | batch 32 | batch 256 | batch 1,024 | p50 / p95 at batch 1 | encoder alone at 1,024 | encoder FLOP/s | matmul peak | share of peak | source |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for p in procs:
-        t, c = p["throughput"], p["cpu_throughput"]
-        lines.append(f"| {p['threads']} | " + " | ".join(f"{t[b]:,.0f} ({c[b]:,.0f})" for b in (1, 32, 256, 1024)) +
-                     f" | {p['latency_ms']['p50']:.2f} / {p['latency_ms']['p95']:.2f} ms ({p['latency_ms']['cpu_p50']:.2f} ms) | "
-                     f"{p['encode_users_per_s']:,.0f} users/s | {p['encode_gflops']:.1f} GFLOP/s | "
-                     f"{p['matmul_gflops']:.1f} GFLOP/s | {p['encode_gflops'] / p['matmul_gflops']:.0%} | {tag} |")
-    f = procs[0]["flops_per_user"]
-    lines += ["", f"FLOPs per user (2 x multiply-adds, history {cfg.max_len} long): encoder {f['encode'] / 1e6:.2f} M, "
-              f"scoring against the catalogue {f['score'] / 1e6:.2f} M (LayerNorm, GELU, softmax not counted). "
-              f"Targets: >= 15,000 users/s at batch 1,024; p50 <= 0.5 ms at batch 1.", ""]
-    if http:
-        b = http["bad"]
+def section(results: dict) -> str:
+    """The Markdown between the markers, from every stored run."""
+    lines = [BEGIN, "## In process (`benchmarks/serve_load.py`: encode + top-10, history masked)", "",
+             "Wall-clock users/s; in brackets users per CPU-second of this process (less sensitive to the other jobs "
+             "on the machine). Latency p50 / p95 wall-clock at batch 1, p50 of the thread's CPU time in brackets. "
+             "`load` is `uptime`'s 1/5/15-minute load average before -> after the part.", "",
+             "| label | runtime | threads | batch 1 | batch 32 | batch 256 | batch 1,024 | p50 / p95 at batch 1 | "
+             "encoder alone at 1,024 | encoder FLOP/s | matmul peak | share of peak | load | source |",
+             "|---" * 14 + "|"]
+    for label, r in results.items():
+        for p in r["in_process"]:
+            t, c = p["throughput"], p["cpu_throughput"]
+            lines.append(f"| {label} | {r['runtime']} | {p['threads']} | "
+                         + " | ".join(f"{t[b]:,.0f} ({c[b]:,.0f})" for b in ("1", "32", "256", "1024"))
+                         + f" | {p['latency_ms']['p50']:.2f} / {p['latency_ms']['p95']:.2f} ms "
+                         f"({p['latency_ms']['cpu_p50']:.2f} ms) | {p['encode_users_per_s']:,.0f} users/s | "
+                         f"{p['encode_gflops']:.1f} GFLOP/s | {p['matmul_gflops']:.1f} GFLOP/s | "
+                         f"{p['encode_gflops'] / p['matmul_gflops']:.0%} | {p['load']} | {r['source']} |")
+    f = next((r["flops_per_user"] for r in results.values() if "flops_per_user" in r), {"encode": 0.0, "score": 0.0})
+    lines += ["", f"FLOPs per user (2 x multiply-adds, the longest history of a batch): encoder {f['encode'] / 1e6:.2f} M, "
+              f"scoring against the catalogue {f['score'] / 1e6:.2f} M (LayerNorm, GELU, softmax not counted); the "
+              "share of peak is the encoder's FLOP/s against a 2,048^3 torch sgemm with the same threads, measured "
+              "in the same run.", ""]
+    http_runs = {label: r for label, r in results.items() if r.get("http")}
+    if http_runs:
         lines += ["## Over HTTP (`anyo serve`, POST /recommend, k = 10)", "",
-                  "| clients | workers x threads | seconds | requests | requests/s | p50 | p95 | p99 | errors (good requests) | bad inputs answered 4xx | server RSS start -> end | server CPU per request | source |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-                  f"| {args.clients} | {args.workers} x {args.threads} | {http['seconds']:.1f} | {http['requests']:,} | "
-                  f"{http['rps']:,.0f} | {http['p50']:.2f} ms | {http['p95']:.2f} ms | {http['p99']:.2f} ms | "
-                  f"{sum(http['errors'].values())} | {b['answered_4xx']} of {b['sent']} | "
-                  f"{http['rss_start'] / 2**20:.0f} -> {http['rss_end'] / 2**20:.0f} MiB | "
-                  f"{http['server_cpu_ms_per_request']:.2f} ms | {tag} |", "",
-                  f"Bad inputs sent during the load, in turn: {', '.join(b['kinds'])}."
-                  + (f" Not answered 4xx: {', '.join(b['not_4xx'])}." if b["not_4xx"] else "")
-                  + f" A good request after the load: HTTP {http['after_status']}."
-                  + (f" Errors: {json.dumps(http['errors'])}." if http["errors"] else ""),
-                  "The clients run in one Python process (threads, `http.client`, keep-alive) on the same 2 cores "
-                  "as the server. Target: p50 <= 3 ms with 8 concurrent clients.", ""]
-    best = max(procs, key=lambda p: p["throughput"][1024])
-    fast = min(procs, key=lambda p: p["latency_ms"]["p50"])
-    rows = [(">= 15,000 users/s at batch 1,024 (encode + top-10, seen masked)",
-             f"{best['throughput'][1024]:,.0f} users/s ({best['threads']} thread(s))", best["throughput"][1024] >= 15_000),
-            ("p50 <= 0.5 ms per user at batch 1, in process",
-             f"{fast['latency_ms']['p50']:.2f} ms ({fast['threads']} thread(s))", fast["latency_ms"]["p50"] <= 0.5)]
-    if http:
-        rows.append(("HTTP p50 <= 3 ms with 8 concurrent clients", f"{http['p50']:.2f} ms with {args.clients}",
-                     http["p50"] <= 3 and args.clients >= 8))
-        rows.append(("0 errors among good requests; every bad input 4xx",
-                     f"{sum(http['errors'].values())} errors; {http['bad']['answered_4xx']} of {http['bad']['sent']} 4xx",
-                     not http["errors"] and http["bad"]["answered_4xx"] == http["bad"]["sent"]))
-    lines += ["## Targets", "", "| target | measured | met | source |", "|---|---|---|---|"]
-    lines += [f"| {t} | {m} | {'yes' if ok else 'no'} | {tag} |" for t, m, ok in rows]
-    lines.append("")
-    path.write_text("\n".join(lines))
+                  "| label | runtime | clients | workers x threads | seconds | requests | requests/s | p50 | p95 | p99 | "
+                  "errors (good requests) | bad inputs answered 4xx | server RSS start / max / end | server CPU per "
+                  "request | load | source |", "|---" * 16 + "|"]
+        for label, r in http_runs.items():
+            h, b = r["http"], r["http"]["bad"]
+            lines.append(f"| {label} | {r['runtime']} | {r['clients']} | {r['workers']} x {r['threads']} | "
+                         f"{h['seconds']:.1f} | {h['requests']:,} | {h['rps']:,.0f} | {h['p50']:.2f} ms | "
+                         f"{h['p95']:.2f} ms | {h['p99']:.2f} ms | {sum(h['errors'].values())} | "
+                         f"{b['answered_4xx']} of {b['sent']} | {h['rss_start'] / 2**20:.0f} / "
+                         f"{h['rss_max'] / 2**20:.0f} / {h['rss_end'] / 2**20:.0f} MiB ({h['rss_samples']} samples) | "
+                         f"{h['server_cpu_ms_per_request']:.2f} ms | {h['load']} | {r['source']} |")
+        kinds = sorted({k for r in http_runs.values() for k in r["http"]["bad"]["kinds"]})
+        notes = [f"{label}: not 4xx {', '.join(r['http']['bad']['not_4xx'])}" for label, r in http_runs.items()
+                 if r["http"]["bad"]["not_4xx"]]
+        notes += [f"{label}: errors {json.dumps(r['http']['errors'])}" for label, r in http_runs.items()
+                  if r["http"]["errors"]]
+        notes += [f"{label}: a good request after the load answered HTTP {r['http']['after_status']}"
+                  for label, r in http_runs.items() if r["http"]["after_status"] != 200]
+        lines += ["", f"Bad inputs sent during the load, in turn, each every 0.25 s: {', '.join(kinds)}. "
+                  + (" ".join(notes) + "." if notes else "A good request after each load: HTTP 200.")
+                  + f" RSS is sampled every {RSS_EVERY_S:g} s. The clients run in one Python process (threads, "
+                  "`http.client`, keep-alive) on the same 2 cores as the server.", ""]
+    lines += ["## Targets (issue 26)", "", "| target | measured | met | source |", "|---|---|---|---|"]
+    procs = [(label, r, p) for label, r in results.items() for p in r["in_process"] if p["threads"] == 2]
+    if procs:
+        label, r, p = max(procs, key=lambda x: x[2]["throughput"]["1024"])
+        lines.append(f"| in process, 2 threads: >= 15,000 users/s at batch 1,024 | {p['throughput']['1024']:,.0f} "
+                     f"users/s ({label}) | {'yes' if p['throughput']['1024'] >= 15_000 else 'no'} | {r['source']} |")
+        label, r, p = min(procs, key=lambda x: x[2]["latency_ms"]["p50"])
+        lines.append(f"| in process, 2 threads: p50 <= 0.5 ms at batch 1 | {p['latency_ms']['p50']:.2f} ms ({label}) "
+                     f"| {'yes' if p['latency_ms']['p50'] <= 0.5 else 'no'} | {r['source']} |")
+    for label, r in http_runs.items():
+        h = r["http"]
+        lines += [f"| HTTP, {r['clients']} clients: p50 <= 3 ms, p99 <= 15 ms | p50 {h['p50']:.2f} ms, p99 "
+                  f"{h['p99']:.2f} ms ({label}) | {'yes' if h['p50'] <= 3 and h['p99'] <= 15 and r['clients'] >= 8 else 'no'} "
+                  f"| {r['source']} |",
+                  f"| HTTP: 0 errors among good requests, every bad input 4xx | {sum(h['errors'].values())} errors, "
+                  f"{h['bad']['answered_4xx']} of {h['bad']['sent']} 4xx ({label}) | "
+                  f"{'yes' if not h['errors'] and h['bad']['answered_4xx'] == h['bad']['sent'] else 'no'} | {r['source']} |"]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_section(path: Path, text: str) -> None:
+    old = path.read_text() if path.is_file() else "# Serving benchmark\n"
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        new = head + text + rest.split(END, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(new)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--export", required=True, help="an `anyo export` folder")
     ap.add_argument("--split", default=None, help="RUN/split: use its test histories (else random histories)")
+    ap.add_argument("--runtime", default=None, help="encoder runtime (default: the export's default)")
+    ap.add_argument("--label", default=None, help="the name these figures are stored under (default: the runtime)")
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--max-requests", type=int, default=1_000_000)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each server worker")
     ap.add_argument("--in-process-threads", default="1,2", help="torch thread counts measured in process")
     ap.add_argument("--no-http", action="store_true")
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "serve_load.json"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "serving.md"))
     args = ap.parse_args()
     if not 1 <= args.clients <= 64 or not 0 < args.seconds <= 600:
         raise SystemExit("--clients must be 1..64 and --seconds 0..600")
     from distill.exported import load_export
-    exp = load_export(args.export)
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    exp = load_export(args.export, runtime=args.runtime)
     hists = histories_for(exp, args.split, 2048)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}"
-    load0 = os.getloadavg()[0]
-    procs = []
+    cmd = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
+    entry = {"runtime": exp.recommender.runtime, "clients": args.clients, "workers": args.workers,
+             "threads": args.threads, "machine": machine, "date": date, "source": f"`{cmd}`, {date}",
+             "in_process": []}
     for t in [int(x) for x in args.in_process_threads.split(",") if x]:
-        procs.append(in_process(exp, hists, t))
-        print(json.dumps(procs[-1]), flush=True)
-    http = None if args.no_http else http_load(args, exp, hists)
-    if http:
-        print(json.dumps(http), flush=True)
-    machine += f"; load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
-    write_md(Path(args.out), args, exp, procs, http, machine)
-    print(f"wrote {args.out}")
+        before = load_average()
+        p = in_process(exp, hists, t)
+        p["load"] = f"{before} -> {load_average()}"
+        entry["flops_per_user"] = p.pop("flops_per_user")
+        entry["in_process"].append(json.loads(json.dumps(p)))  # batch sizes as strings, as stored
+        print(json.dumps(p), flush=True)
+    if not args.no_http:
+        before = load_average()
+        entry["http"] = http_load(args, exp, hists)
+        entry["http"]["load"] = f"{before} -> {load_average()}"
+        print(json.dumps(entry["http"]), flush=True)
+    store = Path(args.json)
+    results = json.loads(store.read_text()) if store.is_file() else {}
+    results[args.label or entry["runtime"]] = entry
+    store.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    write_section(Path(args.out), section(results))
+    print(f"wrote {args.out} and {store}")
     return 0
 
 

@@ -14,8 +14,9 @@ The path is `distill.exported.Exported` / `distill.recommender.Recommender`, wha
    over `--singles` users (default 256), and users/s at batch 1,024 over 2,048 users; median of `--runs` runs.
 
 Histories are the split's test histories (raw ids, as a client sends them). Each run's figures are stored in
-`--json` under `--label` (with the date, the commit, `uptime`'s load), so a profile taken before a change stays
-beside the one after it; the section between the markers in `--out` is rewritten from that file.
+`--json` under `--label` (with the UTC date and time, the commit, `uptime`'s load before and after each runtime's
+runs), so a profile taken before a change stays beside the one after it; the section between the markers in `--out`
+is rewritten from that file.
 """
 
 from __future__ import annotations
@@ -149,10 +150,12 @@ def section(results: dict) -> str:
     for label, r in results.items():
         for runtime, p in r["runtimes"].items():
             q = p["in_process"]
+            load = p.get("load", r["load"])  # before -> after this runtime's runs; older entries: at the start
             lines.append(f"| {label} | {runtime} | {r['threads']} | {q['p50_ms']:.3f} ms | "
-                         f"{q['users_per_s_1024']:,.0f} | {len(q['p50_runs'])} | {r['load']} | {r['source']} |")
-    lines += ["", "Each figure is the median of its runs; `load` is `uptime`'s 1/5/15-minute load average at the "
-              "start of the run (the machine's 2 cores are shared with other jobs).", END]
+                         f"{q['users_per_s_1024']:,.0f} | {len(q['p50_runs'])} | {load} | {r['source']} |")
+    lines += ["", "Each figure is the median of its runs; `load` is `uptime`'s 1/5/15-minute load average before -> "
+              "after the runtime's runs (at the start of the whole run for the older entries; the machine's 2 cores "
+              "are shared with other jobs).", END]
     return "\n".join(lines)
 
 
@@ -175,7 +178,7 @@ def main() -> int:
     ap.add_argument("--runtimes", default="onnxruntime,torch")
     ap.add_argument("--singles", type=int, default=256, help="users timed one at a time (batch 1)")
     ap.add_argument("--label", default="after", help="the name these figures are stored under (before, after)")
-    ap.add_argument("--date", default=time.strftime("%Y-%m-%d"))
+    ap.add_argument("--date", default=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "serving_profile.json"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "serving.md"))
     args = ap.parse_args()
@@ -196,9 +199,11 @@ def main() -> int:
         exp = load_export(args.export, runtime=runtime)
         if exp.manifest["split_hash"] != split.hash:
             raise SystemExit(f"--split {args.split}: split {split.hash}, the export's is {exp.manifest['split_hash']}")
+        before = load_average()
         entry["runtimes"][runtime] = {"profile": {str(b): profile(exp, raw, b, args.runs, args.singles)
                                                   for b in (1, 1024)},
                                       "in_process": in_process(exp, raw, args.runs, args.singles)}
+        entry["runtimes"][runtime]["load"] = f"{before} -> {load_average()}"
         print(json.dumps({runtime: entry["runtimes"][runtime]}), flush=True)
     store = Path(args.json)
     results = json.loads(store.read_text()) if store.is_file() else {}

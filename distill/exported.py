@@ -24,6 +24,7 @@ from student.model import load_student
 EXPORT_FORMAT = 2  # 2: model.onnx, the ranking protocol and the ONNX parity check in the manifest
 EXPORT_KIND = "anyo-export"
 FILES = ("model.safetensors", "model.onnx", "config.json", "items.tsv", "items.faiss", "metrics.json", "README.md")
+INT8_FILE = "model.int8.onnx"  # `anyo export --quantize int8`: listed in the manifest (and so sealed) when written
 MANIFEST_DIGEST = "manifest_sha256"   # the manifest's own seal, over every other key
 
 
@@ -123,7 +124,8 @@ def _read_items(path: Path, n_items: int) -> tuple[list[str], list[str]]:
 
 
 def load_export(folder: str | Path, torch_max_items: int | None = None, runtime: str | None = None) -> Exported:
-    """A verified export; `runtime` onnxruntime (model.onnx) or torch, default `default_runtime()`."""
+    """A verified export; `runtime` onnxruntime (model.onnx), onnxruntime-int8 (model.int8.onnx, when the export
+    has it) or torch, default `default_runtime()`."""
     folder = Path(folder)
     manifest = verify_export(folder)
     model, meta = load_student(folder, manifest["split_hash"], manifest["n_items"])
@@ -140,7 +142,14 @@ def load_export(folder: str | Path, torch_max_items: int | None = None, runtime:
     if len(items) > limit:
         item_index = ItemIndex(items)
     runtime = default_runtime() if runtime is None else runtime
-    onnx = (folder / "model.onnx").read_bytes() if runtime == "onnxruntime" else None
+    onnx = None
+    if runtime == "onnxruntime":
+        onnx = (folder / "model.onnx").read_bytes()
+    elif runtime == "onnxruntime-int8":
+        if INT8_FILE not in manifest["files"]:
+            raise AnyoError(f"--runtime onnxruntime-int8: {folder} has no {INT8_FILE} (exported without "
+                            f"--quantize int8: export again with it, or serve --runtime onnxruntime)")
+        onnx = (folder / INT8_FILE).read_bytes()
     rec = Recommender(model, torch_max_items=limit, index=item_index, runtime=runtime, onnx=onnx)
     id_of = {r: i for i, r in enumerate(raw) if i > 0}
     return Exported(folder, manifest, rec, raw, titles, id_of)

@@ -8,9 +8,11 @@ benchmarks. It returns what the evaluation harness (`distill/harness.py`) return
 * items ordered by score, ties broken by the lower item id;
 * when fewer than k items remain the tail is id -1, score -inf.
 
-The encoder runs on ONNX Runtime (`model.onnx`, written by `anyo export`) or torch (`RUNTIMES`); ONNX
-Runtime is the default when it is installed (the `onnx` extra): it was the faster at every batch size measured
-(`benchmarks/serving.md`). Both use `torch.get_num_threads()` threads, so `anyo serve --threads` sets either.
+The encoder runs on ONNX Runtime (`model.onnx`, written by `anyo export`), on ONNX Runtime with int8 weights
+(`model.int8.onnx`, `anyo export --quantize int8`: the same graph through `quantize_dynamic`, so its vectors and
+ranks differ from the evaluated ones by what the export measured) or on torch (`RUNTIMES`); fp32 ONNX Runtime is
+the default when it is installed (the `onnx` extra): it was the faster at every batch size measured
+(`benchmarks/serving.md`). All use `torch.get_num_threads()` threads, so `anyo serve --threads` sets any.
 
 Catalogues up to `TORCH_MAX_ITEMS` rows are scored exactly in torch: one matmul U @ items.T, the exclusions
 written as one flat scatter of -inf (their keys are row * (N+1) + item, the flat index itself),
@@ -21,9 +23,13 @@ harness's own `ItemIndex.search` (FAISS).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
+import logging
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +43,12 @@ TORCH_MAX_ITEMS = 200_000  # item-table rows up to which scores are a dense matm
 ENCODE_CHUNK = 256         # users per torch encoder pass: a large batch is encoded in chunks whose activations
                            # stay in cache (on the 2-core sandbox 1,024 at once was about 1.7x slower)
 ONNX_OPSET = 17            # the ONNX opset model.onnx is written with (recorded in the export's manifest)
+ONNX_RUNTIMES = ("onnxruntime", "onnxruntime-int8")
+# onnxruntime.quantization.quantize_dynamic's settings for model.int8.onnx (recorded in the export's manifest):
+# int8 weights per tensor, 7-bit range so that CPUs without VNNI (AVX2's u8 x s8 multiply saturates) give the
+# accuracy VNNI ones do (on the 2-core sandbox, AVX2, a 1-epoch ML-100K student's user vectors came within 4.6e-3
+# of fp32's, relative, against 2.0e-2 without it)
+INT8_OPTIONS = {"weight_type": "QInt8", "per_channel": False, "reduce_range": True}
 
 
 def default_runtime() -> str:
@@ -67,6 +79,36 @@ def onnx_encoder(model) -> bytes:
     return buf.getvalue()
 
 
+def int8_encoder(onnx: bytes) -> bytes:
+    """model.onnx's bytes with dynamic int8 quantisation (`INT8_OPTIONS`): the bytes of model.int8.onnx."""
+    try:
+        import onnx as onnx_lib  # the `onnx` extra, as for model.onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        raise AnyoError("int8 quantisation (--quantize int8, --runtime onnxruntime-int8): install the onnx extra "
+                        "(pip install 'anyo-distill[onnx]': onnx and onnxruntime)") from None
+    with tempfile.TemporaryDirectory(prefix="anyo-int8-") as tmp:
+        out = Path(tmp) / "model.int8.onnx"
+        options = dict(INT8_OPTIONS, weight_type=QuantType[INT8_OPTIONS["weight_type"]])
+        with _root_logger_silenced():  # its advice to run shape pre-processing (6 s here, for no gain measured)
+            quantize_dynamic(onnx_lib.load_from_string(onnx), out, **options)
+        return out.read_bytes()
+
+
+@contextlib.contextmanager
+def _root_logger_silenced():
+    """quantize_dynamic warns through `logging.warning`, which would also give the root logger a stderr handler
+    for the rest of the process: a null handler keeps it from doing so, `disabled` drops the record."""
+    root, null = logging.getLogger(), logging.NullHandler()
+    root.addHandler(null)
+    was, root.disabled = root.disabled, True
+    try:
+        yield
+    finally:
+        root.disabled = was
+        root.removeHandler(null)
+
+
 def onnx_session(onnx: bytes, threads: int):
     """An ONNX Runtime session over model bytes, `threads` intra-op threads, on the CPU."""
     try:
@@ -85,8 +127,8 @@ def onnx_session(onnx: bytes, threads: int):
 class Recommender:
     """Top-K next items for histories of internal item ids (1..N) with one SASRec.
 
-    runtime: `onnxruntime` (the encoder from `onnx`, the bytes of model.onnx; built from the model when not
-    given) or `torch`."""
+    runtime: `onnxruntime` / `onnxruntime-int8` (the encoder from `onnx`, the bytes of model.onnx /
+    model.int8.onnx; built from the model when not given) or `torch`."""
 
     def __init__(self, model, item_vectors: np.ndarray | None = None, torch_max_items: int = TORCH_MAX_ITEMS,
                  index: ItemIndex | None = None, runtime: str | None = None, onnx: bytes | None = None):
@@ -96,8 +138,11 @@ class Recommender:
         if self.runtime not in RUNTIMES:
             raise AnyoError(f"--runtime {self.runtime!r}: expected one of {', '.join(RUNTIMES)}")
         self.session = None
-        if self.runtime == "onnxruntime":
-            self.session = onnx_session(onnx_encoder(model) if onnx is None else onnx, torch.get_num_threads())
+        if self.runtime in ONNX_RUNTIMES:
+            if onnx is None:
+                onnx = onnx_encoder(model)
+                onnx = int8_encoder(onnx) if self.runtime == "onnxruntime-int8" else onnx
+            self.session = onnx_session(onnx, torch.get_num_threads())
         table = model.item_vectors() if item_vectors is None else item_vectors
         self.items = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32))   # (N+1, d)
         self.items_t = self.items.t().contiguous()           # (d, N+1): the matmul reads rows contiguously

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from distill.checked import Section, option
 from distill.errors import ConfigError
 
-RUNTIMES = ("onnxruntime", "torch")   # what runs the exported encoder (distill.recommender)
+# what runs the exported encoder (distill.recommender): model.onnx, model.int8.onnx, model.safetensors
+RUNTIMES = ("onnxruntime", "onnxruntime-int8", "torch")
+QUANTIZATIONS = ("int8",)   # `anyo export --quantize`: model.int8.onnx, served by --runtime onnxruntime-int8
 MAX_HISTORY = 10_000        # ids in one history
 MAX_BATCH = 1_024           # histories in one /recommend/batch request
 MAX_BATCH_IDS = 200_000     # ids in one batch request, all histories together
@@ -24,7 +26,8 @@ class ServeConfig(Section):
     port: int = option("TCP port; 0 picks a free one (the real port is printed)", 8000, min=0, max=65535)
     workers: int = option("uvicorn worker processes (each loads the same snapshot of the export)", 1, min=1, max=64)
     threads: int = option("torch (and ONNX Runtime) threads per worker", 1, min=1, max=256)
-    runtime: str | None = option("encoder runtime: onnxruntime (model.onnx) or torch; default onnxruntime when "
+    runtime: str | None = option("encoder runtime: onnxruntime (model.onnx), onnxruntime-int8 (model.int8.onnx, "
+                                 "an export made with --quantize int8) or torch; default onnxruntime when "
                                  "installed", None, choices=RUNTIMES)
     max_batch: int = option("histories in one model call: concurrent /recommend requests are answered together "
                             "up to this many, and a /recommend/batch is cut into pieces of at most this size "

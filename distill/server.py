@@ -759,7 +759,8 @@ def cmd_serve(args) -> int:
         port = sock.getsockname()[1]
         print(f"serving {exported.manifest['model']} ({exported.n_items:,} items, split "
               f"{exported.manifest['split_hash']}, manifest {sha[:16]}) on http://{settings.host}:{port} "
-              f"(docs at /docs), {settings.workers} worker(s) x {settings.threads} torch thread(s)", flush=True)
+              f"(docs at /docs), {settings.workers} worker(s) x {settings.threads} thread(s), runtime "
+              f"{exported.recommender.runtime}", flush=True)
         common = dict(log_level="warning", access_log=False, http=GuardedH11, timeout_keep_alive=settings.keep_alive_s,
                       h11_max_incomplete_event_size=settings.max_header_bytes)
         if settings.workers == 1:

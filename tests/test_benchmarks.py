@@ -88,10 +88,14 @@ def test_teacher_inference(tiny_run, toy_data, tiny_llama):
 def test_serve_load(tiny_run, tmp_path):
     export = tmp_path / "export"
     assert main(["export", str(tiny_run[0]), "--out", str(export)]) == 0
-    out = tmp_path / "serving.md"
+    out, store = tmp_path / "serving.md", tmp_path / "serve_load.json"
+    out.write_text("# Serving benchmark\n\nkept\n")
     bench("serve_load.py", "--export", export, "--split", tiny_run[0] / "split", "--clients", 2, "--seconds", 1,
-          "--max-requests", 40, "--in-process-threads", "1", "--out", out)
-    assert "users/s" in out.read_text()
+          "--max-requests", 40, "--in-process-threads", "1", "--json", store, "--out", out)
+    text = out.read_text()
+    assert text.startswith("# Serving benchmark\n\nkept\n") and text.count("serve_load.py: begin") == 1
+    assert "| onnxruntime | onnxruntime | 1 |" in text and "| onnxruntime | onnxruntime | 2 | 1 x 1 |" in text
+    assert set(json.loads(store.read_text())) == {"onnxruntime"}
 
 
 def test_serving_profile(tiny_run, tmp_path):

@@ -10,15 +10,16 @@ import torch
 
 from helpers import RECIPE, sets, tiny_recipe_overrides
 
+from distill.artifacts import sha256_file
 from distill.cli import main
 from distill.data import load_split
 from distill.histories import Histories
 from distill.errors import ArtifactError
-from distill.exported import load_export
+from distill.exported import INT8_FILE, load_export
 from distill.search import Exclusions, ItemIndex
 from distill.export import PARITY_TOLERANCE
-from distill.harness import repeated_targets
-from distill.recommender import ONNX_OPSET, RUNTIMES, Recommender
+from distill.harness import evaluate, repeated_targets
+from distill.recommender import ENCODE_CHUNK, ONNX_OPSET, Recommender, onnx_session
 from student.model import SASRecConfig
 
 
@@ -55,7 +56,7 @@ def served_ranks(exp, split, **kw) -> np.ndarray:
                      for u, items in enumerate(served)])
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])  # onnxruntime-int8: measured, not equal (below)
 def test_served_ranking_is_the_harness_ranking(exported, runtime):
     """For every test user, on either runtime: the target's position in the served list is the one in
     test_ranks.npy, a target that repeats a history item included (a miss in both)."""
@@ -111,6 +112,60 @@ def test_tampered_or_missing_file_is_refused(exported, tmp_path, capsys):
         assert main(["recommend", str(copy), "--history", "x"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("anyo: error:") and name in err and err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_run, tmp_path_factory):
+    run, _ = tiny_run
+    out = tmp_path_factory.mktemp("export") / "int8"
+    assert main(["export", str(run), "--out", str(out), "--quantize", "int8"]) == 0
+    return run, out
+
+
+def test_int8_export_is_sealed_measured_and_served(quantized, capsys):
+    """model.int8.onnx is sealed in the manifest; its recorded fp32 side is the evaluated metrics, its int8 side
+    is what `--runtime onnxruntime-int8` serves, and that runtime runs model.int8.onnx, not model.onnx."""
+    run, out = quantized
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"][INT8_FILE] == sha256_file(out / INT8_FILE)
+    assert {p.name for p in out.iterdir()} == set(manifest["files"]) | {"manifest.json"}
+    split = load_split(run / "split")
+    evaluated = json.loads((run / "student_distilled" / "metrics.json").read_text())["metrics"]
+    q = manifest["onnx"]["int8"]["quality"]
+    assert q["users"] == split.n_users and q["fp32"] == pytest.approx({k: evaluated[k] for k in q["fp32"]}, abs=1e-12)
+    assert f"| {INT8_FILE} (int8) | {q['int8']['NDCG@10']:.4f} |" in (out / "README.md").read_text()
+    int8, fp32 = load_export(out, runtime="onnxruntime-int8"), load_export(out, runtime="onnxruntime")
+    hist = split.history("test")
+    chunks = [hist.take(np.arange(lo, min(lo + ENCODE_CHUNK, len(hist)))) for lo in range(0, len(hist), ENCODE_CHUNK)]
+    users = np.concatenate([int8.recommender.encode(c).numpy() for c in chunks])
+    assert not np.allclose(users, np.concatenate([fp32.recommender.encode(c).numpy() for c in chunks]), atol=1e-5)
+    on_disk = onnx_session((out / INT8_FILE).read_bytes(), torch.get_num_threads())
+    assert np.array_equal(users[:len(chunks[0])], on_disk.run(None, {"history": chunks[0].padded(
+        int(min(chunks[0].lengths.max(), int8.recommender.max_len)))})[0])
+    served = evaluate(split, users, int8.recommender.items.numpy(), "test", ks=(10,)).metrics
+    assert q["int8"] == pytest.approx({k: served[k] for k in q["int8"]}, abs=1e-12)
+    history = [split.items[i] for i in hist.row(0)]
+    capsys.readouterr()
+    assert main(["recommend", str(out), "--history", ",".join(history), "--runtime", "onnxruntime-int8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["items"] == int8.recommend(history)
+
+
+def test_int8_file_tampered_or_not_sealed_is_refused(quantized, exported, tmp_path, capsys):
+    _, out = quantized
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    (damaged / INT8_FILE).write_bytes((damaged / INT8_FILE).read_bytes()[:-1] + b"\0")
+    with pytest.raises(ArtifactError, match=INT8_FILE):
+        load_export(damaged, runtime="onnxruntime-int8")
+    # an int8 file the manifest does not list (copied in beside an export made without it) is never served
+    unlisted = tmp_path / "unlisted"
+    shutil.copytree(exported[1], unlisted)
+    shutil.copyfile(out / INT8_FILE, unlisted / INT8_FILE)
+    capsys.readouterr()
+    for folder, why in [(damaged, "content does not match manifest.json"), (unlisted, f"has no {INT8_FILE}")]:
+        assert main(["recommend", str(folder), "--history", "x", "--runtime", "onnxruntime-int8"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("anyo: error:") and INT8_FILE in err and why in err and err.count("\n") == 1
 
 
 def test_export_refuses_unsafe_out(exported, tmp_path, capsys):
@@ -203,7 +258,7 @@ def test_repeat_consumption_run_serves_the_protocol_it_was_evaluated_with(toy_da
     ranks = np.load(run / "student_alone" / "test_ranks.npy")
     repeated = repeated_targets(split.history("test"), split.targets("test"))
     assert (ranks[repeated] >= 0).any()           # the protocol decides these users' ranks
-    for runtime in RUNTIMES:
+    for runtime in ("onnxruntime", "torch"):
         exp = load_export(out, runtime=runtime)
         assert exp.manifest["mask_history"] is False
         assert np.array_equal(served_ranks(exp, split), ranks)
