@@ -335,7 +335,9 @@ class Batcher:
             while not (self._small or self._pieces or self._closed):
                 self._cond.wait()
             if self._closed:
-                for j in list(self._small) + list(self._pieces):
+                jobs = list(self._small) + list(self._pieces)
+                self._small.clear(), self._pieces.clear()
+                for j in jobs:
                     _settle(j, None, Busy("server: shutting down"))
                 return None
             if self._small and (self._small_turn or not self._pieces):
