@@ -1,15 +1,17 @@
 """Small requests while large ones are in flight: `anyo serve`'s /recommend latency alone and beside
 /recommend/batch requests of 1,024 histories at k = every item; writes its section of benchmarks/serving.md.
 
-    python benchmarks/serve_mixed.py --export DIR [--clients 4] [--large-clients 1] [--seconds 20]
+    python benchmarks/serve_mixed.py --export DIR [--clients 4] [--large-clients 1] [--seconds 20] [--runs 3]
                                      [--large-histories 1024] [--serve-args "--max-batch 64"]
 
-Starts `anyo serve DIR --port 0 SERVE_ARGS` (a subprocess; the port is the one it prints), then runs two
-phases of `--seconds` each: (1) `--clients` threads sending POST /recommend (k = 10, seeded random histories
-of 5 to 50 catalogue items), each on its own keep-alive connection, one request after another; (2) the same
-while `--large-clients` more threads send POST /recommend/batch with `--large-histories` histories and
-k = the catalogue size, one after another. Reports the small requests' p50/p95/p99/max and count per phase,
-the large requests' count and mean time, errors, and the machine's load average; stops the server.
+Starts `anyo serve DIR --port 0 SERVE_ARGS` (a subprocess; the port is the one it prints), then, `--runs`
+times, three phases of `--seconds` each: (1) `--clients` threads sending POST /recommend (k = 10, seeded
+random histories of 5 to 50 catalogue items), each on its own keep-alive connection, one request after
+another; (2) the same while `--large-clients` more threads send POST /recommend/batch with
+`--large-histories` histories and k = the catalogue size, one after another; (3) the large requests alone
+(the batch throughput). Reports, each the median over the runs, the small requests' p50/p95/p99/max and
+count per phase, the large requests' count, mean time and histories/s, errors, and the machine's load
+average before and after; stops the server.
 """
 
 from __future__ import annotations
@@ -90,7 +92,15 @@ def phase(port: int, small: list[bytes], large: bytes | None, clients: int, larg
     ms = np.asarray(out["small"] or [np.nan]) * 1000
     return {"small_requests": len(out["small"]), **{f"p{q}": float(np.percentile(ms, q)) for q in (50, 95, 99)},
             "max": float(ms.max()), "large_requests": len(out["large"]),
-            "large_mean_s": float(np.mean(out["large"])) if out["large"] else float("nan"), "errors": out["errors"]}
+            "large_mean_s": float(np.mean(out["large"])) if out["large"] else float("nan"),
+            "errors": sum(out["errors"].values()), "error_kinds": out["errors"]}
+
+
+def median(results: list[dict]) -> dict:
+    """Each figure's median over the runs (the error counts summed)."""
+    out = {key: float(np.median([r[key] for r in results])) for key in results[0] if key != "error_kinds"}
+    out["errors"] = int(sum(r["errors"] for r in results))
+    return out
 
 
 def write_section(path: Path, text: str) -> None:
@@ -111,11 +121,13 @@ def main() -> int:
     ap.add_argument("--large-clients", type=int, default=1, help="threads sending large /recommend/batch requests")
     ap.add_argument("--large-histories", type=int, default=1024, help="histories in one large request")
     ap.add_argument("--seconds", type=float, default=20, help="length of each phase")
+    ap.add_argument("--runs", type=int, default=3, help="times the three phases are run (medians are reported)")
     ap.add_argument("--serve-args", default="", help="more flags for `anyo serve`, e.g. \"--max-batch 64\"")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "serving.md"))
     args = ap.parse_args()
-    if not 1 <= args.clients <= 64 or not 1 <= args.large_clients <= 8 or not 0 < args.seconds <= 600:
-        raise SystemExit("--clients must be 1..64, --large-clients 1..8 and --seconds in (0, 600]")
+    if not 1 <= args.clients <= 64 or not 1 <= args.large_clients <= 8 or not 0 < args.seconds <= 600 \
+            or not 1 <= args.runs <= 9:
+        raise SystemExit("--clients must be 1..64, --large-clients 1..8, --seconds in (0, 600] and --runs 1..9")
     if not 1 <= args.large_histories <= 1024:
         raise SystemExit("--large-histories must be 1..1024 (the server's limit per batch request)")
     from distill.exported import load_export
@@ -126,12 +138,16 @@ def main() -> int:
                                                        replace=False)]
     small = [json.dumps({"history": pick(), "k": 10}).encode() for _ in range(512)]
     large = json.dumps({"histories": [pick() for _ in range(args.large_histories)], "k": exp.n_items}).encode()
-    load0 = os.getloadavg()
+    load0, started = os.getloadavg(), time.gmtime()
     proc, port = start(args.export, shlex.split(args.serve_args))
+    runs = []
     try:
         phase(port, small, None, args.clients, 0, min(2.0, args.seconds))  # warm-up
-        alone = phase(port, small, None, args.clients, 0, args.seconds)
-        beside = phase(port, small, large, args.clients, args.large_clients, args.seconds)
+        for _ in range(args.runs):
+            runs.append({"alone": phase(port, small, None, args.clients, 0, args.seconds),
+                         "beside": phase(port, small, large, args.clients, args.large_clients, args.seconds),
+                         "large alone": phase(port, small, large, 0, args.large_clients, args.seconds)})
+            print(json.dumps(runs[-1]), flush=True)
     finally:
         proc.terminate()
         try:
@@ -139,23 +155,27 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     load1 = os.getloadavg()
-    for name, r in (("alone", alone), ("beside large", beside)):
-        print(name, json.dumps(r), flush=True)
     cmd = "python benchmarks/serve_mixed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    tag = f"`{cmd}`, {time.strftime('%Y-%m-%d', time.gmtime())}"
+    tag = f"`{cmd}`, {time.strftime('%Y-%m-%d %H:%M UTC', started)}"
     rows = []
-    for name, r in (("alone", alone), (f"beside {args.large_clients} client(s) sending {args.large_histories:,} "
-                                       f"histories x k = {exp.n_items:,}", beside)):
-        large_col = (f"{r['large_requests']} ({r['large_mean_s']:.2f} s each)" if r["large_requests"] else "–")
-        rows.append(f"| {name} | {r['small_requests']:,} | {r['p50']:.2f} ms | {r['p95']:.2f} ms | {r['p99']:.2f} ms "
-                    f"| {r['max']:.2f} ms | {large_col} | {sum(r['errors'].values())} |")
+    for key, name in (("alone", "small alone"), ("beside", f"small beside {args.large_clients} client(s) sending "
+                                                     f"{args.large_histories:,} histories x k = {exp.n_items:,}"),
+                      ("large alone", "large alone")):
+        r = median([run[key] for run in runs])
+        large_col = (f"{r['large_requests']:g} ({r['large_mean_s']:.2f} s each, "
+                     f"{args.large_histories / r['large_mean_s']:,.0f} histories/s)" if r["large_requests"] else "–")
+        small_cols = (f"{r['small_requests']:,.0f} | {r['p50']:.2f} ms | {r['p95']:.2f} ms | {r['p99']:.2f} ms "
+                      f"| {r['max']:.2f} ms" if r["small_requests"] else "– | – | – | – | –")
+        rows.append(f"| {name} | {small_cols} | {large_col} | {r['errors']} |")
     text = "\n".join([
         "## Small requests while large ones are in flight (`anyo serve`, micro-batched)", "",
         f"{args.clients} threads send POST /recommend (k = 10) one after another for {args.seconds:g} s; then the "
-        f"same beside POST /recommend/batch requests. Server: `anyo serve {args.serve_args or '(defaults)'}`, "
-        f"model `{exp.manifest['model']}`, {exp.n_items:,} items. Load average (1 min) {load0[0]:.1f} at the start, "
-        f"{load1[0]:.1f} at the end, {os.cpu_count()} cores shared with the clients and other jobs. ({tag})", "",
-        "| small requests | answered | p50 | p95 | p99 | max | large requests answered | errors |",
+        f"same beside POST /recommend/batch requests; then those alone. Each figure is the median of "
+        f"{args.runs} run(s) (errors: the total). Server: `anyo serve {args.serve_args or '(defaults)'}`, "
+        f"model `{exp.manifest['model']}`, {exp.n_items:,} items. Load average (1/5/15 min) "
+        f"{'/'.join(f'{x:.1f}' for x in load0)} at the start, {'/'.join(f'{x:.1f}' for x in load1)} at the end, "
+        f"{os.cpu_count()} cores shared with the clients and other jobs. ({tag})", "",
+        "| phase | small requests answered | p50 | p95 | p99 | max | large requests answered | errors |",
         "|---|---|---|---|---|---|---|---|", *rows])
     write_section(Path(args.out), text)
     print(f"wrote {args.out}")

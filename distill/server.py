@@ -11,8 +11,9 @@
 
 Inference runs off the event loop in one thread (`Batcher`): concurrent /recommend requests wait up to
 `--batch-wait-ms` for one another and are answered from one Recommender call of at most `--max-batch`
-histories; a /recommend/batch is cut into pieces of `--max-batch` histories (fewer when k is large:
-PIECE_ITEMS) that take turns with them, so a large one does not stall small ones. More than `--max-queue`
+histories; a /recommend/batch is cut into pieces of `--piece-histories` (fewer when k is large: PIECE_ITEMS)
+whose model calls and JSON formatting (FORMAT_ITEMS at a time) take turns with them, so a /recommend waits
+for at most one such turn, never for a whole large batch. More than `--max-queue`
 histories waiting, or more than `--max-concurrency` requests in progress, is answered 503 with Retry-After;
 a request not answered within `--request-timeout-s` too. Each process serves one private snapshot of the
 export, copied and checked against its manifest at start (`snapshot_export`), so re-exporting the folder
@@ -42,9 +43,8 @@ import tempfile
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
@@ -68,9 +68,11 @@ ENV_DIR = "ANYO_SERVE_DIR"          # for --workers > 1: the snapshot each worke
 ENV_CONFIG = "ANYO_SERVE_CONFIG"    # the settings (JSON),
 ENV_MASTER = "ANYO_SERVE_MASTER"    # and the pid of the process that started them
 RETRY_AFTER_S = 1
-GIL_SWITCH_S = 0.001                 # the event loop waits at most this for the GIL the formatting thread holds
-PIECE_ITEMS = 16_384                 # histories x k in one piece of a batch request (at most --max-batch histories):
-                                     # what a /recommend waits for at most, besides its own call
+GIL_SWITCH_S = 0.001                 # the event loop waits at most this for the GIL the inference thread holds
+PIECE_ITEMS = 16_384                 # histories x k in one piece of a batch request (at most --piece-histories):
+                                     # bounds its model call, what a /recommend waits for at most besides its own
+FORMAT_ITEMS = 2_048                 # items of a piece formatted as JSON in one turn (about 4 ms on the 2-core
+                                     # sandbox): the other turn a /recommend may wait for
 WORKER_STARTUP_S = 120               # uvicorn kills a worker that does not answer its health ping within this
 
 
@@ -268,7 +270,8 @@ class AnswerText:
 
 @dataclass(eq=False)
 class Job:
-    """Histories (internal ids) of one /recommend, or one piece of a /recommend/batch, and where its answer goes."""
+    """Histories (internal ids) of one /recommend, or one piece of a /recommend/batch, and where its answer goes:
+    (ids, scores) for a /recommend, the piece's rows as JSON bytes for a piece."""
 
     rows: list[np.ndarray]
     k: int
@@ -277,16 +280,22 @@ class Job:
     future: asyncio.Future
     arrived: float = 0.0
     cancelled: bool = False   # its request gave up (timeout): the worker skips it
+    found: tuple[np.ndarray, np.ndarray] | None = None   # a piece's (ids, scores), once its model call is done
+    parts: list[str] = field(default_factory=list)       # a piece's rows formatted so far, a turn's worth each
+    formatted: int = 0                                    # how many of its rows that is
 
 
 class Batcher:
     """One inference thread: /recommend jobs are gathered for up to `wait_s` after the first of them, at most
     `max_batch` histories, and answered by one `Recommender.top_k` call per include_seen setting (with the
-    largest k asked, each cut to its own: the order is total, so a prefix is the top-k); the pieces of batch
-    requests take turns with them. At most `max_queue` histories wait; more is `Busy`."""
+    largest k asked, each cut to its own: the order is total, so a prefix is the top-k). A turn of a batch
+    piece is its model call or the formatting (`encode`) of FORMAT_ITEMS of its items, and turns alternate
+    with /recommend calls, so a /recommend waits for at most one such turn. At most `max_queue` histories
+    wait; more is `Busy`."""
 
-    def __init__(self, recommender, max_batch: int, wait_s: float, max_queue: int, on_call):
+    def __init__(self, recommender, encode, max_batch: int, wait_s: float, max_queue: int, on_call):
         self.recommender, self.max_batch, self.wait_s, self.max_queue = recommender, max_batch, wait_s, max_queue
+        self.encode = encode        # (ids, scores) of rows -> their {"items":[...]} texts, comma-joined
         self.on_call = on_call      # told the number of histories of every model call (metrics)
         self._small: deque[Job] = deque()
         self._pieces: deque[Job] = deque()
@@ -319,7 +328,9 @@ class Batcher:
             self._cond.notify()
         self._thread.join(timeout=10)
 
-    def _take(self) -> list[Job] | None:
+    def _take(self) -> tuple[list[Job], Job | None] | None:
+        """The next turn: (/recommend jobs to answer together, None) or ([], the piece whose turn it is);
+        None once closed."""
         with self._cond:
             while not (self._small or self._pieces or self._closed):
                 self._cond.wait()
@@ -341,35 +352,65 @@ class Batcher:
                     jobs.append(self._small.popleft())
                     n += len(jobs[-1].rows)
                 self._small_turn = False
-            else:
-                jobs = [self._pieces.popleft()]
-                self._small_turn = True
-            self.waiting -= sum(len(j.rows) for j in jobs)
-            return jobs
+                self.waiting -= n
+                return jobs, None
+            piece = self._pieces[0]  # it leaves the queue once answered (`_turn`)
+            if piece.found is None:
+                self.waiting -= len(piece.rows)
+            self._small_turn = True
+            return [], piece
 
     def _run(self) -> None:
-        while (jobs := self._take()) is not None:
+        while (turn := self._take()) is not None:
+            jobs, piece = turn
+            if piece is not None:
+                self._turn(piece)
             jobs = [j for j in jobs if not j.cancelled]
             for exclude in (True, False):
                 group = [j for j in jobs if j.exclude_seen is exclude]
                 if group:
                     self._answer(group, exclude)
 
+    def _top_k(self, rows: list[np.ndarray], k: int, exclude: bool) -> tuple[np.ndarray, np.ndarray]:
+        found = self.recommender.top_k(Histories.from_rows(rows), k, exclude_seen=exclude)
+        self.on_call(len(rows))
+        return found
+
     def _answer(self, group: list[Job], exclude: bool) -> None:
-        rows = [r for j in group for r in j.rows]
         try:
-            ids, scores = self.recommender.top_k(Histories.from_rows(rows), max(j.k for j in group),
-                                                 exclude_seen=exclude)
+            ids, scores = self._top_k([r for j in group for r in j.rows], max(j.k for j in group), exclude)
         except Exception as e:  # noqa: BLE001 - handed to each request, which answers 500 and the server goes on
             for j in group:
                 _settle(j, None, e)
             return
-        self.on_call(len(rows))
         start = 0
         for j in group:
             end = start + len(j.rows)
             _settle(j, (ids[start:end, :j.k], scores[start:end, :j.k]), None)
             start = end
+
+    def _turn(self, piece: Job) -> None:
+        """One turn of a batch piece: its model call, or the formatting of its next rows (FORMAT_ITEMS items,
+        at least one row); answered once every row is, it leaves the queue."""
+        done = piece.cancelled
+        try:
+            if not done and piece.found is None:
+                piece.found = self._top_k(piece.rows, piece.k, piece.exclude_seen)
+            elif not done:
+                ids, scores = piece.found
+                start, end = piece.formatted, piece.formatted + max(1, FORMAT_ITEMS // piece.k)
+                piece.parts.append(self.encode(ids[start:end], scores[start:end]))
+                piece.formatted = min(end, len(ids))
+                if piece.formatted == len(ids):
+                    _settle(piece, ",".join(piece.parts).encode(), None)
+                    done = True
+        except Exception as e:  # noqa: BLE001 - handed to its request, which answers 500 and the server goes on
+            _settle(piece, None, e)
+            done = True
+        if done:
+            with self._cond:
+                if self._pieces and self._pieces[0] is piece:
+                    self._pieces.popleft()
 
 
 def _settle(job: Job, result, error) -> None:
@@ -579,17 +620,14 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
     manifest does not change under it)."""
     manifest, n_items = exported.manifest, exported.n_items
     metrics = Metrics()
-    batcher = Batcher(exported.recommender, settings.max_batch, settings.batch_wait_ms / 1000, settings.max_queue,
-                      on_call=metrics.call)
-
     text = AnswerText(exported)
-    formatter = ThreadPoolExecutor(1, thread_name_prefix="anyo-format")  # one: more would crowd the event loop
+    batcher = Batcher(exported.recommender, lambda ids, scores: ",".join(text.rows(ids, scores)), settings.max_batch,
+                      settings.batch_wait_ms / 1000, settings.max_queue, on_call=metrics.call)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
         batcher.close()
-        formatter.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="anyo recommender", version=str(manifest.get("format")), lifespan=lifespan,
                   docs_url=None, redoc_url=None,
@@ -654,22 +692,14 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
         ids, scores = await answered([one], True, lambda: one.future)
         return Response(text.rows(ids, scores)[0], media_type="application/json")
 
-    def encoded(ids, scores) -> bytes:
-        return ",".join(text.rows(ids, scores)).encode()
-
-    async def piece(j: Job) -> bytes:
-        # formatted and encoded in the one formatting thread, so a large answer does not hold the event loop
-        ids, scores = await j.future
-        return await asyncio.get_running_loop().run_in_executor(formatter, encoded, ids, scores)
-
     @app.post("/recommend/batch", response_model=Results, responses={400: {}, 413: {}, 415: {}, 422: {}, 503: {}})
     async def recommend_batch(req: BatchRequest):
-        """Top-k next items for each of several histories, in pieces (of --max-batch histories, fewer for a
-        large k) that take turns with /recommend requests."""
+        """Top-k next items for each of several histories, in pieces (of --piece-histories, fewer for a large
+        k) whose model calls and formatting take turns with /recommend requests."""
         rows = rows_of(req.histories, req.k, "histories")
-        size = max(1, min(settings.max_batch, PIECE_ITEMS // req.k))
+        size = max(1, min(settings.piece_histories, PIECE_ITEMS // req.k))
         jobs = [job(rows[i:i + size], req.k, req.include_seen) for i in range(0, len(rows), size)]
-        parts = await answered(jobs, False, lambda: asyncio.gather(*(piece(j) for j in jobs)))
+        parts = await answered(jobs, False, lambda: asyncio.gather(*(j.future for j in jobs)))
         return Pieces([b'{"results":[', *(p for n, part in enumerate(parts) for p in ((b",", part) if n else (part,))),
                        b"]}"])
 

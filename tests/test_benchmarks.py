@@ -118,11 +118,12 @@ def test_serve_mixed(tiny_run, tmp_path):
     assert main(["export", str(tiny_run[0]), "--out", str(export)]) == 0
     out = tmp_path / "serving.md"
     out.write_text("# Serving benchmark\n\nkept\n")
-    bench("serve_mixed.py", "--export", export, "--clients", 2, "--seconds", 1, "--large-histories", 32,
-          "--serve-args", "--max-batch 8", "--out", out)
+    bench("serve_mixed.py", "--export", export, "--clients", 2, "--seconds", 1, "--runs", 1, "--large-histories", 32,
+          "--serve-args", "--piece-histories 8", "--out", out)
     text = out.read_text()
     assert text.startswith("# Serving benchmark\n\nkept\n") and text.count("Small requests while large") == 1
-    assert "| alone |" in text and "| beside 1 client(s) sending 32 histories" in text
+    assert "| small alone |" in text and "| small beside 1 client(s) sending 32 histories" in text
+    assert "| large alone | – |" in text and "histories/s)" in text
     spec = importlib.util.spec_from_file_location("serve_mixed", ROOT / "benchmarks" / "serve_mixed.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -226,7 +226,7 @@ def test_a_request_not_answered_in_time_is_503_and_its_answer_goes_to_nobody(exp
 
 
 def test_small_requests_are_answered_while_a_large_batch_is_in_flight(exp, hists):
-    """A batch of 16 histories is cut into pieces of --max-batch 4, each held until the test lets it go: a
+    """A batch of 16 histories is cut into pieces of --piece-histories 4, each held until the test lets it go: a
     /recommend sent while a piece is held is answered right after that piece, before the batch is done."""
     async def body(client, held, batcher):
         big = asyncio.create_task(client.post("/recommend/batch", json={"histories": hists[:16], "k": 5}))
@@ -243,9 +243,42 @@ def test_small_requests_are_answered_while_a_large_batch_is_in_flight(exp, hists
         held.permits.release()
         return await big
 
-    big = in_process(exp, lambda h: len(h) == 4, max_batch=4, batch_wait_ms=0.0)(body)
+    big = in_process(exp, lambda h: len(h) == 4, piece_histories=4, batch_wait_ms=0.0)(body)
     assert big.status_code == 200
     assert all(same(got["items"], exp.recommend(h, 5)) for got, h in zip(big.json()["results"], hists[:16]))
+
+
+def test_concurrent_answers_with_a_large_batch_in_flight_equal_single_answers(exp, hists, monkeypatch):
+    """A batch of 24 histories x every item (pieces of 8, formatted 2 rows a turn) with its first model call
+    held, and 30 concurrent /recommend (other histories, k and include_seen each) queued behind it: once it is
+    let go, the /recommend calls come before the batch's other pieces, and every answer, the batch's included,
+    is the one a single call gives."""
+    monkeypatch.setattr(server_module, "FORMAT_ITEMS", 2 * exp.n_items)
+    asks = [(hists[(n * 3) % len(hists)][: 1 + n % 6] + hists[(n * 5 + 1) % len(hists)][:2], 1 + (n * 7) % exp.n_items,
+             n % 4 == 0) for n in range(30)]
+    batch = [hists[(n * 11) % len(hists)] for n in range(24)]
+    calls = []
+
+    async def body(client, held, batcher):
+        big = asyncio.create_task(client.post("/recommend/batch", json={"histories": batch, "k": exp.n_items}))
+        await asyncio.to_thread(held.entered.acquire, timeout=WAIT)   # the first piece's model call is held
+        small = [asyncio.create_task(client.post("/recommend", json={"history": h, "k": k, "include_seen": s}))
+                 for h, k, s in asks]
+        await until(lambda: batcher.waiting == 16 + len(asks))
+        held.permits.release()
+        answers, big = await asyncio.gather(asyncio.gather(*small), big)
+        calls.extend(held.calls)
+        return answers, big
+
+    answers, big = in_process(exp, first_call(), max_batch=16, piece_histories=8, batch_wait_ms=0.0)(body)
+    # per micro-batch of 16 then 14, one call for include_seen false and one for true; then the other pieces
+    turns = [[s for _, _, s in asks[:16]], [s for _, _, s in asks[16:]]]
+    assert calls == [8, *(n for t in turns for n in (t.count(False), t.count(True))), 8, 8], calls
+    for (h, k, s), r in zip(asks, answers):
+        assert r.status_code == 200, r.text
+        assert same(r.json()["items"], exp.recommend(h, k, include_seen=s)), (h, k, s)
+    assert big.status_code == 200 and len(big.json()["results"]) == len(batch)
+    assert all(same(got["items"], exp.recommend(h, exp.n_items)) for got, h in zip(big.json()["results"], batch))
 
 
 def test_too_many_requests_in_progress_is_503_and_health_still_answers(exp, hists):
