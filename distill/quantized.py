@@ -39,20 +39,21 @@ def top10_overlap(a: np.ndarray, b: np.ndarray) -> float:
 def int8_quality(model, split: Split, fp32: bytes, int8: bytes, mask_history: bool, index: str) -> dict:
     """Test NDCG@10 / HR@10 with model.onnx (`fp32`) and with model.int8.onnx (`int8`), and their change."""
     items = model.item_vectors().astype(np.float32)
-    out, tops = {"users": int(split.n_users), "stage": "test", "mask_history": bool(mask_history)}, []
+    out = {"users": int(split.n_users), "stage": "test", "mask_history": bool(mask_history)}
+    ranked = {}  # name -> (its recommender, the test users' vectors, their top-10)
     for name, runtime, onnx in (("fp32", "onnxruntime", fp32), ("int8", "onnxruntime-int8", int8)):
         rec = Recommender(model, item_vectors=items, runtime=runtime, onnx=onnx)
         users = _user_vectors(rec, split)
         result = evaluate(split, users, items, "test", ks=(10,), mask_history=mask_history, index=index)
         out[name] = {k: result.metrics[k] for k in QUALITY_METRICS}
-        tops.append(result.topk[:, :10])
+        ranked[name] = (rec, users, result.topk[:, :10])
     out["change"] = {k: out["int8"][k] - out["fp32"][k] for k in QUALITY_METRICS}
-    out["top10_overlap"] = top10_overlap(*tops)
-    out["alone"] = _alone_against_batched(rec, split, users, result.topk[:, :10], mask_history, index)
+    out["top10_overlap"] = top10_overlap(ranked["fp32"][2], ranked["int8"][2])
+    out["alone"] = _alone_against_batched(*ranked["int8"], split, mask_history, index)
     return out
 
 
-def _alone_against_batched(rec: Recommender, split: Split, batched: np.ndarray, batched_top: np.ndarray,
+def _alone_against_batched(rec: Recommender, batched: np.ndarray, batched_top: np.ndarray, split: Split,
                            mask_history: bool, index: str) -> dict:
     """The first ALONE_USERS test users' int8 vectors encoded one at a time against `batched` (their chunk's)."""
     hist = split.history("test")
