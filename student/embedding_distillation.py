@@ -15,9 +15,10 @@ means the same for every teacher. Through the shared W a cold item's row gets W 
 The term is trained with the student and folded into e^S when training ends (`SASRec.fold_item_prior`):
 the saved student is a plain SASRec and serves at the same cost.
 
-With `text_rows` (distill.ced_text_cold) the items never seen in training are a text item tower: their ID
-part is held at 0 (e_i = gamma W e_i^T), so no random start and no "not this one" gradient reaches their
-rows, and what the shared W learns on the seen items' text is all a cold row is.
+With `text_rows` (distill.ced_text_rows) those items are a text item tower: their ID part is held at 0
+(e_i = gamma W e_i^T), so no random start and no "not this one" gradient reaches their rows. `unseen`: a cold
+row is what the shared W learns on the seen items' text; `all`: the student has no ID table at all, every
+item (input and output side) is its text, so a cold item is placed exactly as a seen one with that text.
 W starts at 0 (DLLM2Rec initialises it at random), so a warm-started student starts exactly where the
 student alone ended; weight decay shrinks e and W separately, not their sum.
 """
