@@ -31,7 +31,8 @@ def table(run: Path, names: list[str]) -> str:
     for name, label in (("mostpop", "MostPop"), ("student_alone", "student alone")):
         if (run / name / "metrics.json").is_file():
             r = read(name)
-            lines.append(row(label, r["metrics"], r["cold"], f"best epoch {r.get('best_epoch', '–')}"))
+            valid = f", valid NDCG@10 {r['valid_metrics']['NDCG@10']:.4f}" if "valid_metrics" in r else ""
+            lines.append(row(label, r["metrics"], r["cold"], f"best epoch {r.get('best_epoch', '–')}{valid}"))
     if (run / "teacher" / "metrics.json").is_file():
         t = read("teacher")
         lines.append(row("LLM alone (teacher, w = 0)", t["llm_alone"]["test"], t["llm_alone"]["cold"],
@@ -42,8 +43,9 @@ def table(run: Path, names: list[str]) -> str:
         if (run / name / "metrics.json").is_file():
             r = read(name)
             lines.append(row(f"distilled ({name})", r["metrics"], r["cold"],
-                             f"item part {r.get('teacher_item_part', 'cf')}, cold rows init "
-                             f"{r.get('cold_rows_initialised', 0)}"))
+                             f"valid NDCG@10 {r['valid_metrics']['NDCG@10']:.4f}, item part "
+                             f"{r.get('teacher_item_part', 'cf')}, cold rows init {r.get('cold_rows_initialised', 0)}, "
+                             f"text rows {r.get('text_tower_rows', 0)}"))
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     data = recipe["data"]
     bayes = Path(data["path"] or "") / f"{data['name']}.bayes.json"

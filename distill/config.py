@@ -244,6 +244,12 @@ class DistillConfig(Section):
     ced_weight: float = option("Weight gamma of DLLM2Rec's collaborative embedding distillation: the item table is "
                                "e + gamma W e_teacher while training, folded into e after "
                                "(student/embedding_distillation.py); 0 = off.", 0.0, min=0.0)
+    ced_text_rows: str = option("A text item tower: the rows that are the CED term gamma W e_teacher alone, their ID "
+                                "part held at 0 while training and at the fold: `none`, `unseen` (the items never "
+                                "seen in training: a cold item's row is what the shared W makes of its text) or "
+                                "`all` (every item: no ID table, the student's items are their text); needs "
+                                "ced_weight > 0 and a teacher with item_side text or both.", "none",
+                                choices=("none", "unseen", "all"))
     temperature: float = option("Softening temperature T of the KL term (scaled by T^2).", 2.0, gt=0.0)
     pairwise_lambda: float = option("Decay of the pairwise term's rank weights exp(-rank / lambda).", 10.0, gt=0.0)
     pairwise_negatives: int = option("Uniform negatives per position for the pairwise term.", 20, min=1)
@@ -263,6 +269,10 @@ class DistillConfig(Section):
         require(any(w > 0 for w in weights), "distill.own_weight", "all loss weights are zero")
         require(self.warm_start or not self.cold_init, "distill.cold_init",
                  "needs distill.warm_start (the map is fitted on the student-alone's rows of the seen items)")
+        text_rows = self.ced_text_rows != "none"
+        require(self.ced_weight > 0 or not text_rows, "distill.ced_text_rows", "needs distill.ced_weight > 0")
+        require(not (text_rows and self.cold_init), "distill.ced_text_rows",
+                "the cold rows' ID part it holds at 0 is what distill.cold_init writes; turn one off")
 
 
 @dataclass

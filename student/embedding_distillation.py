@@ -14,6 +14,11 @@ table itself, so the term only reparametrises the student); scaled to a mean row
 means the same for every teacher. Through the shared W a cold item's row gets W e^T of its text.
 The term is trained with the student and folded into e^S when training ends (`SASRec.fold_item_prior`):
 the saved student is a plain SASRec and serves at the same cost.
+
+With `text_rows` (distill.ced_text_rows) those items are a text item tower: their ID part is held at 0
+(e_i = gamma W e_i^T), so no random start and no "not this one" gradient reaches their rows. `unseen`: a cold
+row is what the shared W learns on the seen items' text; `all`: the student has no ID table at all, every
+item (input and output side) is its text, so a cold item is placed exactly as a seen one with that text.
 W starts at 0 (DLLM2Rec initialises it at random), so a warm-started student starts exactly where the
 student alone ended; weight decay shrinks e and W separately, not their sum.
 """
@@ -26,9 +31,11 @@ import torch.nn as nn
 
 
 class CollaborativeEmbedding(nn.Module):
-    """(N+1, d) additive item-table term gamma * W e^T, from a fixed (N+1, D_T) teacher item table."""
+    """(N+1, d) ID table e -> item table e + gamma * W e^T, from a fixed (N+1, D_T) teacher item table;
+    the ID part of the rows in `text_rows` (item ids) is held at 0."""
 
-    def __init__(self, teacher_items: np.ndarray, hidden_size: int, gamma: float):
+    def __init__(self, teacher_items: np.ndarray, hidden_size: int, gamma: float,
+                 text_rows: np.ndarray | None = None):
         super().__init__()
         table = torch.tensor(np.asarray(teacher_items, dtype=np.float32))          # (N+1, D_T)
         table[0] = 0                                                                 # padding
@@ -37,6 +44,10 @@ class CollaborativeEmbedding(nn.Module):
         self.proj = nn.Linear(table.shape[1], hidden_size, bias=False)
         nn.init.zeros_(self.proj.weight)
         self.gamma = gamma
+        keep = torch.ones(len(table), 1)
+        if text_rows is not None:
+            keep[torch.as_tensor(np.asarray(text_rows, dtype=np.int64))] = 0
+        self.register_buffer("id_part", keep, persistent=False)                    # (N+1, 1)
 
-    def forward(self) -> torch.Tensor:
-        return self.gamma * self.proj(self.teacher_items)                           # (N+1, d)
+    def forward(self, id_table: torch.Tensor) -> torch.Tensor:
+        return id_table * self.id_part + self.gamma * self.proj(self.teacher_items)  # (N+1, d)

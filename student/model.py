@@ -77,7 +77,7 @@ class SASRec(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(d)
-        self.item_prior: nn.Module | None = None  # (N+1, d) added to item_emb while distilling, then folded
+        self.item_prior: nn.Module | None = None  # item_emb (N+1, d) -> item table while distilling, then folded
         nn.init.normal_(self.item_emb.weight, std=d ** -0.5)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         with torch.no_grad():
@@ -113,11 +113,11 @@ class SASRec(nn.Module):
     def item_table(self) -> torch.Tensor:
         """(N+1, d) input and output item table (trainable); row 0 is padding."""
         w = self.item_emb.weight
-        return w if self.item_prior is None else w + self.item_prior()
+        return w if self.item_prior is None else self.item_prior(w)
 
     @torch.no_grad()
     def fold_item_prior(self) -> None:
-        """Write item_emb + item_prior into item_emb and drop the prior: the same model, plain SASRec."""
+        """Write item_prior(item_emb) into item_emb and drop the prior: the same model, plain SASRec."""
         if self.item_prior is not None:
             self.item_emb.weight.copy_(self.item_table)
             self.item_prior = None

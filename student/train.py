@@ -123,8 +123,8 @@ def train_and_save(recipe: Recipe, split: Split, out: Path, seed: int, loss: Wei
     """Train (from `init`'s weights if given), keep the best checkpoint in `out`, score test once.
 
     With `inputs` (the stage's input hashes) training is resumable and the record carries them.
-    `item_prior` builds a term added to the item table while training (student/embedding_distillation.py);
-    it is folded into the table before the model is scored and saved.
+    `item_prior` builds the map from the ID table to the item table used while training
+    (student/embedding_distillation.py); it is folded into the table before the model is scored and saved.
     """
     torch.manual_seed(seed)
     model = build_student(recipe, split)

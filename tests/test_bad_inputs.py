@@ -206,6 +206,7 @@ SET_CASES = [
     ("empty data path", ["data.path=''"], "data.path: must not be empty"),
     ("heads do not divide", ["student.num_heads=3"], "student.num_heads: hidden_size 64 is not divisible by num_heads 3"),
     ("experts do not divide", ["teacher.num_experts=3"], "teacher.num_experts: num_experts 3 must divide lora_r 8"),
+    ("text tower without CED", ["distill.ced_text_rows=all"], "distill.ced_text_rows: needs distill.ced_weight > 0"),
     # FAISS strings that cannot be built for the item vectors' dimension
     ("index PQ7", ["eval.index=PQ7"], "eval.index: cannot build 'PQ7' for 64-dimensional vectors"),
     ("index garbage", ["eval.index=NotAnIndex"], "eval.index: cannot build 'NotAnIndex'"),

@@ -111,15 +111,18 @@ def test_collaborative_embedding_hand_computation_and_fold(tmp_path):
     teacher = np.array([[9.0, 9.0, 9.0], [3.0, 4.0, 0.0], [0.0, 0.0, 1.0]] + [[1.0, 0.0, 0.0]] * 18)  # (21, 3)
     torch.manual_seed(0)
     ced = CollaborativeEmbedding(teacher, 16, gamma=0.5)
-    assert not ced().any()                                         # W starts at 0: the student alone's table
+    ids = torch.randn(21, 16)
+    assert torch.equal(ced(ids), ids)                              # W starts at 0: the student alone's table
+    zero = torch.zeros(21, 16)                                     # ced(0) is the term gamma W e^T alone
     torch.nn.init.normal_(ced.proj.weight)
     scale = np.mean([5.0, 1.0] + [1.0] * 18)                       # mean norm of rows 1..N
     t = torch.tensor(teacher, dtype=torch.float32) / scale
     t[0] = 0                                                       # the padding row stays 0
     expected = 0.5 * t @ ced.proj.weight.T                         # gamma * W e^T, (21, 16)
-    assert torch.allclose(ced(), expected, atol=1e-6) and not ced()[0].any()
+    assert torch.allclose(ced(zero), expected, atol=1e-6) and not ced(zero)[0].any()
+    assert torch.allclose(ced(ids), ids + expected, atol=1e-6)
     ced.gamma = 1.0
-    assert torch.allclose(ced(), 2 * expected, atol=1e-6)
+    assert torch.allclose(ced(zero), 2 * expected, atol=1e-6)
 
     m = model()
     plain = m.item_vectors().copy()

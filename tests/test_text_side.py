@@ -136,3 +136,42 @@ def test_cold_init_maps_text_vectors_with_the_map_of_the_seen_items():
     assert torch.allclose(w[[4, 9]], before[[4, 9]], rtol=0.05, atol=0.1)                    # recovered from the text
     assert torch.equal(w[pop > 0], before[pop > 0]) and not w[0].any()                # seen rows untouched
     assert ridge_map(text, before.numpy(), np.flatnonzero(pop)).shape == (21, 4)
+
+
+@pytest.mark.parametrize("rows", ["unseen", "all"])
+def test_text_tower_cold_row_is_its_text_alone_and_the_fold_keeps_the_scores(rows):
+    """distill.ced_text_rows: a tower item's row is gamma W e_T of its text whatever its ID row holds, no gradient
+    reaches that ID row, and the folded plain SASRec scores every item as the model with the tower did."""
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(12, 5, hidden_size=8, num_layers=1, num_heads=2, dropout=0.0))
+    text = np.random.default_rng(0).normal(size=(13, 6)).astype(np.float32)
+    cold = torch.tensor([3, 7]) if rows == "unseen" else torch.arange(1, 13)
+    model.item_prior = CollaborativeEmbedding(text, 8, gamma=2.0, text_rows=cold.numpy())
+    with torch.no_grad():
+        model.item_prior.proj.weight.normal_()
+        model.item_emb.weight[cold] = 9.0                                            # a pushed-away ID row
+    table = model.item_table
+    text_term = 2.0 * model.item_prior.proj(model.item_prior.teacher_items)
+    assert torch.equal(table[cold], text_term[cold])
+    seq = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    (model.encode_users(seq) @ table.T).logsumexp(1).sum().backward()
+    assert not model.item_emb.weight.grad[cold].any()
+    if rows == "unseen":                                                             # a seen row keeps its ID part
+        assert not torch.equal(table[5], text_term[5]) and model.item_emb.weight.grad[5].any()
+    assert model.item_prior.proj.weight.grad.any()
+    model.eval()
+    with torch.no_grad():
+        before = model.encode_users(seq) @ model.item_table.T
+        model.fold_item_prior()
+        after = model.encode_users(seq) @ model.item_table.T
+    assert model.item_prior is None and torch.allclose(before, after, atol=1e-5)
+    assert torch.allclose(model.item_emb.weight[cold], text_term[cold].detach())
+
+
+def test_text_tower_rows_are_the_unseen_items_or_every_item():
+    from types import SimpleNamespace
+    from distill.stages.distill import text_tower_rows
+    split = SimpleNamespace(n_items=5, item_popularity=lambda: np.array([0, 2, 0, 1, 0, 3]))   # row 0: padding
+    assert text_tower_rows(split, "none") is None
+    assert text_tower_rows(split, "unseen").tolist() == [2, 4]
+    assert text_tower_rows(split, "all").tolist() == [1, 2, 3, 4, 5]

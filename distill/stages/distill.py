@@ -47,6 +47,14 @@ def teacher_item_side(cache: TeacherCache) -> np.ndarray:
     return np.asarray(cache.items("text" if "text" in cache.item_parts else None))
 
 
+def text_tower_rows(split: Split, which: str) -> np.ndarray | None:
+    """The item ids whose rows are their CED text term alone (distill.ced_text_rows); None: every row keeps its ID."""
+    if which == "none":
+        return None
+    items = np.arange(1, split.n_items + 1)
+    return items if which == "all" else items[split.item_popularity()[1:] == 0]
+
+
 def cache_lookup(cache: TeacherCache, k: int):
     """The trainer's (users, positions) -> TeacherTargets view of the cache."""
     def lookup(users: np.ndarray, positions: np.ndarray) -> TeacherTargets:
@@ -79,16 +87,20 @@ def run(recipe: Recipe, run: Path, split: Split, seed: int, name: str = "student
         if d.warm_start else None
     teacher_items = teacher_item_side(cache)
     extra = {}
-    if d.cold_init:
-        if "text" not in cache.item_parts:
-            raise ConfigError(f"distill.cold_init: the teacher in {cache.folder} has no text item side "
+    for option, on in (("cold_init", d.cold_init), ("ced_text_rows", d.ced_text_rows != "none")):
+        if on and "text" not in cache.item_parts:
+            raise ConfigError(f"distill.{option}: the teacher in {cache.folder} has no text item side "
                               "(teacher.item_side text or both)")
+    if d.cold_init:
         extra["cold_rows_initialised"] = init_cold_rows(init, teacher_items, split.item_popularity())
     torch.manual_seed(seed)  # the alignment map's initial weights must not depend on what ran before
     loss = distillation_loss(recipe, split, cache.dim)
-    prior = (lambda: CollaborativeEmbedding(teacher_items, recipe.student.hidden_size, d.ced_weight)) \
+    text_rows = text_tower_rows(split, d.ced_text_rows)
+    prior = (lambda: CollaborativeEmbedding(teacher_items, recipe.student.hidden_size, d.ced_weight, text_rows)) \
         if d.ced_weight > 0 else None
     weights = {**loss.weights, **({"ced": d.ced_weight} if prior else {})}
+    if text_rows is not None:
+        extra["text_tower_rows"] = int(len(text_rows))
     record = train_and_save(recipe, split, out, seed, loss, teacher=cache_lookup(cache, d.k),
                             desc=f"distilled seed {seed}", inputs=wanted,
                             extra={"loss_weights": weights, "recipe": recipe.to_dict(), **extra,
