@@ -1,9 +1,9 @@
 """The teacher's learning curve inside an epoch: `anyo teacher train` with a validation every N optimiser steps.
 
-    python benchmarks/slot_curve.py RECIPE --out RUN --every 40 [--set KEY=VALUE ...] [--seed S]
+    python benchmarks/slot_curve.py RECIPE --out RUN --at 40,110,220 [--set KEY=VALUE ...] [--seed S]
 
 Runs the `teacher train` stage unchanged (same seed, same example order, same learning-rate schedule, the
-same RUN/teacher at the end), except that every `--every` optimiser steps the LLM retriever is validated as
+same RUN/teacher at the end), except that after each optimiser step count in `--at` the LLM retriever is validated as
 the trainer does after an epoch (validation NDCG@10 of the LLM alone and of the best blend over
 teacher.cf_weights). One line per point goes to RUN/teacher.curve.jsonl: optimiser steps, examples seen,
 training seconds (the validations excluded), examples/s, both validation figures and w. For a teacher
@@ -33,12 +33,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("recipe")
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--every", type=int, default=40, help="optimiser steps between validations")
+    ap.add_argument("--at", default="40,110,220",
+                    help="comma-separated optimiser steps (counted over all epochs) to validate after; the "
+                         "trainer validates at every epoch's end anyway")
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args()
 
     curve_file = args.out / "teacher.curve.jsonl"
+    at = {int(s) + 1 for s in args.at.split(",") if s.strip()}   # hook before batch s+1's update = after s steps
     base = teacher_train.TeacherTask
 
     class CurveTask(base):
@@ -50,9 +53,8 @@ def main() -> None:
             out = super().step(rows)
             self._steps += 1
             self._examples += out.examples
-            if self._steps % args.every == 0:
-                # the optimiser step of this batch has not run yet: the point is after `_steps - 1` steps'
-                # updates; recorded as such
+            if self._steps in at:
+                # called before this batch's optimiser update: the model has had `_steps - 1` updates
                 self.point(self._steps - 1)
             return out
 
