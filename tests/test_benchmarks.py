@@ -40,7 +40,8 @@ def run(tiny_run, tmp_path_factory):
 def test_every_script_is_covered():
     covered = {"make_synthetic.py", "harness_speed.py", "scale.py", "distill_ablation.py", "teacher_inference.py",
                "serve_load.py", "serve_mixed.py", "student_vs_recbole.py", "seed_claims.py", "recbole_sasrec.py",
-               "text_decides.py", "text_teacher.py", "external_teacher.py", "serving_profile.py"}
+               "text_decides.py", "text_teacher.py", "external_teacher.py", "serving_profile.py",
+               "slot_curve.py"}
     assert set(SCRIPTS) == covered, "a new benchmark script needs its smoke test here"
 
 
@@ -59,6 +60,18 @@ def test_text_decides(tmp_path):
 def test_text_teacher(run):
     p = bench("text_teacher.py", run)
     assert "| student alone |" in p.stdout or "student alone" in p.stdout
+
+
+def test_slot_curve(run, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    bench("slot_curve.py", out / "recipe.yaml", "--out", out, "--at", "0", "--set", "teacher.examples=per_slot",
+          "--set", "teacher.epochs=1")
+    points = [json.loads(line) for line in (out / "teacher.curve.jsonl").read_text().splitlines()]
+    assert len(points) == 1 and points[0]["steps"] == 0 and 0 <= points[0]["valid_NDCG@10_llm"] <= 1
+    record = json.loads((out / "teacher" / "metrics.json").read_text())
+    assert record["curve"][-1]["epoch"] == 1
 
 
 def test_harness_speed():
