@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import teacher.train as teacher_train  # noqa: E402
-from distill.config import load_recipe  # noqa: E402
 
 
 def main() -> None:
