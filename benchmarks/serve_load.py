@@ -43,6 +43,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from serving_profile import write_section  # noqa: E402  (the benchmarks folder: the script's own)
+
 BEGIN, END = "<!-- serve_load.py: begin -->", "<!-- serve_load.py: end -->"
 RSS_EVERY_S = 1.0
 
@@ -349,16 +351,6 @@ def section(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.is_file() else "# Serving benchmark\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + text + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--export", required=True, help="an `anyo export` folder")
@@ -402,7 +394,7 @@ def main() -> int:
     results = json.loads(store.read_text()) if store.is_file() else {}
     results[args.label or entry["runtime"]] = entry
     store.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-    write_section(Path(args.out), section(results))
+    write_section(Path(args.out), section(results), BEGIN, END)
     print(f"wrote {args.out} and {store}")
     return 0
 

@@ -159,11 +159,13 @@ def section(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
+def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the part of `path` between the markers `begin` and `end` by `text` (which carries them), or append
+    it; the rest of the file (other scripts' sections, prose) is left as it is."""
     old = path.read_text() if path.is_file() else "# Serving benchmark\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + text + rest.split(END, 1)[1]
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + text + rest.split(end, 1)[1]
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
     path.write_text(new)
