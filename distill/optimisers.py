@@ -29,6 +29,8 @@ from distill.distributed import World
 from distill.errors import ConfigError
 from distill.resume import load_optimizer_state, optimizer_state
 
+ZERO_STAGES = {"zero1": 1, "zero2": 2}   # teacher.distributed -> DeepSpeed's zero_optimization.stage
+
 # what anyo sets from the recipe, so a user's DeepSpeed JSON may not: the loop, the batch and the optimiser
 OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
               "managed_gradient_accumulation", "optimizer", "scheduler", "gradient_clipping", "bf16", "fp16")
@@ -191,8 +193,7 @@ def build_optimiser(params: list[torch.nn.Parameter], cfg: OptimiserConfig, worl
 def deepspeed_config(cfg: OptimiserConfig, world: World) -> dict:
     """The DeepSpeed JSON a recipe implies (the Trainer owns accumulation: one engine step per optimiser step),
     with the user's own file merged over it."""
-    stage = {"zero1": 1, "zero2": 2}[cfg.strategy]
-    zero = {"stage": stage}
+    zero = {"stage": ZERO_STAGES[cfg.strategy]}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
@@ -225,7 +226,7 @@ def read_deepspeed_config(path: Path, strategy: str) -> dict:
     zero = config.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise ConfigError(f"{path}: key 'zero_optimization' must be an object")
-    want = {"zero1": 1, "zero2": 2}[strategy]
+    want = ZERO_STAGES[strategy]
     if zero.get("stage", want) != want:
         raise ConfigError(f"{path}: zero_optimization.stage {zero['stage']!r} is not teacher.distributed "
                           f"{strategy}'s stage {want}")
