@@ -43,7 +43,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving_profile import write_section  # noqa: E402  (the benchmarks folder: the script's own)
+from serve_mixed import serve_env, stop_server  # noqa: E402  (the benchmarks folder: the script's own)
+from serving_profile import write_section  # noqa: E402
 
 BEGIN, END = "<!-- serve_load.py: begin -->", "<!-- serve_load.py: end -->"
 RSS_EVERY_S = 1.0
@@ -160,10 +161,9 @@ def bad_requests(exp, max_history: int) -> list[tuple[str, bytes, str, str]]:
 def http_load(args, exp, hists: list[list[str]]) -> dict:
     from distill.server import MAX_HISTORY
     port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "distill.cli", "serve", args.export, "--port", str(port),
            "--workers", str(args.workers), "--threads", str(args.threads), "--runtime", exp.recommender.runtime]
-    server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(cmd, cwd=ROOT, env=serve_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -263,11 +263,7 @@ def http_load(args, exp, hists: list[list[str]]) -> dict:
         after = c.getresponse().status
         c.close()
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
     ok = np.asarray(lat)
     return {"requests": len(ok), "seconds": elapsed, "rps": len(ok) / elapsed,
             "p50": float(np.percentile(ok, 50)), "p95": float(np.percentile(ok, 95)),

@@ -34,10 +34,23 @@ sys.path.insert(0, str(ROOT))
 BEGIN, END = "<!-- serve_mixed: begin -->", "<!-- serve_mixed: end -->"
 
 
+def serve_env() -> dict:
+    """The environment an `anyo serve` child runs in: this checkout's code first on its path."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Terminate the server, killing it if it has not exited within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def start(export: str, serve_args: list[str]) -> tuple[subprocess.Popen, int]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "serve", export, "--port", "0", *serve_args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, env=serve_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     line = proc.stdout.readline()
     if " on http://" not in line:
         proc.kill()
@@ -149,11 +162,7 @@ def main() -> int:
                          "large alone": phase(port, small, large, 0, args.large_clients, args.seconds)})
             print(json.dumps(runs[-1]), flush=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     load1 = os.getloadavg()
     cmd = "python benchmarks/serve_mixed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     tag = f"`{cmd}`, {time.strftime('%Y-%m-%d %H:%M UTC', started)}"
