@@ -1,17 +1,26 @@
 """Small requests while large ones are in flight: `anyo serve`'s /recommend latency alone and beside
 /recommend/batch requests of 1,024 histories at k = every item; writes its section of benchmarks/serving.md.
 
-    python benchmarks/serve_mixed.py --export DIR [--clients 4] [--large-clients 1] [--seconds 20] [--runs 3]
-                                     [--large-histories 1024] [--serve-args "--max-batch 64"]
+    python benchmarks/serve_mixed.py --export DIR [--rate 100] [--clients 4] [--large-clients 1] [--seconds 20]
+                                     [--runs 3] [--large-histories 1024] [--serve-args "--max-batch 64"]
 
 Starts `anyo serve DIR --port 0 SERVE_ARGS` (a subprocess; the port is the one it prints), then, `--runs`
-times, three phases of `--seconds` each: (1) `--clients` threads sending POST /recommend (k = 10, seeded
-random histories of 5 to 50 catalogue items), each on its own keep-alive connection, one request after
-another; (2) the same while `--large-clients` more threads send POST /recommend/batch with
-`--large-histories` histories and k = the catalogue size, one after another; (3) the large requests alone
-(the batch throughput). Reports, each the median over the runs, the small requests' p50/p95/p99/max and
-count per phase, the large requests' count, mean time and histories/s, errors, and the machine's load
-average before and after; stops the server.
+times, three phases of `--seconds` each: (1) small requests alone: POST /recommend (k = 10, seeded random
+histories of 5 to 50 catalogue items) over `--clients` keep-alive connections; (2) the same while
+`--large-clients` processes send POST /recommend/batch with `--large-histories` histories and k = the
+catalogue size, one after another; (3) the large requests alone (the batch throughput).
+
+With `--rate R` (open loop, what a service sees) the small requests arrive as a seeded Poisson process of R
+per second, the same arrival times in both phases, and each one's latency runs from its arrival time, so a
+request that waits for a free connection counts that wait (no coordinated omission). With `--rate 0`
+(closed loop) each connection sends its next request as soon as the last is answered: the server is
+saturated, and a latency beside the batches then measures the share of the cores the batches take as much
+as the waiting. The large clients run in their own processes, so their 120 MB answers do not take the
+small clients' interpreter lock.
+
+Reports, each the median over the runs, the small requests' p50/p95/p99/max and count per phase, the large
+requests' count, mean time and histories/s, errors, and the machine's load average before and after; stops
+the server.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import os
 import shlex
 import subprocess
@@ -30,7 +40,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from serving_profile import write_section  # noqa: E402  (this folder's: one marker-section writer)
+
 BEGIN, END = "<!-- serve_mixed: begin -->", "<!-- serve_mixed: end -->"
 
 
@@ -67,46 +80,114 @@ def post(conn: http.client.HTTPConnection, path: str, body: bytes) -> tuple[int,
     return r.status, time.perf_counter() - t
 
 
-def phase(port: int, small: list[bytes], large: bytes | None, clients: int, large_clients: int,
-          seconds: float) -> dict:
-    stop = threading.Event()
-    lock = threading.Lock()
-    out = {"small": [], "large": [], "errors": {}}
+def fresh(port: int) -> http.client.HTTPConnection:
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=600)
 
-    def loop(bodies: list[bytes], path: str, key: str, offset: int) -> None:
-        conn, n, mine = http.client.HTTPConnection("127.0.0.1", port, timeout=600), offset, []
-        while not stop.is_set():
-            try:
-                status, dt = post(conn, path, bodies[n % len(bodies)])
-            except (OSError, http.client.HTTPException) as e:
-                status, dt = type(e).__name__, 0.0
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-            n += clients
-            if status == 200:
-                mine.append(dt)
-            else:
-                with lock:
-                    out["errors"][f"{path} {status}"] = out["errors"].get(f"{path} {status}", 0) + 1
-        conn.close()
+
+def sender(port: int, path: str, errors: dict, lock: threading.Lock):
+    """A keep-alive connection's `send(body) -> seconds or None` (None: an error, counted in `errors`)."""
+    conn = fresh(port)
+
+    def send(body: bytes) -> float | None:
+        nonlocal conn
+        try:
+            status, dt = post(conn, path, body)
+        except (OSError, http.client.HTTPException) as e:
+            status, dt = type(e).__name__, None
+            conn.close()
+            conn = fresh(port)
+        if status == 200:
+            return dt
         with lock:
-            out[key].extend(mine)
+            errors[f"{path} {status}"] = errors.get(f"{path} {status}", 0) + 1
+        return None
+    return send
 
-    threads = [threading.Thread(target=loop, args=(small, "/recommend", "small", i)) for i in range(clients)]
-    if large is not None:
-        threads += [threading.Thread(target=loop, args=([large], "/recommend/batch", "large", 0))
-                    for _ in range(large_clients)]
+
+def closed_loop(port: int, bodies: list[bytes], path: str, clients: int, until: float) -> tuple[list, dict]:
+    """`clients` connections, each sending its next body as soon as the last is answered, until `until`."""
+    lock, errors, times = threading.Lock(), {}, []
+
+    def run(offset: int) -> None:
+        send, n, mine = sender(port, path, errors, lock), offset, []
+        while time.perf_counter() < until:
+            dt = send(bodies[n % len(bodies)])
+            n += clients
+            if dt is not None:
+                mine.append(dt)
+        with lock:
+            times.extend(mine)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
-    stop.wait(seconds)
-    stop.set()
     for t in threads:
         t.join()
-    ms = np.asarray(out["small"] or [np.nan]) * 1000
-    return {"small_requests": len(out["small"]), **{f"p{q}": float(np.percentile(ms, q)) for q in (50, 95, 99)},
-            "max": float(ms.max()), "large_requests": len(out["large"]),
-            "large_mean_s": float(np.mean(out["large"])) if out["large"] else float("nan"),
-            "errors": sum(out["errors"].values()), "error_kinds": out["errors"]}
+    return times, errors
+
+
+def open_loop(port: int, bodies: list[bytes], clients: int, arrivals: np.ndarray) -> tuple[list, dict]:
+    """Request n is due at `arrivals[n]` (perf_counter seconds); `clients` connections take them in turn, and
+    a request's latency is from when it was due to its answer."""
+    lock, errors, times, next_one = threading.Lock(), {}, [], iter(range(len(arrivals)))
+
+    def run() -> None:
+        send, mine = sender(port, "/recommend", errors, lock), []
+        while (n := next(next_one, None)) is not None:   # next() on a shared iterator is atomic under the GIL
+            wait = arrivals[n] - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            if send(bodies[n % len(bodies)]) is not None:
+                mine.append(time.perf_counter() - arrivals[n])
+        with lock:
+            times.extend(mine)
+    threads = [threading.Thread(target=run) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return times, errors
+
+
+def large_client(port: int, body: bytes, seconds: float, ready, go, out) -> None:
+    """A process sending `body` to /recommend/batch, one after another, for `seconds` from `go`: (times, errors)
+    to `out`. It says `ready` once imported, so that its start-up is not measured beside the small requests."""
+    ready.set()
+    go.wait()
+    out.put(closed_loop(port, [body], "/recommend/batch", 1, time.perf_counter() + seconds))
+
+
+def phase(port: int, small: list[bytes], large: bytes | None, clients: int, large_clients: int, seconds: float,
+          rate: float, seed: int) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    results, go, ready = ctx.Queue(), ctx.Event(), [ctx.Event() for _ in range(large_clients)]
+    procs = [ctx.Process(target=large_client, args=(port, large, seconds, r, go, results)) for r in ready]
+    for p in procs:
+        p.start()
+    for r in ready:
+        r.wait()
+    go.set()
+    start = time.perf_counter()
+    if clients and rate:
+        gaps = np.random.default_rng(seed).exponential(1 / rate, size=int(rate * seconds * 2) + 10)
+        arrivals = start + np.cumsum(gaps)
+        times, errors = open_loop(port, small, clients, arrivals[arrivals < start + seconds])
+    elif clients:
+        times, errors = closed_loop(port, small, "/recommend", clients, start + seconds)
+    else:
+        times, errors = [], {}
+    large_times = []
+    for _ in procs:
+        got, their_errors = results.get()
+        large_times += got
+        for key, n in their_errors.items():
+            errors[key] = errors.get(key, 0) + n
+    for p in procs:
+        p.join()
+    ms = np.asarray(times or [np.nan]) * 1000
+    return {"small_requests": len(times), **{f"p{q}": float(np.percentile(ms, q)) for q in (50, 95, 99)},
+            "max": float(ms.max()), "large_requests": len(large_times),
+            "large_mean_s": float(np.mean(large_times)) if large_times else float("nan"),
+            "errors": sum(errors.values()), "error_kinds": errors}
 
 
 def median(results: list[dict]) -> dict:
@@ -116,22 +197,13 @@ def median(results: list[dict]) -> dict:
     return out
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace this script's section of `path` (between its markers), or append it."""
-    old = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + block + "\n"
-    path.write_text(new)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--export", required=True, help="an `anyo export` folder")
-    ap.add_argument("--clients", type=int, default=4, help="threads sending small /recommend requests")
-    ap.add_argument("--large-clients", type=int, default=1, help="threads sending large /recommend/batch requests")
+    ap.add_argument("--rate", type=float, default=100.0,
+                    help="small requests per second, Poisson arrivals (open loop); 0: closed loop")
+    ap.add_argument("--clients", type=int, default=4, help="connections sending small /recommend requests")
+    ap.add_argument("--large-clients", type=int, default=1, help="processes sending large /recommend/batch requests")
     ap.add_argument("--large-histories", type=int, default=1024, help="histories in one large request")
     ap.add_argument("--seconds", type=float, default=20, help="length of each phase")
     ap.add_argument("--runs", type=int, default=3, help="times the three phases are run (medians are reported)")
@@ -139,8 +211,9 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "serving.md"))
     args = ap.parse_args()
     if not 1 <= args.clients <= 64 or not 1 <= args.large_clients <= 8 or not 0 < args.seconds <= 600 \
-            or not 1 <= args.runs <= 9:
-        raise SystemExit("--clients must be 1..64, --large-clients 1..8, --seconds in (0, 600] and --runs 1..9")
+            or not 1 <= args.runs <= 9 or not 0 <= args.rate <= 10_000:
+        raise SystemExit("--clients must be 1..64, --large-clients 1..8, --seconds in (0, 600], --runs 1..9 and "
+                         "--rate 0..10,000")
     if not 1 <= args.large_histories <= 1024:
         raise SystemExit("--large-histories must be 1..1024 (the server's limit per batch request)")
     from distill.exported import load_export
@@ -155,11 +228,13 @@ def main() -> int:
     proc, port = start(args.export, shlex.split(args.serve_args))
     runs = []
     try:
-        phase(port, small, None, args.clients, 0, min(2.0, args.seconds))  # warm-up
-        for _ in range(args.runs):
-            runs.append({"alone": phase(port, small, None, args.clients, 0, args.seconds),
-                         "beside": phase(port, small, large, args.clients, args.large_clients, args.seconds),
-                         "large alone": phase(port, small, large, 0, args.large_clients, args.seconds)})
+        phase(port, small, None, args.clients, 0, min(2.0, args.seconds), args.rate, seed=-1 % 2**32)  # warm-up
+        for run in range(args.runs):   # the same arrival times alone and beside the batches
+            runs.append({"alone": phase(port, small, None, args.clients, 0, args.seconds, args.rate, run),
+                         "beside": phase(port, small, large, args.clients, args.large_clients, args.seconds,
+                                         args.rate, run),
+                         "large alone": phase(port, small, large, 0, args.large_clients, args.seconds, args.rate,
+                                              run)})
             print(json.dumps(runs[-1]), flush=True)
     finally:
         stop_server(proc)
@@ -176,17 +251,20 @@ def main() -> int:
         small_cols = (f"{r['small_requests']:,.0f} | {r['p50']:.2f} ms | {r['p95']:.2f} ms | {r['p99']:.2f} ms "
                       f"| {r['max']:.2f} ms" if r["small_requests"] else "– | – | – | – | –")
         rows.append(f"| {name} | {small_cols} | {large_col} | {r['errors']} |")
+    arrivals = (f"arriving at {args.rate:g} per second (Poisson, open loop: latency from the arrival time) over "
+                f"{args.clients} connections" if args.rate else
+                f"from {args.clients} connections, each one after another (closed loop)")
     text = "\n".join([
-        "## Small requests while large ones are in flight (`anyo serve`, micro-batched)", "",
-        f"{args.clients} threads send POST /recommend (k = 10) one after another for {args.seconds:g} s; then the "
-        f"same beside POST /recommend/batch requests; then those alone. Each figure is the median of "
+        BEGIN, "## Small requests while large ones are in flight (`anyo serve`, micro-batched)", "",
+        f"POST /recommend (k = 10) {arrivals} for {args.seconds:g} s; then the same beside POST /recommend/batch "
+        f"requests from {args.large_clients} process(es); then those alone. Each figure is the median of "
         f"{args.runs} run(s) (errors: the total). Server: `anyo serve {args.serve_args or '(defaults)'}`, "
         f"model `{exp.manifest['model']}`, {exp.n_items:,} items. Load average (1/5/15 min) "
         f"{'/'.join(f'{x:.1f}' for x in load0)} at the start, {'/'.join(f'{x:.1f}' for x in load1)} at the end, "
         f"{os.cpu_count()} cores shared with the clients and other jobs. ({tag})", "",
         "| phase | small requests answered | p50 | p95 | p99 | max | large requests answered | errors |",
-        "|---|---|---|---|---|---|---|---|", *rows])
-    write_section(Path(args.out), text)
+        "|---|---|---|---|---|---|---|---|", *rows, END])
+    write_section(Path(args.out), text, BEGIN, END)
     print(f"wrote {args.out}")
     return 0
 

@@ -132,6 +132,7 @@ def test_serve_mixed(tiny_run, tmp_path):
     out = tmp_path / "serving.md"
     out.write_text("# Serving benchmark\n\nkept\n")
     bench("serve_mixed.py", "--export", export, "--clients", 2, "--seconds", 1, "--runs", 1, "--large-histories", 32,
+          "--rate", 50,
           "--serve-args", "--piece-histories 8", "--out", out)
     text = out.read_text()
     assert text.startswith("# Serving benchmark\n\nkept\n") and text.count("Small requests while large") == 1
@@ -140,7 +141,7 @@ def test_serve_mixed(tiny_run, tmp_path):
     spec = importlib.util.spec_from_file_location("serve_mixed", ROOT / "benchmarks" / "serve_mixed.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.write_section(out, "newer figures")  # a rerun replaces its own section, and only that
+    module.write_section(out, f"{module.BEGIN}\nnewer figures\n{module.END}", module.BEGIN, module.END)
     assert out.read_text() == "# Serving benchmark\n\nkept\n\n" + module.BEGIN + "\nnewer figures\n" + module.END + "\n"
 
 
