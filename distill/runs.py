@@ -229,8 +229,10 @@ def distill_inputs(recipe: Recipe, run: Path, split: Split, seed: int, cache: Pa
 
 def cf_control_recipe(recipe: Recipe) -> Recipe:
     """The recipe the CF-only control distils with: the recipe's own, less what only a teacher with a text item
-    side can give (`distill.cold_init`); the control is what the same distillation gives without any LLM."""
-    return dataclasses.replace(recipe, distill=dataclasses.replace(recipe.distill, cold_init=False))
+    side can give (`distill.cold_init`, the text tower `distill.ced_text_rows`: CED then reads the CF model's
+    item table); the control is what the same distillation gives without any LLM."""
+    return dataclasses.replace(recipe, distill=dataclasses.replace(recipe.distill, cold_init=False,
+                                                                   ced_text_rows="none"))
 
 
 def external_teacher_inputs(recipe: Recipe, run: Path, split: Split, seed: int) -> dict:

@@ -1,6 +1,7 @@
 """The CF-only teacher as a standing control: a w = 1 cache from the CF model alone, distilled as the LLM's."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -8,7 +9,8 @@ from safetensors.numpy import load_file
 
 from distill.cache import TeacherCache
 from distill.data import load_split
-from distill.runs import CF_CACHE, CF_DISTILLED
+from distill.config import load_recipe
+from distill.runs import CF_CACHE, CF_DISTILLED, cf_control_recipe
 from distill.stages import distill as distill_stage
 
 
@@ -58,3 +60,15 @@ def test_run_reports_the_cf_only_control(tiny_run):
     assert "llm_vs_cf_teacher (distilled student minus distilled from the CF model alone)" in md
     assert "| distilled from the CF model alone | 1 |" in md and "The teacher was trained once" in md
     assert "The LLM's own share" in md
+
+
+def test_every_shipped_recipe_has_a_control_the_cf_only_cache_accepts():
+    """The control keeps the recipe's loss but drops what needs the teacher's text item side (cold_init, the
+    text tower): `anyo run recipes/textdecides.yaml` once stopped with exit 2 at the control."""
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    assert any(load_recipe(r).distill.ced_text_rows != "none" for r in recipes)   # the case is shipped
+    for path in recipes:
+        recipe = load_recipe(path)
+        control = cf_control_recipe(recipe).distill
+        assert (control.cold_init, control.ced_text_rows) == (False, "none"), path.name
+        assert control.ced_weight == recipe.distill.ced_weight and control.kd_weight == recipe.distill.kd_weight
