@@ -104,17 +104,13 @@ def sender(port: int, path: str, errors: dict, lock: threading.Lock):
     return send
 
 
-def closed_loop(port: int, bodies: list[bytes], path: str, clients: int, until: float) -> tuple[list, dict]:
-    """`clients` connections, each sending its next body as soon as the last is answered, until `until`."""
+def on_connections(port: int, path: str, clients: int, work) -> tuple[list, dict]:
+    """`work(send, i) -> latencies` on each of `clients` keep-alive connections at once (threads): every latency,
+    and the errors counted."""
     lock, errors, times = threading.Lock(), {}, []
 
-    def run(offset: int) -> None:
-        send, n, mine = sender(port, path, errors, lock), offset, []
-        while time.perf_counter() < until:
-            dt = send(bodies[n % len(bodies)])
-            n += clients
-            if dt is not None:
-                mine.append(dt)
+    def run(i: int) -> None:
+        mine = work(sender(port, path, errors, lock), i)
         with lock:
             times.extend(mine)
     threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
@@ -125,27 +121,34 @@ def closed_loop(port: int, bodies: list[bytes], path: str, clients: int, until: 
     return times, errors
 
 
+def closed_loop(port: int, bodies: list[bytes], path: str, clients: int, until: float) -> tuple[list, dict]:
+    """`clients` connections, each sending its next body as soon as the last is answered, until `until`."""
+    def work(send, n: int) -> list[float]:
+        mine = []
+        while time.perf_counter() < until:
+            dt = send(bodies[n % len(bodies)])
+            n += clients
+            if dt is not None:
+                mine.append(dt)
+        return mine
+    return on_connections(port, path, clients, work)
+
+
 def open_loop(port: int, bodies: list[bytes], clients: int, arrivals: np.ndarray) -> tuple[list, dict]:
     """Request n is due at `arrivals[n]` (perf_counter seconds); `clients` connections take them in turn, and
     a request's latency is from when it was due to its answer."""
-    lock, errors, times, next_one = threading.Lock(), {}, [], iter(range(len(arrivals)))
+    next_one = iter(range(len(arrivals)))
 
-    def run() -> None:
-        send, mine = sender(port, "/recommend", errors, lock), []
+    def work(send, _) -> list[float]:
+        mine = []
         while (n := next(next_one, None)) is not None:   # next() on a shared iterator is atomic under the GIL
             wait = arrivals[n] - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)
             if send(bodies[n % len(bodies)]) is not None:
                 mine.append(time.perf_counter() - arrivals[n])
-        with lock:
-            times.extend(mine)
-    threads = [threading.Thread(target=run) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return times, errors
+        return mine
+    return on_connections(port, "/recommend", clients, work)
 
 
 def large_client(port: int, body: bytes, seconds: float, ready, go, out) -> None:
