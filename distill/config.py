@@ -132,6 +132,12 @@ class TeacherConfig(Section):
                               "(the same cached states as the item side): a first-order text query beside the "
                               "prompt's pooled state, trained without backpropagating through the backbone "
                               "(item_side text or both).", False)
+    inject_layer: int = option("The decoder layer the CF items enter at the [HistoryEmb] slots: 0 = the input "
+                               "embeddings (LLaRA, iLoRA). k > 0: the layers below k read the prompt's text alone "
+                               "(a slot is a pad token there), are frozen and carry no LoRA, so per_slot training "
+                               "computes their states once per window and a step runs only the L - k layers above; "
+                               "the projected CF items replace the slot states entering layer k (teacher/decoder.py).",
+                               0, min=0)
     train_item_table: bool = option("Train the item table (initialised from the CF model); false keeps the CF "
                                     "item space fixed, so the LLM only learns to place queries in it.", True)
     lora_r: int = option("LoRA rank (split into num_experts slices for moe_lora).", 8, min=1)
@@ -200,6 +206,8 @@ class TeacherConfig(Section):
                  f"must be a non-empty list of numbers in [0, 1], got {self.cf_weights!r}")
         for i, m in enumerate(self.target_modules):
             require(bool(m.strip()), f"teacher.target_modules[{i}]", "must not be empty")
+        require(self.num_layers is None or self.inject_layer < self.num_layers, "teacher.inject_layer",
+                f"must be below teacher.num_layers ({self.num_layers}), got {self.inject_layer}")
         require(self.item_side != "cf" or not self.text_query, "teacher.text_query",
                  "needs teacher.item_side text or both (it reads the item text states)")
 

@@ -39,7 +39,7 @@ def wrap_backend(model: TeacherRetriever, backend: str) -> TeacherRetriever:
 
     on_gpu = get_accelerator().device_name() == "cuda"
     dtype = next(model.backbone.parameters()).dtype
-    inject = on_gpu and model.gate is None
+    inject = on_gpu and model.gate is None and not model.cfg.inject_layer
     if inject:
         # plain LoRA can be merged into the weights, which lets DeepSpeed inject its fused kernels
         model.backbone = model.backbone.merge_and_unload()
@@ -48,7 +48,7 @@ def wrap_backend(model: TeacherRetriever, backend: str) -> TeacherRetriever:
     if on_gpu:
         model.to(get_accelerator().device_name())
     model.kernel_injection = {"used": inject, "why": "fused kernels injected (plain LoRA merged into the weights)"
-                              if inject else NO_INJECTION["cpu" if not on_gpu else "moe"]}
+                              if inject else NO_INJECTION["cpu" if not on_gpu else "moe" if model.gate else "split"]}
     return model
 
 
@@ -57,6 +57,8 @@ NO_INJECTION = {
            "transformers modules, so the guard compares like with like",
     "moe": "not exercised: the MoE-LoRA gate mixes each prompt's experts inside the LoRA layers, which fused "
            "kernels would replace (only plain LoRA can be merged first); init_inference runs the transformers modules",
+    "split": "not exercised: teacher.inject_layer runs the decoder's layers in two ranges around the injection, "
+             "which fused kernels would replace; init_inference runs the transformers modules",
 }
 
 

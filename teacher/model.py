@@ -12,6 +12,11 @@ The CF model is the student-alone SASRec (frozen): its item embeddings feed the
 [HistoryEmb] slots and initialise the item table, its sequence representation
 drives the MoE-LoRA gate and is the CF query q_CF.
 
+With teacher.inject_layer k > 0 the CF items enter at layer k instead of the input: layers [0, k) read the
+prompt's text alone (a pad token at each slot), frozen and without LoRA, and the projected items replace the
+slot states entering layer k (teacher/decoder.py); per_slot training caches those lower states per window
+(`LowerStates`), so a step runs L - k layers.
+
 With teacher.examples per_slot the prompt has no query text and h_last is the state at the last
 [HistoryEmb] slot; the gate is set per token, from the CF model's user vector of the history up to the
 latest slot at or before that token (zero before the first slot), so one causal pass over a window
@@ -38,6 +43,7 @@ from distill.histories import Histories, within
 from distill.search import ItemIndex, ranking_exclusions
 from student.model import SASRec
 from teacher.backbone import load_backbone
+from teacher.decoder import check_splittable, run_layers
 from teacher.item_text import item_parts, item_states
 from teacher.prompt import PromptBatch, PromptBuilder
 from teacher.slots import SlotModel, attach_adapter, moe_gate
@@ -91,6 +97,8 @@ class TeacherRetriever(SlotModel):
         self.text_query = nn.Linear(H, self.out_projector.out_features, bias=False) if cfg.text_query else None
         self.gate = moe_gate(backbone, d_cf, cfg)
         self._index: ItemIndex | None = None
+        if cfg.inject_layer:
+            check_splittable(backbone, cfg.inject_layer)
 
     # ------------------------------------------------------------ forward
     def input_embeddings(self, batch: PromptBatch) -> torch.Tensor:
@@ -98,6 +106,14 @@ class TeacherRetriever(SlotModel):
         decoder = getattr(self.backbone, "module", self.backbone)  # unwrap a DeepSpeed InferenceEngine
         return self.slot_embeddings(decoder.get_input_embeddings(), batch.input_ids, batch.history_items,
                                     self.prompts.pad_id)
+
+    @torch.no_grad()
+    def lower_states(self, batch: PromptBatch) -> torch.Tensor:
+        """teacher.inject_layer k: (B, T, H) the stream entering layer k from the prompt's text alone (the layers
+        below k are frozen and carry no LoRA, so these depend on the tokens only and can be cached)."""
+        decoder = getattr(self.backbone, "module", self.backbone)
+        x = decoder.get_input_embeddings()(batch.input_ids.masked_fill(batch.history_items > 0, self.prompts.pad_id))
+        return run_layers(self.backbone, x, batch.attention_mask, positions(batch), 0, self.cfg.inject_layer)
 
     @property
     def device(self) -> torch.device:
@@ -113,14 +129,21 @@ class TeacherRetriever(SlotModel):
     def item_parts(self) -> dict[str, list[int]]:
         return item_parts(self.cfg.item_side, self.item_table.shape[1])
 
-    def decode(self, batch: PromptBatch, gate_repr: torch.Tensor) -> torch.Tensor:
+    def decode(self, batch: PromptBatch, gate_repr: torch.Tensor, lower: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, H) last hidden states of the prompts, the MoE-LoRA gate set from `gate_repr`: (B, D) CF
-        representations, one per prompt, or (B, T, D), one per token (teacher.examples: per_slot)."""
+        representations, one per prompt, or (B, T, D), one per token (teacher.examples: per_slot). With
+        teacher.inject_layer, `lower` is the batch's `lower_states` when cached (computed here otherwise)."""
+        k = self.cfg.inject_layer
+        if k:
+            lower = self.lower_states(batch) if lower is None else lower
+            is_slot = (batch.history_items > 0).unsqueeze(-1)
+            x = torch.where(is_slot, self.in_projector(self.cf.item_emb(batch.history_items)).to(lower.dtype), lower)
+            with self.gated(gate_repr):
+                return run_layers(self.backbone, x, batch.attention_mask, positions(batch), k)
         x = self.input_embeddings(batch)
-        position_ids = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)   # padding-side independent
         with self.gated(gate_repr):
             return self.backbone(inputs_embeds=x, attention_mask=batch.attention_mask,
-                                 position_ids=position_ids).last_hidden_state
+                                 position_ids=positions(batch)).last_hidden_state
 
     def head(self, pooled: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """(S, H) pooled states and (S,) the item of each one's last slot -> (S, D) q_LLM (or (S, 2D))."""
@@ -148,13 +171,14 @@ class TeacherRetriever(SlotModel):
         table = torch.cat([slot_states.new_zeros(1, slot_states.shape[1]), slot_states])
         return table[torch.where(latest >= 0, first[:, None] + latest + 1, 0)]
 
-    def slot_queries(self, windows: Histories, slot_states: torch.Tensor) -> torch.Tensor:
+    def slot_queries(self, windows: Histories, slot_states: torch.Tensor, lower: torch.Tensor | None = None
+                     ) -> torch.Tensor:
         """teacher.examples per_slot: one causal pass over each window's prompt (instruction, then one
         [HistoryEmb] slot per item) -> (S, D) q_LLM at every slot, row-major; `slot_states` (S, D) are the CF
-        model's states at those slots (`cf_slot_states`). The query at a slot is what `query` gives for the
-        window cut after that slot."""
+        model's states at those slots (`cf_slot_states`), `lower` the windows' cached `LowerStates`. The query at
+        a slot is what `query` gives for the window cut after that slot."""
         batch = self.prompts(windows, "right").to(self.device)
-        h = self.decode(batch, self.token_states(batch.history_items, slot_states))
+        h = self.decode(batch, self.token_states(batch.history_items, slot_states), lower)
         is_slot = batch.history_items > 0
         return self.head(h[is_slot], batch.history_items[is_slot])
 
@@ -235,6 +259,36 @@ class TeacherRetriever(SlotModel):
     # heads_state() (SlotModel): everything trained outside peft: projectors, gate, item table, CF weight
 
 
+def positions(batch: PromptBatch) -> torch.Tensor:
+    """(B, T) position ids counted over the real tokens, so a prompt's states do not depend on its padding side."""
+    return (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
+class LowerStates:
+    """teacher.inject_layer k, per_slot training: the stream entering layer k of every training window's prompt
+    (right-padded, as `slot_queries` builds it), computed once, so a training step runs only layers [k, L)."""
+
+    def __init__(self, model: TeacherRetriever, windows: Histories, batch_size: int):
+        lengths = model.prompts.lengths(windows)
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.lengths = lengths
+        self.flat = torch.empty(int(lengths.sum()), model.backbone.config.hidden_size,
+                                dtype=next(model.backbone.parameters()).dtype)   # (tokens, H), window after window
+        for lo in range(0, len(windows), batch_size):
+            rows = np.arange(lo, min(lo + batch_size, len(windows)))
+            h = model.lower_states(model.prompts(windows.take(rows), "right").to(model.device)).cpu()
+            mask = torch.arange(h.shape[1])[None] < torch.from_numpy(lengths[rows])[:, None]
+            self.flat[self.offsets[lo]:self.offsets[rows[-1] + 1]] = h[mask]
+
+    def take(self, rows: np.ndarray, device) -> torch.Tensor:
+        """(B, T, H) the states of windows `rows`, right-padded to the longest (zeros under the padding)."""
+        n = self.lengths[rows]
+        t = np.arange(n.max())
+        index = torch.from_numpy(self.offsets[rows][:, None] + np.minimum(t, n[:, None] - 1))      # (B, T)
+        pad = torch.from_numpy(t[None] < n[:, None]).unsqueeze(-1)
+        return (self.flat[index] * pad).to(device)
+
+
 def last_items(history_items: torch.Tensor) -> torch.Tensor:
     """(B,) the last [HistoryEmb] item of each prompt (0, the padding row, for an empty history)."""
     slot = torch.arange(history_items.shape[1], device=history_items.device).expand_as(history_items)
@@ -248,6 +302,7 @@ def build_teacher(cfg: TeacherConfig, cf: SASRec, titles: list[str], adapter_dir
     texts) feed a text item side."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone, tokenizer, source = load_backbone(cfg.model, cfg.num_layers, cfg.dtype)
-    backbone = attach_adapter(backbone, cfg, adapter_dir, trainable).to(device)  # text states are computed there
+    above = list(range(cfg.inject_layer, backbone.config.num_hidden_layers)) if cfg.inject_layer else None
+    backbone = attach_adapter(backbone, cfg, adapter_dir, trainable, layers=above).to(device)  # text states: there
     states = item_states(cfg, backbone, tokenizer, source, texts) if cfg.item_side != "cf" and texts else None
     return TeacherRetriever(backbone, tokenizer, cf, titles, cfg, states).to(device)

@@ -36,14 +36,15 @@ def moe_gate(peft_model: nn.Module, d_cf: int, cfg: TeacherConfig) -> ExpertGate
 
 
 def attach_adapter(backbone: nn.Module, cfg: TeacherConfig, adapter_dir: Path | None = None,
-                   trainable: bool = True) -> nn.Module:
-    """Wrap `backbone` in peft: a fresh LoRA from cfg's lora_* settings, or the adapter read from `adapter_dir`.
-    Shared by the dense teacher and the generative baseline (teacher/generative.py)."""
+                   trainable: bool = True, layers: list[int] | None = None) -> nn.Module:
+    """Wrap `backbone` in peft: a fresh LoRA from cfg's lora_* settings on `layers` (None: every layer), or the
+    adapter read from `adapter_dir`. Shared by the dense teacher and the generative baseline (teacher/generative.py)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter_dir is None:
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=list(cfg.target_modules), bias="none")
+                          target_modules=list(cfg.target_modules), bias="none", layers_to_transform=layers,
+                          layers_pattern="layers" if layers is not None else None)
         try:
             backbone = get_peft_model(backbone, lora)
         except ValueError as e:

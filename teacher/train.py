@@ -30,7 +30,7 @@ from distill.optimisers import llm_optimiser, strategy_name
 from distill.trainer import StepOutput, Trainer, TrainerConfig
 from student.model import SASRec
 from teacher.checkpoint import save_teacher
-from teacher.model import TeacherRetriever, blend_queries, build_teacher
+from teacher.model import LowerStates, TeacherRetriever, blend_queries, build_teacher
 
 
 def teacher_loss(recipe: Recipe, split: Split) -> SoftmaxLoss:
@@ -70,6 +70,8 @@ class TeacherTask:
         if self.cfg.examples == "per_slot":   # every training position once per epoch, max_history to a window
             self.windows = training_windows(split.history("train"), self.cfg.max_history)
             self.n_prompts = len(self.windows.users)                   # one prompt per window
+            self.lower = LowerStates(model, self.window_items(np.arange(self.n_prompts)), self.cfg.eval_batch_size) \
+                if self.cfg.inject_layer else None
         else:
             self.users, self.positions = training_positions(split)
             self.n_prompts = min(self.cfg.examples_per_epoch, len(self.users))
@@ -97,15 +99,20 @@ class TeacherTask:
     def step(self, rows: np.ndarray) -> StepOutput:
         return self.slot_step(rows) if self.cfg.examples == "per_slot" else self.pooled_step(rows)
 
+    def window_items(self, rows: np.ndarray) -> Histories:
+        """The items of windows `rows` (stored left-padded), one history each."""
+        valid = self.windows.positions[rows] >= 0
+        return Histories(self.windows.inputs[rows][valid], np.concatenate([[0], np.cumsum(valid.sum(1))]))
+
     def slot_step(self, rows: np.ndarray) -> StepOutput:
         """Windows `rows`: one causal pass each, an example at every slot (its next item)."""
         w = self.windows
-        inputs, t = w.inputs[rows], w.positions[rows]
-        valid = t >= 0                                                            # left-padded windows
-        counts = valid.sum(1)
-        windows = Histories(inputs[valid], np.concatenate([[0], np.cumsum(counts)]))
-        states = self.model.cf_slot_states(self.split.sequences, np.repeat(w.users[rows], counts), t[valid])
-        q = self.model.slot_queries(windows, states)                              # (S, D) q_LLM
+        t = w.positions[rows]
+        valid = t >= 0
+        windows = self.window_items(rows)
+        states = self.model.cf_slot_states(self.split.sequences, np.repeat(w.users[rows], valid.sum(1)), t[valid])
+        lower = None if self.lower is None else self.lower.take(rows, self.model.device)
+        q = self.model.slot_queries(windows, states, lower)                       # (S, D) q_LLM
         targets = torch.from_numpy(w.targets[rows][valid]).to(q.device)
         loss = self.loss(LossInputs(q, targets, self.model.items()))
         return StepOutput(loss, len(targets), int(self.model.prompts.lengths(windows).sum()))

@@ -85,8 +85,9 @@ def test_per_token_gates_vary_along_the_prompt(tiny_recipe, split, cf):
         assert not tok[b, :first[b]].any()                                    # the instruction reads no item
 
 
+@pytest.mark.parametrize("inject_layer", [0, 1])
 def test_per_slot_training_reads_every_training_position_and_its_cache_reproduces_validation(
-        tmp_path, toy_data, tiny_llama, split):
+        tmp_path, toy_data, tiny_llama, split, inject_layer):
     """`anyo teacher train` with teacher.examples=per_slot through the one trainer, then `anyo teacher infer`:
     every epoch reads each training position once, the epoch kept is the LLM alone's best (teacher.select llm),
     and the cache (which must reproduce the teacher's recorded
@@ -100,7 +101,7 @@ def test_per_slot_training_reads_every_training_position_and_its_cache_reproduce
     run = tmp_path / "run"
     args = ["--out", str(run)] + sets(tiny_recipe_overrides(toy_data, tiny_llama) + [
         "teacher.examples=per_slot", "teacher.use_titles=true", "teacher.max_title_tokens=2", "teacher.epochs=3",
-        "teacher.patience=3", "teacher.select=llm"])
+        "teacher.patience=3", "teacher.select=llm", f"teacher.inject_layer={inject_layer}"])
     assert main(["student", "train", RECIPE] + args) == 0
     assert main(["teacher", "train", RECIPE] + args) == 0
     record = json.loads((run / "teacher" / "metrics.json").read_text())
