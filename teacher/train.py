@@ -12,6 +12,7 @@ at the end.
 from __future__ import annotations
 
 import resource
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,8 +71,7 @@ class TeacherTask:
         if self.cfg.examples == "per_slot":   # every training position once per epoch, max_history to a window
             self.windows = training_windows(split.history("train"), self.cfg.max_history)
             self.n_prompts = len(self.windows.users)                   # one prompt per window
-            self.lower = LowerStates(model, self.window_items(np.arange(self.n_prompts)), self.cfg.eval_batch_size) \
-                if self.cfg.inject_layer else None
+            self.lower = self.cache_lower_states() if self.cfg.inject_layer else None
         else:
             self.users, self.positions = training_positions(split)
             self.n_prompts = min(self.cfg.examples_per_epoch, len(self.users))
@@ -98,6 +98,13 @@ class TeacherTask:
 
     def step(self, rows: np.ndarray) -> StepOutput:
         return self.slot_step(rows) if self.cfg.examples == "per_slot" else self.pooled_step(rows)
+
+    def cache_lower_states(self) -> LowerStates:
+        t0 = time.perf_counter()
+        lower = LowerStates(self.model, self.window_items(np.arange(self.n_prompts)), self.cfg.eval_batch_size)
+        print(f"teacher: the text-only states entering layer {self.cfg.inject_layer} of {self.n_prompts} windows "
+              f"({lower.flat.numel() * lower.flat.element_size() / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s")
+        return lower
 
     def window_items(self, rows: np.ndarray) -> Histories:
         """The items of windows `rows` (stored left-padded), one history each."""
