@@ -33,6 +33,8 @@ def test_every_shipped_recipe_loads(path):
     ("teacher.examples=stacked", "teacher.examples: must be pooled or per_slot"),
     ("teacher.minutes=0", "teacher.minutes: must be > 0"),
     ("teacher.select=best", "teacher.select: must be blend or llm"),
+    ("teacher.inject_layer=4", r"teacher.inject_layer: must be below teacher.num_layers \(4\)"),
+    ("teacher.inject_layer=-1", "teacher.inject_layer"),
 ])
 def test_bad_recipes_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):

@@ -74,3 +74,11 @@ def test_an_injection_layer_the_decoder_does_not_have_is_refused_at_construction
     cfg = dataclasses.replace(tiny_recipe.teacher, inject_layer=k)        # the tiny Llama has 2 layers
     with pytest.raises(ConfigError, match="teacher.inject_layer"):
         build_teacher(cfg, cf, split.titles, texts=split.texts)
+
+
+def test_deepspeed_inference_of_a_teacher_with_injection_passes_the_guard(tmp_path, tiny_recipe, split, cf):
+    from teacher.infer import run_inference
+    t = per_slot_teacher(tiny_recipe, split, cf, inject_layer=1, use_titles=True)
+    g = run_inference(tiny_recipe, split, t, "t", tmp_path / "teacher_cache", "deepspeed")["guard"]
+    assert g["checked"] is True and g["top10_identical"] == 1.0 and g["max_rel_diff"] <= 1e-4
+    assert g["kernel_injection"]["used"] is False
