@@ -82,3 +82,11 @@ def test_deepspeed_inference_of_a_teacher_with_injection_passes_the_guard(tmp_pa
     g = run_inference(tiny_recipe, split, t, "t", tmp_path / "teacher_cache", "deepspeed")["guard"]
     assert g["checked"] is True and g["top10_identical"] == 1.0 and g["max_rel_diff"] <= 1e-4
     assert g["kernel_injection"]["used"] is False
+
+
+def test_a_lower_state_cache_larger_than_memory_is_refused_before_it_is_built(tiny_recipe, split, cf, monkeypatch):
+    import teacher.model
+    t = per_slot_teacher(tiny_recipe, split, cf, inject_layer=1)
+    monkeypatch.setattr(teacher.model, "available_memory", lambda device: 1000)
+    with pytest.raises(ConfigError, match=r"teacher.inject_layer: caching the states entering layer 1 of 5 training"):
+        LowerStates(t, windows(split), batch_size=2)
