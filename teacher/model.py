@@ -112,8 +112,9 @@ class TeacherRetriever(SlotModel):
     def lower_states(self, batch: PromptBatch) -> torch.Tensor:
         """teacher.inject_layer k: (B, T, H) the stream entering layer k from the prompt's text alone (the layers
         below k are frozen and carry no LoRA, so these depend on the tokens only and can be cached)."""
-        decoder = getattr(self.backbone, "module", self.backbone)
-        x = decoder.get_input_embeddings()(batch.input_ids.masked_fill(batch.history_items > 0, self.prompts.pad_id))
+        decoder = getattr(self.backbone, "module", self.backbone)  # unwrap a DeepSpeed InferenceEngine
+        x = self.text_embeddings(decoder.get_input_embeddings(), batch.input_ids, batch.history_items,
+                                 self.prompts.pad_id)
         return run_layers(self.backbone, x, batch.attention_mask, positions(batch), 0, self.cfg.inject_layer)
 
     @property
@@ -136,9 +137,7 @@ class TeacherRetriever(SlotModel):
         teacher.inject_layer, `lower` is the batch's `lower_states` when cached (computed here otherwise)."""
         k = self.cfg.inject_layer
         if k:
-            lower = self.lower_states(batch) if lower is None else lower
-            is_slot = (batch.history_items > 0).unsqueeze(-1)
-            x = torch.where(is_slot, self.in_projector(self.cf.item_emb(batch.history_items)).to(lower.dtype), lower)
+            x = self.with_items(self.lower_states(batch) if lower is None else lower, batch.history_items)
             with self.gated(gate_repr):
                 return run_layers(self.backbone, x, batch.attention_mask, positions(batch), k)
         x = self.input_embeddings(batch)

@@ -77,10 +77,19 @@ class SlotModel(nn.Module):
     def slot_embeddings(self, embed: nn.Module, input_ids: torch.Tensor, slot_items: torch.Tensor,
                         pad_id: int) -> torch.Tensor:
         """(B, T, H): `embed`'s token embeddings, with CF-projected items where `slot_items` (B, T) is > 0."""
-        is_slot = slot_items > 0
-        tokens = embed(input_ids.masked_fill(is_slot, pad_id))
+        return self.with_items(self.text_embeddings(embed, input_ids, slot_items, pad_id), slot_items)
+
+    @staticmethod
+    def text_embeddings(embed: nn.Module, input_ids: torch.Tensor, slot_items: torch.Tensor,
+                        pad_id: int) -> torch.Tensor:
+        """(B, T, H): `embed`'s token embeddings, the pad token's where `slot_items` (B, T) is > 0."""
+        return embed(input_ids.masked_fill(slot_items > 0, pad_id))
+
+    def with_items(self, x: torch.Tensor, slot_items: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) `x` (token embeddings, or the stream entering layer teacher.inject_layer) with CF-projected
+        items where `slot_items` (B, T) is > 0."""
         items = self.in_projector(self.cf.item_emb(slot_items))
-        return torch.where(is_slot.unsqueeze(-1), items.to(tokens.dtype), tokens)
+        return torch.where((slot_items > 0).unsqueeze(-1), items.to(x.dtype), x)
 
     def set_gate(self, cf_repr: torch.Tensor | None) -> None:
         """The gate of the next forward from (B, D) CF representations; None turns it off."""
