@@ -24,11 +24,14 @@ def available_memory(device: torch.device | str = "cpu") -> int:
     return psutil.virtual_memory().available
 
 
-def require_memory(need: int, what: str, setting: str, device: torch.device | str = "cpu") -> None:
+def require_memory(need: int, what: str, setting: str, device: torch.device | str = "cpu",
+                   fix: str | None = None) -> None:
+    """ConfigError naming `setting` unless `need` bytes fit in 90% of what `device` has; `fix` says what to
+    change (default: lower `setting`)."""
     have = available_memory(device)
     if need > 0.9 * have:
         raise ConfigError(f"{setting}: {what} needs about {need / 2**30:.1f} GiB but only {have / 2**30:.1f} GiB "
-                          f"is available on {torch.device(device).type}; lower {setting}")
+                          f"is available on {torch.device(device).type}; {fix or f'lower {setting}'}")
 
 
 def student_step_bytes(batch: int, max_len: int, scored_items: int, hidden: int, layers: int) -> int:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from distill.config import TeacherConfig
 from distill.errors import ConfigError
 from distill.histories import Histories, within
-from distill.resources import available_memory
+from distill.resources import require_memory
 from distill.search import ItemIndex, ranking_exclusions
 from student.model import SASRec
 from teacher.backbone import load_backbone
@@ -273,11 +273,9 @@ class LowerStates:
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])
         self.lengths = lengths
         dtype, H = next(model.backbone.parameters()).dtype, model.backbone.config.hidden_size
-        need, have = int(lengths.sum()) * H * dtype.itemsize, available_memory("cpu")
-        if need > 0.9 * have:
-            raise ConfigError(f"teacher.inject_layer: caching the states entering layer {model.cfg.inject_layer} of "
-                              f"{len(windows)} training windows needs about {need / 2**30:.1f} GiB but only "
-                              f"{have / 2**30:.1f} GiB is available; set it to 0 or lower teacher.max_title_tokens")
+        require_memory(int(lengths.sum()) * H * dtype.itemsize, f"caching the states entering layer "
+                       f"{model.cfg.inject_layer} of {len(windows)} training windows", "teacher.inject_layer",
+                       fix="set it to 0 or lower teacher.max_title_tokens")
         self.flat = torch.empty(int(lengths.sum()), H, dtype=dtype)             # (tokens, H), window after window
         for lo in range(0, len(windows), batch_size):
             rows = np.arange(lo, min(lo + batch_size, len(windows)))

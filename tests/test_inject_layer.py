@@ -85,8 +85,8 @@ def test_deepspeed_inference_of_a_teacher_with_injection_passes_the_guard(tmp_pa
 
 
 def test_a_lower_state_cache_larger_than_memory_is_refused_before_it_is_built(tiny_recipe, split, cf, monkeypatch):
-    import teacher.model
+    import distill.resources
     t = per_slot_teacher(tiny_recipe, split, cf, inject_layer=1)
-    monkeypatch.setattr(teacher.model, "available_memory", lambda device: 1000)
+    monkeypatch.setattr(distill.resources, "available_memory", lambda device: 1000)
     with pytest.raises(ConfigError, match=r"teacher.inject_layer: caching the states entering layer 1 of 5 training"):
         LowerStates(t, windows(split), batch_size=2)
