@@ -120,7 +120,7 @@ class TeacherConfig(Section):
     item_side: str = option("What an item's vector is made of: `cf` (the CF item table), `text` (its text alone: the "
                             "frozen backbone's mean states of the item text, data.columns.text, through a trained "
                             "head; the LLM's query scores only that part, so a cold item is found through its text) "
-                            "or `both` (the LLM's query scores the CF row and the text part; the text head starts at 0). "
+                            "or `both` (the LLM's query scores the CF row and the text part). "
                             "With text the vectors are [CF ; text] and the CF query scores only the CF part, so at "
                             "w = 1 the blend is the CF retriever exactly (teacher/item_text.py).", "cf",
                             choices=("cf", "text", "both"))
@@ -128,10 +128,10 @@ class TeacherConfig(Section):
                              "teacher.num_layers) or `full` (every layer of teacher.model); the states are computed "
                              "once and cached by a hash of their inputs.", "query", choices=("query", "full"))
     max_text_tokens: int = option("Item texts are cut to this many tokens (item_side text/both).", 32, min=1)
-    text_query: bool = option("Add to the LLM's query a trained projection of the last history item's text state "
-                              "(the same cached states as the item side): a first-order text query beside the "
-                              "prompt's pooled state, trained without backpropagating through the backbone "
-                              "(item_side text or both).", False)
+    text_query: bool = option("Add to the LLM's query the last history item's own text vector (the item side's text "
+                              "head, tied): a first-order text query beside the prompt's pooled state that scores "
+                              "items with a text like the last one high from the start (item_side text or both).",
+                              False)
     inject_layer: int = option("The decoder layer the CF items enter at the [HistoryEmb] slots: 0 = the input "
                                "embeddings (LLaRA, iLoRA). k > 0: the layers below k read the prompt's text alone "
                                "(a slot is a pad token there), are frozen and carry no LoRA, so per_slot training "

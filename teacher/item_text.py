@@ -2,7 +2,12 @@
 
     item text ──tokenize──> frozen backbone (adapters off; depth: the query side's cut or the whole model)
               ──mean over the text's tokens──> state (H) ──standardise over the catalogue──> s_i (H)
-    v_i = text_head(s_i)                                         (D)    trained with the teacher
+    v_i = TextHead(s_i) = g * normalise(W s_i)                   (D)    trained with the teacher
+
+W starts at the catalogue states' top-D principal directions, so before any training v_i . v_j is g^2 times
+the cosine of two texts in that subspace: texts that share words ("Vorlan Drift", "Vorlan Drift 2") already
+score high. With teacher.text_query the query adds the last history item's own v (the same head, tied, as an
+HLLM item tower feeds its user tower), so the first-order "an item like the last one" needs no training.
 
 The states are computed once per (backbone, depth, texts, token budget) and kept under
 $ANYO_CACHE/item_states/HASH.safetensors, HASH being of exactly those inputs, so every stage of a run
@@ -25,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from distill.artifacts import atomic_file
@@ -71,6 +77,27 @@ def standardise(states: torch.Tensor) -> torch.Tensor:
         return states
     mu, sd = states[has].mean(0), states[has].std(0).clamp(min=1e-6)                 # (H,)
     return torch.where(has[:, None], (states - mu) / sd, torch.zeros_like(states))
+
+
+class TextHead(nn.Module):
+    """(..., H) standardised text states -> (..., D) item vectors g * normalise(W s); a state of 0 (no text,
+    padding) gives 0."""
+
+    def __init__(self, states: torch.Tensor, dim: int, gain: float = 3.0):
+        super().__init__()
+        self.proj = nn.Linear(states.shape[1], dim, bias=False)                 # W (D, H)
+        # the scores g^2 cos start within a softmax's working range (9 for identical texts): a random W made
+        # the first scores huge, a W of 0 makes a tied query's gradient 0
+        self.gain = nn.Parameter(torch.tensor(gain))
+        with torch.no_grad():
+            has = states.abs().sum(1) > 0
+            _, _, vt = torch.linalg.svd(states[has].double(), full_matrices=False)   # (r, H), r <= items
+            self.proj.weight.zero_()
+            r = min(dim, vt.shape[0])
+            self.proj.weight[:r] = vt[:r].to(self.proj.weight.dtype)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.gain * F.normalize(self.proj(states), dim=-1)
 
 
 def states_key(source: Path, num_layers: int | None, dtype: str, texts: list[str], max_tokens: int) -> str:

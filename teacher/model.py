@@ -2,7 +2,7 @@
 
     prompt tokens ──embed──┐
     CF item emb ─in_proj───┴─> [HistoryEmb] slots ─> decoder (+ LoRA / MoE-LoRA) ─> h_last
-    h_last ─out_proj─> q_LLM (D)            (+ text_query(s_last item) with teacher.text_query)
+    h_last ─out_proj─> q_LLM (D)            (+ text_head(s_last item) with teacher.text_query)
     query q = (1 - w) q_LLM + w q_CF        score(item) = q . item_table[item] / temperature
 
 With teacher.item_side text/both the item vectors are [item_table ; text_head(s)] (N+1, 2D), s the cached
@@ -45,7 +45,7 @@ from distill.search import ItemIndex, ranking_exclusions
 from student.model import SASRec
 from teacher.backbone import load_backbone
 from teacher.decoder import check_splittable, run_layers
-from teacher.item_text import item_parts, item_states
+from teacher.item_text import TextHead, item_parts, item_states
 from teacher.prompt import PromptBatch, PromptBuilder
 from teacher.slots import SlotModel, attach_adapter, moe_gate
 
@@ -93,9 +93,7 @@ class TeacherRetriever(SlotModel):
                 raise ConfigError(f"teacher.item_side: {cfg.item_side} needs item texts, and the data has none "
                                   "(data.items / data.columns.title / data.columns.text)")
             self.register_buffer("text_states", text_states, persistent=False)  # (N+1, H), cached by content
-            self.text_head = nn.Linear(H, d_cf, bias=False)
-            nn.init.zeros_(self.text_head.weight)      # scores start at 0 (uniform), `both` starts as the CF side
-        self.text_query = nn.Linear(H, self.out_projector.out_features, bias=False) if cfg.text_query else None
+            self.text_head = TextHead(text_states, d_cf)
         self.gate = moe_gate(backbone, d_cf, cfg)
         self._index: ItemIndex | None = None
         if cfg.inject_layer:
@@ -148,8 +146,9 @@ class TeacherRetriever(SlotModel):
     def head(self, pooled: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """(S, H) pooled states and (S,) the item of each one's last slot -> (S, D) q_LLM (or (S, 2D))."""
         q = self.out_projector(pooled.float())
-        if self.text_query is not None:                                           # + the last item's text
-            q = q + self.text_query(self.text_states[items])
+        if self.cfg.text_query:                              # + the last item's text vector, on the text part
+            last = self.text_head(self.text_states[items])                        # (S, D)
+            q = q + F.pad(last, (q.shape[-1] - last.shape[-1], 0))
         if self.cfg.item_side == "text":
             q = F.pad(q, (q.shape[-1], 0))                                        # (S, 2D): 0 on the CF part
         return q
@@ -231,8 +230,8 @@ class TeacherRetriever(SlotModel):
         layers = [p for n, p in self.backbone.named_parameters() if ".layers." in n and "lora_" not in n]
         tokens = self.prompts.lengths(histories).astype(np.float64)
         decoder = tokens * (2 * sum(p.numel() for p in layers) + 4 * tokens * c.hidden_size * c.num_hidden_layers)
-        heads = 2 * sum(p.numel() for m in (self.out_projector, self.text_query) if m is not None
-                        for p in m.parameters())
+        per_query = [self.out_projector] + ([self.text_head] if self.cfg.text_query else [])
+        heads = 2 * sum(p.numel() for m in per_query for p in m.parameters())
         cf = self.cf.flops_per_user(histories)
         if self.cfg.examples == "per_slot":                # + the CF state of every slot's prefix (the gate)
             cf = cf * (1 + np.minimum(histories.lengths, self.cfg.max_history))

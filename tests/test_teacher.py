@@ -190,7 +190,8 @@ def test_text_item_side_reads_the_cached_text_states_and_keeps_w1_the_cf_retriev
     monkeypatch.setenv("ANYO_CACHE", str(tmp_path / "cache"))
     t = make(tiny_recipe, split, cf, item_side="both")
     D = t.item_table.shape[1]
-    assert torch.equal(t.items()[:, :D], t.item_table) and not t.items()[:, D:].any()   # `both` starts as cf
+    assert torch.equal(t.items()[:, :D], t.item_table)                     # [CF row ; the text head of its text]
+    assert torch.allclose(t.items()[:, D:], t.text_head(t.text_states)) and t.items()[1:, D:].any()
     # one text by hand: the mean of the backbone's last hidden states over its tokens, then standardised
     tokenizer = load_backbone(t.cfg.model, t.cfg.num_layers, t.cfg.dtype)[1]
     raw = mean_states(t.backbone, tokenizer, split.texts, t.cfg.max_text_tokens)
@@ -210,9 +211,9 @@ def test_text_item_side_reads_the_cached_text_states_and_keeps_w1_the_cf_retriev
     h = histories(split)
     loss = -(t.query(h, blend=False) @ t.items().T).logsumexp(1).sum()
     loss.backward()
-    assert t.text_head.weight.grad.abs().sum() > 0
+    assert t.text_head.proj.weight.grad.abs().sum() > 0
     with torch.no_grad():
-        t.text_head.weight.normal_()
+        t.text_head.proj.weight.normal_()
     assert t.item_vectors()[1:, D:].any()
     loaded, _ = load_teacher(saved(t, tmp_path / "teacher", split, cf_dir), cf_dir, split)
     assert np.allclose(loaded.item_vectors(), t.item_vectors(), atol=1e-6)
@@ -220,17 +221,17 @@ def test_text_item_side_reads_the_cached_text_states_and_keeps_w1_the_cf_retriev
     for side, text_query in (("text", False), ("both", False), ("text", True)):
         t = make(tiny_recipe, split, cf, item_side=side, text_query=text_query)
         with torch.no_grad():
-            t.text_head.weight.normal_()
+            t.text_head.proj.weight.normal_()
             q_llm = t.query(h, blend=False)
             if side == "text":
                 assert not q_llm[:, :D].any() and q_llm[:, D:].any()
-            if text_query:   # the last history item's text state, projected, is part of the LLM's query
+            if text_query:   # the last history item's own text vector (the tied head) is part of the LLM's query
                 last = torch.from_numpy(np.asarray([r[-1] for r in h]))
-                t.text_query.weight.zero_()
+                t.cfg.text_query = False
                 without = t.query(h, blend=False)
-                t.text_query.weight.normal_()
+                t.cfg.text_query = True
                 added = t.query(h, blend=False) - without
-                assert torch.allclose(added[:, D:], t.text_query(t.text_states[last]), atol=1e-5)
+                assert torch.allclose(added[:, D:], t.items()[last, D:], atol=1e-5)
             t.cf_weight.fill_(1.0)
             q_cf = t.cf.encode_users(torch.from_numpy(h.padded(t.cf.cfg.max_len)))
             assert torch.allclose(t.query(h) @ t.items().T, q_cf @ t.item_table.T, atol=1e-5)
@@ -255,3 +256,15 @@ def test_prompts_pad_with_the_pad_token_else_eos_else_0():
     assert pad_token_id(SimpleNamespace(pad_token_id=3, eos_token_id=2)) == 3
     assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=2)) == 2
     assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0
+
+
+def test_the_text_head_starts_as_the_cosine_of_the_texts_states():
+    """Before training, v_i . v_j = g^2 cos(s_i, s_j) where the head keeps every principal direction, so texts
+    that share words score high at once; a row of 0 (no text, padding) stays 0."""
+    from teacher.item_text import TextHead
+    torch.manual_seed(0)
+    states = torch.cat([torch.zeros(1, 16), torch.randn(6, 16)])             # 6 items: rank 6 <= D = 8
+    v = TextHead(states, dim=8)(states).detach()
+    s = torch.nn.functional.normalize(states, dim=1)
+    assert not v[0].any()
+    assert torch.allclose(v[1:] @ v[1:].T, 9.0 * s[1:] @ s[1:].T, atol=1e-4)
