@@ -12,8 +12,9 @@
 Inference runs off the event loop in one thread (`Batcher`): concurrent /recommend requests wait up to
 `--batch-wait-ms` for one another and are answered from one Recommender call of at most `--max-batch`
 histories; a /recommend/batch is cut into pieces of `--piece-histories` (fewer when k is large: PIECE_ITEMS)
-whose model calls and JSON formatting (FORMAT_ITEMS at a time) take turns with them, so a /recommend waits
-for at most one such turn, never for a whole large batch. More than `--max-queue`
+whose model calls take turns with them, so a /recommend waits for at most one such call, never for a whole
+large batch; the pieces' JSON is written by a child process at the lowest CPU priority
+(`distill.answer_text.Formatter`), outside this process's interpreter lock. More than `--max-queue`
 histories waiting, or more than `--max-concurrency` requests in progress, is answered 503 with Retry-After;
 a request not answered within `--request-timeout-s` too. Each process serves one private snapshot of the
 export, copied and checked against its manifest at start (`snapshot_export`), so re-exporting the folder
@@ -44,7 +45,7 @@ import threading
 import time
 from collections import deque
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -59,6 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.supervisors import Multiprocess
 
+from distill.answer_text import AnswerText, Formatter
 from distill.errors import AnyoError, ArtifactError
 from distill.exported import Exported, load_export, verify_export
 from distill.histories import Histories
@@ -71,8 +73,6 @@ RETRY_AFTER_S = 1
 GIL_SWITCH_S = 0.001                 # the event loop waits at most this for the GIL the inference thread holds
 PIECE_ITEMS = 16_384                 # histories x k in one piece of a batch request (at most --piece-histories):
                                      # bounds its model call, what a /recommend waits for at most besides its own
-FORMAT_ITEMS = 2_048                 # items of a piece formatted as JSON in one turn (about 4 ms on the 2-core
-                                     # sandbox): the other turn a /recommend may wait for
 WORKER_STARTUP_S = 120               # uvicorn kills a worker that does not answer its health ping within this
 
 
@@ -253,22 +253,6 @@ class Pieces(Response):
             await asyncio.sleep(0)
 
 
-class AnswerText:
-    """Answers as JSON text from per-item fragments made once (`{"item":ID,"title":T,"score":`): the bytes
-    json.dumps gives for the item dicts, several times faster, so that formatting a large answer (1,024
-    histories x every item) holds the GIL, which the event loop needs, for less."""
-
-    def __init__(self, exported: Exported):
-        self.head = [f'{{"item":{json.dumps(r)},"title":{json.dumps(t)},"score":'
-                     for r, t in zip(exported.raw_ids, exported.titles)]
-
-    def rows(self, ids: np.ndarray, scores: np.ndarray) -> list[str]:
-        """`{"items":[...]}` for each row of the Recommender's (B, k) ids and scores (the id -1 tail dropped)."""
-        head = self.head
-        return ['{"items":[' + ",".join([head[i] + repr(s) + "}" for i, s in zip(row_ids, row_scores) if i > 0])
-                + "]}" for row_ids, row_scores in zip(ids.tolist(), scores.tolist())]
-
-
 # ---------------------------------------------------------------- the micro-batcher
 
 @dataclass(eq=False)
@@ -283,22 +267,18 @@ class Job:
     future: asyncio.Future
     arrived: float = 0.0
     cancelled: bool = False   # its request gave up (timeout): the worker skips it
-    found: tuple[np.ndarray, np.ndarray] | None = None   # a piece's (ids, scores), once its model call is done
-    parts: list[str] = field(default_factory=list)       # a piece's rows formatted so far, a turn's worth each
-    formatted: int = 0                                    # how many of its rows that is
 
 
 class Batcher:
     """One inference thread: /recommend jobs are gathered for up to `wait_s` after the first of them, at most
     `max_batch` histories, and answered by one `Recommender.top_k` call per include_seen setting (with the
-    largest k asked, each cut to its own: the order is total, so a prefix is the top-k). A turn of a batch
-    piece is its model call or the formatting (`encode`) of FORMAT_ITEMS of its items, and turns alternate
-    with /recommend calls, so a /recommend waits for at most one such turn. At most `max_queue` histories
-    wait; more is `Busy`."""
+    largest k asked, each cut to its own: the order is total, so a prefix is the top-k). The model calls of
+    batch pieces alternate with /recommend calls, so a /recommend waits for at most one of them; a piece's
+    rows then go to `formatter`, which answers the piece. At most `max_queue` histories wait; more is `Busy`."""
 
-    def __init__(self, recommender, encode, max_batch: int, wait_s: float, max_queue: int, on_call):
+    def __init__(self, recommender, formatter: Formatter, max_batch: int, wait_s: float, max_queue: int, on_call):
         self.recommender, self.max_batch, self.wait_s, self.max_queue = recommender, max_batch, wait_s, max_queue
-        self.encode = encode        # (ids, scores) of rows -> their {"items":[...]} texts, comma-joined
+        self.formatter = formatter
         self.on_call = on_call      # told the number of histories of every model call (metrics)
         self._small: deque[Job] = deque()
         self._pieces: deque[Job] = deque()
@@ -330,6 +310,7 @@ class Batcher:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout=10)
+        self.formatter.close()
 
     def _take(self) -> tuple[list[Job], Job | None] | None:
         """The next turn: (/recommend jobs to answer together, None) or ([], the piece whose turn it is);
@@ -357,9 +338,8 @@ class Batcher:
                 self._small_turn = False
                 self.waiting -= n
                 return jobs, None
-            piece = self._pieces[0]  # it leaves the queue once answered (`_turn`)
-            if piece.found is None:
-                self.waiting -= len(piece.rows)
+            piece = self._pieces.popleft()
+            self.waiting -= len(piece.rows)
             self._small_turn = True
             return [], piece
 
@@ -393,27 +373,16 @@ class Batcher:
             start = end
 
     def _turn(self, piece: Job) -> None:
-        """One turn of a batch piece: its model call, or the formatting of its next rows (FORMAT_ITEMS items,
-        at least one row); answered once every row is, it leaves the queue."""
-        done = piece.cancelled
+        """A batch piece's model call; its rows go to the formatter, which answers it."""
+        if piece.cancelled:
+            return
         try:
-            if not done and piece.found is None:
-                piece.found = self._top_k(piece.rows, piece.k, piece.exclude_seen)
-            elif not done:
-                ids, scores = piece.found
-                start, end = piece.formatted, piece.formatted + max(1, FORMAT_ITEMS // piece.k)
-                piece.parts.append(self.encode(ids[start:end], scores[start:end]))
-                piece.formatted = min(end, len(ids))
-                if piece.formatted == len(ids):
-                    _settle(piece, ",".join(piece.parts).encode(), None)
-                    done = True
+            ids, scores = self._top_k(piece.rows, piece.k, piece.exclude_seen)
         except Exception as e:  # noqa: BLE001 - handed to its request, which answers 500 and the server goes on
             _settle(piece, None, e)
-            done = True
-        if done:
-            with self._cond:
-                if self._pieces and self._pieces[0] is piece:
-                    self._pieces.popleft()
+            return
+        self.formatter.submit(ids, scores, lambda text, error: _settle(piece, text, error),
+                              wanted=lambda: not piece.cancelled)
 
 
 def _settle(job: Job, result, error) -> None:
@@ -623,9 +592,9 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
     manifest does not change under it)."""
     manifest, n_items = exported.manifest, exported.n_items
     metrics = Metrics()
-    text = AnswerText(exported)
-    batcher = Batcher(exported.recommender, lambda ids, scores: ",".join(text.rows(ids, scores)), settings.max_batch,
-                      settings.batch_wait_ms / 1000, settings.max_queue, on_call=metrics.call)
+    text = AnswerText.of(exported.raw_ids, exported.titles)
+    batcher = Batcher(exported.recommender, Formatter(text), settings.max_batch, settings.batch_wait_ms / 1000,
+                      settings.max_queue, on_call=metrics.call)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -698,7 +667,7 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
     @app.post("/recommend/batch", response_model=Results, responses={400: {}, 413: {}, 415: {}, 422: {}, 503: {}})
     async def recommend_batch(req: BatchRequest):
         """Top-k next items for each of several histories, in pieces (of --piece-histories, fewer for a large
-        k) whose model calls and formatting take turns with /recommend requests."""
+        k) whose model calls take turns with /recommend requests; their JSON is written outside this process."""
         rows = rows_of(req.histories, req.k, "histories")
         size = max(1, min(settings.piece_histories, PIECE_ITEMS // req.k))
         jobs = [job(rows[i:i + size], req.k, req.include_seen) for i in range(0, len(rows), size)]

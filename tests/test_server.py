@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -21,6 +22,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from distill.answer_text import AnswerText, Formatter  # noqa: E402
 from distill.cli import main  # noqa: E402
 from distill.data import load_split  # noqa: E402
 from distill.exported import load_export  # noqa: E402
@@ -249,11 +251,10 @@ def test_small_requests_are_answered_while_a_large_batch_is_in_flight(exp, hists
 
 
 def test_concurrent_answers_with_a_large_batch_in_flight_equal_single_answers(exp, hists, monkeypatch):
-    """A batch of 24 histories x every item (pieces of 8, formatted 2 rows a turn) with its first model call
+    """A batch of 24 histories x every item (pieces of 8) with its first model call
     held, and 30 concurrent /recommend (other histories, k and include_seen each) queued behind it: once it is
     let go, the /recommend calls come before the batch's other pieces, and every answer, the batch's included,
     is the one a single call gives."""
-    monkeypatch.setattr(server_module, "FORMAT_ITEMS", 2 * exp.n_items)
     asks = [(hists[(n * 3) % len(hists)][: 1 + n % 6] + hists[(n * 5 + 1) % len(hists)][:2], 1 + (n * 7) % exp.n_items,
              n % 4 == 0) for n in range(30)]
     batch = [hists[(n * 11) % len(hists)] for n in range(24)]
@@ -271,9 +272,9 @@ def test_concurrent_answers_with_a_large_batch_in_flight_equal_single_answers(ex
         return answers, big
 
     answers, big = in_process(exp, first_call(), max_batch=16, piece_histories=8, batch_wait_ms=0.0)(body)
-    # per micro-batch of 16 then 14, one call for include_seen false and one for true; then the other pieces
+    # per micro-batch of 16 then 14, one call for include_seen false and one for true, each followed by a piece
     turns = [[s for _, _, s in asks[:16]], [s for _, _, s in asks[16:]]]
-    assert calls == [8, *(n for t in turns for n in (t.count(False), t.count(True))), 8, 8], calls
+    assert calls == [8, *(n for t in turns for n in (t.count(False), t.count(True), 8))], calls
     for (h, k, s), r in zip(asks, answers):
         assert r.status_code == 200, r.text
         assert same(r.json()["items"], exp.recommend(h, k, include_seen=s)), (h, k, s)
@@ -301,7 +302,44 @@ def test_answers_are_the_json_of_the_item_dicts(exp, hists):
     rows = [exp.to_internal(h) for h in hists[:6]]
     ids, scores = exp.recommender.top_k(Histories.from_rows(rows), exp.n_items)  # with the -1 tail
     want = [json.dumps({"items": items}, separators=(",", ":")) for items in exp.recommend_many(hists[:6], exp.n_items)]
-    assert server_module.AnswerText(exp).rows(ids, scores) == want
+    text = AnswerText.of(exp.raw_ids, exp.titles)
+    assert text.rows(ids, scores) == want
+    # the formatter process writes the same bytes, float32 scores exact; a child that dies fails the job in
+    # flight and the next job gets a new one
+    formatter, got = Formatter(text), queue.SimpleQueue()
+    try:
+        formatter.submit(ids, scores, lambda t, e: got.put((t, e)), wanted=lambda: True)
+        assert got.get(timeout=WAIT) == (",".join(want).encode(), None)
+        formatter._child.kill()
+        formatter._child.wait()
+        for _ in range(2):
+            formatter.submit(ids[:2], scores[:2], lambda t, e: got.put((t, e)), wanted=lambda: True)
+        failed, again = got.get(timeout=WAIT), got.get(timeout=WAIT)
+        assert failed[0] is None and "answer formatter" in str(failed[1])
+        assert again == (",".join(want[:2]).encode(), None)
+        formatter.submit(ids, scores, lambda t, e: got.put((t, e)), wanted=lambda: False)   # skipped
+        formatter.submit(ids[:1], scores[:1], lambda t, e: got.put((t, e)), wanted=lambda: True)
+        assert got.get(timeout=WAIT) == (want[0].encode(), None)
+    finally:
+        formatter.close()
+    assert formatter._child is None
+
+
+def test_a_batch_answer_is_formatted_outside_the_server_process(exp, hists, monkeypatch):
+    """The pieces' JSON comes from the formatter's child process: the server's own AnswerText.rows is never
+    called for /recommend/batch (it holds the interpreter lock the event loop needs), only for /recommend."""
+    calls = []
+    rows = AnswerText.rows
+    monkeypatch.setattr(AnswerText, "rows", lambda self, ids, scores: calls.append(len(ids)) or rows(self, ids, scores))
+
+    async def body(client, held, batcher):
+        return (await client.post("/recommend/batch", json={"histories": hists[:12], "k": exp.n_items}),
+                await client.post("/recommend", json={"history": hists[0], "k": 3}))
+
+    big, small = in_process(exp, lambda h: False, piece_histories=4)(body)
+    assert big.status_code == small.status_code == 200
+    assert all(same(got["items"], exp.recommend(h, exp.n_items)) for got, h in zip(big.json()["results"], hists[:12]))
+    assert calls == [1]
 
 
 def test_metrics_count_requests_and_model_calls(exp, hists):
