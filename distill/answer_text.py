@@ -70,25 +70,36 @@ def _write(stream, *chunks: bytes) -> None:
 class Formatter:
     """Formats the rows of large answers in the child process, one job after another, in submission order; a
     thread of this process feeds it and hands each text to `done(text, error)`. A job whose `wanted()` is false
-    by its turn is skipped. A child that dies fails the jobs in flight and is started again for the next one."""
+    by its turn is skipped. A child that dies fails the job in flight and is started again for the next one;
+    after `close`, a job is failed at once."""
 
     def __init__(self, text: AnswerText):
         self._head = json.dumps(text.head).encode()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._child: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="anyo-formatter", daemon=True)
         self._thread.start()
 
     def submit(self, ids: np.ndarray, scores: np.ndarray, done: Callable, wanted: Callable[[], bool]) -> None:
-        self._jobs.put((ids, scores, done, wanted))
+        with self._lock:
+            if not self._closed:
+                self._jobs.put((ids, scores, done, wanted))
+                return
+        done(None, RuntimeError("answer formatter: shutting down"))
 
     def close(self) -> None:
-        self._jobs.put(None)
+        with self._lock:
+            self._closed = True
+            self._jobs.put(None)
         self._thread.join(timeout=10)
 
     def _start(self) -> subprocess.Popen:
+        # its own session: a Ctrl-C or a signal to the server's process group is the server's to handle; the
+        # child ends when the server closes its stdin (or dies)
         child = subprocess.Popen([sys.executable, "-m", "distill.answer_text"], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, bufsize=0)
+                                 stdout=subprocess.PIPE, bufsize=0, start_new_session=True)
         _write(child.stdin, U64.pack(len(self._head)), self._head)
         return child
 
@@ -103,6 +114,10 @@ class Formatter:
             self._child = None
 
     def _format(self, ids: np.ndarray, scores: np.ndarray) -> bytes:
+        if not ids.size:
+            return ",".join(['{"items":[]}'] * len(ids)).encode()
+        if self._child is not None and self._child.poll() is not None:   # died between jobs: a new one
+            self._child = None
         if self._child is None:
             self._child = self._start()
         n, k = ids.shape
@@ -117,7 +132,7 @@ class Formatter:
                 continue
             try:
                 text = self._format(ids, scores)
-            except (OSError, EOFError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - the job fails, the child is replaced, the thread goes on
                 if self._child is not None:
                     self._child.kill()
                     self._child.wait()

@@ -274,7 +274,8 @@ class Batcher:
     `max_batch` histories, and answered by one `Recommender.top_k` call per include_seen setting (with the
     largest k asked, each cut to its own: the order is total, so a prefix is the top-k). The model calls of
     batch pieces alternate with /recommend calls, so a /recommend waits for at most one of them; a piece's
-    rows then go to `formatter`, which answers the piece. At most `max_queue` histories wait; more is `Busy`."""
+    rows then go to `formatter`, which answers the piece. At most `max_queue` histories wait (queued, or in a
+    piece not yet formatted); more is `Busy`."""
 
     def __init__(self, recommender, formatter: Formatter, max_batch: int, wait_s: float, max_queue: int, on_call):
         self.recommender, self.max_batch, self.wait_s, self.max_queue = recommender, max_batch, wait_s, max_queue
@@ -338,8 +339,7 @@ class Batcher:
                 self._small_turn = False
                 self.waiting -= n
                 return jobs, None
-            piece = self._pieces.popleft()
-            self.waiting -= len(piece.rows)
+            piece = self._pieces.popleft()   # its histories count as waiting until it is formatted (`_turn`)
             self._small_turn = True
             return [], piece
 
@@ -375,14 +375,28 @@ class Batcher:
     def _turn(self, piece: Job) -> None:
         """A batch piece's model call; its rows go to the formatter, which answers it."""
         if piece.cancelled:
-            return
+            return self._done(piece)
         try:
             ids, scores = self._top_k(piece.rows, piece.k, piece.exclude_seen)
         except Exception as e:  # noqa: BLE001 - handed to its request, which answers 500 and the server goes on
             _settle(piece, None, e)
-            return
-        self.formatter.submit(ids, scores, lambda text, error: _settle(piece, text, error),
-                              wanted=lambda: not piece.cancelled)
+            return self._done(piece)
+
+        def formatted(text, error):
+            self._done(piece)
+            _settle(piece, text, error)
+
+        def wanted() -> bool:
+            if piece.cancelled:
+                self._done(piece)
+            return not piece.cancelled
+
+        self.formatter.submit(ids, scores, formatted, wanted)
+
+    def _done(self, piece: Job) -> None:
+        """A piece is answered or dropped: its histories no longer wait."""
+        with self._cond:
+            self.waiting -= len(piece.rows)
 
 
 def _settle(job: Job, result, error) -> None:
@@ -645,11 +659,13 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
         batcher.submit(jobs, small)
         try:
             return await asyncio.wait_for(pieces(), settings.request_timeout_s)
-        except asyncio.TimeoutError:
+        except BaseException as e:   # a timeout, a failed piece, a client gone: the other pieces are not needed
             for j in jobs:
                 j.cancelled = True
-            raise Busy(f"server busy: no answer within --request-timeout-s {settings.request_timeout_s:g} s; "
-                       f"retry after {RETRY_AFTER_S} s") from None
+            if isinstance(e, asyncio.TimeoutError):
+                raise Busy(f"server busy: no answer within --request-timeout-s {settings.request_timeout_s:g} s; "
+                           f"retry after {RETRY_AFTER_S} s") from None
+            raise
 
     def job(rows: list[np.ndarray], k: int, include_seen: bool | None) -> Job:
         if include_seen is None:

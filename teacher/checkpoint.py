@@ -108,6 +108,9 @@ def load_teacher(folder: Path, cf_dir: Path, split: Split) -> tuple[TeacherRetri
     cfg = config_from_dict(TeacherConfig, meta["teacher"], "teacher.")
     model = build_teacher(cfg, cf, split.titles, Path(folder) / "adapter", trainable=False, texts=split.texts)
     heads, missing = read_heads(folder, model)
+    if "text_head.weight" in heads:
+        raise StaleError(f"{folder}/heads.safetensors: a text head saved by an older anyo (text_head.weight; now "
+                         "text_head.proj.weight and text_head.gain): retrain the teacher (`anyo teacher train`)")
     if missing or heads["item_table"].shape != model.item_table.shape:
         raise CorruptError(f"{folder}/heads.safetensors: does not fit this split/teacher ({missing[:3]})")
     model.load_state_dict(heads, strict=False)

@@ -78,7 +78,7 @@ def search_outputs(index: ItemIndex, q: torch.Tensor, histories: Histories, k: i
 
 class TeacherRetriever(SlotModel):
     def __init__(self, backbone: nn.Module, tokenizer, cf: SASRec, titles: list[str], cfg: TeacherConfig,
-                 text_states: torch.Tensor | None = None):
+                 text_states: torch.Tensor | None = None, fresh_heads: bool = True):
         H, d_cf = backbone.config.hidden_size, cf.cfg.hidden_size
         super().__init__(backbone, cf, H)                   # backbone, frozen cf, in_projector (d_cf -> H)
         self.cfg = cfg
@@ -93,7 +93,7 @@ class TeacherRetriever(SlotModel):
                 raise ConfigError(f"teacher.item_side: {cfg.item_side} needs item texts, and the data has none "
                                   "(data.items / data.columns.title / data.columns.text)")
             self.register_buffer("text_states", text_states, persistent=False)  # (N+1, H), cached by content
-            self.text_head = TextHead(text_states, d_cf)
+            self.text_head = TextHead(text_states, d_cf, init=fresh_heads)   # not fresh: read from a checkpoint
         self.gate = moe_gate(backbone, d_cf, cfg)
         self._index: ItemIndex | None = None
         if cfg.inject_layer:
@@ -307,4 +307,4 @@ def build_teacher(cfg: TeacherConfig, cf: SASRec, titles: list[str], adapter_dir
     above = list(range(cfg.inject_layer, backbone.config.num_hidden_layers)) if cfg.inject_layer else None
     backbone = attach_adapter(backbone, cfg, adapter_dir, trainable, layers=above).to(device)  # text states: there
     states = item_states(cfg, backbone, tokenizer, source, texts) if cfg.item_side != "cf" and texts else None
-    return TeacherRetriever(backbone, tokenizer, cf, titles, cfg, states).to(device)
+    return TeacherRetriever(backbone, tokenizer, cf, titles, cfg, states, fresh_heads=adapter_dir is None).to(device)

@@ -265,7 +265,7 @@ def test_concurrent_answers_with_a_large_batch_in_flight_equal_single_answers(ex
         await asyncio.to_thread(held.entered.acquire, timeout=WAIT)   # the first piece's model call is held
         small = [asyncio.create_task(client.post("/recommend", json={"history": h, "k": k, "include_seen": s}))
                  for h, k, s in asks]
-        await until(lambda: batcher.waiting == 16 + len(asks))
+        await until(lambda: batcher.waiting == 24 + len(asks))   # a batch piece waits until it is formatted
         held.permits.release()
         answers, big = await asyncio.gather(asyncio.gather(*small), big)
         calls.extend(held.calls)
@@ -304,25 +304,36 @@ def test_answers_are_the_json_of_the_item_dicts(exp, hists):
     want = [json.dumps({"items": items}, separators=(",", ":")) for items in exp.recommend_many(hists[:6], exp.n_items)]
     text = AnswerText.of(exp.raw_ids, exp.titles)
     assert text.rows(ids, scores) == want
-    # the formatter process writes the same bytes, float32 scores exact; a child that dies fails the job in
-    # flight and the next job gets a new one
+    # the formatter process writes the same bytes, float32 scores exact
     formatter, got = Formatter(text), queue.SimpleQueue()
+
+    def submit(rows, wanted=lambda: True):
+        formatter.submit(ids[rows], scores[rows], lambda t, e: got.put((t, e)), wanted)
+
     try:
-        formatter.submit(ids, scores, lambda t, e: got.put((t, e)), wanted=lambda: True)
+        submit(slice(None))
         assert got.get(timeout=WAIT) == (",".join(want).encode(), None)
-        formatter._child.kill()
+        first = formatter._child.pid
+        formatter._child.kill()          # a child that died between jobs is replaced before the next one
         formatter._child.wait()
-        for _ in range(2):
-            formatter.submit(ids[:2], scores[:2], lambda t, e: got.put((t, e)), wanted=lambda: True)
-        failed, again = got.get(timeout=WAIT), got.get(timeout=WAIT)
+        submit(slice(0, 2))
+        assert got.get(timeout=WAIT) == (",".join(want[:2]).encode(), None) and formatter._child.pid != first
+        start = formatter._start         # a child that dies during a job fails that job only
+        formatter._child.kill()
+        formatter._start = lambda: subprocess.Popen(["true"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        submit(slice(0, 2))
+        failed = got.get(timeout=WAIT)
         assert failed[0] is None and "answer formatter" in str(failed[1])
-        assert again == (",".join(want[:2]).encode(), None)
-        formatter.submit(ids, scores, lambda t, e: got.put((t, e)), wanted=lambda: False)   # skipped
-        formatter.submit(ids[:1], scores[:1], lambda t, e: got.put((t, e)), wanted=lambda: True)
-        assert got.get(timeout=WAIT) == (want[0].encode(), None)
+        formatter._start = start
+        submit(slice(None), wanted=lambda: False)                                       # skipped
+        submit(slice(0, 0))                                                              # no rows: no child needed
+        submit(slice(0, 1))
+        assert got.get(timeout=WAIT) == (b"", None) and got.get(timeout=WAIT) == (want[0].encode(), None)
     finally:
         formatter.close()
     assert formatter._child is None
+    submit(slice(0, 1))                                                                  # after close: failed at once
+    assert got.get(timeout=WAIT)[0] is None
 
 
 def test_a_batch_answer_is_formatted_outside_the_server_process(exp, hists, monkeypatch):

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -268,3 +269,22 @@ def test_the_text_head_starts_as_the_cosine_of_the_texts_states():
     s = torch.nn.functional.normalize(states, dim=1)
     assert not v[0].any()
     assert torch.allclose(v[1:] @ v[1:].T, 9.0 * s[1:] @ s[1:].T, atol=1e-4)
+
+
+def test_a_text_head_saved_before_the_tied_head_is_refused_as_stale(tmp_path, tiny_recipe, split, cf, cf_dir,
+                                                                     monkeypatch):
+    """heads.safetensors of an older anyo (text_head.weight, no text_head.proj/gain), its record intact: one line
+    that says to retrain, not a 'corrupt' verdict or a key error."""
+    from safetensors.torch import load_file, save_file
+    from distill.errors import StaleError
+    from teacher.checkpoint import checkpoint_hash
+    monkeypatch.setenv("ANYO_CACHE", str(tmp_path / "cache"))
+    folder = saved(make(tiny_recipe, split, cf, item_side="text"), tmp_path / "teacher", split, cf_dir)
+    heads = load_file(str(folder / "heads.safetensors"))
+    heads["text_head.weight"] = heads.pop("text_head.proj.weight")
+    del heads["text_head.gain"]
+    save_file(heads, str(folder / "heads.safetensors"))
+    record = json.loads((folder / "teacher.json").read_text())
+    (folder / "teacher.json").write_text(json.dumps({**record, "checkpoint_hash": checkpoint_hash(folder)}))
+    with pytest.raises(StaleError, match="older anyo.*retrain"):
+        load_teacher(folder, cf_dir, split)
