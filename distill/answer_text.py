@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import struct
 import subprocess
 import sys
@@ -96,10 +97,11 @@ class Formatter:
         self._thread.join(timeout=10)
 
     def _start(self) -> subprocess.Popen:
-        # its own session: a Ctrl-C or a signal to the server's process group is the server's to handle; the
-        # child ends when the server closes its stdin (or dies)
+        # the server's session: with autogroup scheduling (Linux's default) a new session is a new group that gets
+        # an equal share of the CPU whatever its nice value; the child ignores the group's SIGINT and SIGTERM
+        # instead (`serve`) and ends when the server closes its stdin or dies
         child = subprocess.Popen([sys.executable, "-m", "distill.answer_text"], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, bufsize=0, start_new_session=True)
+                                 stdout=subprocess.PIPE, bufsize=0)
         _write(child.stdin, U64.pack(len(self._head)), self._head)
         return child
 
@@ -146,6 +148,8 @@ class Formatter:
 def serve(stdin, stdout) -> None:
     """The child: format jobs until stdin closes."""
     os.nice(19)
+    for sig in (signal.SIGINT, signal.SIGTERM):   # the server's to handle: its jobs in flight still get answers
+        signal.signal(sig, signal.SIG_IGN)
     text = AnswerText(json.loads(_read(stdin, U64.unpack(_read(stdin, U64.size))[0])))
     while True:
         try:

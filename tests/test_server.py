@@ -314,6 +314,12 @@ def test_answers_are_the_json_of_the_item_dicts(exp, hists):
         submit(slice(None))
         assert got.get(timeout=WAIT) == (",".join(want).encode(), None)
         first = formatter._child.pid
+        # at the lowest priority, in the server's session (a session of its own is a scheduling group of its own,
+        # whose share of the CPU its nice value does not lower), and deaf to the group's Ctrl-C
+        assert os.getpriority(os.PRIO_PROCESS, first) == 19 and os.getsid(first) == os.getsid(0)
+        os.kill(first, signal.SIGINT)
+        submit(slice(0, 1))
+        assert got.get(timeout=WAIT) == (want[0].encode(), None) and formatter._child.pid == first
         formatter._child.kill()          # a child that died between jobs is replaced before the next one
         formatter._child.wait()
         submit(slice(0, 2))
