@@ -48,6 +48,10 @@ class AnswerText:
         return ['{"items":[' + ",".join([head[i] + repr(s) + "}" for i, s in zip(row_ids, row_scores) if i > 0])
                 + "]}" for row_ids, row_scores in zip(ids.tolist(), scores.tolist())]
 
+    def joined(self, ids: np.ndarray, scores: np.ndarray) -> bytes:
+        """The rows' texts comma-joined, as the answer of a batch piece holds them."""
+        return ",".join(self.rows(ids, scores)).encode()
+
 
 def _read(stream, n: int) -> bytes:
     """Exactly n bytes (EOFError when the stream ends first); readinto waits outside the interpreter lock."""
@@ -75,6 +79,7 @@ class Formatter:
     after `close`, a job is failed at once."""
 
     def __init__(self, text: AnswerText):
+        self._text = text
         self._head = json.dumps(text.head).encode()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._child: subprocess.Popen | None = None
@@ -116,8 +121,8 @@ class Formatter:
             self._child = None
 
     def _format(self, ids: np.ndarray, scores: np.ndarray) -> bytes:
-        if not ids.size:
-            return ",".join(['{"items":[]}'] * len(ids)).encode()
+        if not ids.size:                                  # nothing to send: a zero-length array cannot be cast
+            return self._text.joined(ids, scores)
         if self._child is not None and self._child.poll() is not None:   # died between jobs: a new one
             self._child = None
         if self._child is None:
@@ -158,7 +163,7 @@ def serve(stdin, stdout) -> None:
             return
         ids = np.frombuffer(_read(stdin, n * k * 8), np.int64).reshape(n, k)
         scores = np.frombuffer(_read(stdin, n * k * 8), np.float64).reshape(n, k)     # float32 scores exactly
-        out = ",".join(text.rows(ids, scores)).encode()
+        out = text.joined(ids, scores)
         _write(stdout, U64.pack(len(out)), out)
 
 
