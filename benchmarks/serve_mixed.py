@@ -19,13 +19,15 @@ as the waiting. The large clients run in their own processes, so their 120 MB an
 small clients' interpreter lock.
 
 Reports, each the median over the runs, the small requests' p50/p95/p99/max and count per phase, the large
-requests' count, mean time and histories/s, errors, and the machine's load average before and after; stops
-the server.
+requests' count, mean time and histories/s, errors, and the machine's load average before and after; then the
+small requests' p99 and p50 beside the batches over alone, every run's latencies pooled, with a 95% interval
+from resampling whole runs (`pooled_ratio`); stops the server.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import http.client
 import json
 import multiprocessing
@@ -72,11 +74,14 @@ def start(export: str, serve_args: list[str]) -> tuple[subprocess.Popen, int]:
     return proc, int(line.split(" on http://")[1].split(" ")[0].rsplit(":", 1)[1])
 
 
-def post(conn: http.client.HTTPConnection, path: str, body: bytes) -> tuple[int, float]:
+def post(conn: http.client.HTTPConnection, path: str, body: bytes, sink: memoryview) -> tuple[int, float]:
+    """Send one request and read its whole answer into `sink`, a reused buffer: a remote client's copies of a
+    120 MB answer would not take this machine's cores, so this one's take as few as they can."""
     t = time.perf_counter()
     conn.request("POST", path, body, {"content-type": "application/json"})
     r = conn.getresponse()
-    r.read()
+    while r.readinto(sink):
+        pass
     return r.status, time.perf_counter() - t
 
 
@@ -86,12 +91,12 @@ def fresh(port: int) -> http.client.HTTPConnection:
 
 def sender(port: int, path: str, errors: dict, lock: threading.Lock):
     """A keep-alive connection's `send(body) -> seconds or None` (None: an error, counted in `errors`)."""
-    conn = fresh(port)
+    conn, sink = fresh(port), memoryview(bytearray(1 << 20))
 
     def send(body: bytes) -> float | None:
         nonlocal conn
         try:
-            status, dt = post(conn, path, body)
+            status, dt = post(conn, path, body, sink)
         except (OSError, http.client.HTTPException) as e:
             status, dt = type(e).__name__, None
             conn.close()
@@ -190,12 +195,24 @@ def phase(port: int, small: list[bytes], large: bytes | None, clients: int, larg
     return {"small_requests": len(times), **{f"p{q}": float(np.percentile(ms, q)) for q in (50, 95, 99)},
             "max": float(ms.max()), "large_requests": len(large_times),
             "large_mean_s": float(np.mean(large_times)) if large_times else float("nan"),
-            "errors": sum(errors.values()), "error_kinds": errors}
+            "errors": sum(errors.values()), "error_kinds": errors, "ms": ms}
+
+
+def pooled_ratio(alone: list[np.ndarray], beside: list[np.ndarray], q: float = 99, draws: int = 2000,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """The q-th percentile of every run's small-request latencies pooled, beside the batches over alone, and
+    its 95% interval from resampling whole runs (a run's alone and beside phases together: the machine's
+    drift from run to run is in the interval)."""
+    ratio = lambda picks: (np.percentile(np.concatenate([beside[i] for i in picks]), q)  # noqa: E731
+                           / np.percentile(np.concatenate([alone[i] for i in picks]), q))
+    rng, n = np.random.default_rng(seed), len(alone)
+    boots = [ratio(rng.integers(0, n, n)) for _ in range(draws)]
+    return float(ratio(range(n))), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
 
 
 def median(results: list[dict]) -> dict:
     """Each figure's median over the runs (the error counts summed)."""
-    out = {key: float(np.median([r[key] for r in results])) for key in results[0] if key != "error_kinds"}
+    out = {key: float(np.median([r[key] for r in results])) for key in results[0] if key not in ("error_kinds", "ms")}
     out["errors"] = int(sum(r["errors"] for r in results))
     return out
 
@@ -227,6 +244,8 @@ def main() -> int:
                                                        replace=False)]
     small = [json.dumps({"history": pick(), "k": 10}).encode() for _ in range(512)]
     large = json.dumps({"histories": [pick() for _ in range(args.large_histories)], "k": exp.n_items}).encode()
+    gc.collect()
+    gc.freeze()   # this process's own full collections scan only what the phases make: no 100 ms client pauses
     load0, started = os.getloadavg(), time.gmtime()
     proc, port = start(args.export, shlex.split(args.serve_args))
     runs = []
@@ -238,7 +257,8 @@ def main() -> int:
                                          args.rate, run),
                          "large alone": phase(port, small, large, 0, args.large_clients, args.seconds, args.rate,
                                               run)})
-            print(json.dumps(runs[-1]), flush=True)
+            print(json.dumps({key: {k: v for k, v in r.items() if k != "ms"} for key, r in runs[-1].items()}),
+                  flush=True)
     finally:
         stop_server(proc)
     load1 = os.getloadavg()
@@ -254,6 +274,13 @@ def main() -> int:
         small_cols = (f"{r['small_requests']:,.0f} | {r['p50']:.2f} ms | {r['p95']:.2f} ms | {r['p99']:.2f} ms "
                       f"| {r['max']:.2f} ms" if r["small_requests"] else "– | – | – | – | –")
         rows.append(f"| {name} | {small_cols} | {large_col} | {r['errors']} |")
+    alone, beside = [run["alone"]["ms"] for run in runs], [run["beside"]["ms"] for run in runs]
+    p99, lo, hi = pooled_ratio(alone, beside)
+    p50 = pooled_ratio(alone, beside, q=50)
+    per_run = ", ".join(f"{b_['p99'] / a_['p99']:.2f}" for a_, b_ in ((run["alone"], run["beside"]) for run in runs))
+    ratios = (f"Small requests beside the batches over alone, every run's latencies pooled: p99 **{p99:.2f}x** "
+              f"[{lo:.2f}, {hi:.2f}], p50 {p50[0]:.2f}x [{p50[1]:.2f}, {p50[2]:.2f}] (95% intervals from resampling "
+              f"whole runs); p99 per run: {per_run}.")
     arrivals = (f"arriving at {args.rate:g} per second (Poisson, open loop: latency from the arrival time) over "
                 f"{args.clients} connections" if args.rate else
                 f"from {args.clients} connections, each one after another (closed loop)")
@@ -266,7 +293,7 @@ def main() -> int:
         f"{'/'.join(f'{x:.1f}' for x in load0)} at the start, {'/'.join(f'{x:.1f}' for x in load1)} at the end, "
         f"{os.cpu_count()} cores shared with the clients and other jobs. ({tag})", "",
         "| phase | small requests answered | p50 | p95 | p99 | max | large requests answered | errors |",
-        "|---|---|---|---|---|---|---|---|", *rows, END])
+        "|---|---|---|---|---|---|---|---|", *rows, "", ratios, END])
     write_section(Path(args.out), text, BEGIN, END)
     print(f"wrote {args.out}")
     return 0

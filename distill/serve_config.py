@@ -32,9 +32,9 @@ class ServeConfig(Section):
     max_batch: int = option("histories in one model call for /recommend: concurrent requests are answered "
                             "together up to this many", 64, min=1, max=MAX_BATCH)
     piece_histories: int = option("histories in one model call for /recommend/batch: a batch is cut into pieces of "
-                                  "at most this many (fewer for a large k), whose model calls and formatting take "
-                                  "turns with /recommend calls, so a /recommend waits for at most one piece's call "
-                                  "(larger: more batch throughput, longer waits)", 16, min=1, max=MAX_BATCH)
+                                  "at most this many (fewer for a large k), answered one after another by the "
+                                  "batch lane, a process of its own (smaller: a timed-out batch stops sooner)", 16,
+                                  min=1, max=MAX_BATCH)
     batch_wait_ms: float = option("how long a /recommend waits for others to share its model call (0: none)",
                                   1.0, min=0.0, max=1000.0)
     max_queue: int = option("histories waiting for the model, all requests together; a request beyond it is "

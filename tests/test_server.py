@@ -3,6 +3,7 @@ Recommender held at chosen calls so that every ordering is forced, never timed),
 subprocess on the port it picked itself (`--port 0`), started once for the module."""
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,9 +23,11 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from distill.answer_text import AnswerText, Formatter  # noqa: E402
+from distill.answer_text import AnswerText  # noqa: E402
+from distill.batch_lane import BatchLane  # noqa: E402
 from distill.cli import main  # noqa: E402
 from distill.data import load_split  # noqa: E402
+from distill.errors import AnyoError  # noqa: E402
 from distill.exported import load_export  # noqa: E402
 from distill.serve_config import MAX_HISTORY, ServeConfig  # noqa: E402
 from distill import server as server_module  # noqa: E402
@@ -42,9 +45,10 @@ def export_dir(tiny_run, tmp_path_factory):
     return out
 
 
-def start_server(folder: Path, log_path: Path, *flags: str):
-    """`anyo serve FOLDER --port 0 FLAGS`: the process and the port it printed."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+def start_server(folder: Path, log_path: Path, *flags: str, env: dict | None = None):
+    """`anyo serve FOLDER --port 0 FLAGS` (with `env` added to its environment): the process and the port it
+    printed."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {}))
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "distill.cli", "serve", str(folder), "--port", "0", *flags],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -122,7 +126,8 @@ def hists(tiny_run, exp):
 
 
 def in_process(exp, hold, **settings):
-    """Run `body(client, held, batcher)` against the app of `exp` with its Recommender held by `hold`."""
+    """Run `body(client, held, app.state)` against the app of `exp` with its Recommender held by `hold` (the
+    batch lane's process has a Recommender of its own)."""
     held = Held(exp.recommender, hold)
     app = create_app(dataclasses.replace(exp, recommender=held), ServeConfig(**settings))
 
@@ -131,7 +136,7 @@ def in_process(exp, hold, **settings):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://anyo", timeout=WAIT) as client:
                 try:
-                    return await body(client, held, app.state.batcher)
+                    return await body(client, held, app.state)
                 finally:
                     for _ in range(64):
                         held.permits.release()
@@ -139,6 +144,7 @@ def in_process(exp, hold, **settings):
             return asyncio.run(go())
         finally:
             app.state.batcher.close()
+            app.state.lane.close()
     return run
 
 
@@ -148,6 +154,17 @@ async def until(cond) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("never happened")
+
+
+@contextlib.asynccontextmanager
+async def stopped(lane):
+    """The batch lane's process started, then stopped (SIGSTOP) until the block ends: its pieces wait."""
+    await asyncio.to_thread(lane.start)
+    os.kill(lane.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(lane.pid, signal.SIGCONT)
 
 
 def first_call():
@@ -161,13 +178,13 @@ def test_micro_batched_answers_equal_single_answers_under_concurrency(exp, hists
     asks = [(hists[n % len(hists)][: 1 + n % 7] + hists[(n * 7) % len(hists)][:2], 1 + (n * 5) % exp.n_items,
              n % 3 == 0) for n in range(40)]
 
-    async def body(client, held, batcher):
+    async def body(client, held, state):
         post = lambda h, k, s: asyncio.create_task(client.post("/recommend", json={  # noqa: E731
             "history": h, "k": k, "include_seen": s}))
         tasks = [post(*asks[0])]
         await asyncio.to_thread(held.entered.acquire, timeout=WAIT)
         tasks += [post(*a) for a in asks[1:]]
-        await until(lambda: batcher.waiting == len(asks) - 1)
+        await until(lambda: state.batcher.waiting == len(asks) - 1)
         held.permits.release()
         return await asyncio.gather(*tasks)
 
@@ -180,12 +197,12 @@ def test_micro_batched_answers_equal_single_answers_under_concurrency(exp, hists
 def test_micro_batches_are_bounded_and_shared(exp, hists):
     held_calls = []
 
-    async def body(client, held, batcher):
+    async def body(client, held, state):
         post = lambda n: asyncio.create_task(client.post("/recommend", json={"history": hists[n], "k": 5}))  # noqa: E731
         tasks = [post(0)]
         await asyncio.to_thread(held.entered.acquire, timeout=WAIT)
         tasks += [post(n) for n in range(1, 20)]
-        await until(lambda: batcher.waiting == 19)
+        await until(lambda: state.batcher.waiting == 19)
         held.permits.release()
         await asyncio.gather(*tasks)
         held_calls.extend(held.calls)
@@ -195,29 +212,27 @@ def test_micro_batches_are_bounded_and_shared(exp, hists):
 
 
 def test_a_full_queue_answers_503_and_the_server_recovers(exp, hists):
-    """The first call held, a legal batch of 1,024 histories fills --max-queue: the next request is 503 with
-    Retry-After; once the model is free, everything queued is answered and new requests are too."""
-    async def body(client, held, batcher):
-        first = asyncio.create_task(client.post("/recommend", json={"history": hists[0], "k": 3}))
-        await asyncio.to_thread(held.entered.acquire, timeout=WAIT)
-        big = asyncio.create_task(client.post("/recommend/batch", json={
-            "histories": [hists[n % len(hists)] for n in range(1024)], "k": 2}))
-        await until(lambda: batcher.waiting == 1024)
-        refused = await client.post("/recommend", json={"history": hists[1], "k": 3})
-        held.permits.release()
-        return refused, await first, await big, await client.post("/recommend", json={"history": hists[1], "k": 3})
+    """A legal batch of 1,024 histories waits in the stopped batch lane and fills --max-queue: the next
+    request is 503 with Retry-After; once the lane goes on, the batch is answered and new requests are too."""
+    async def body(client, held, state):
+        async with stopped(state.lane):
+            big = asyncio.create_task(client.post("/recommend/batch", json={
+                "histories": [hists[n % len(hists)] for n in range(1024)], "k": 2}))
+            await until(lambda: state.lane.waiting == 1024)
+            refused = await client.post("/recommend", json={"history": hists[1], "k": 3})
+        return refused, await big, await client.post("/recommend", json={"history": hists[1], "k": 3})
 
-    refused, first, big, after = in_process(exp, first_call(), max_queue=1024)(body)
+    refused, big, after = in_process(exp, lambda h: False, max_queue=1024)(body)
     assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert "--max-queue" in refused.json()["detail"]
-    assert first.status_code == big.status_code == after.status_code == 200
+    assert big.status_code == after.status_code == 200
     assert len(big.json()["results"]) == 1024
     assert same(big.json()["results"][1023]["items"], exp.recommend(hists[1023 % len(hists)], 2))
     assert same(after.json()["items"], exp.recommend(hists[1], 3))
 
 
 def test_a_request_not_answered_in_time_is_503_and_its_answer_goes_to_nobody(exp, hists):
-    async def body(client, held, batcher):
+    async def body(client, held, state):
         late = await client.post("/recommend", json={"history": hists[0], "k": 3})  # held until the timeout
         held.permits.release()
         return late, await client.post("/recommend", json={"history": hists[2], "k": 4})
@@ -227,54 +242,31 @@ def test_a_request_not_answered_in_time_is_503_and_its_answer_goes_to_nobody(exp
     assert next_one.status_code == 200 and same(next_one.json()["items"], exp.recommend(hists[2], 4))
 
 
-def test_small_requests_are_answered_while_a_large_batch_is_in_flight(exp, hists):
-    """A batch of 16 histories is cut into pieces of --piece-histories 4, each held until the test lets it go: a
-    /recommend sent while a piece is held is answered right after that piece, before the batch is done."""
-    async def body(client, held, batcher):
-        big = asyncio.create_task(client.post("/recommend/batch", json={"histories": hists[:16], "k": 5}))
-        await asyncio.to_thread(held.entered.acquire, timeout=WAIT)       # piece 1 is held
-        for n in range(3):
-            queued = batcher.waiting
-            small = asyncio.create_task(client.post("/recommend", json={"history": hists[20 + n], "k": 3}))
-            await until(lambda q=queued: batcher.waiting == q + 1)
-            held.permits.release()                                          # piece n + 1 ends
-            r = await asyncio.wait_for(small, WAIT)
-            assert r.status_code == 200 and same(r.json()["items"], exp.recommend(hists[20 + n], 3))
-            assert not big.done()
-            await asyncio.to_thread(held.entered.acquire, timeout=WAIT)   # piece n + 2 is held
-        held.permits.release()
-        return await big
-
-    big = in_process(exp, lambda h: len(h) == 4, piece_histories=4, batch_wait_ms=0.0)(body)
-    assert big.status_code == 200
-    assert all(same(got["items"], exp.recommend(h, 5)) for got, h in zip(big.json()["results"], hists[:16]))
-
-
-def test_concurrent_answers_with_a_large_batch_in_flight_equal_single_answers(exp, hists, monkeypatch):
-    """A batch of 24 histories x every item (pieces of 8) with its first model call
-    held, and 30 concurrent /recommend (other histories, k and include_seen each) queued behind it: once it is
-    let go, the /recommend calls come before the batch's other pieces, and every answer, the batch's included,
-    is the one a single call gives."""
+def test_small_requests_never_wait_for_a_batch_which_runs_outside_the_server_process(exp, hists, monkeypatch):
+    """A batch of 24 histories x every item (pieces of 8) waits in the stopped batch lane while 30 concurrent
+    /recommend (other histories, k and include_seen each) are answered, each the answer a single call gives.
+    The server's own Recommender and JSON writer never see the batch, and once the lane goes on, its answers
+    are the ones single calls give."""
     asks = [(hists[(n * 3) % len(hists)][: 1 + n % 6] + hists[(n * 5 + 1) % len(hists)][:2], 1 + (n * 7) % exp.n_items,
              n % 4 == 0) for n in range(30)]
     batch = [hists[(n * 11) % len(hists)] for n in range(24)]
-    calls = []
+    rows_written, calls = [], []
+    rows = AnswerText.rows
+    monkeypatch.setattr(AnswerText, "rows",
+                        lambda self, ids, scores: rows_written.append(len(ids)) or rows(self, ids, scores))
 
-    async def body(client, held, batcher):
-        big = asyncio.create_task(client.post("/recommend/batch", json={"histories": batch, "k": exp.n_items}))
-        await asyncio.to_thread(held.entered.acquire, timeout=WAIT)   # the first piece's model call is held
-        small = [asyncio.create_task(client.post("/recommend", json={"history": h, "k": k, "include_seen": s}))
-                 for h, k, s in asks]
-        await until(lambda: batcher.waiting == 24 + len(asks))   # a batch piece waits until it is formatted
-        held.permits.release()
-        answers, big = await asyncio.gather(asyncio.gather(*small), big)
-        calls.extend(held.calls)
-        return answers, big
+    async def body(client, held, state):
+        async with stopped(state.lane):
+            big = asyncio.create_task(client.post("/recommend/batch", json={"histories": batch, "k": exp.n_items}))
+            await until(lambda: state.lane.waiting == len(batch))
+            answers = await asyncio.gather(*(client.post("/recommend", json={"history": h, "k": k, "include_seen": s})
+                                             for h, k, s in asks))
+            assert not big.done()
+            calls.extend(held.calls)
+        return answers, await big
 
-    answers, big = in_process(exp, first_call(), max_batch=16, piece_histories=8, batch_wait_ms=0.0)(body)
-    # per micro-batch of 16 then 14, one call for include_seen false and one for true, each followed by a piece
-    turns = [[s for _, _, s in asks[:16]], [s for _, _, s in asks[16:]]]
-    assert calls == [8, *(n for t in turns for n in (t.count(False), t.count(True), 8))], calls
+    answers, big = in_process(exp, lambda h: False, max_batch=16, piece_histories=8, batch_wait_ms=0.0)(body)
+    assert sum(calls) == len(asks) and sum(rows_written) == len(asks), (calls, rows_written)
     for (h, k, s), r in zip(asks, answers):
         assert r.status_code == 200, r.text
         assert same(r.json()["items"], exp.recommend(h, k, include_seen=s)), (h, k, s)
@@ -283,7 +275,7 @@ def test_concurrent_answers_with_a_large_batch_in_flight_equal_single_answers(ex
 
 
 def test_too_many_requests_in_progress_is_503_and_health_still_answers(exp, hists):
-    async def body(client, held, batcher):
+    async def body(client, held, state):
         first = asyncio.create_task(client.post("/recommend", json={"history": hists[0], "k": 3}))
         await asyncio.to_thread(held.entered.acquire, timeout=WAIT)
         refused = await client.post("/recommend", json={"history": hists[1], "k": 3})
@@ -302,65 +294,78 @@ def test_answers_are_the_json_of_the_item_dicts(exp, hists):
     rows = [exp.to_internal(h) for h in hists[:6]]
     ids, scores = exp.recommender.top_k(Histories.from_rows(rows), exp.n_items)  # with the -1 tail
     want = [json.dumps({"items": items}, separators=(",", ":")) for items in exp.recommend_many(hists[:6], exp.n_items)]
-    text = AnswerText.of(exp.raw_ids, exp.titles)
-    assert text.rows(ids, scores) == want
-    # the formatter process writes the same bytes, float32 scores exact
-    formatter, got = Formatter(text), queue.SimpleQueue()
+    assert AnswerText.of(exp.raw_ids, exp.titles).rows(ids, scores) == want
 
-    def submit(rows, wanted=lambda: True):
-        formatter.submit(ids[rows], scores[rows], lambda t, e: got.put((t, e)), wanted)
+
+# a child that answers the batch lane's start, then dies reading its first piece
+DIES_IN_A_PIECE = ("import struct, sys; i, o = sys.stdin.buffer, sys.stdout.buffer; "
+                   "i.read(struct.unpack('<Q', i.read(8))[0]); o.write(struct.pack('<QQ', 0, 0)); o.flush(); i.read(8)")
+
+
+def test_the_batch_lane_answers_as_the_server_does_from_a_process_of_its_own(exp, hists):
+    rows = [exp.to_internal(h) for h in hists[:6]]
+    want = exp.recommend_many(hists[:6], exp.n_items)
+    lane, got = BatchLane(exp.folder, exp.manifest, None, 1), queue.SimpleQueue()
+
+    def answered(n: int) -> bool:
+        """The next answer is the rows of the first n histories (scores to float32 rounding: other threads)."""
+        text, error = got.get(timeout=WAIT)
+        results = json.loads(b"[" + text + b"]") if error is None else None
+        return results is not None and len(results) == n and all(same(r["items"], w) for r, w in zip(results, want))
+
+    def submit(n, wanted=lambda: True):
+        lane.submit(rows[:n], exp.n_items, True, lambda t, e: got.put((t, e)), wanted)
 
     try:
-        submit(slice(None))
-        assert got.get(timeout=WAIT) == (",".join(want).encode(), None)
-        first = formatter._child.pid
-        # at the lowest priority, in the server's session (a session of its own is a scheduling group of its own,
-        # whose share of the CPU its nice value does not lower), and deaf to the group's Ctrl-C
+        submit(6)                        # the server's own answers
+        assert answered(6)
+        first = lane.pid
+        # at the lowest priority (SCHED_IDLE, nice 19), in the server's session (a session of its own is a
+        # scheduling group of its own, whose share of the CPU its nice value does not lower), deaf to Ctrl-C
         assert os.getpriority(os.PRIO_PROCESS, first) == 19 and os.getsid(first) == os.getsid(0)
+        assert os.sched_getscheduler(first) == os.SCHED_IDLE
         os.kill(first, signal.SIGINT)
-        submit(slice(0, 1))
-        assert got.get(timeout=WAIT) == (want[0].encode(), None) and formatter._child.pid == first
-        formatter._child.kill()          # a child that died between jobs is replaced before the next one
-        formatter._child.wait()
-        submit(slice(0, 2))
-        assert got.get(timeout=WAIT) == (",".join(want[:2]).encode(), None) and formatter._child.pid != first
-        start = formatter._start         # a child that dies during a job fails that job only
-        formatter._child.kill()
-        formatter._start = lambda: subprocess.Popen(["true"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-        submit(slice(0, 2))
+        submit(1)
+        assert answered(1) and lane.pid == first
+        lane._child.kill()               # a child that died between pieces is replaced before the next one
+        lane._child.wait()
+        submit(2)
+        assert answered(2) and lane.pid != first
+        lane._child.kill()               # a child that dies during a piece fails that piece only
+        launch = lane._launch
+        lane._launch = lambda: subprocess.Popen([sys.executable, "-c", DIES_IN_A_PIECE], stdin=subprocess.PIPE,
+                                                stdout=subprocess.PIPE, bufsize=0)
+        submit(2)
         failed = got.get(timeout=WAIT)
-        assert failed[0] is None and "answer formatter" in str(failed[1])
-        formatter._start = start
-        submit(slice(None), wanted=lambda: False)                                       # skipped
-        submit(slice(0, 0))                                                              # no rows: no child needed
-        submit(slice(0, 1))
-        assert got.get(timeout=WAIT) == (b"", None) and got.get(timeout=WAIT) == (want[0].encode(), None)
+        assert failed[0] is None and "batch lane" in str(failed[1])
+        lane._launch = launch
+        submit(6, wanted=lambda: False)                                                  # skipped
+        submit(0)                                                                        # no rows: no child needed
+        submit(1)
+        assert got.get(timeout=WAIT) == (b"", None) and answered(1)
+        assert lane.waiting == 0
     finally:
-        formatter.close()
-    assert formatter._child is None
-    submit(slice(0, 1))                                                                  # after close: failed at once
+        lane.close()
+    assert lane.pid is None
+    submit(1)                                                                            # after close: failed at once
     assert got.get(timeout=WAIT)[0] is None
 
 
-def test_a_batch_answer_is_formatted_outside_the_server_process(exp, hists, monkeypatch):
-    """The pieces' JSON comes from the formatter's child process: the server's own AnswerText.rows is never
-    called for /recommend/batch (it holds the interpreter lock the event loop needs), only for /recommend."""
-    calls = []
-    rows = AnswerText.rows
-    monkeypatch.setattr(AnswerText, "rows", lambda self, ids, scores: calls.append(len(ids)) or rows(self, ids, scores))
-
-    async def body(client, held, batcher):
-        return (await client.post("/recommend/batch", json={"histories": hists[:12], "k": exp.n_items}),
-                await client.post("/recommend", json={"history": hists[0], "k": 3}))
-
-    big, small = in_process(exp, lambda h: False, piece_histories=4)(body)
-    assert big.status_code == small.status_code == 200
-    assert all(same(got["items"], exp.recommend(h, exp.n_items)) for got, h in zip(big.json()["results"], hists[:12]))
-    assert calls == [1]
+def test_the_batch_lane_refuses_an_export_that_is_not_the_servers(exp, hists):
+    """Its process loads the export folder again: one re-exported under the server is not served."""
+    lane, got = BatchLane(exp.folder, {**exp.manifest, "model": "another"}, None, 1), queue.SimpleQueue()
+    try:
+        with pytest.raises(AnyoError, match="not the export the server loaded"):
+            lane.start()
+        lane.submit([exp.to_internal(hists[0])], 3, True, lambda t, e: got.put((t, e)), lambda: True)
+        text, error = got.get(timeout=WAIT)
+        assert text is None and "not the export the server loaded" in str(error)
+    finally:
+        lane.close()
 
 
 def test_metrics_count_requests_and_model_calls(exp, hists):
-    async def body(client, held, batcher):
+    async def body(client, held, state):
         await client.post("/recommend", json={"history": hists[0], "k": 3})
         await client.post("/recommend", json={"history": ["nope"], "k": 3})
         await client.post("/recommend/batch", json={"histories": hists[:5], "k": 3})
@@ -559,13 +564,37 @@ def test_workers_leave_no_orphan_when_their_master_is_killed(export_dir, tmp_pat
             proc.kill()
 
 
-def test_a_large_answer_gives_the_event_loop_back_between_its_pieces():
-    """A socket that keeps up never makes `send` wait: without a yield between pieces, a 120 MB answer would hold
-    the event loop from its first byte to its last (72 ms measured), every other request waiting."""
-    order = []
+def test_a_terminated_server_removes_its_snapshot_and_ends_its_batch_lane(export_dir, hists, tmp_path):
+    """The batch lane's process loads the server's snapshot of the export, so the snapshot stays while the server
+    serves; SIGTERM (uvicorn's graceful shutdown) removes it and ends the lane."""
+    psutil = pytest.importorskip("psutil")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc, port = start_server(export_dir, tmp_path / "serve.log", env={"TMPDIR": str(tmp)})
+    try:
+        r = httpx.post(f"http://127.0.0.1:{port}/recommend/batch", json={"histories": hists[:3], "k": 4}, timeout=WAIT)
+        assert r.status_code == 200 and len(r.json()["results"]) == 3
+        lanes = [c for c in psutil.Process(proc.pid).children() if "distill.batch_lane" in c.cmdline()]
+        snapshots = lambda: list(tmp.glob("anyo-serve-*"))  # noqa: E731
+        assert len(lanes) == 1 and len(snapshots()) == 1
+        proc.terminate()
+        proc.wait(timeout=WAIT)
+        gone, alive = psutil.wait_procs(lanes, timeout=WAIT)
+        assert not alive and snapshots() == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def streamed(rest: list, deadline_s: float = WAIT) -> tuple[list[str], list[bytes], bool]:
+    """A Streamed answer whose first piece is b"1" and later ones are `rest` (bytes, an exception, or None: never
+    answered), sent to a socket that keeps up beside another task: the order of sends and other steps, the
+    bytes sent, and whether the pieces were cancelled."""
+    order, sent, stopped = [], [], []
 
     async def send(message):
         order.append(message["type"].rsplit(".", 1)[-1])   # never suspends, like a socket that keeps up
+        sent.append(message.get("body", b""))
 
     async def other():
         for _ in range(3):
@@ -573,7 +602,31 @@ def test_a_large_answer_gives_the_event_loop_back_between_its_pieces():
             await asyncio.sleep(0)
 
     async def both():
-        await asyncio.gather(server_module.Pieces([b"[1", b",2", b"]"])({"type": "http"}, None, send), other())
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in rest]
+        for f, r in zip(futures, rest):
+            if isinstance(r, Exception):
+                f.set_exception(r)
+            elif r is not None:
+                f.set_result(r)
+        answer = server_module.Streamed(b"1", futures, loop.time() + deadline_s, lambda: stopped.append(1))
+        await asyncio.gather(answer({"type": "http"}, None, send), other())
 
     asyncio.run(both())
-    assert order == ["start", "body", "other", "body", "other", "body", "other"], order
+    return order, sent, bool(stopped)
+
+
+def test_a_batch_answer_streams_and_gives_the_event_loop_back_between_its_pieces():
+    """A socket that keeps up never makes `send` wait: without a yield between pieces, a 120 MB answer would hold
+    the event loop from its first byte to its last (72 ms measured), every other request waiting."""
+    order, sent, stopped = streamed([b"2", b"3"])
+    assert order == ["start", "body", "other", "body", "other", "body", "body", "other"], order   # the end: 2 bytes
+    assert json.loads(b"".join(sent)) == {"results": [1, 2, 3]} and not stopped
+
+
+def test_a_batch_piece_that_fails_or_is_late_ends_the_answer_unfinished():
+    """The status went with the first piece: a later failure cannot become a 500, nor a shorter list; the answer
+    ends without its closing bytes (uvicorn then closes the connection) and the other pieces are cancelled."""
+    for rest, deadline_s in (([b"2", RuntimeError("lane died"), b"4"], WAIT), ([b"2", None], 0.05)):
+        order, sent, stopped = streamed(rest, deadline_s)
+        assert b"".join(sent) == b'{"results":[1,2' and stopped, (order, sent)
