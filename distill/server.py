@@ -13,11 +13,12 @@ Inference runs off the event loop. /recommend in one thread (`Batcher`): concurr
 `--batch-wait-ms` for one another and are answered from one Recommender call of at most `--max-batch`
 histories. /recommend/batch in a child process at the lowest CPU priority (`distill.batch_lane.BatchLane`),
 model call and JSON, in pieces of `--piece-histories` (fewer when k is large: PIECE_ITEMS), so a /recommend
-never waits for a batch and the server's interpreter lock holds none of its work. More than `--max-queue`
-histories waiting, or more than `--max-concurrency` requests in progress, is answered 503 with Retry-After;
-a request not answered within `--request-timeout-s` too. Each process serves one private snapshot of the
-export, copied and checked against its manifest at start (`snapshot_export`), so re-exporting the folder
-never mixes two models.
+never waits for a batch and the server's interpreter lock holds none of its work; its answer streams as the
+pieces come (`Streamed`). More than `--max-queue` histories waiting, or more than `--max-concurrency` requests
+in progress, is answered 503 with Retry-After; a request not answered within `--request-timeout-s` too (for a
+batch: its first piece; a later one that fails or is late closes the connection mid-answer).
+Each process serves one private snapshot of the export, copied and checked against its manifest at start
+(`snapshot_export`), so re-exporting the folder never mixes two models.
 
 Raw ids are JSON strings or integers (an integer is matched as its decimal string). Bad input
 is answered with a 4xx and {"detail": "FIELD: what is wrong"}: 400 malformed JSON, 413 a body over
