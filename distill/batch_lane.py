@@ -10,7 +10,7 @@ The child loads the export from the folder the server loaded it from (a private 
 refuses one whose manifest differs from the server's, so both answer from one model. It is fed raw arrays over
 its stdin and stdout, no pickle:
 
-    parent -> child   once: u64 length + JSON {"folder", "manifest", "runtime", "threads"}
+    parent -> child   once: u64 length + JSON {"folder", "manifest_sha256", "runtime", "threads"}
     child -> parent   once: a reply (empty: ready)
     parent -> child   per piece: u64 n, u64 k, u64 exclude_seen, (n+1) int64 offsets, the histories' int64 ids
     child -> parent   per piece: a reply, the rows' texts comma-joined (UTF-8)
@@ -37,11 +37,16 @@ import torch
 
 from distill.answer_text import AnswerText
 from distill.errors import AnyoError, ArtifactError
-from distill.exported import load_export
+from distill.exported import MANIFEST_DIGEST, load_export
 from distill.histories import Histories
 
 U64 = struct.Struct("<Q")
 OK, FAILED = 0, 1
+MAX_REPLY_BYTES = 1 << 32   # more than any piece's answer: a length beyond it is a broken stream, not a reply
+
+
+class LaneError(RuntimeError):
+    """The child could not answer a piece, or start: its message."""
 
 
 def _read(stream, n: int) -> bytes:
@@ -74,9 +79,11 @@ def _reply(stream, status: int, text: bytes) -> None:
 def _reply_of(stream) -> bytes:
     """A reply's text; an error reply raised as a RuntimeError with its message."""
     status, n = _read_u64(stream), _read_u64(stream)
+    if status not in (OK, FAILED) or n > MAX_REPLY_BYTES:
+        raise EOFError(f"batch lane: a broken reply (status {status}, {n:,} bytes)")
     text = _read(stream, n)
     if status != OK:
-        raise RuntimeError(f"batch lane: {text.decode()}")
+        raise LaneError(f"batch lane: {text.decode(errors='replace')}")
     return text
 
 
@@ -89,8 +96,8 @@ class BatchLane:
 
     def __init__(self, folder: Path, manifest: dict, runtime: str | None, threads: int,
                  on_call: Callable[[int], None] = lambda n: None):
-        self._spec = json.dumps({"folder": str(folder), "manifest": manifest, "runtime": runtime,
-                                 "threads": threads}).encode()
+        self._spec = json.dumps({"folder": str(folder), "manifest_sha256": manifest.get(MANIFEST_DIGEST),
+                                 "runtime": runtime, "threads": threads}).encode()
         self.on_call = on_call      # told the number of histories of every piece answered (metrics)
         self.waiting = 0
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -119,14 +126,23 @@ class BatchLane:
         try:
             with self._child_lock:
                 self._ensure_child()
-        except (RuntimeError, OSError, EOFError) as e:
+        except (LaneError, OSError, EOFError) as e:
             raise AnyoError(str(e)) from None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             self._jobs.put(None)
         self._thread.join(timeout=10)
+        if self._thread.is_alive():   # a piece in flight on a child that does not answer: end it, and the thread
+            child = self._child
+            if child is not None:
+                child.kill()
+            self._thread.join(timeout=10)
 
     def _launch(self) -> subprocess.Popen:
         # the server's session: with autogroup scheduling (Linux's default) a new session is a new group that gets
@@ -168,33 +184,33 @@ class BatchLane:
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             rows, k, exclude_seen, done, wanted = job
-            try:
-                if not wanted():
-                    continue
-                if not rows:                     # nothing to rank
-                    done(b"", None)
-                    continue
+            text, error = None, None
+            if not wanted():
+                pass
+            elif not rows:                       # nothing to rank
+                text = b""
+            else:
                 try:
                     text = self._answer(rows, k, exclude_seen)
-                except RuntimeError as e:        # the child's own error: it goes on
-                    done(None, e)
-                    continue
+                    self.on_call(len(rows))
+                except LaneError as e:           # the child's own error: it goes on
+                    error = e
                 except Exception as e:  # noqa: BLE001 - the child died or broke the protocol: replaced, the thread goes on
                     self._drop_child()
-                    done(None, RuntimeError(f"batch lane: {e}"))
-                    continue
-                self.on_call(len(rows))
-                done(text, None)
-            finally:
-                with self._lock:
-                    self.waiting -= len(rows)
-        if self._child is not None:
-            self._child.stdin.close()
-            try:
-                self._child.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._drop_child()
-            self._child = None
+                    error = LaneError(f"batch lane: {e}")
+            with self._lock:                     # before the answer: its request may be followed at once
+                self.waiting -= len(rows)
+            if text is not None or error is not None:
+                done(text, error)
+        with self._child_lock:
+            if self._child is not None:
+                self._child.stdin.close()
+                try:
+                    self._child.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._child.kill()
+                    self._child.wait()
+                self._child = None
 
 
 def lowest_priority() -> None:
@@ -208,20 +224,21 @@ def lowest_priority() -> None:
 
 
 def serve(stdin, stdout) -> None:
-    """The child: load the export, then answer pieces until stdin closes."""
-    lowest_priority()
+    """The child: load the export (at the server's priority: start-up waits for it), then answer pieces at the
+    lowest until stdin closes."""
     for sig in (signal.SIGINT, signal.SIGTERM):   # the server's to handle: its pieces in flight still get answers
         signal.signal(sig, signal.SIG_IGN)
     spec = json.loads(_read(stdin, _read_u64(stdin)))
     try:
         torch.set_num_threads(spec["threads"])
         exported = load_export(spec["folder"], runtime=spec["runtime"])
-        if exported.manifest != spec["manifest"]:
+        if exported.manifest.get(MANIFEST_DIGEST) != spec["manifest_sha256"]:
             raise ArtifactError(f"{spec['folder']}: not the export the server loaded (re-exported under it?)")
     except Exception as e:  # noqa: BLE001 - told to the server, which fails the piece with it
         return _reply(stdout, FAILED, str(e).encode())
     text = AnswerText.of(exported.raw_ids, exported.titles)
     recommender = exported.recommender
+    lowest_priority()
     _reply(stdout, OK, b"")
     while True:
         try:
@@ -240,4 +257,6 @@ def serve(stdin, stdout) -> None:
 
 
 if __name__ == "__main__":
-    serve(open(0, "rb", buffering=0, closefd=False), open(1, "wb", buffering=0, closefd=False))
+    answers = os.dup(1)   # the protocol's own descriptor: whatever a library prints goes to stderr, not into it
+    os.dup2(2, 1)
+    serve(open(0, "rb", buffering=0, closefd=False), open(answers, "wb", buffering=0))

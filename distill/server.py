@@ -252,21 +252,23 @@ class Streamed(Response):
 
     async def __call__(self, scope, receive, send) -> None:
         loop = asyncio.get_running_loop()
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        await send({"type": "http.response.body", "body": b'{"results":[' + self.first, "more_body": True})
-        for future in self.rest:
-            await asyncio.sleep(0)
-            try:
-                part = future.result() if future.done() else \
-                    await asyncio.wait_for(future, max(0.0, self.deadline - loop.time()))
-            except asyncio.CancelledError:   # the server is stopping: the other pieces are not needed
+        ended = False
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": b'{"results":[' + self.first, "more_body": True})
+            for future in self.rest:
+                await asyncio.sleep(0)
+                try:
+                    part = future.result() if future.done() else \
+                        await asyncio.wait_for(future, max(0.0, self.deadline - loop.time()))
+                except Exception:  # noqa: BLE001 - failed or too late: uvicorn closes a connection whose answer did not end
+                    return
+                await send({"type": "http.response.body", "body": b"," + part, "more_body": True})
+            await send({"type": "http.response.body", "body": b"]}", "more_body": False})
+            ended = True
+        finally:
+            if not ended:   # failed, too late, a send that raised, the server stopping: the other pieces are not needed
                 self.on_stop()
-                raise
-            except Exception:  # noqa: BLE001 - failed or too late: uvicorn closes a connection whose answer did not end
-                self.on_stop()
-                return
-            await send({"type": "http.response.body", "body": b"," + part, "more_body": True})
-        await send({"type": "http.response.body", "body": b"]}", "more_body": False})
 
 
 # ---------------------------------------------------------------- the micro-batcher
@@ -582,7 +584,7 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
     metrics = Metrics()
     text = AnswerText.of(exported.raw_ids, exported.titles)
     batcher = Batcher(exported.recommender, settings.max_batch, settings.batch_wait_ms / 1000, on_call=metrics.call)
-    lane = BatchLane(exported.folder, manifest, settings.runtime, settings.threads, on_call=metrics.call)
+    lane = BatchLane(exported.folder, manifest, exported.recommender.runtime, settings.threads, on_call=metrics.call)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -630,6 +632,8 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
             raise Problem(422, str(e)) from None
 
     def to_lane(jobs: list[Job]) -> None:
+        if lane.closed:
+            raise Busy("server: shutting down")
         for j in jobs:
             lane.submit(j.rows, j.k, j.exclude_seen, lambda text, error, j=j: _settle(j, text, error),
                         lambda j=j: not j.cancelled)
@@ -644,7 +648,7 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
         submit(jobs)
         try:
             return await asyncio.wait_for(pieces(), settings.request_timeout_s)
-        except BaseException as e:   # a timeout, a failed piece, a client gone: the other pieces are not needed
+        except BaseException as e:   # a timeout, a failed piece, the server stopping: the other pieces are not needed
             cancel(jobs)
             if isinstance(e, asyncio.TimeoutError):
                 raise Busy(f"server busy: no answer within --request-timeout-s {settings.request_timeout_s:g} s; "
@@ -674,7 +678,7 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
         jobs = [job(rows[i:i + size], req.k, req.include_seen) for i in range(0, len(rows), size)]
         deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
         # the first piece as any answer (503 when late); the others as they come, until the same deadline
-        first = await answered(jobs, to_lane, lambda: asyncio.shield(jobs[0].future))
+        first = await answered(jobs, to_lane, lambda: jobs[0].future)
         return Streamed(first, [j.future for j in jobs[1:]], deadline, lambda: cancel(jobs))
 
     app.add_middleware(BodyGuard)
@@ -771,6 +775,9 @@ def _exit_on_sigterm(sig, frame) -> None:
 def cmd_serve(args) -> int:
     settings = ServeConfig.from_args(args)
     _prepare_process(settings)
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again for the handler it found: this one ends the
+    # process through `finally`, which removes the snapshot (the batch lane loads it, so it stays until then)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     snapshot = Path(tempfile.mkdtemp(prefix="anyo-serve-"))
     try:
         sha = snapshot_export(Path(args.dir), snapshot / "export")
@@ -788,9 +795,6 @@ def cmd_serve(args) -> int:
         common = dict(log_level="warning", access_log=False, http=GuardedH11, timeout_keep_alive=settings.keep_alive_s,
                       h11_max_incomplete_event_size=settings.max_header_bytes)
         if app is not None:
-            # uvicorn shuts down gracefully on SIGTERM, then raises it again for the handler it found: this one
-            # ends the process through `finally`, which removes the snapshot the batch lane loads from
-            signal.signal(signal.SIGTERM, _exit_on_sigterm)
             _freeze_what_is_loaded()
             uvicorn.Server(uvicorn.Config(app, **common)).run(sockets=[sock])
         else:
@@ -801,5 +805,7 @@ def cmd_serve(args) -> int:
                                     timeout_worker_healthcheck=WORKER_STARTUP_S, **common)
             Multiprocess(config, sockets=[sock]).run()
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second one does not stop the removal half-way
         shutil.rmtree(snapshot, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
     return 0

@@ -28,7 +28,7 @@ from distill.batch_lane import BatchLane  # noqa: E402
 from distill.cli import main  # noqa: E402
 from distill.data import load_split  # noqa: E402
 from distill.errors import AnyoError  # noqa: E402
-from distill.exported import load_export  # noqa: E402
+from distill.exported import MANIFEST_DIGEST, load_export  # noqa: E402
 from distill.serve_config import MAX_HISTORY, ServeConfig  # noqa: E402
 from distill import server as server_module  # noqa: E402
 from distill.server import create_app, snapshot_export  # noqa: E402
@@ -103,6 +103,7 @@ class Held:
 
     def __init__(self, rec, hold):
         self.rec, self.hold = rec, hold
+        self.runtime = rec.runtime
         self.entered, self.permits = threading.Semaphore(0), threading.Semaphore(0)
         self.calls: list[int] = []
 
@@ -289,6 +290,21 @@ def test_too_many_requests_in_progress_is_503_and_health_still_answers(exp, hist
     assert health.status_code == first.status_code == after.status_code == 200
 
 
+def test_a_batch_not_answered_in_time_is_503_and_its_other_pieces_are_never_made(exp, hists):
+    """Its first piece waits in the stopped batch lane past --request-timeout-s: 503, and once the lane goes on it
+    makes at most that piece (sent to the child before the timeout), skipping the request's other three."""
+    async def body(client, held, state):
+        async with stopped(state.lane):
+            late = await client.post("/recommend/batch", json={"histories": hists[:16], "k": 3})
+        await until(lambda: state.lane.waiting == 0)
+        return late, await client.get("/metrics")
+
+    late, metrics = in_process(exp, lambda h: False, piece_histories=4, request_timeout_s=0.3)(body)
+    assert late.status_code == 503 and "--request-timeout-s" in late.json()["detail"]
+    made = [line for line in metrics.text.splitlines() if line.startswith("anyo_model_call_histories_count ")]
+    assert made in (["anyo_model_call_histories_count 0"], ["anyo_model_call_histories_count 1"]), made
+
+
 def test_answers_are_the_json_of_the_item_dicts(exp, hists):
     from distill.histories import Histories
     rows = [exp.to_internal(h) for h in hists[:6]]
@@ -332,6 +348,7 @@ def test_the_batch_lane_answers_as_the_server_does_from_a_process_of_its_own(exp
         submit(2)
         assert answered(2) and lane.pid != first
         lane._child.kill()               # a child that dies during a piece fails that piece only
+        lane._child.wait()
         launch = lane._launch
         lane._launch = lambda: subprocess.Popen([sys.executable, "-c", DIES_IN_A_PIECE], stdin=subprocess.PIPE,
                                                 stdout=subprocess.PIPE, bufsize=0)
@@ -353,7 +370,7 @@ def test_the_batch_lane_answers_as_the_server_does_from_a_process_of_its_own(exp
 
 def test_the_batch_lane_refuses_an_export_that_is_not_the_servers(exp, hists):
     """Its process loads the export folder again: one re-exported under the server is not served."""
-    lane, got = BatchLane(exp.folder, {**exp.manifest, "model": "another"}, None, 1), queue.SimpleQueue()
+    lane, got = BatchLane(exp.folder, {**exp.manifest, MANIFEST_DIGEST: "0" * 64}, None, 1), queue.SimpleQueue()
     try:
         with pytest.raises(AnyoError, match="not the export the server loaded"):
             lane.start()
