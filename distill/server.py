@@ -238,10 +238,11 @@ def check_request(k: int, n_items: int, histories: list[list], max_items: int) -
 class Streamed(Response):
     """A batch answer sent piece by piece as the batch lane answers them, the first already in hand: a 120 MB
     answer's sending is spread over the seconds of its making, not one burst at the end that took both cores
-    from every other request for 100-160 ms (measured, 2026-12-02), and is never all in memory. The event loop
-    runs other requests between pieces, even when they are all answered and the socket keeps up. The status is
-    sent with the first piece: a later piece that fails, or is not answered by `deadline` (loop time), ends the
-    answer unfinished (the connection is closed, which a client's HTTP library reports), never a shorter list."""
+    from every other request for 100-160 ms (measured, 2026-12-02), and a reader that keeps up never has the
+    server hold all of it. The event loop runs other requests between pieces, even when they are all answered
+    and the socket keeps up. The status is sent with the first piece: a later piece that fails, or is not
+    answered by `deadline` (loop time), ends the answer unfinished and uvicorn closes the connection, never a
+    shorter list (HTTP/1.1 clients report the incomplete chunked body; for HTTP/1.0 only the JSON is cut)."""
 
     media_type = "application/json"
 
