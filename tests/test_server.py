@@ -341,8 +341,10 @@ def test_the_batch_lane_answers_as_the_server_does_from_a_process_of_its_own(exp
         assert os.getpriority(os.PRIO_PROCESS, first) == 19 and os.getsid(first) == os.getsid(0)
         assert os.sched_getscheduler(first) == os.SCHED_IDLE
         os.kill(first, signal.SIGINT)
+        submit(6, wanted=lambda: False)                                                  # skipped
+        submit(0)                                                                        # no rows: nothing to rank
         submit(1)
-        assert answered(1) and lane.pid == first
+        assert got.get(timeout=WAIT) == (b"", None) and answered(1) and lane.pid == first
         lane._child.kill()               # a child that died between pieces is replaced before the next one
         lane._child.wait()
         submit(2)
@@ -354,12 +356,8 @@ def test_the_batch_lane_answers_as_the_server_does_from_a_process_of_its_own(exp
                                                 stdout=subprocess.PIPE, bufsize=0)
         submit(2)
         failed = got.get(timeout=WAIT)
-        assert failed[0] is None and "batch lane" in str(failed[1])
+        assert failed[0] is None and "batch lane" in str(failed[1]) and lane.pid is None
         lane._launch = launch
-        submit(6, wanted=lambda: False)                                                  # skipped
-        submit(0)                                                                        # no rows: no child needed
-        submit(1)
-        assert got.get(timeout=WAIT) == (b"", None) and answered(1)
         assert lane.waiting == 0
     finally:
         lane.close()
@@ -368,15 +366,13 @@ def test_the_batch_lane_answers_as_the_server_does_from_a_process_of_its_own(exp
     assert got.get(timeout=WAIT)[0] is None
 
 
-def test_the_batch_lane_refuses_an_export_that_is_not_the_servers(exp, hists):
+def test_the_batch_lane_refuses_an_export_that_is_not_the_servers(exp):
     """Its process loads the export folder again: one re-exported under the server is not served."""
-    lane, got = BatchLane(exp.folder, {**exp.manifest, MANIFEST_DIGEST: "0" * 64}, None, 1), queue.SimpleQueue()
+    lane = BatchLane(exp.folder, {**exp.manifest, MANIFEST_DIGEST: "0" * 64}, None, 1)
     try:
         with pytest.raises(AnyoError, match="not the export the server loaded"):
             lane.start()
-        lane.submit([exp.to_internal(hists[0])], 3, True, lambda t, e: got.put((t, e)), lambda: True)
-        text, error = got.get(timeout=WAIT)
-        assert text is None and "not the export the server loaded" in str(error)
+        assert lane.pid is None
     finally:
         lane.close()
 
