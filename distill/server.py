@@ -235,6 +235,12 @@ def check_request(k: int, n_items: int, histories: list[list], max_items: int) -
         raise Problem(422, f"histories: {total:,} ids in all, at most {MAX_BATCH_IDS:,}")
 
 
+async def _disconnected(receive) -> None:
+    """Returns once the client has gone (its request's body already read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class Streamed(Response):
     """A batch answer sent piece by piece as the batch lane answers them, the first already in hand: a 120 MB
     answer's sending is spread over the seconds of its making, not one burst at the end that took both cores
@@ -242,7 +248,8 @@ class Streamed(Response):
     server hold all of it. The event loop runs other requests between pieces, even when they are all answered
     and the socket keeps up. The status is sent with the first piece: a later piece that fails, or is not
     answered by `deadline` (loop time), ends the answer unfinished and uvicorn closes the connection, never a
-    shorter list (HTTP/1.1 clients report the incomplete chunked body; for HTTP/1.0 only the JSON is cut)."""
+    shorter list (HTTP/1.1 clients report the incomplete chunked body; for HTTP/1.0 only the JSON is cut). A
+    client that leaves mid-answer has its other pieces cancelled."""
 
     media_type = "application/json"
 
@@ -253,22 +260,23 @@ class Streamed(Response):
 
     async def __call__(self, scope, receive, send) -> None:
         loop = asyncio.get_running_loop()
-        ended = False
+        ended, gone = False, asyncio.ensure_future(_disconnected(receive))
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             await send({"type": "http.response.body", "body": b'{"results":[' + self.first, "more_body": True})
             for future in self.rest:
                 await asyncio.sleep(0)
-                try:
-                    part = future.result() if future.done() else \
-                        await asyncio.wait_for(future, max(0.0, self.deadline - loop.time()))
-                except Exception:  # noqa: BLE001 - failed or too late: uvicorn closes a connection whose answer did not end
-                    return
-                await send({"type": "http.response.body", "body": b"," + part, "more_body": True})
+                if not future.done():
+                    await asyncio.wait([future, gone], timeout=max(0.0, self.deadline - loop.time()),
+                                       return_when=asyncio.FIRST_COMPLETED)
+                if gone.done() or not future.done() or future.cancelled() or future.exception() is not None:
+                    return          # the client left, too late, or failed: uvicorn closes an answer that did not end
+                await send({"type": "http.response.body", "body": b"," + future.result(), "more_body": True})
             await send({"type": "http.response.body", "body": b"]}", "more_body": False})
             ended = True
         finally:
-            if not ended:   # failed, too late, a send that raised, the server stopping: the other pieces are not needed
+            gone.cancel()
+            if not ended:   # and a send that raised, the server stopping: the other pieces are not needed
                 self.on_stop()
 
 

@@ -599,11 +599,17 @@ def test_a_terminated_server_removes_its_snapshot_and_ends_its_batch_lane(export
             proc.kill()
 
 
-def streamed(rest: list, deadline_s: float = WAIT) -> tuple[list[str], list[bytes], bool]:
+def streamed(rest: list, deadline_s: float = WAIT, leaves: bool = False) -> tuple[list[str], list[bytes], bool]:
     """A Streamed answer whose first piece is b"1" and later ones are `rest` (bytes, an exception, or None: never
-    answered), sent to a socket that keeps up beside another task: the order of sends and other steps, the
-    bytes sent, and whether the pieces were cancelled."""
+    answered), sent to a socket that keeps up beside another task, from a client that stays (or `leaves` once
+    the answer starts): the order of sends and other steps, the bytes sent, and whether the pieces were
+    cancelled."""
     order, sent, stopped = [], [], []
+
+    async def receive():
+        if not leaves:
+            await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
 
     async def send(message):
         order.append(message["type"].rsplit(".", 1)[-1])   # never suspends, like a socket that keeps up
@@ -623,7 +629,7 @@ def streamed(rest: list, deadline_s: float = WAIT) -> tuple[list[str], list[byte
             elif r is not None:
                 f.set_result(r)
         answer = server_module.Streamed(b"1", futures, loop.time() + deadline_s, lambda: stopped.append(1))
-        await asyncio.gather(answer({"type": "http"}, None, send), other())
+        await asyncio.wait_for(asyncio.gather(answer({"type": "http"}, receive, send), other()), WAIT / 4)
 
     asyncio.run(both())
     return order, sent, bool(stopped)
@@ -643,3 +649,8 @@ def test_a_batch_piece_that_fails_or_is_late_ends_the_answer_unfinished():
     for rest, deadline_s in (([b"2", RuntimeError("lane died"), b"4"], WAIT), ([b"2", None], 0.05)):
         order, sent, stopped = streamed(rest, deadline_s)
         assert b"".join(sent) == b'{"results":[1,2' and stopped, (order, sent)
+
+
+def test_a_client_that_leaves_mid_batch_has_its_other_pieces_cancelled():
+    order, sent, stopped = streamed([None, None], deadline_s=WAIT * 10, leaves=True)   # not by the deadline
+    assert b"".join(sent) == b'{"results":[1' and stopped, (order, sent)
