@@ -77,7 +77,7 @@ def _reply(stream, status: int, text: bytes) -> None:
 
 
 def _reply_of(stream) -> bytes:
-    """A reply's text; an error reply raised as a RuntimeError with its message."""
+    """A reply's text; an error reply raised as a LaneError with its message."""
     status, n = _read_u64(stream), _read_u64(stream)
     if status not in (OK, FAILED) or n > MAX_REPLY_BYTES:
         raise EOFError(f"batch lane: a broken reply (status {status}, {n:,} bytes)")
@@ -119,7 +119,7 @@ class BatchLane:
                 self.waiting += len(rows)
                 self._jobs.put((rows, k, exclude_seen, done, wanted))
                 return
-        done(None, RuntimeError("batch lane: shutting down"))
+        done(None, LaneError("batch lane: shutting down"))
 
     def start(self) -> None:
         """Start the child now (it loads the export), not with the first piece; AnyoError if it cannot."""

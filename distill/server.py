@@ -595,6 +595,10 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
     batcher = Batcher(exported.recommender, settings.max_batch, settings.batch_wait_ms / 1000, on_call=metrics.call)
     lane = BatchLane(exported.folder, manifest, exported.recommender.runtime, settings.threads, on_call=metrics.call)
 
+    def waiting() -> int:
+        """Histories waiting for the model, both queues together."""
+        return batcher.waiting + lane.waiting
+
     @asynccontextmanager
     async def lifespan(app):
         yield
@@ -625,7 +629,7 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus():
-        text = metrics.text(batcher.waiting + lane.waiting)
+        text = metrics.text(waiting())
         return Response(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/docs", include_in_schema=False)
@@ -650,9 +654,9 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
     async def answered(jobs: list[Job], submit, pieces):
         """Queue the jobs with `submit` (`batcher.submit` or `to_lane`) and await `pieces()` (their answers),
         within the request timeout. The histories waiting, both queues together, are at most --max-queue."""
-        n, waiting = sum(len(j.rows) for j in jobs), batcher.waiting + lane.waiting
-        if waiting + n > settings.max_queue:   # both count up only here, on the event loop: the bound holds
-            raise Busy(f"server busy: {waiting:,} histories are waiting and this request brings {n:,}, "
+        n, queued = sum(len(j.rows) for j in jobs), waiting()
+        if queued + n > settings.max_queue:   # both count up only here, on the event loop: the bound holds
+            raise Busy(f"server busy: {queued:,} histories are waiting and this request brings {n:,}, "
                        f"more than --max-queue {settings.max_queue:,}; retry after {RETRY_AFTER_S} s")
         submit(jobs)
         try:
@@ -747,12 +751,16 @@ def _prepare_process(settings: ServeConfig) -> None:
     GuardedH11.read_timeout_s = settings.read_timeout_s
 
 
-def _freeze_what_is_loaded() -> None:
-    """What start-up made (torch, the model, the app: some 270,000 objects) lives as long as the process: out of
-    the collector's sight (`gc.freeze`), so that a full collection while serving scans only what serving made.
-    Unfrozen, one took 180 ms, every request waiting (2026-12-02)."""
+def serving_app(exported: Exported, settings: ServeConfig) -> FastAPI:
+    """The app of a serving process, ready: its batch lane started (it loads the export too, and no batch
+    request waits for that), and what start-up made (torch, the model, the app: some 270,000 objects) out of
+    the collector's sight (`gc.freeze`), as it lives as long as the process, so that a full collection while
+    serving scans only what serving made. Unfrozen, one took 180 ms, every request waiting (2026-12-02)."""
+    app = create_app(exported, settings)
+    app.state.lane.start()
     gc.collect()
     gc.freeze()
+    return app
 
 
 def _exit_with_master(master: int) -> None:
@@ -771,10 +779,7 @@ def app_from_env():
     settings = ServeConfig(**json.loads(os.environ[ENV_CONFIG]))
     _prepare_process(settings)
     _exit_with_master(int(os.environ[ENV_MASTER]))
-    app = create_app(load_export(os.environ[ENV_DIR], runtime=settings.runtime), settings)
-    app.state.lane.start()
-    _freeze_what_is_loaded()
-    return app
+    return serving_app(load_export(os.environ[ENV_DIR], runtime=settings.runtime), settings)
 
 
 def _exit_on_sigterm(sig, frame) -> None:
@@ -795,8 +800,7 @@ def cmd_serve(args) -> int:
         port = sock.getsockname()[1]
         app = None
         if settings.workers == 1:
-            app = create_app(exported, settings)
-            app.state.lane.start()   # loads the snapshot too: no batch request waits for that
+            app = serving_app(exported, settings)
         print(f"serving {exported.manifest['model']} ({exported.n_items:,} items, split "
               f"{exported.manifest['split_hash']}, manifest {sha[:16]}) on http://{settings.host}:{port} "
               f"(docs at /docs), {settings.workers} worker(s) x {settings.threads} thread(s), runtime "
@@ -804,7 +808,6 @@ def cmd_serve(args) -> int:
         common = dict(log_level="warning", access_log=False, http=GuardedH11, timeout_keep_alive=settings.keep_alive_s,
                       h11_max_incomplete_event_size=settings.max_header_bytes)
         if app is not None:
-            _freeze_what_is_loaded()
             uvicorn.Server(uvicorn.Config(app, **common)).run(sockets=[sock])
         else:
             os.environ.update({ENV_DIR: str(snapshot / "export"), ENV_MASTER: str(os.getpid()),
