@@ -5,10 +5,13 @@
                                      [--runs 3] [--large-histories 1024] [--serve-args "--max-batch 64"]
 
 Starts `anyo serve DIR --port 0 SERVE_ARGS` (a subprocess; the port is the one it prints), then, `--runs`
-times, three phases of `--seconds` each: (1) small requests alone: POST /recommend (k = 10, seeded random
+times, four phases of `--seconds` each: (1) small requests alone: POST /recommend (k = 10, seeded random
 histories of 5 to 50 catalogue items) over `--clients` keep-alive connections; (2) the same while
 `--large-clients` processes send POST /recommend/batch with `--large-histories` histories and k = the
-catalogue size, one after another; (3) the large requests alone (the batch throughput).
+catalogue size, one after another; (3) the large requests alone (the batch throughput); (4) the small requests
+beside a process that only spins, at the batch lane's priority (SCHED_IDLE, nice 19): the control. What a core
+busy at the lowest priority costs the small requests on this machine (the hypervisor, shared caches) no server
+design removes; the batches over the control is what the server's handling of them adds.
 
 With `--rate R` (open loop, what a service sees) the small requests arrive as a seeded Poisson process of R
 per second, the same arrival times in both phases, and each one's latency runs from its arrival time, so a
@@ -20,8 +23,8 @@ small clients' interpreter lock.
 
 Reports, each the median over the runs, the small requests' p50/p95/p99/max and count per phase, the large
 requests' count, mean time and histories/s, errors, and the machine's load average before and after; then the
-small requests' p99 and p50 beside the batches over alone, every run's latencies pooled, with a 95% interval
-from resampling whole runs (`pooled_ratio`); stops the server.
+small requests' p99 and p50 beside the batches over alone and over the control, every run's latencies pooled,
+with a 95% interval from resampling whole runs (`pooled_ratio`); stops the server.
 """
 
 from __future__ import annotations
@@ -166,14 +169,25 @@ def large_client(port: int, body: bytes, seconds: float, nice: int, ready, go, o
     out.put(closed_loop(port, [body], "/recommend/batch", 1, time.perf_counter() + seconds))
 
 
+def spinner(ready) -> None:
+    """The control: a process at the batch lane's priority that only takes CPU, until it is terminated."""
+    from distill.batch_lane import lowest_priority   # here: every process this file spawns imports it, and torch with this
+    lowest_priority()
+    ready.set()
+    while True:
+        pass
+
+
 def phase(port: int, small: list[bytes], large: bytes | None, clients: int, large_clients: int, seconds: float,
-          rate: float, seed: int, large_nice: int = 0) -> dict:
+          rate: float, seed: int, large_nice: int = 0, spin: bool = False) -> dict:
     ctx = multiprocessing.get_context("spawn")
     results, go, ready = ctx.Queue(), ctx.Event(), [ctx.Event() for _ in range(large_clients)]
     procs = [ctx.Process(target=large_client, args=(port, large, seconds, large_nice, r, go, results)) for r in ready]
-    for p in procs:
+    spinning = ctx.Event()
+    control = ctx.Process(target=spinner, args=(spinning,), daemon=True) if spin else None
+    for p in procs + ([control] if control else []):
         p.start()
-    for r in ready:
+    for r in ready + ([spinning] if control else []):
         r.wait()
     go.set()
     start = time.perf_counter()
@@ -193,6 +207,9 @@ def phase(port: int, small: list[bytes], large: bytes | None, clients: int, larg
             errors[key] = errors.get(key, 0) + n
     for p in procs:
         p.join()
+    if control is not None:
+        control.terminate()
+        control.join()
     ms = np.asarray(times or [np.nan]) * 1000
     return {"small_requests": len(times), **{f"p{q}": float(np.percentile(ms, q)) for q in (50, 95, 99)},
             "max": float(ms.max()), "large_requests": len(large_times),
@@ -231,13 +248,13 @@ def main() -> int:
     ap.add_argument("--large-nice", type=int, default=0, choices=range(20),
                     help="the large clients' nice value: 19 stands for clients on other machines, whose receiving "
                          "of 120 MB answers is not this machine's CPU (a diagnosis, not a server figure)")
-    ap.add_argument("--runs", type=int, default=3, help="times the three phases are run (medians are reported)")
+    ap.add_argument("--runs", type=int, default=3, help="times the four phases are run (medians are reported)")
     ap.add_argument("--serve-args", default="", help="more flags for `anyo serve`, e.g. \"--max-batch 64\"")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "serving.md"))
     args = ap.parse_args()
     if not 1 <= args.clients <= 64 or not 1 <= args.large_clients <= 8 or not 0 < args.seconds <= 600 \
-            or not 1 <= args.runs <= 9 or not 0 <= args.rate <= 10_000:
-        raise SystemExit("--clients must be 1..64, --large-clients 1..8, --seconds in (0, 600], --runs 1..9 and "
+            or not 1 <= args.runs <= 50 or not 0 <= args.rate <= 10_000:
+        raise SystemExit("--clients must be 1..64, --large-clients 1..8, --seconds in (0, 600], --runs 1..50 and "
                          "--rate 0..10,000")
     if not 1 <= args.large_histories <= 1024:
         raise SystemExit("--large-histories must be 1..1024 (the server's limit per batch request)")
@@ -261,7 +278,9 @@ def main() -> int:
                          "beside": phase(port, small, large, args.clients, args.large_clients, args.seconds,
                                          args.rate, run, args.large_nice),
                          "large alone": phase(port, small, large, 0, args.large_clients, args.seconds, args.rate,
-                                              run, args.large_nice)})
+                                              run, args.large_nice),
+                         "control": phase(port, small, None, args.clients, 0, args.seconds, args.rate, run,
+                                          spin=True)})
             print(json.dumps({key: {k: v for k, v in r.items() if k != "ms"} for key, r in runs[-1].items()}),
                   flush=True)
     finally:
@@ -272,20 +291,25 @@ def main() -> int:
     rows = []
     for key, name in (("alone", "small alone"), ("beside", f"small beside {args.large_clients} client(s) sending "
                                                      f"{args.large_histories:,} histories x k = {exp.n_items:,}"),
-                      ("large alone", "large alone")):
+                      ("large alone", "large alone"),
+                      ("control", "small beside a spinning process at the batch lane's priority (control)")):
         r = median([run[key] for run in runs])
         large_col = (f"{r['large_requests']:g} ({r['large_mean_s']:.2f} s each, "
                      f"{args.large_histories / r['large_mean_s']:,.0f} histories/s)" if r["large_requests"] else "–")
         small_cols = (f"{r['small_requests']:,.0f} | {r['p50']:.2f} ms | {r['p95']:.2f} ms | {r['p99']:.2f} ms "
                       f"| {r['max']:.2f} ms" if r["small_requests"] else "– | – | – | – | –")
         rows.append(f"| {name} | {small_cols} | {large_col} | {r['errors']} |")
-    alone, beside = [run["alone"]["ms"] for run in runs], [run["beside"]["ms"] for run in runs]
-    p99, lo, hi = pooled_ratio(alone, beside)
-    p50 = pooled_ratio(alone, beside, q=50)
-    per_run = ", ".join(f"{b_['p99'] / a_['p99']:.2f}" for a_, b_ in ((run["alone"], run["beside"]) for run in runs))
-    ratios = (f"Small requests beside the batches over alone, every run's latencies pooled: p99 **{p99:.2f}x** "
-              f"[{lo:.2f}, {hi:.2f}], p50 {p50[0]:.2f}x [{p50[1]:.2f}, {p50[2]:.2f}] (95% intervals from resampling "
-              f"whole runs); p99 per run: {per_run}.")
+    ms = {key: [run[key]["ms"] for run in runs] for key in ("alone", "beside", "control")}
+
+    def ratio(over: str, of: str = "beside") -> str:
+        p99, p50 = pooled_ratio(ms[over], ms[of]), pooled_ratio(ms[over], ms[of], q=50)
+        per_run = ", ".join(f"{run[of]['p99'] / run[over]['p99']:.2f}" for run in runs)
+        return (f"p99 **{p99[0]:.2f}x** [{p99[1]:.2f}, {p99[2]:.2f}], p50 {p50[0]:.2f}x [{p50[1]:.2f}, {p50[2]:.2f}]"
+                f"; p99 per run: {per_run}")
+    ratios = (f"Small requests, every run's latencies pooled (95% intervals from resampling whole runs), beside the "
+              f"batches over alone: {ratio('alone')}. Beside the batches over beside the control (what the server's "
+              f"handling of batches adds): {ratio('control')}. The control over alone (this machine's cost of a core "
+              f"busy at the lowest priority): {ratio('alone', 'control')}.")
     arrivals = (f"arriving at {args.rate:g} per second (Poisson, open loop: latency from the arrival time) over "
                 f"{args.clients} connections" if args.rate else
                 f"from {args.clients} connections, each one after another (closed loop)")
@@ -293,7 +317,7 @@ def main() -> int:
         BEGIN, "## Small requests while large ones are in flight (`anyo serve`, micro-batched)", "",
         f"POST /recommend (k = 10) {arrivals} for {args.seconds:g} s; then the same beside POST /recommend/batch "
         f"requests from {args.large_clients} process(es){f' at nice {args.large_nice}' if args.large_nice else ''}; "
-        f"then those alone. Each figure is the median of "
+        f"then those alone; then the small ones beside the control. Each figure is the median of "
         f"{args.runs} run(s) (errors: the total). Server: `anyo serve {args.serve_args or '(defaults)'}`, "
         f"model `{exp.manifest['model']}`, {exp.n_items:,} items. Load average (1/5/15 min) "
         f"{'/'.join(f'{x:.1f}' for x in load0)} at the start, {'/'.join(f'{x:.1f}' for x in load1)} at the end, "

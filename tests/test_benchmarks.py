@@ -142,7 +142,8 @@ def test_serve_mixed(tiny_run, tmp_path):
     spec = importlib.util.spec_from_file_location("serve_mixed", ROOT / "benchmarks" / "serve_mixed.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert "p99 per run: " in text and "95% intervals from resampling whole runs" in text
+    assert text.count("p99 per run: ") == 3 and "95% intervals from resampling whole runs" in text
+    assert "| small beside a spinning process at the batch lane's priority (control) |" in text
     alone = [np.arange(1, 101.0), np.arange(1, 51.0) * 3]   # beside = twice alone in every run: 2x, interval 2 to 2
     assert module.pooled_ratio(alone, [2 * a for a in alone], draws=50) == pytest.approx((2, 2, 2))
     ratio, lo, hi = module.pooled_ratio(alone, [alone[0], 4 * alone[1]], q=50, draws=200)  # one run 4x, one 1x
