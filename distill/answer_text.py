@@ -26,6 +26,7 @@ class AnswerText:
         return ['{"items":[' + ",".join([head[i] + repr(s) + "}" for i, s in zip(row_ids, row_scores) if i > 0])
                 + "]}" for row_ids, row_scores in zip(ids.tolist(), scores.tolist())]
 
-    def joined(self, ids: np.ndarray, scores: np.ndarray) -> bytes:
-        """The rows' texts comma-joined, as the answer of a batch piece holds them."""
-        return ",".join(self.rows(ids, scores)).encode()
+    def piece(self, ids: np.ndarray, scores: np.ndarray) -> bytes:
+        """The rows' texts, each after a comma: a batch answer's piece as it is sent, with no copy to add its
+        separator (the first piece's leading comma is cut)."""
+        return "".join(["," + row for row in self.rows(ids, scores)]).encode()

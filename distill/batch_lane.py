@@ -13,7 +13,7 @@ its stdin and stdout, no pickle:
     parent -> child   once: u64 length + JSON {"folder", "manifest_sha256", "runtime", "threads"}
     child -> parent   once: a reply (empty: ready)
     parent -> child   per piece: u64 n, u64 k, u64 exclude_seen, (n+1) int64 offsets, the histories' int64 ids
-    child -> parent   per piece: a reply, the rows' texts comma-joined (UTF-8)
+    child -> parent   per piece: a reply, each row's text after a comma (UTF-8, `AnswerText.piece`)
     a reply           u64 status (0 ok, 1 an error: the text is its message), u64 length, the text
 
 The child exits when its stdin closes, so it never outlives the server process that started it.
@@ -21,6 +21,7 @@ The child exits when its stdin closes, so it never outlives the server process t
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import queue
@@ -42,6 +43,7 @@ from distill.histories import Histories
 
 U64 = struct.Struct("<Q")
 OK, FAILED = 0, 1
+PIPE_BYTES = 1 << 20       # the child's answer pipe (Linux's largest by default, /proc/sys/fs/pipe-max-size)
 MAX_REPLY_BYTES = 1 << 32   # more than any piece's answer: a length beyond it is a broken stream, not a reply
 
 
@@ -49,8 +51,9 @@ class LaneError(RuntimeError):
     """The child could not answer a piece, or start: its message."""
 
 
-def _read(stream, n: int) -> bytes:
-    """Exactly n bytes (EOFError when the stream ends first); readinto waits outside the interpreter lock."""
+def _read(stream, n: int) -> bytearray:
+    """Exactly n bytes (EOFError when the stream ends first), in the buffer they were read into (a piece's
+    megabyte is not copied again); readinto waits outside the interpreter lock."""
     out = bytearray(n)
     view, got = memoryview(out), 0
     while got < n:
@@ -58,7 +61,7 @@ def _read(stream, n: int) -> bytes:
         if not m:
             raise EOFError("batch lane: stream closed")
         got += m
-    return bytes(out)
+    return out
 
 
 def _read_u64(stream) -> int:
@@ -76,7 +79,7 @@ def _reply(stream, status: int, text: bytes) -> None:
     _write(stream, U64.pack(status), U64.pack(len(text)), text)
 
 
-def _reply_of(stream) -> bytes:
+def _reply_of(stream) -> bytearray:
     """A reply's text; an error reply raised as a LaneError with its message."""
     status, n = _read_u64(stream), _read_u64(stream)
     if status not in (OK, FAILED) or n > MAX_REPLY_BYTES:
@@ -148,8 +151,13 @@ class BatchLane:
         # the server's session: with autogroup scheduling (Linux's default) a new session is a new group that gets
         # an equal share of the CPU whatever its nice value; the child ignores the group's SIGINT and SIGTERM
         # instead (`serve`) and ends when the server closes its stdin or dies
-        return subprocess.Popen([sys.executable, "-m", "distill.batch_lane"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, bufsize=0)
+        child = subprocess.Popen([sys.executable, "-m", "distill.batch_lane"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, bufsize=0)
+        try:   # a piece's megabyte in one read, not 16 of the default 64 KiB, each taking the interpreter lock again
+            fcntl.fcntl(child.stdout, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except (AttributeError, OSError):   # not Linux, or over the user's pipe quota: the default size
+            pass
+        return child
 
     def _ensure_child(self) -> None:
         if self._child is not None and self._child.poll() is not None:   # died between pieces: a new one
@@ -165,7 +173,7 @@ class BatchLane:
                 raise
             self._child = child
 
-    def _answer(self, rows: list[np.ndarray], k: int, exclude_seen: bool) -> bytes:
+    def _answer(self, rows: list[np.ndarray], k: int, exclude_seen: bool) -> bytearray:
         histories = Histories.from_rows(rows)
         with self._child_lock:
             self._ensure_child()
@@ -249,7 +257,7 @@ def serve(stdin, stdout) -> None:
         flat = np.frombuffer(_read(stdin, int(offsets[-1]) * 8), np.int64)
         try:
             ids, scores = recommender.top_k(Histories(flat, offsets), k, exclude_seen=bool(exclude_seen))
-            out = text.joined(ids, scores)
+            out = text.piece(ids, scores)
         except Exception as e:  # noqa: BLE001 - this piece fails, the next is answered
             _reply(stdout, FAILED, f"{type(e).__name__}: {e}".encode())
             continue

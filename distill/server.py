@@ -263,7 +263,7 @@ class Streamed(Response):
         ended, gone = False, asyncio.ensure_future(_disconnected(receive))
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            await send({"type": "http.response.body", "body": b'{"results":[' + self.first, "more_body": True})
+            await send({"type": "http.response.body", "body": b'{"results":[' + self.first[1:], "more_body": True})
             for future in self.rest:
                 await asyncio.sleep(0)
                 if not future.done():
@@ -271,7 +271,7 @@ class Streamed(Response):
                                        return_when=asyncio.FIRST_COMPLETED)
                 if gone.done() or not future.done() or future.cancelled() or future.exception() is not None:
                     return          # the client left, too late, or failed: uvicorn closes an answer that did not end
-                await send({"type": "http.response.body", "body": b"," + future.result(), "more_body": True})
+                await send({"type": "http.response.body", "body": future.result(), "more_body": True})
             await send({"type": "http.response.body", "body": b"]}", "more_body": False})
             ended = True
         finally:

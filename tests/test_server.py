@@ -326,7 +326,7 @@ def test_the_batch_lane_answers_as_the_server_does_from_a_process_of_its_own(exp
     def answered(n: int) -> bool:
         """The next answer is the rows of the first n histories (scores to float32 rounding: other threads)."""
         text, error = got.get(timeout=WAIT)
-        results = json.loads(b"[" + text + b"]") if error is None else None
+        results = json.loads(b"[" + text[1:] + b"]") if error is None else None
         return results is not None and len(results) == n and all(same(r["items"], w) for r, w in zip(results, want))
 
     def submit(n, wanted=lambda: True):
@@ -600,7 +600,7 @@ def test_a_terminated_server_removes_its_snapshot_and_ends_its_batch_lane(export
 
 
 def streamed(rest: list, deadline_s: float = WAIT, leaves: bool = False) -> tuple[list[str], list[bytes], bool]:
-    """A Streamed answer whose first piece is b"1" and later ones are `rest` (bytes, an exception, or None: never
+    """A Streamed answer whose first piece is b",1" and later ones are `rest` (comma-led bytes, an exception, or None: never
     answered), sent to a socket that keeps up beside another task, from a client that stays (or `leaves` once
     the answer starts): the order of sends and other steps, the bytes sent, and whether the pieces were
     cancelled."""
@@ -628,7 +628,7 @@ def streamed(rest: list, deadline_s: float = WAIT, leaves: bool = False) -> tupl
                 f.set_exception(r)
             elif r is not None:
                 f.set_result(r)
-        answer = server_module.Streamed(b"1", futures, loop.time() + deadline_s, lambda: stopped.append(1))
+        answer = server_module.Streamed(b",1", futures, loop.time() + deadline_s, lambda: stopped.append(1))
         await asyncio.wait_for(asyncio.gather(answer({"type": "http"}, receive, send), other()), WAIT / 4)
 
     asyncio.run(both())
@@ -638,7 +638,7 @@ def streamed(rest: list, deadline_s: float = WAIT, leaves: bool = False) -> tupl
 def test_a_batch_answer_streams_and_gives_the_event_loop_back_between_its_pieces():
     """A socket that keeps up never makes `send` wait: without a yield between pieces, a 120 MB answer would hold
     the event loop from its first byte to its last (72 ms measured), every other request waiting."""
-    order, sent, stopped = streamed([b"2", b"3"])
+    order, sent, stopped = streamed([b",2", b",3"])
     assert order == ["start", "body", "other", "body", "other", "body", "body", "other"], order   # the end: 2 bytes
     assert json.loads(b"".join(sent)) == {"results": [1, 2, 3]} and not stopped
 
@@ -646,7 +646,7 @@ def test_a_batch_answer_streams_and_gives_the_event_loop_back_between_its_pieces
 def test_a_batch_piece_that_fails_or_is_late_ends_the_answer_unfinished():
     """The status went with the first piece: a later failure cannot become a 500, nor a shorter list; the answer
     ends without its closing bytes (uvicorn then closes the connection) and the other pieces are cancelled."""
-    for rest, deadline_s in (([b"2", RuntimeError("lane died"), b"4"], WAIT), ([b"2", None], 0.05)):
+    for rest, deadline_s in (([b",2", RuntimeError("lane died"), b",4"], WAIT), ([b",2", None], 0.05)):
         order, sent, stopped = streamed(rest, deadline_s)
         assert b"".join(sent) == b'{"results":[1,2' and stopped, (order, sent)
 
