@@ -14,7 +14,7 @@ busy at the lowest priority costs the small requests on this machine (the hyperv
 design removes; the batches over the control is what the server's handling of them adds.
 
 With `--rate R` (open loop, what a service sees) the small requests arrive as a seeded Poisson process of R
-per second, the same arrival times in both phases, and each one's latency runs from its arrival time, so a
+per second, the same arrival times in every phase, and each one's latency runs from its arrival time, so a
 request that waits for a free connection counts that wait (no coordinated omission). With `--rate 0`
 (closed loop) each connection sends its next request as soon as the last is answered: the server is
 saturated, and a latency beside the batches then measures the share of the cores the batches take as much
@@ -273,7 +273,7 @@ def main() -> int:
     runs = []
     try:
         phase(port, small, None, args.clients, 0, min(2.0, args.seconds), args.rate, seed=-1 % 2**32)  # warm-up
-        for run in range(args.runs):   # the same arrival times alone and beside the batches
+        for run in range(args.runs):   # the same arrival times alone, beside the batches and the control
             runs.append({"alone": phase(port, small, None, args.clients, 0, args.seconds, args.rate, run),
                          "beside": phase(port, small, large, args.clients, args.large_clients, args.seconds,
                                          args.rate, run, args.large_nice),

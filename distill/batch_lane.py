@@ -21,7 +21,6 @@ The child exits when its stdin closes, so it never outlives the server process t
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import queue
@@ -43,7 +42,6 @@ from distill.histories import Histories
 
 U64 = struct.Struct("<Q")
 OK, FAILED = 0, 1
-PIPE_BYTES = 1 << 20       # the child's answer pipe (Linux's largest by default, /proc/sys/fs/pipe-max-size)
 MAX_REPLY_BYTES = 1 << 32   # more than any piece's answer: a length beyond it is a broken stream, not a reply
 
 
@@ -151,13 +149,8 @@ class BatchLane:
         # the server's session: with autogroup scheduling (Linux's default) a new session is a new group that gets
         # an equal share of the CPU whatever its nice value; the child ignores the group's SIGINT and SIGTERM
         # instead (`serve`) and ends when the server closes its stdin or dies
-        child = subprocess.Popen([sys.executable, "-m", "distill.batch_lane"], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, bufsize=0)
-        try:   # a piece's megabyte in one read, not 16 of the default 64 KiB, each taking the interpreter lock again
-            fcntl.fcntl(child.stdout, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        except (AttributeError, OSError):   # not Linux, or over the user's pipe quota: the default size
-            pass
-        return child
+        return subprocess.Popen([sys.executable, "-m", "distill.batch_lane"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, bufsize=0)
 
     def _ensure_child(self) -> None:
         if self._child is not None and self._child.poll() is not None:   # died between pieces: a new one

@@ -249,7 +249,8 @@ class Streamed(Response):
     and the socket keeps up. The status is sent with the first piece: a later piece that fails, or is not
     answered by `deadline` (loop time), ends the answer unfinished and uvicorn closes the connection, never a
     shorter list (HTTP/1.1 clients report the incomplete chunked body; for HTTP/1.0 only the JSON is cut). A
-    client that leaves mid-answer has its other pieces cancelled."""
+    client that leaves mid-answer has its other pieces cancelled. Pieces are `AnswerText.piece` texts, each row
+    after its comma: sent as they are, the first without its comma."""
 
     media_type = "application/json"
 
