@@ -2,13 +2,13 @@
 /recommend/batch requests of 1,024 histories at k = every item; writes its section of benchmarks/serving.md.
 
     python benchmarks/serve_mixed.py --export DIR [--rate 100] [--clients 4] [--large-clients 1] [--seconds 20]
-                                     [--runs 3] [--large-histories 1024] [--serve-args "--max-batch 64"]
+                                     [--runs 3] [--large-histories 1024] [--large-k 0] [--serve-args "--max-batch 64"]
 
 Starts `anyo serve DIR --port 0 SERVE_ARGS` (a subprocess; the port is the one it prints), then, `--runs`
 times, four phases of `--seconds` each: (1) small requests alone: POST /recommend (k = 10, seeded random
 histories of 5 to 50 catalogue items) over `--clients` keep-alive connections; (2) the same while
 `--large-clients` processes send POST /recommend/batch with `--large-histories` histories and k = the
-catalogue size, one after another; (3) the large requests alone (the batch throughput); (4) the small requests
+catalogue size (or `--large-k`), one after another; (3) the large requests alone (the batch throughput); (4) the small requests
 beside a process that only spins, at the batch lane's priority (SCHED_IDLE, nice 19): the control. What a core
 busy at the lowest priority costs the small requests on this machine (the hypervisor, shared caches) no server
 design removes; the batches over the control is what the server's handling of them adds.
@@ -244,6 +244,9 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=4, help="connections sending small /recommend requests")
     ap.add_argument("--large-clients", type=int, default=1, help="processes sending large /recommend/batch requests")
     ap.add_argument("--large-histories", type=int, default=1024, help="histories in one large request")
+    ap.add_argument("--large-k", type=int, default=0,
+                    help="k of the large requests (default 0: the catalogue size); 10 isolates the cost of taking a "
+                         "batch in from the cost of answering it")
     ap.add_argument("--seconds", type=float, default=20, help="length of each phase")
     ap.add_argument("--large-nice", type=int, default=0, choices=range(20),
                     help="the large clients' nice value: 19 stands for clients on other machines, whose receiving "
@@ -265,7 +268,10 @@ def main() -> int:
                                                        size=min(exp.n_items - 1, int(rng.integers(5, 51))),
                                                        replace=False)]
     small = [json.dumps({"history": pick(), "k": 10}).encode() for _ in range(512)]
-    large = json.dumps({"histories": [pick() for _ in range(args.large_histories)], "k": exp.n_items}).encode()
+    large_k = args.large_k or exp.n_items
+    if not 1 <= large_k <= exp.n_items:
+        raise SystemExit(f"--large-k must be 1..{exp.n_items:,} (the catalogue size)")
+    large = json.dumps({"histories": [pick() for _ in range(args.large_histories)], "k": large_k}).encode()
     gc.collect()
     gc.freeze()   # this process's own full collections scan only what the phases make: no 100 ms client pauses
     load0, started = os.getloadavg(), time.gmtime()
@@ -290,7 +296,7 @@ def main() -> int:
     tag = f"`{cmd}`, {time.strftime('%Y-%m-%d %H:%M UTC', started)}"
     rows = []
     for key, name in (("alone", "small alone"), ("beside", f"small beside {args.large_clients} client(s) sending "
-                                                     f"{args.large_histories:,} histories x k = {exp.n_items:,}"),
+                                                     f"{args.large_histories:,} histories x k = {large_k:,}"),
                       ("large alone", "large alone"),
                       ("control", "small beside a spinning process at the batch lane's priority (control)")):
         r = median([run[key] for run in runs])

@@ -1,20 +1,26 @@
-"""/recommend/batch answered outside the server process: `BatchLane` runs the pieces of batch requests, model
-call and JSON both, in one child process (`python -m distill.batch_lane`) at the lowest CPU priority.
+"""/recommend/batch answered outside the server process: `BatchLane` hands each batch request's body to one child
+process (`python -m distill.batch_lane`) at the lowest CPU priority, which parses and checks it, ranks it and
+writes its JSON, in pieces.
 
 A batch of 1,024 histories x every item is seconds of CPU (about 1.3 ms a history to rank every item and 2.7 ms
-to write its JSON on the 2-core sandbox, 2026-12-02), all of it holding an interpreter lock. In the server
-process a /recommend then waited for a piece's model call, or the event loop for the lock. In the child, nothing
-of the server waits for it, and the kernel's scheduler gives it only the CPU the server leaves (SCHED_IDLE).
+to write its JSON on the 2-core sandbox, 2026-12-02), and even at k = 10 its megabyte of JSON took tens of
+milliseconds to parse, validate and map to internal ids; all of it holds an interpreter lock. In the server
+process a /recommend then waited for it. In the child, nothing of the server waits for it, and the kernel's
+scheduler gives it only the CPU the server leaves (SCHED_IDLE). The server keeps the admission (`Backlog`, told
+a request's size once the child has read it), the timeouts and the streaming of the pieces.
 
 The child loads the export from the folder the server loaded it from (a private snapshot under `anyo serve`) and
-refuses one whose manifest differs from the server's, so both answer from one model. It is fed raw arrays over
-its stdin and stdout, no pickle:
+refuses one whose manifest differs from the server's, so both answer from one model. They speak over its stdin
+and stdout, no pickle:
 
-    parent -> child   once: u64 length + JSON {"folder", "manifest_sha256", "runtime", "threads"}
+    parent -> child   once: u64 length + JSON {"folder", "manifest_sha256", "runtime", "threads",
+                      "piece_histories", "max_response_items"}
     child -> parent   once: a reply (empty: ready)
-    parent -> child   per piece: u64 n, u64 k, u64 exclude_seen, (n+1) int64 offsets, the histories' int64 ids
-    child -> parent   per piece: a reply, each row's text after a comma (UTF-8, `AnswerText.piece`)
-    a reply           u64 status (0 ok, 1 an error: the text is its message), u64 length, the text
+    parent -> child   per request: u64 length, the body as the client sent it
+    child -> parent   a reply: u64 histories, u64 histories per piece; or REFUSED, "STATUS detail" (its 4xx)
+    parent -> child   per piece, in order: u64 NEXT (answer it) or STOP (the request ends here)
+    child -> parent   per NEXT: a reply, each of the piece's rows after a comma (UTF-8, `AnswerText.piece`)
+    a reply           u64 status (OK, FAILED: the text is the error, the request ends; REFUSED), u64 length, text
 
 The child exits when its stdin closes, so it never outlives the server process that started it.
 """
@@ -30,23 +36,40 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
-import numpy as np
 import torch
 
 from distill.answer_text import AnswerText
+from distill.api import Backlog, Problem, batch_of
 from distill.errors import AnyoError, ArtifactError
 from distill.exported import MANIFEST_DIGEST, load_export
 from distill.histories import Histories
 
 U64 = struct.Struct("<Q")
-OK, FAILED = 0, 1
+SIZE = struct.Struct("<QQ")          # a request's histories, histories per piece
+OK, FAILED, REFUSED = 0, 1, 2
+NEXT, STOP = 1, 0
 MAX_REPLY_BYTES = 1 << 32   # more than any piece's answer: a length beyond it is a broken stream, not a reply
+PIECE_ITEMS = 16_384        # histories x k in one piece (at most piece_histories): bounds the child's memory per
+                            # model call, and how soon a cancelled batch stops
 
 
 class LaneError(RuntimeError):
-    """The child could not answer a piece, or start: its message."""
+    """The child could not answer a request, or start: its message."""
+
+
+class Answer(Protocol):
+    """Where the lane puts one request's answer, called from the lane's thread."""
+
+    def wanted(self) -> bool:
+        """False once the request has given up (timed out, its client gone): the lane stops making it."""
+
+    def piece(self, text: bytearray) -> None:
+        """The next piece's rows, each after a comma."""
+
+    def end(self, error: Exception | None) -> None:
+        """The request is over: answered whole (None), refused (a Problem) or failed (LaneError)."""
 
 
 def _read(stream, n: int) -> bytearray:
@@ -78,29 +101,35 @@ def _reply(stream, status: int, text: bytes) -> None:
 
 
 def _reply_of(stream) -> bytearray:
-    """A reply's text; an error reply raised as a LaneError with its message."""
+    """A reply's text; a FAILED reply raised as a LaneError with its message, a REFUSED one as its Problem."""
     status, n = _read_u64(stream), _read_u64(stream)
-    if status not in (OK, FAILED) or n > MAX_REPLY_BYTES:
+    if status not in (OK, FAILED, REFUSED) or n > MAX_REPLY_BYTES:
         raise EOFError(f"batch lane: a broken reply (status {status}, {n:,} bytes)")
     text = _read(stream, n)
-    if status != OK:
+    if status == REFUSED:
+        code, _, detail = text.decode().partition(" ")
+        raise Problem(int(code), detail)
+    if status == FAILED:
         raise LaneError(f"batch lane: {text.decode(errors='replace')}")
     return text
 
 
 class BatchLane:
-    """The pieces of batch requests, answered one after another in submission order by the child process; a
-    thread of this process feeds it and hands each piece's text to `done(text, error)`. A piece whose `wanted()`
-    is false by its turn is skipped. `waiting` counts the histories of pieces not yet answered or skipped. A child
-    that dies fails the piece in flight and is started again for the next; after `close`, a piece is failed at
-    once. The child starts with the first piece, or with `start()`."""
+    """Batch requests, answered one after another in submission order by the child process; a thread of this
+    process feeds it each request's body and hands the pieces of its answer to the request's `Answer`. A request's
+    histories are admitted to `backlog` once the child has read them, and leave it as their pieces are answered;
+    `pending` counts the requests not yet over. A request no longer `wanted()` is stopped before its next piece. A
+    child that dies fails the request in flight and is started again for the next; after `close`, a request is
+    failed at once. The child starts with the first request, or with `start()`."""
 
-    def __init__(self, folder: Path, manifest: dict, runtime: str | None, threads: int,
-                 on_call: Callable[[int], None] = lambda n: None):
+    def __init__(self, folder: Path, manifest: dict, runtime: str | None, threads: int, piece_histories: int,
+                 max_response_items: int, backlog: Backlog, on_call: Callable[[int], None] = lambda n: None):
         self._spec = json.dumps({"folder": str(folder), "manifest_sha256": manifest.get(MANIFEST_DIGEST),
-                                 "runtime": runtime, "threads": threads}).encode()
+                                 "runtime": runtime, "threads": threads, "piece_histories": piece_histories,
+                                 "max_response_items": max_response_items}).encode()
+        self.backlog = backlog
         self.on_call = on_call      # told the number of histories of every piece answered (metrics)
-        self.waiting = 0
+        self.pending = 0
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._child: subprocess.Popen | None = None
         self._child_lock = threading.Lock()   # `start()` from another thread than the feeding one
@@ -113,17 +142,16 @@ class BatchLane:
     def pid(self) -> int | None:
         return None if self._child is None else self._child.pid
 
-    def submit(self, rows: list[np.ndarray], k: int, exclude_seen: bool, done: Callable,
-               wanted: Callable[[], bool]) -> None:
+    def submit(self, body: bytes, answer: Answer) -> None:
         with self._lock:
             if not self._closed:
-                self.waiting += len(rows)
-                self._jobs.put((rows, k, exclude_seen, done, wanted))
+                self.pending += 1
+                self._jobs.put((body, answer))
                 return
-        done(None, LaneError("batch lane: shutting down"))
+        answer.end(LaneError("batch lane: shutting down"))
 
     def start(self) -> None:
-        """Start the child now (it loads the export), not with the first piece; AnyoError if it cannot."""
+        """Start the child now (it loads the export), not with the first request; AnyoError if it cannot."""
         try:
             with self._child_lock:
                 self._ensure_child()
@@ -139,7 +167,7 @@ class BatchLane:
             self._closed = True
             self._jobs.put(None)
         self._thread.join(timeout=10)
-        if self._thread.is_alive():   # a piece in flight on a child that does not answer: end it, and the thread
+        if self._thread.is_alive():   # a request in flight on a child that does not answer: end it, and the thread
             child = self._child
             if child is not None:
                 child.kill()
@@ -153,7 +181,7 @@ class BatchLane:
                                 stdout=subprocess.PIPE, bufsize=0)
 
     def _ensure_child(self) -> None:
-        if self._child is not None and self._child.poll() is not None:   # died between pieces: a new one
+        if self._child is not None and self._child.poll() is not None:   # died between requests: a new one
             self._child = None
         if self._child is None:
             child = self._launch()
@@ -166,14 +194,34 @@ class BatchLane:
                 raise
             self._child = child
 
-    def _answer(self, rows: list[np.ndarray], k: int, exclude_seen: bool) -> bytearray:
-        histories = Histories.from_rows(rows)
+    def _answer(self, body: bytes, answer: Answer) -> None:
+        """One request through the child: its size admitted, then its pieces while it is wanted."""
         with self._child_lock:
             self._ensure_child()
-            child = self._child
-            _write(child.stdin, U64.pack(len(rows)), U64.pack(k), U64.pack(int(exclude_seen)), histories.offsets,
-                   histories.flat)
-            return _reply_of(child.stdout)
+            into, out = self._child.stdin, self._child.stdout
+            _write(into, U64.pack(len(body)), body)
+            n, size = SIZE.unpack(_reply_of(out))
+            try:
+                self.backlog.admit(n)
+            except Problem:
+                _write(into, U64.pack(STOP))
+                raise
+            left = n
+            try:
+                for lo in range(0, n, size):
+                    if not answer.wanted():
+                        _write(into, U64.pack(STOP))
+                        return
+                    _write(into, U64.pack(NEXT))
+                    text = _reply_of(out)
+                    m = min(size, n - lo)
+                    self.on_call(m)
+                    self.backlog.done(m)     # before the piece: its request may be followed at once
+                    left -= m
+                    answer.piece(text)
+            finally:
+                self.backlog.done(left)
+        answer.end(None)
 
     def _drop_child(self) -> None:
         with self._child_lock:
@@ -184,25 +232,20 @@ class BatchLane:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            rows, k, exclude_seen, done, wanted = job
-            text, error = None, None
-            if not wanted():
-                pass
-            elif not rows:                       # nothing to rank
-                text = b""
-            else:
-                try:
-                    text = self._answer(rows, k, exclude_seen)
-                    self.on_call(len(rows))
-                except LaneError as e:           # the child's own error: it goes on
-                    error = e
-                except Exception as e:  # noqa: BLE001 - the child died or broke the protocol: replaced, the thread goes on
-                    self._drop_child()
-                    error = LaneError(f"batch lane: {e}")
-            with self._lock:                     # before the answer: its request may be followed at once
-                self.waiting -= len(rows)
-            if text is not None or error is not None:
-                done(text, error)
+            body, answer = job
+            error = None
+            try:
+                if answer.wanted():
+                    self._answer(body, answer)
+            except (Problem, LaneError) as e:    # the request's own refusal or error: the child goes on
+                error = e
+            except Exception as e:  # noqa: BLE001 - the child died or broke the protocol: replaced, the thread goes on
+                self._drop_child()
+                error = LaneError(f"batch lane: {e}")
+            with self._lock:
+                self.pending -= 1
+            if error is not None:
+                answer.end(error)
         with self._child_lock:
             if self._child is not None:
                 self._child.stdin.close()
@@ -224,10 +267,32 @@ def lowest_priority() -> None:
         pass
 
 
+def _pieces(stdin, stdout, exported, text: AnswerText, body: bytes, spec: dict) -> None:
+    """One request: its size (or its refusal), then each piece the server asks for."""
+    try:
+        rows, k, exclude_seen = batch_of(body, exported, spec["max_response_items"])
+    except Problem as p:
+        return _reply(stdout, REFUSED, f"{p.status} {p.detail}".encode())
+    except Exception as e:  # noqa: BLE001 - this request fails, the next is answered
+        return _reply(stdout, FAILED, f"{type(e).__name__}: {e}".encode())
+    size = max(1, min(spec["piece_histories"], PIECE_ITEMS // k))
+    _reply(stdout, OK, SIZE.pack(len(rows), size))
+    for lo in range(0, len(rows), size):
+        if _read_u64(stdin) != NEXT:
+            return
+        try:
+            ids, scores = exported.recommender.top_k(Histories.from_rows(rows[lo:lo + size]), k,
+                                                     exclude_seen=exclude_seen)
+            out = text.piece(ids, scores)
+        except Exception as e:  # noqa: BLE001 - this request fails, the next is answered
+            return _reply(stdout, FAILED, f"{type(e).__name__}: {e}".encode())
+        _reply(stdout, OK, out)
+
+
 def serve(stdin, stdout) -> None:
-    """The child: load the export (at the server's priority: start-up waits for it), then answer pieces at the
+    """The child: load the export (at the server's priority: start-up waits for it), then answer requests at the
     lowest until stdin closes."""
-    for sig in (signal.SIGINT, signal.SIGTERM):   # the server's to handle: its pieces in flight still get answers
+    for sig in (signal.SIGINT, signal.SIGTERM):   # the server's to handle: its requests in flight still get answers
         signal.signal(sig, signal.SIG_IGN)
     spec = json.loads(_read(stdin, _read_u64(stdin)))
     try:
@@ -235,26 +300,16 @@ def serve(stdin, stdout) -> None:
         exported = load_export(spec["folder"], runtime=spec["runtime"])
         if exported.manifest.get(MANIFEST_DIGEST) != spec["manifest_sha256"]:
             raise ArtifactError(f"{spec['folder']}: not the export the server loaded (re-exported under it?)")
-    except Exception as e:  # noqa: BLE001 - told to the server, which fails the piece with it
+    except Exception as e:  # noqa: BLE001 - told to the server, which fails the request with it
         return _reply(stdout, FAILED, str(e).encode())
     text = AnswerText.of(exported.raw_ids, exported.titles)
-    recommender = exported.recommender
     lowest_priority()
     _reply(stdout, OK, b"")
-    while True:
-        try:
-            n, k, exclude_seen = (_read_u64(stdin) for _ in range(3))
-        except EOFError:
-            return
-        offsets = np.frombuffer(_read(stdin, (n + 1) * 8), np.int64)
-        flat = np.frombuffer(_read(stdin, int(offsets[-1]) * 8), np.int64)
-        try:
-            ids, scores = recommender.top_k(Histories(flat, offsets), k, exclude_seen=bool(exclude_seen))
-            out = text.piece(ids, scores)
-        except Exception as e:  # noqa: BLE001 - this piece fails, the next is answered
-            _reply(stdout, FAILED, f"{type(e).__name__}: {e}".encode())
-            continue
-        _reply(stdout, OK, out)
+    try:
+        while True:
+            _pieces(stdin, stdout, exported, text, _read(stdin, _read_u64(stdin)), spec)
+    except EOFError:
+        return
 
 
 if __name__ == "__main__":

@@ -72,13 +72,22 @@ class Exported:
         default: True excludes the history's items, False keeps them rankable (repeat consumption)."""
         return bool(self.manifest["mask_history"])
 
+    def excludes_seen(self, include_seen: bool | None) -> bool:
+        """Whether an answer excludes the history's items: as asked, else the evaluated protocol (`mask_history`):
+        served = published."""
+        return self.mask_history if include_seen is None else not include_seen
+
+    def internal_rows(self, histories: list, field: str = "histories") -> list[np.ndarray]:
+        """Each history's internal ids; an unknown id is named by `field` (and the history's index for
+        "histories")."""
+        return [self.to_internal(h, f"{field}[{n}]" if field == "histories" else field)
+                for n, h in enumerate(histories)]
+
     def recommend_many(self, histories: list, k: int = 10, include_seen: bool | None = None,
                        field: str = "histories") -> list[list[dict]]:
         """Top-k for each history of raw ids; include_seen None = the evaluated protocol (`mask_history`)."""
-        rows = [self.to_internal(h, f"{field}[{n}]" if field == "histories" else field)
-                for n, h in enumerate(histories)]
-        exclude = self.mask_history if include_seen is None else not include_seen
-        ids, scores = self.recommender.top_k(Histories.from_rows(rows), k, exclude_seen=exclude)
+        ids, scores = self.recommender.top_k(Histories.from_rows(self.internal_rows(histories, field)), k,
+                                             exclude_seen=self.excludes_seen(include_seen))
         out = []
         raw, titles = self.raw_ids, self.titles
         for row_ids, row_scores in zip(ids.tolist(), scores.tolist()):

@@ -11,12 +11,13 @@
 
 Inference runs off the event loop. /recommend in one thread (`Batcher`): concurrent requests wait up to
 `--batch-wait-ms` for one another and are answered from one Recommender call of at most `--max-batch`
-histories. /recommend/batch in a child process at the lowest CPU priority (`distill.batch_lane.BatchLane`),
-model call and JSON, in pieces of `--piece-histories` (fewer when k is large: PIECE_ITEMS), so a /recommend
-never waits for a batch and the server's interpreter lock holds none of its work; its answer streams as the
-pieces come (`Streamed`). More than `--max-queue` histories waiting, or more than `--max-concurrency` requests
-in progress, is answered 503 with Retry-After; a request not answered within `--request-timeout-s` too (for a
-batch: its first piece; a later one that fails or is late closes the connection mid-answer).
+histories. /recommend/batch in a child process at the lowest CPU priority (`distill.batch_lane.BatchLane`):
+the server reads its body and hands it over; the child parses and checks it, ranks it and writes its JSON, in
+pieces of `--piece-histories` (fewer when k is large), so a /recommend never waits for a batch and the server's
+interpreter lock holds none of its work; its answer streams as the pieces come (`Streamed`). More than
+`--max-queue` histories waiting (`distill.api.Backlog`), or more than `--max-concurrency` requests in progress,
+is answered 503 with Retry-After; a request not answered within `--request-timeout-s` too (for a batch: its
+first piece; a later one that fails or is late closes the connection mid-answer).
 Each process serves one private snapshot of the export, copied and checked against its manifest at start
 (`snapshot_export`), so re-exporting the folder never mixes two models.
 
@@ -26,7 +27,8 @@ MAX_BODY_BYTES, 415 a content type other than JSON, 431 a request line and heade
 (400 from the HTTP layer when they never end), 422 everything else (unknown ids, all of them named; an
 empty or too long history; k outside 1..catalogue size; histories x k over `--max-response-items`; wrong
 types). 503 with Retry-After: the server is full (see above); try again.
-The ranking is `distill.recommender.Recommender`'s, the same as the evaluation harness's.
+The checks are `distill.api`'s, for both routes. The ranking is `distill.recommender.Recommender`'s, the same
+as the evaluation harness's.
 """
 
 
@@ -48,7 +50,6 @@ from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import h11
 import numpy as np
@@ -57,33 +58,24 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.supervisors import Multiprocess
 
 from distill.answer_text import AnswerText
+from distill.api import (RETRY_AFTER_S, Backlog, BatchRequest, Busy, Problem, RecommendRequest, checked_rows,
+                         validation_problem)
 from distill.batch_lane import BatchLane
 from distill.errors import AnyoError, ArtifactError
 from distill.exported import Exported, load_export, verify_export
 from distill.histories import Histories
-from distill.serve_config import MAX_BATCH, MAX_BATCH_IDS, MAX_BODY_BYTES, MAX_HISTORY, ServeConfig
+from distill.serve_config import MAX_BATCH, MAX_BODY_BYTES, MAX_HISTORY, ServeConfig
 
 ENV_DIR = "ANYO_SERVE_DIR"          # for --workers > 1: the snapshot each worker loads,
 ENV_CONFIG = "ANYO_SERVE_CONFIG"    # the settings (JSON),
 ENV_MASTER = "ANYO_SERVE_MASTER"    # and the pid of the process that started them
-RETRY_AFTER_S = 1
 GIL_SWITCH_S = 0.001                 # the event loop waits at most this for the GIL the inference thread holds
-PIECE_ITEMS = 16_384                 # histories x k in one piece of a batch request (at most --piece-histories):
-                                     # bounds the batch lane's memory per call and how soon a cancelled batch stops
 WORKER_STARTUP_S = 120               # uvicorn kills a worker that does not answer its health ping within this
-
-
-def _field(loc) -> str:
-    parts = [str(p) for p in loc if p != "body"]
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
-    return out or "body"
 
 
 class BodyGuard:
@@ -135,26 +127,6 @@ class BodyGuard:
                 f"(history: at most {MAX_HISTORY:,} ids; histories: at most {MAX_BATCH:,} lists)")
 
 
-ItemId = Union[StrictStr, StrictInt]
-
-
-class RecommendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    history: list[ItemId] = Field(min_length=1, max_length=MAX_HISTORY,
-                                  description="raw item ids as in the user's data (strings or integers), oldest first")
-    k: StrictInt = Field(10, description="how many items, 1..catalogue size")
-    include_seen: StrictBool | None = Field(None, description="also return items of the history (default: the "
-                                                               "protocol the model was evaluated with)")
-
-
-class BatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    histories: list[list[ItemId]] = Field(min_length=1, max_length=MAX_BATCH,
-                                          description=f"at most {MAX_BATCH} histories, {MAX_BATCH_IDS} ids in all")
-    k: StrictInt = Field(10, description="how many items per history, 1..catalogue size")
-    include_seen: StrictBool | None = None
-
-
 class Item(BaseModel):
     item: str
     title: str
@@ -177,68 +149,45 @@ class Health(BaseModel):
     manifest_sha256: str
 
 
-class Problem(Exception):
-    """A request FastAPI's validation accepted but the model cannot answer: (status, detail)."""
-
-    def __init__(self, status: int, detail: str):
-        self.status, self.detail = status, detail
-
-
-class Busy(Problem):
-    """The server cannot take the request now: 503 with Retry-After."""
-
-    def __init__(self, detail: str):
-        super().__init__(503, detail)
-
-
-def validation_problem(errors: list[dict]) -> Problem:
-    """FastAPI's validation errors as one 400 (malformed JSON) or 422 naming each field, at most five."""
-    bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
-    if bad_json is not None:
-        ctx = (bad_json.get("ctx") or {}).get("error", "")
-        return Problem(400, f"body: malformed JSON{f' ({ctx})' if ctx else ''}")
-    lines, done = [], set()
-    for e in errors:
-        loc, msg = tuple(e.get("loc", ())), e.get("msg", "invalid")
-        if loc and loc[-1] in ("str", "int"):  # one item id failed both halves of str | int
-            loc, msg = loc[:-1], "expected an item id (a JSON string or integer)"
-        if loc in done:
-            continue
-        done.add(loc)
-        if e.get("type") == "too_long":
-            ctx = e.get("ctx") or {}
-            got = f"{ctx['actual_length']:,} items, " if isinstance(ctx.get("actual_length"), int) else ""
-            most = ctx.get("max_length")
-            msg = f"too long ({got}at most {most:,})" if isinstance(most, int) else f"too long ({got.rstrip(', ')})"
-        elif e.get("type") == "too_short":
-            msg = "must not be empty"
-        lines.append(f"{_field(loc)}: {msg}")
-    more = f" (and {len(lines) - 5} more errors)" if len(lines) > 5 else ""
-    return Problem(422, "; ".join(lines[:5]) + more)
-
-
-def check_request(k: int, n_items: int, histories: list[list], max_items: int) -> None:
-    """What the schema cannot say: k within the catalogue, each history's length, the batch's total, the
-    answer's size."""
-    if not 1 <= k <= n_items:
-        raise Problem(422, f"k: {k} is not in 1..{n_items} (the catalogue size)")
-    if len(histories) * k > max_items:
-        raise Problem(422, f"k: {len(histories):,} histories x k = {k:,} is {len(histories) * k:,} items, "
-                           f"more than the server's limit of {max_items:,} (--max-response-items)")
-    for n, h in enumerate(histories):
-        if not h:
-            raise Problem(422, f"histories[{n}]: must not be empty")
-        if len(h) > MAX_HISTORY:
-            raise Problem(422, f"histories[{n}]: too long ({len(h):,} items, at most {MAX_HISTORY:,})")
-    total = sum(len(h) for h in histories)
-    if total > MAX_BATCH_IDS:
-        raise Problem(422, f"histories: {total:,} ids in all, at most {MAX_BATCH_IDS:,}")
-
-
 async def _disconnected(receive) -> None:
     """Returns once the client has gone (its request's body already read)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+class BatchAnswer:
+    """A /recommend/batch's answer as the batch lane makes it (`distill.batch_lane.Answer`): its pieces, then its
+    end, handed from the lane's thread to the request's event loop in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.cancelled = loop, False
+        self._items: asyncio.Queue = asyncio.Queue()
+
+    def wanted(self) -> bool:
+        return not self.cancelled
+
+    def cancel(self) -> None:
+        """The request gave up: the lane makes no more of it."""
+        self.cancelled = True
+
+    def piece(self, text: bytearray) -> None:
+        self._put(text)
+
+    def end(self, error: Exception | None) -> None:
+        self._put(error)
+
+    def _put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._items.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody waits for it
+            pass
+
+    async def next(self) -> bytearray | None:
+        """The next piece, None once the answer is whole; the request's refusal (a Problem) or failure raised."""
+        item = await self._items.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
 
 class Streamed(Response):
@@ -249,15 +198,15 @@ class Streamed(Response):
     and the socket keeps up. The status is sent with the first piece: a later piece that fails, or is not
     answered by `deadline` (loop time), ends the answer unfinished and uvicorn closes the connection, never a
     shorter list (HTTP/1.1 clients report the incomplete chunked body; for HTTP/1.0 only the JSON is cut). A
-    client that leaves mid-answer has its other pieces cancelled. Pieces are `AnswerText.piece` texts, each row
-    after its comma: sent as they are, the first without its comma."""
+    client that leaves mid-answer has the rest of its answer cancelled. Pieces are `AnswerText.piece` texts,
+    each row after its comma: sent as they are, the first without its comma."""
 
     media_type = "application/json"
 
-    def __init__(self, first: bytes, rest: list[asyncio.Future], deadline: float, on_stop):
+    def __init__(self, first: bytes, answer: BatchAnswer, deadline: float):
         super().__init__(b"", media_type=self.media_type)
         del self.headers["content-length"]
-        self.first, self.rest, self.deadline, self.on_stop = first, rest, deadline, on_stop
+        self.first, self.answer, self.deadline = first, answer, deadline
 
     async def __call__(self, scope, receive, send) -> None:
         loop = asyncio.get_running_loop()
@@ -265,28 +214,29 @@ class Streamed(Response):
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             await send({"type": "http.response.body", "body": b'{"results":[' + self.first[1:], "more_body": True})
-            for future in self.rest:
-                await asyncio.sleep(0)
-                if not future.done():
-                    await asyncio.wait([future, gone], timeout=max(0.0, self.deadline - loop.time()),
-                                       return_when=asyncio.FIRST_COMPLETED)
-                if gone.done() or not future.done() or future.cancelled() or future.exception() is not None:
+            while True:   # waiting on a new task: the event loop runs others before each piece, even one in hand
+                coming = asyncio.ensure_future(self.answer.next())
+                await asyncio.wait([coming, gone], timeout=max(0.0, self.deadline - loop.time()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if gone.done() or not coming.done() or coming.exception() is not None:
+                    coming.cancel()
                     return          # the client left, too late, or failed: uvicorn closes an answer that did not end
-                await send({"type": "http.response.body", "body": future.result(), "more_body": True})
+                if (piece := coming.result()) is None:
+                    break
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
             await send({"type": "http.response.body", "body": b"]}", "more_body": False})
             ended = True
         finally:
             gone.cancel()
-            if not ended:   # and a send that raised, the server stopping: the other pieces are not needed
-                self.on_stop()
+            if not ended:   # and a send that raised, the server stopping: the rest is not needed
+                self.answer.cancel()
 
 
 # ---------------------------------------------------------------- the micro-batcher
 
 @dataclass(eq=False)
 class Job:
-    """Histories (internal ids) of one /recommend, or one piece of a /recommend/batch, and where its answer goes:
-    (ids, scores) for a /recommend, the piece's rows as JSON bytes for a piece."""
+    """The history (internal ids) of one /recommend, and where its answer, (ids, scores), goes."""
 
     rows: list[np.ndarray]
     k: int
@@ -300,29 +250,26 @@ class Job:
 class Batcher:
     """One inference thread for /recommend: jobs are gathered for up to `wait_s` after the first of them, at most
     `max_batch` histories, and answered by one `Recommender.top_k` call per include_seen setting (with the
-    largest k asked, each cut to its own: the order is total, so a prefix is the top-k). `waiting` counts the
-    histories queued, not yet taken by the thread."""
+    largest k asked, each cut to its own: the order is total, so a prefix is the top-k). A job's histories are in
+    `backlog` from its submission to its answer."""
 
-    def __init__(self, recommender, max_batch: int, wait_s: float, on_call):
-        self.recommender, self.max_batch, self.wait_s = recommender, max_batch, wait_s
+    def __init__(self, recommender, max_batch: int, wait_s: float, backlog: Backlog, on_call):
+        self.recommender, self.max_batch, self.wait_s, self.backlog = recommender, max_batch, wait_s, backlog
         self.on_call = on_call      # told the number of histories of every model call (metrics)
         self._small: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self.waiting = 0
         self._thread = threading.Thread(target=self._run, name="anyo-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, jobs: list[Job]) -> None:
-        """Queue `jobs` (all or none), from the event loop."""
-        now = time.monotonic()
+    def submit(self, job: Job) -> None:
+        """Queue `job`, once the backlog admits it (else Busy), from the event loop."""
         with self._cond:
             if self._closed:
                 raise Busy("server: shutting down")
-            for j in jobs:
-                j.arrived = now
-            self._small.extend(jobs)
-            self.waiting += sum(len(j.rows) for j in jobs)
+            self.backlog.admit(len(job.rows))
+            job.arrived = time.monotonic()
+            self._small.append(job)
             self._cond.notify()
 
     def close(self) -> None:
@@ -338,6 +285,7 @@ class Batcher:
                 self._cond.wait()
             if self._closed:
                 for j in self._small:
+                    self.backlog.done(len(j.rows))
                     _settle(j, None, Busy("server: shutting down"))
                 self._small.clear()
                 return None
@@ -351,11 +299,11 @@ class Batcher:
             while self._small and n + len(self._small[0].rows) <= self.max_batch or not jobs:
                 jobs.append(self._small.popleft())
                 n += len(jobs[-1].rows)
-            self.waiting -= n
             return jobs
 
     def _run(self) -> None:
         while (jobs := self._take()) is not None:
+            self.backlog.done(sum(len(j.rows) for j in jobs if j.cancelled))
             jobs = [j for j in jobs if not j.cancelled]
             for exclude in (True, False):
                 group = [j for j in jobs if j.exclude_seen is exclude]
@@ -367,21 +315,15 @@ class Batcher:
             ids, scores = self.recommender.top_k(Histories.from_rows([r for j in group for r in j.rows]),
                                                  max(j.k for j in group), exclude_seen=exclude)
             self.on_call(sum(len(j.rows) for j in group))
+            answers, error = (ids, scores), None
         except Exception as e:  # noqa: BLE001 - handed to each request, which answers 500 and the server goes on
-            for j in group:
-                _settle(j, None, e)
-            return
+            answers, error = None, e
+        self.backlog.done(sum(len(j.rows) for j in group))   # before the answers: a request may follow at once
         start = 0
         for j in group:
             end = start + len(j.rows)
-            _settle(j, (ids[start:end, :j.k], scores[start:end, :j.k]), None)
+            _settle(j, None if error else (answers[0][start:end, :j.k], answers[1][start:end, :j.k]), error)
             start = end
-
-
-def cancel(jobs: list[Job]) -> None:
-    """Their request gave up: the worker skips them."""
-    for j in jobs:
-        j.cancelled = True
 
 
 def _settle(job: Job, result, error) -> None:
@@ -593,12 +535,11 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
     manifest, n_items = exported.manifest, exported.n_items
     metrics = Metrics()
     text = AnswerText.of(exported.raw_ids, exported.titles)
-    batcher = Batcher(exported.recommender, settings.max_batch, settings.batch_wait_ms / 1000, on_call=metrics.call)
-    lane = BatchLane(exported.folder, manifest, exported.recommender.runtime, settings.threads, on_call=metrics.call)
-
-    def waiting() -> int:
-        """Histories waiting for the model, both queues together."""
-        return batcher.waiting + lane.waiting
+    backlog = Backlog(settings.max_queue)
+    batcher = Batcher(exported.recommender, settings.max_batch, settings.batch_wait_ms / 1000, backlog,
+                      on_call=metrics.call)
+    lane = BatchLane(exported.folder, manifest, exported.recommender.runtime, settings.threads,
+                     settings.piece_histories, settings.max_response_items, backlog, on_call=metrics.call)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -610,7 +551,7 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
                   docs_url=None, redoc_url=None,
                   description=f"{manifest['model']} exported by `anyo export` (split {manifest['split_hash']}, "
                               f"{n_items:,} items). Ranking = the evaluation harness's.")
-    app.state.batcher, app.state.lane, app.state.metrics = batcher, lane, metrics
+    app.state.batcher, app.state.lane, app.state.backlog, app.state.metrics = batcher, lane, backlog, metrics
     health_body = json.dumps({"status": "ok", "model": manifest["model"], "split_hash": manifest["split_hash"],
                               "n_items": n_items, "manifest_sha256": manifest_sha256(exported.folder)}, separators=(",", ":"))
 
@@ -630,70 +571,52 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus():
-        text = metrics.text(waiting())
+        text = metrics.text(backlog.n)
         return Response(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/docs", include_in_schema=False)
     async def docs():
         return HTMLResponse(docs_page(app.openapi()))
 
-    def rows_of(histories: list[list], k: int, field: str) -> list[np.ndarray]:
-        check_request(k, n_items, histories, settings.max_response_items)
+    async def in_time(answer, give_up):
+        """`answer` awaited within the request timeout (503 when late); `give_up()` when it fails or is late."""
         try:
-            return [exported.to_internal(h, f"{field}[{n}]" if field == "histories" else field)
-                    for n, h in enumerate(histories)]
-        except AnyoError as e:  # unknown item ids, named
-            raise Problem(422, str(e)) from None
-
-    def to_lane(jobs: list[Job]) -> None:
-        if lane.closed:
-            raise Busy("server: shutting down")
-        for j in jobs:
-            lane.submit(j.rows, j.k, j.exclude_seen, lambda text, error, j=j: _settle(j, text, error),
-                        lambda j=j: not j.cancelled)
-
-    async def answered(jobs: list[Job], submit, pieces):
-        """Queue the jobs with `submit` (`batcher.submit` or `to_lane`) and await `pieces()` (their answers),
-        within the request timeout. The histories waiting, both queues together, are at most --max-queue."""
-        n, queued = sum(len(j.rows) for j in jobs), waiting()
-        if queued + n > settings.max_queue:   # both count up only here, on the event loop: the bound holds
-            raise Busy(f"server busy: {queued:,} histories are waiting and this request brings {n:,}, "
-                       f"more than --max-queue {settings.max_queue:,}; retry after {RETRY_AFTER_S} s")
-        submit(jobs)
-        try:
-            return await asyncio.wait_for(pieces(), settings.request_timeout_s)
-        except BaseException as e:   # a timeout, a failed piece, the server stopping: the other pieces are not needed
-            cancel(jobs)
+            return await asyncio.wait_for(answer, settings.request_timeout_s)
+        except BaseException as e:   # a timeout, a refusal, the server stopping: the rest is not needed
+            give_up()
             if isinstance(e, asyncio.TimeoutError):
                 raise Busy(f"server busy: no answer within --request-timeout-s {settings.request_timeout_s:g} s; "
                            f"retry after {RETRY_AFTER_S} s") from None
             raise
 
-    def job(rows: list[np.ndarray], k: int, include_seen: bool | None) -> Job:
-        if include_seen is None:
-            include_seen = not exported.mask_history     # the evaluated protocol (served = published)
-        loop = asyncio.get_running_loop()
-        return Job(rows, k, not include_seen, loop, loop.create_future())
-
     @app.post("/recommend", response_model=Items, responses={400: {}, 413: {}, 415: {}, 422: {}, 503: {}})
     async def recommend(req: RecommendRequest):
         """Top-k next items for one history; history items are excluded unless include_seen."""
-        one = job(rows_of([req.history], req.k, "history"), req.k, req.include_seen)
-        ids, scores = await answered([one], batcher.submit, lambda: one.future)
+        rows = checked_rows(exported, [req.history], req.k, settings.max_response_items, "history")
+        loop = asyncio.get_running_loop()
+        one = Job(rows, req.k, exported.excludes_seen(req.include_seen), loop, loop.create_future())
+        batcher.submit(one)
+        ids, scores = await in_time(one.future, lambda: setattr(one, "cancelled", True))
         return Response(text.rows(ids, scores)[0], media_type="application/json")
 
-    @app.post("/recommend/batch", response_model=Results, responses={400: {}, 413: {}, 415: {}, 422: {}, 503: {}})
-    async def recommend_batch(req: BatchRequest):
+    @app.post("/recommend/batch", response_model=Results, responses={400: {}, 413: {}, 415: {}, 422: {}, 503: {}},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": BatchRequest.model_json_schema()}}}})
+    async def recommend_batch(request: Request):
         """Top-k next items for each of several histories, answered by the batch lane, a process of its own, in
         pieces (of --piece-histories, fewer for a large k)."""
-        # a thread: the ids of 1,024 histories take about 10 ms to check, which the event loop would wait for
-        rows = await asyncio.to_thread(rows_of, req.histories, req.k, "histories")
-        size = max(1, min(settings.piece_histories, PIECE_ITEMS // req.k))
-        jobs = [job(rows[i:i + size], req.k, req.include_seen) for i in range(0, len(rows), size)]
-        deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
-        # the first piece as any answer (503 when late); the others as they come, until the same deadline
-        first = await answered(jobs, to_lane, lambda: jobs[0].future)
-        return Streamed(first, [j.future for j in jobs[1:]], deadline, lambda: cancel(jobs))
+        # the body goes to the lane as it came: its megabyte of JSON is parsed and checked there (BatchRequest),
+        # which took the event loop tens of milliseconds here
+        body = await request.body()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.request_timeout_s
+        if lane.closed:
+            raise Busy("server: shutting down")
+        answer = BatchAnswer(loop)
+        lane.submit(body, answer)
+        # the first piece as any answer (its refusal, 503 when late); the others as they come, until the same deadline
+        first = await in_time(answer.next(), answer.cancel)
+        return Streamed(first, answer, deadline)
 
     app.add_middleware(BodyGuard)
     app.add_middleware(Gate, limit=settings.max_concurrency, max_header_bytes=settings.max_header_bytes,

@@ -24,6 +24,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from distill.answer_text import AnswerText  # noqa: E402
+from distill.api import Backlog  # noqa: E402
 from distill.batch_lane import BatchLane  # noqa: E402
 from distill.cli import main  # noqa: E402
 from distill.data import load_split  # noqa: E402
@@ -185,7 +186,7 @@ def test_micro_batched_answers_equal_single_answers_under_concurrency(exp, hists
         tasks = [post(*asks[0])]
         await asyncio.to_thread(held.entered.acquire, timeout=WAIT)
         tasks += [post(*a) for a in asks[1:]]
-        await until(lambda: state.batcher.waiting == len(asks) - 1)
+        await until(lambda: state.backlog.n == len(asks))
         held.permits.release()
         return await asyncio.gather(*tasks)
 
@@ -203,7 +204,7 @@ def test_micro_batches_are_bounded_and_shared(exp, hists):
         tasks = [post(0)]
         await asyncio.to_thread(held.entered.acquire, timeout=WAIT)
         tasks += [post(n) for n in range(1, 20)]
-        await until(lambda: state.batcher.waiting == 19)
+        await until(lambda: state.backlog.n == 20)
         held.permits.release()
         await asyncio.gather(*tasks)
         held_calls.extend(held.calls)
@@ -212,24 +213,27 @@ def test_micro_batches_are_bounded_and_shared(exp, hists):
     assert held_calls[0] == 1 and held_calls[1:] == [8, 8, 3], held_calls
 
 
-def test_a_full_queue_answers_503_and_the_server_recovers(exp, hists):
-    """A legal batch of 1,024 histories waits in the stopped batch lane and fills --max-queue: the next
-    request is 503 with Retry-After; once the lane goes on, the batch is answered and new requests are too."""
+def test_a_full_queue_answers_503_to_both_routes_and_the_server_recovers(exp, hists):
+    """--max-queue histories already waiting (admitted, not yet answered): a /recommend and a /recommend/batch
+    (whose size only the batch lane's process reads) are 503 with Retry-After; once they are answered, both
+    routes answer again. (How a batch's histories stay in the backlog until its pieces are answered: the batch
+    lane's test.)"""
     async def body(client, held, state):
-        async with stopped(state.lane):
-            big = asyncio.create_task(client.post("/recommend/batch", json={
-                "histories": [hists[n % len(hists)] for n in range(1024)], "k": 2}))
-            await until(lambda: state.lane.waiting == 1024)
-            refused = await client.post("/recommend", json={"history": hists[1], "k": 3})
-        return refused, await big, await client.post("/recommend", json={"history": hists[1], "k": 3})
+        state.backlog.admit(1024)
+        refused = [await client.post("/recommend", json={"history": hists[1], "k": 3}),
+                   await client.post("/recommend/batch", json={"histories": hists[:2], "k": 3})]
+        state.backlog.done(1024)
+        return refused, [await client.post("/recommend", json={"history": hists[1], "k": 3}),
+                         await client.post("/recommend/batch", json={"histories": hists[:2], "k": 3})]
 
-    refused, big, after = in_process(exp, lambda h: False, max_queue=1024)(body)
-    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
-    assert "--max-queue" in refused.json()["detail"]
-    assert big.status_code == after.status_code == 200
-    assert len(big.json()["results"]) == 1024
-    assert same(big.json()["results"][1023]["items"], exp.recommend(hists[1023 % len(hists)], 2))
-    assert same(after.json()["items"], exp.recommend(hists[1], 3))
+    refused, after = in_process(exp, lambda h: False, max_queue=1024)(body)
+    for r, brings in zip(refused, (1, 2)):
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert "1,024 histories are waiting" in r.json()["detail"] and f"brings {brings}," in r.json()["detail"]
+        assert "--max-queue" in r.json()["detail"]
+    assert [r.status_code for r in after] == [200, 200]
+    assert same(after[0].json()["items"], exp.recommend(hists[1], 3))
+    assert all(same(got["items"], exp.recommend(h, 3)) for got, h in zip(after[1].json()["results"], hists[:2]))
 
 
 def test_a_request_not_answered_in_time_is_503_and_its_answer_goes_to_nobody(exp, hists):
@@ -259,7 +263,7 @@ def test_small_requests_never_wait_for_a_batch_which_runs_outside_the_server_pro
     async def body(client, held, state):
         async with stopped(state.lane):
             big = asyncio.create_task(client.post("/recommend/batch", json={"histories": batch, "k": exp.n_items}))
-            await until(lambda: state.lane.waiting == len(batch))
+            await until(lambda: state.lane.pending == 1)
             answers = await asyncio.gather(*(client.post("/recommend", json={"history": h, "k": k, "include_seen": s})
                                              for h, k, s in asks))
             assert not big.done()
@@ -291,18 +295,18 @@ def test_too_many_requests_in_progress_is_503_and_health_still_answers(exp, hist
 
 
 def test_a_batch_not_answered_in_time_is_503_and_its_other_pieces_are_never_made(exp, hists):
-    """Its first piece waits in the stopped batch lane past --request-timeout-s: 503, and once the lane goes on it
-    makes at most that piece (sent to the child before the timeout), skipping the request's other three."""
+    """It waits in the stopped batch lane past --request-timeout-s: 503, and once the lane goes on it reads the
+    request (sent to the child before the timeout) but makes none of its four pieces."""
     async def body(client, held, state):
         async with stopped(state.lane):
             late = await client.post("/recommend/batch", json={"histories": hists[:16], "k": 3})
-        await until(lambda: state.lane.waiting == 0)
+        await until(lambda: state.lane.pending == 0)
         return late, await client.get("/metrics")
 
     late, metrics = in_process(exp, lambda h: False, piece_histories=4, request_timeout_s=0.3)(body)
     assert late.status_code == 503 and "--request-timeout-s" in late.json()["detail"]
     made = [line for line in metrics.text.splitlines() if line.startswith("anyo_model_call_histories_count ")]
-    assert made in (["anyo_model_call_histories_count 0"], ["anyo_model_call_histories_count 1"]), made
+    assert made == ["anyo_model_call_histories_count 0"], made
 
 
 def test_answers_are_the_json_of_the_item_dicts(exp, hists):
@@ -313,62 +317,109 @@ def test_answers_are_the_json_of_the_item_dicts(exp, hists):
     assert AnswerText.of(exp.raw_ids, exp.titles).rows(ids, scores) == want
 
 
-# a child that answers the batch lane's start, then dies reading its first piece
-DIES_IN_A_PIECE = ("import struct, sys; i, o = sys.stdin.buffer, sys.stdout.buffer; "
+# a child that answers the batch lane's start, then dies reading its first request
+DIES_IN_A_REQUEST = ("import struct, sys; i, o = sys.stdin.buffer, sys.stdout.buffer; "
                    "i.read(struct.unpack('<Q', i.read(8))[0]); o.write(struct.pack('<QQ', 0, 0)); o.flush(); i.read(8)")
 
 
+class Collected:
+    """A `distill.batch_lane.Answer` that keeps what the lane gives it; `on_piece(self)` runs on the lane's
+    thread after each piece (it may block there, or stop wanting the rest)."""
+
+    def __init__(self, on_piece=lambda answer: None, wanted: bool = True):
+        self.pieces, self.ended, self.on_piece, self.wants = [], queue.SimpleQueue(), on_piece, wanted
+
+    def wanted(self) -> bool:
+        return self.wants
+
+    def piece(self, text) -> None:
+        self.pieces.append(bytes(text))
+        self.on_piece(self)
+
+    def end(self, error) -> None:
+        self.ended.put(error)
+
+    def results(self) -> list:
+        """The answer's rows, once it ended whole."""
+        error = self.ended.get(timeout=WAIT)
+        assert error is None, error
+        return json.loads(b"[" + b"".join(self.pieces)[1:] + b"]")
+
+
 def test_the_batch_lane_answers_as_the_server_does_from_a_process_of_its_own(exp, hists):
-    rows = [exp.to_internal(h) for h in hists[:6]]
+    """The lane's process reads each request, refuses a bad one as the server does (its 4xx), answers a good one
+    in pieces while it is wanted, and keeps its histories in the backlog until their pieces are answered."""
     want = exp.recommend_many(hists[:6], exp.n_items)
-    lane, got = BatchLane(exp.folder, exp.manifest, None, 1), queue.SimpleQueue()
+    backlog = Backlog(1024)
+    lane = BatchLane(exp.folder, exp.manifest, None, 1, 2, 10 ** 6, backlog)
 
-    def answered(n: int) -> bool:
-        """The next answer is the rows of the first n histories (scores to float32 rounding: other threads)."""
-        text, error = got.get(timeout=WAIT)
-        results = json.loads(b"[" + text[1:] + b"]") if error is None else None
-        return results is not None and len(results) == n and all(same(r["items"], w) for r, w in zip(results, want))
+    def ask(histories, k=exp.n_items, answer=None, **extra) -> Collected:
+        answer = answer or Collected()
+        lane.submit(json.dumps({"histories": histories, "k": k, **extra}).encode(), answer)
+        return answer
 
-    def submit(n, wanted=lambda: True):
-        lane.submit(rows[:n], exp.n_items, True, lambda t, e: got.put((t, e)), wanted)
+    def refusal(answer) -> tuple:
+        error = answer.ended.get(timeout=WAIT)
+        return type(error).__name__, getattr(error, "status", None), getattr(error, "detail", str(error))
 
     try:
-        submit(6)                        # the server's own answers
-        assert answered(6)
+        results = ask(hists[:6]).results()              # the server's own answers, in pieces of 2
+        assert len(results) == 6 and all(same(r["items"], w) for r, w in zip(results, want))
         first = lane.pid
         # at the lowest priority (SCHED_IDLE, nice 19), in the server's session (a session of its own is a
         # scheduling group of its own, whose share of the CPU its nice value does not lower), deaf to Ctrl-C
         assert os.getpriority(os.PRIO_PROCESS, first) == 19 and os.getsid(first) == os.getsid(0)
         assert os.sched_getscheduler(first) == os.SCHED_IDLE
         os.kill(first, signal.SIGINT)
-        submit(6, wanted=lambda: False)                                                  # skipped
-        submit(0)                                                                        # no rows: nothing to rank
-        submit(1)
-        assert got.get(timeout=WAIT) == (b"", None) and answered(1) and lane.pid == first
-        lane._child.kill()               # a child that died between pieces is replaced before the next one
+        # refused as the server refuses: unknown ids named, bad JSON, a k beyond the catalogue
+        assert refusal(ask([hists[0], ["nope", hists[1][0]]])) == ("Problem", 422, "histories[1]: unknown item id 'nope'")
+        bad_json = Collected()
+        lane.submit(b'{"histories": [[1, 2', bad_json)
+        kind, status, detail = refusal(bad_json)
+        assert (kind, status) == ("Problem", 400) and detail.startswith("body: malformed JSON ("), detail
+        too_many = exp.n_items + 1
+        assert refusal(ask(hists[:1], k=too_many))[1:] == (422, f"k: {too_many} is not in 1..{exp.n_items} (the catalogue size)")
+
+        # mid-request: the histories not yet answered are waiting; a request no longer wanted stops there
+        seen = []
+
+        def held(answer):
+            seen.append(backlog.n)
+            answer.wants = len(answer.pieces) < 2
+        stopped = ask(hists[:6], answer=Collected(held))
+        seen_too = ask(hists[:2], include_seen=True).results()                         # its next one is answered
+        assert all(same(r["items"], w) for r, w in zip(seen_too, exp.recommend_many(hists[:2], exp.n_items, True)))
+        assert seen == [4, 2] and len(stopped.pieces) == 2 and stopped.ended.empty() and backlog.n == 0
+        # a request the backlog cannot take is Busy, and the child is ready for the next
+        backlog.admit(1020)
+        assert refusal(ask(hists[:6]))[:2] == ("Busy", 503)
+        backlog.done(1020)
+        skipped = ask(hists[:6], answer=Collected(wanted=False))                         # never read
+        assert len(ask(hists[:1]).results()) == 1 and skipped.ended.empty() and lane.pid == first
+        assert lane.pending == 0 and backlog.n == 0
+
+        lane._child.kill()               # a child that died between requests is replaced before the next one
         lane._child.wait()
-        submit(2)
-        assert answered(2) and lane.pid != first
-        lane._child.kill()               # a child that dies during a piece fails that piece only
-        lane._child.wait()
-        launch = lane._launch
-        lane._launch = lambda: subprocess.Popen([sys.executable, "-c", DIES_IN_A_PIECE], stdin=subprocess.PIPE,
+        assert len(ask(hists[:2]).results()) == 2 and lane.pid != first
+        launch = lane._launch            # a child that dies during a request fails that request only
+        lane._launch = lambda: subprocess.Popen([sys.executable, "-c", DIES_IN_A_REQUEST], stdin=subprocess.PIPE,
                                                 stdout=subprocess.PIPE, bufsize=0)
-        submit(2)
-        failed = got.get(timeout=WAIT)
-        assert failed[0] is None and "batch lane" in str(failed[1]) and lane.pid is None
+        lane._child.kill()
+        lane._child.wait()
+        failed = refusal(ask(hists[:2]))
+        assert failed[0] == "LaneError" and "batch lane" in failed[2] and lane.pid is None
         lane._launch = launch
-        assert lane.waiting == 0
+        assert len(ask(hists[:2]).results()) == 2
+        assert lane.pending == 0 and backlog.n == 0
     finally:
         lane.close()
     assert lane.pid is None
-    submit(1)                                                                            # after close: failed at once
-    assert got.get(timeout=WAIT)[0] is None
+    assert refusal(ask(hists[:1]))[0] == "LaneError"                                  # after close: failed at once
 
 
 def test_the_batch_lane_refuses_an_export_that_is_not_the_servers(exp):
     """Its process loads the export folder again: one re-exported under the server is not served."""
-    lane = BatchLane(exp.folder, {**exp.manifest, MANIFEST_DIGEST: "0" * 64}, None, 1)
+    lane = BatchLane(exp.folder, {**exp.manifest, MANIFEST_DIGEST: "0" * 64}, None, 1, 2, 10 ** 6, Backlog(1024))
     try:
         with pytest.raises(AnyoError, match="not the export the server loaded"):
             lane.start()
@@ -616,30 +667,34 @@ def streamed(rest: list, deadline_s: float = WAIT, leaves: bool = False) -> tupl
         sent.append(message.get("body", b""))
 
     async def other():
-        for _ in range(3):
+        for _ in range(30):
             order.append("other")
             await asyncio.sleep(0)
 
     async def both():
         loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in rest]
-        for f, r in zip(futures, rest):
-            if isinstance(r, Exception):
-                f.set_exception(r)
-            elif r is not None:
-                f.set_result(r)
-        answer = server_module.Streamed(b",1", futures, loop.time() + deadline_s, lambda: stopped.append(1))
-        await asyncio.wait_for(asyncio.gather(answer({"type": "http"}, receive, send), other()), WAIT / 4)
+        answer = server_module.BatchAnswer(loop)
+        for r in rest:
+            if r is None:
+                break
+            answer.end(r) if isinstance(r, Exception) else answer.piece(r)
+        else:
+            answer.end(None)
+        await asyncio.sleep(0)   # the pieces handed over
+        streamed = server_module.Streamed(b",1", answer, loop.time() + deadline_s)
+        await asyncio.wait_for(asyncio.gather(streamed({"type": "http"}, receive, send), other()), WAIT / 4)
+        stopped.append(answer.cancelled)
 
     asyncio.run(both())
-    return order, sent, bool(stopped)
+    return order, sent, stopped[0]
 
 
 def test_a_batch_answer_streams_and_gives_the_event_loop_back_between_its_pieces():
     """A socket that keeps up never makes `send` wait: without a yield between pieces, a 120 MB answer would hold
     the event loop from its first byte to its last (72 ms measured), every other request waiting."""
     order, sent, stopped = streamed([b",2", b",3"])
-    assert order == ["start", "body", "other", "body", "other", "body", "body", "other"], order   # the end: 2 bytes
+    pieces = "".join("b" if step == "body" else "." if step == "other" else "" for step in order).rstrip(".")
+    assert pieces.count("b") == 4 and "bb" not in pieces[:-1], order   # each piece after another task's step
     assert json.loads(b"".join(sent)) == {"results": [1, 2, 3]} and not stopped
 
 
