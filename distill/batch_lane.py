@@ -6,8 +6,9 @@ A batch of 1,024 histories x every item is seconds of CPU (about 1.3 ms a histor
 to write its JSON on the 2-core sandbox, 2026-12-02), and even at k = 10 its megabyte of JSON took tens of
 milliseconds to parse, validate and map to internal ids; all of it holds an interpreter lock. In the server
 process a /recommend then waited for it. In the child, nothing of the server waits for it, and the kernel's
-scheduler gives it only the CPU the server leaves (SCHED_IDLE). The server keeps the admission (`Backlog`, told
-a request's size once the child has read it), the timeouts and the streaming of the pieces.
+scheduler gives it only the CPU the server leaves (SCHED_IDLE). The server keeps the admission (`Backlog`: an
+upper bound on a request's histories read off its bytes, until the child has counted them), the timeouts and the
+streaming of the pieces.
 
 The child loads the export from the folder the server loaded it from (a private snapshot under `anyo serve`) and
 refuses one whose manifest differs from the server's, so both answer from one model. They speak over its stdin
@@ -116,11 +117,12 @@ def _reply_of(stream) -> bytearray:
 
 class BatchLane:
     """Batch requests, answered one after another in submission order by the child process; a thread of this
-    process feeds it each request's body and hands the pieces of its answer to the request's `Answer`. A request's
-    histories are admitted to `backlog` once the child has read them, and leave it as their pieces are answered;
-    `pending` counts the requests not yet over. A request no longer `wanted()` is stopped before its next piece. A
-    child that dies fails the request in flight and is started again for the next; after `close`, a request is
-    failed at once. The child starts with the first request, or with `start()`."""
+    process feeds it each request's body and hands the pieces of its answer to the request's `Answer`. A request
+    comes with the histories its submitter admitted to `backlog` for it (`reserved`, at least as many as it
+    has): the child's count replaces them once it has read the request, and they leave as their pieces are
+    answered. `pending` counts the requests not yet over. A request no longer `wanted()` is skipped, or stopped
+    before its next piece. A child that dies fails the request in flight and is started again for the next;
+    after `close`, a request is failed at once. The child starts with the first request, or with `start()`."""
 
     def __init__(self, folder: Path, manifest: dict, runtime: str | None, threads: int, piece_histories: int,
                  max_response_items: int, backlog: Backlog, on_call: Callable[[int], None] = lambda n: None):
@@ -142,12 +144,13 @@ class BatchLane:
     def pid(self) -> int | None:
         return None if self._child is None else self._child.pid
 
-    def submit(self, body: bytes, answer: Answer) -> None:
+    def submit(self, body: bytes, reserved: int, answer: Answer) -> None:
         with self._lock:
             if not self._closed:
                 self.pending += 1
-                self._jobs.put((body, answer))
+                self._jobs.put((body, reserved, answer))
                 return
+        self.backlog.done(reserved)
         answer.end(LaneError("batch lane: shutting down"))
 
     def start(self) -> None:
@@ -194,24 +197,23 @@ class BatchLane:
                 raise
             self._child = child
 
-    def _answer(self, body: bytes, answer: Answer) -> None:
-        """One request through the child: its size admitted, then its pieces while it is wanted."""
-        with self._child_lock:
-            self._ensure_child()
-            into, out = self._child.stdin, self._child.stdout
-            _write(into, U64.pack(len(body)), body)
-            n, size = SIZE.unpack(_reply_of(out))
-            try:
-                self.backlog.admit(n)
-            except Problem:
-                _write(into, U64.pack(STOP))
-                raise
-            left = n
-            try:
+    def _answer(self, body: bytes, reserved: int, answer: Answer) -> None:
+        """One request through the child while it is wanted: read, then its pieces; its histories leave the
+        backlog as they are answered, all of them however it ends."""
+        left = reserved
+        try:
+            if not answer.wanted():
+                return
+            with self._child_lock:
+                self._ensure_child()
+                into, out = self._child.stdin, self._child.stdout
+                _write(into, U64.pack(len(body)), body)
+                n, size = SIZE.unpack(_reply_of(out))
+                self.backlog.done(left - n)
+                left = n
                 for lo in range(0, n, size):
                     if not answer.wanted():
-                        _write(into, U64.pack(STOP))
-                        return
+                        return _write(into, U64.pack(STOP))
                     _write(into, U64.pack(NEXT))
                     text = _reply_of(out)
                     m = min(size, n - lo)
@@ -219,8 +221,8 @@ class BatchLane:
                     self.backlog.done(m)     # before the piece: its request may be followed at once
                     left -= m
                     answer.piece(text)
-            finally:
-                self.backlog.done(left)
+        finally:
+            self.backlog.done(left)
         answer.end(None)
 
     def _drop_child(self) -> None:
@@ -232,11 +234,10 @@ class BatchLane:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            body, answer = job
+            body, reserved, answer = job
             error = None
             try:
-                if answer.wanted():
-                    self._answer(body, answer)
+                self._answer(body, reserved, answer)
             except (Problem, LaneError) as e:    # the request's own refusal or error: the child goes on
                 error = e
             except Exception as e:  # noqa: BLE001 - the child died or broke the protocol: replaced, the thread goes on

@@ -64,7 +64,7 @@ from uvicorn.supervisors import Multiprocess
 
 from distill.answer_text import AnswerText
 from distill.api import (RETRY_AFTER_S, Backlog, BatchRequest, Busy, Problem, RecommendRequest, checked_rows,
-                         validation_problem)
+                         histories_at_most, validation_problem)
 from distill.batch_lane import BatchLane
 from distill.errors import AnyoError, ArtifactError
 from distill.exported import Exported, load_export, verify_export
@@ -605,15 +605,17 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
     async def recommend_batch(request: Request):
         """Top-k next items for each of several histories, answered by the batch lane, a process of its own, in
         pieces (of --piece-histories, fewer for a large k)."""
-        # the body goes to the lane as it came: its megabyte of JSON is parsed and checked there (BatchRequest),
-        # which took the event loop tens of milliseconds here
+        # the body goes to the lane as it came: its JSON is parsed and checked there (BatchRequest), which took
+        # the event loop tens of milliseconds here; admitted now for as many histories as it may hold
         body = await request.body()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.request_timeout_s
         if lane.closed:
             raise Busy("server: shutting down")
+        reserved = histories_at_most(body)
+        backlog.admit(reserved)
         answer = BatchAnswer(loop)
-        lane.submit(body, answer)
+        lane.submit(body, reserved, answer)
         # the first piece as any answer (its refusal, 503 when late); the others as they come, until the same deadline
         first = await in_time(answer.next(), answer.cancel)
         return Streamed(first, answer, deadline)

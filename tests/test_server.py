@@ -24,7 +24,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from distill.answer_text import AnswerText  # noqa: E402
-from distill.api import Backlog  # noqa: E402
+from distill.api import Backlog, histories_at_most  # noqa: E402
 from distill.batch_lane import BatchLane  # noqa: E402
 from distill.cli import main  # noqa: E402
 from distill.data import load_split  # noqa: E402
@@ -213,24 +213,27 @@ def test_micro_batches_are_bounded_and_shared(exp, hists):
     assert held_calls[0] == 1 and held_calls[1:] == [8, 8, 3], held_calls
 
 
-def test_a_full_queue_answers_503_to_both_routes_and_the_server_recovers(exp, hists):
-    """--max-queue histories already waiting (admitted, not yet answered): a /recommend and a /recommend/batch
-    (whose size only the batch lane's process reads) are 503 with Retry-After; once they are answered, both
-    routes answer again. (How a batch's histories stay in the backlog until its pieces are answered: the batch
-    lane's test.)"""
+def test_a_full_queue_answers_503_and_the_server_recovers(exp, hists):
+    """A legal batch of 1,024 histories waits in the stopped batch lane and fills --max-queue at once (admitted for
+    the histories its body may hold, before the lane has read it): the next /recommend and /recommend/batch are
+    503 with Retry-After; once the lane goes on, the batch is answered and new requests are too."""
     async def body(client, held, state):
-        state.backlog.admit(1024)
-        refused = [await client.post("/recommend", json={"history": hists[1], "k": 3}),
-                   await client.post("/recommend/batch", json={"histories": hists[:2], "k": 3})]
-        state.backlog.done(1024)
-        return refused, [await client.post("/recommend", json={"history": hists[1], "k": 3}),
-                         await client.post("/recommend/batch", json={"histories": hists[:2], "k": 3})]
+        async with stopped(state.lane):
+            big = asyncio.create_task(client.post("/recommend/batch", json={
+                "histories": [hists[n % len(hists)] for n in range(1024)], "k": 2}))
+            await until(lambda: state.backlog.n == 1024)
+            refused = [await client.post("/recommend", json={"history": hists[1], "k": 3}),
+                       await client.post("/recommend/batch", json={"histories": hists[:2], "k": 3})]
+        return refused, await big, [await client.post("/recommend", json={"history": hists[1], "k": 3}),
+                                    await client.post("/recommend/batch", json={"histories": hists[:2], "k": 3})]
 
-    refused, after = in_process(exp, lambda h: False, max_queue=1024)(body)
-    for r, brings in zip(refused, (1, 2)):
+    refused, big, after = in_process(exp, lambda h: False, max_queue=1024)(body)
+    for r, brings in zip(refused, (1, 3)):   # a 2-history body holds at most 3 lists
         assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
-        assert "1,024 histories are waiting" in r.json()["detail"] and f"brings {brings}," in r.json()["detail"]
+        assert f"1,024 histories are waiting and this request brings {brings}," in r.json()["detail"]
         assert "--max-queue" in r.json()["detail"]
+    assert big.status_code == 200 and len(big.json()["results"]) == 1024
+    assert same(big.json()["results"][1023]["items"], exp.recommend(hists[1023 % len(hists)], 2))
     assert [r.status_code for r in after] == [200, 200]
     assert same(after[0].json()["items"], exp.recommend(hists[1], 3))
     assert all(same(got["items"], exp.recommend(h, 3)) for got, h in zip(after[1].json()["results"], hists[:2]))
@@ -348,14 +351,17 @@ class Collected:
 
 def test_the_batch_lane_answers_as_the_server_does_from_a_process_of_its_own(exp, hists):
     """The lane's process reads each request, refuses a bad one as the server does (its 4xx), answers a good one
-    in pieces while it is wanted, and keeps its histories in the backlog until their pieces are answered."""
+    in pieces while it is wanted, and keeps its histories in the backlog until their pieces are answered (the
+    bound admitted for it replaced by its count once read)."""
     want = exp.recommend_many(hists[:6], exp.n_items)
     backlog = Backlog(1024)
     lane = BatchLane(exp.folder, exp.manifest, None, 1, 2, 10 ** 6, backlog)
 
     def ask(histories, k=exp.n_items, answer=None, **extra) -> Collected:
         answer = answer or Collected()
-        lane.submit(json.dumps({"histories": histories, "k": k, **extra}).encode(), answer)
+        body = json.dumps({"histories": histories, "k": k, **extra}).encode()
+        backlog.admit(histories_at_most(body))    # as the server does
+        lane.submit(body, histories_at_most(body), answer)
         return answer
 
     def refusal(answer) -> tuple:
@@ -374,7 +380,7 @@ def test_the_batch_lane_answers_as_the_server_does_from_a_process_of_its_own(exp
         # refused as the server refuses: unknown ids named, bad JSON, a k beyond the catalogue
         assert refusal(ask([hists[0], ["nope", hists[1][0]]])) == ("Problem", 422, "histories[1]: unknown item id 'nope'")
         bad_json = Collected()
-        lane.submit(b'{"histories": [[1, 2', bad_json)
+        lane.submit(b'{"histories": [[1, 2', 0, bad_json)
         kind, status, detail = refusal(bad_json)
         assert (kind, status) == ("Problem", 400) and detail.startswith("body: malformed JSON ("), detail
         too_many = exp.n_items + 1
@@ -386,14 +392,14 @@ def test_the_batch_lane_answers_as_the_server_does_from_a_process_of_its_own(exp
         def held(answer):
             seen.append(backlog.n)
             answer.wants = len(answer.pieces) < 2
-        stopped = ask(hists[:6], answer=Collected(held))
+        stopped = ask(hists[:6], answer=Collected(held))     # admitted for 7 (its "[" count), read as 6
+        for _ in range(WAIT * 100):
+            if lane.pending == 0:
+                break
+            time.sleep(0.01)
+        assert seen == [4, 2] and len(stopped.pieces) == 2 and stopped.ended.empty() and backlog.n == 0
         seen_too = ask(hists[:2], include_seen=True).results()                         # its next one is answered
         assert all(same(r["items"], w) for r, w in zip(seen_too, exp.recommend_many(hists[:2], exp.n_items, True)))
-        assert seen == [4, 2] and len(stopped.pieces) == 2 and stopped.ended.empty() and backlog.n == 0
-        # a request the backlog cannot take is Busy, and the child is ready for the next
-        backlog.admit(1020)
-        assert refusal(ask(hists[:6]))[:2] == ("Busy", 503)
-        backlog.done(1020)
         skipped = ask(hists[:6], answer=Collected(wanted=False))                         # never read
         assert len(ask(hists[:1]).results()) == 1 and skipped.ended.empty() and lane.pid == first
         assert lane.pending == 0 and backlog.n == 0
