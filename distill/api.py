@@ -1,10 +1,12 @@
 """What `anyo serve`'s HTTP API accepts and what it refuses: the request schemas, the checks the schemas cannot
-say, and the problems (a 4xx, or 503 with Retry-After) they raise. The server checks /recommend with them; the
-batch lane's process (`distill.batch_lane`) checks /recommend/batch with them, so both answer bad input alike.
+say, and the problems (a 4xx, or 503 with Retry-After) they raise. Both routes read their body raw and parse it
+with `parsed`: the server a /recommend, the batch lane's process (`distill.batch_lane`) a /recommend/batch, so
+both answer bad input alike.
 `Backlog` bounds the histories waiting for the model, both kinds of request together."""
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Union
 
@@ -52,7 +54,7 @@ class Busy(Problem):
 
 
 def _field(loc) -> str:
-    parts = [str(p) for p in loc if p != "body"]
+    parts = [str(p) for p in loc]
     out = ""
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
@@ -60,12 +62,7 @@ def _field(loc) -> str:
 
 
 def validation_problem(errors: list[dict]) -> Problem:
-    """pydantic's validation errors (FastAPI's, or `model_validate_json`'s) as one 400 (malformed JSON) or 422
-    naming each field, at most five."""
-    bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
-    if bad_json is not None:
-        ctx = (bad_json.get("ctx") or {}).get("error", "")
-        return Problem(400, f"body: malformed JSON{f' ({ctx})' if ctx else ''}")
+    """pydantic's validation errors as one 422 naming each field, at most five."""
     lines, done = [], set()
     for e in errors:
         loc, msg = tuple(e.get("loc", ())), e.get("msg", "invalid")
@@ -84,6 +81,23 @@ def validation_problem(errors: list[dict]) -> Problem:
         lines.append(f"{_field(loc)}: {msg}")
     more = f" (and {len(lines) - 5} more errors)" if len(lines) > 5 else ""
     return Problem(422, "; ".join(lines[:5]) + more)
+
+
+def parsed(model: type[BaseModel], body: bytes) -> BaseModel:
+    """A request body as FastAPI would read it for `model` (json.loads, then validation), or the Problem naming
+    what is wrong: 400 for an empty or malformed body, else 422."""
+    if not body:
+        raise Problem(400, "body: empty (expected a JSON object)")
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise Problem(400, f"body: malformed JSON ({e.msg})") from None
+    except ValueError:   # bytes that are not UTF-8, -16 or -32
+        raise Problem(400, "body: malformed JSON (not UTF-8 text)") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise validation_problem(e.errors()) from None
 
 
 def checked_rows(exported, histories: list[list], k: int, max_items: int, field: str) -> list[np.ndarray]:
@@ -119,10 +133,7 @@ def histories_at_most(body: bytes) -> int:
 
 def batch_of(body: bytes, exported, max_items: int) -> tuple[list[np.ndarray], int, bool]:
     """A /recommend/batch body as (rows of internal ids, k, exclude_seen), or the Problem the server answers."""
-    try:
-        req = BatchRequest.model_validate_json(body)
-    except ValidationError as e:
-        raise validation_problem(e.errors()) from None
+    req = parsed(BatchRequest, body)
     rows = checked_rows(exported, req.histories, req.k, max_items, "histories")
     return rows, req.k, exported.excludes_seen(req.include_seen)
 

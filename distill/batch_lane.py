@@ -18,7 +18,8 @@ and stdout, no pickle:
                       "piece_histories", "max_response_items"}
     child -> parent   once: a reply (empty: ready)
     parent -> child   per request: u64 length, the body as the client sent it
-    child -> parent   a reply: u64 histories, u64 histories per piece; or REFUSED, "STATUS detail" (its 4xx)
+    child -> parent   a reply: u64 histories, u64 histories per piece; or REFUSED, "STATUS detail" (its 4xx);
+                      or FAILED
     parent -> child   per piece, in order: u64 NEXT (answer it) or STOP (the request ends here)
     child -> parent   per NEXT: a reply, each of the piece's rows after a comma (UTF-8, `AnswerText.piece`)
     a reply           u64 status (OK, FAILED: the text is the error, the request ends; REFUSED), u64 length, text
@@ -42,7 +43,7 @@ from typing import Callable, Protocol
 import torch
 
 from distill.answer_text import AnswerText
-from distill.api import Backlog, Problem, batch_of
+from distill.api import Backlog, Busy, Problem, batch_of
 from distill.errors import AnyoError, ArtifactError
 from distill.exported import MANIFEST_DIGEST, load_export
 from distill.histories import Histories
@@ -70,7 +71,8 @@ class Answer(Protocol):
         """The next piece's rows, each after a comma."""
 
     def end(self, error: Exception | None) -> None:
-        """The request is over: answered whole (None), refused (a Problem) or failed (LaneError)."""
+        """The request is over: answered whole (None), refused (a Problem) or failed (LaneError). Not called for a
+        request skipped or stopped because it was no longer wanted."""
 
 
 def _read(stream, n: int) -> bytearray:
@@ -151,7 +153,7 @@ class BatchLane:
                 self._jobs.put((body, reserved, answer))
                 return
         self.backlog.done(reserved)
-        answer.end(LaneError("batch lane: shutting down"))
+        answer.end(Busy("server: shutting down"))
 
     def start(self) -> None:
         """Start the child now (it loads the export), not with the first request; AnyoError if it cannot."""
@@ -186,6 +188,8 @@ class BatchLane:
     def _ensure_child(self) -> None:
         if self._child is not None and self._child.poll() is not None:   # died between requests: a new one
             self._child = None
+        if self._child is None and self._closed:   # killed by `close`: the requests left are not answered
+            raise Busy("server: shutting down")
         if self._child is None:
             child = self._launch()
             try:
@@ -209,6 +213,9 @@ class BatchLane:
                 into, out = self._child.stdin, self._child.stdout
                 _write(into, U64.pack(len(body)), body)
                 n, size = SIZE.unpack(_reply_of(out))
+                if n > left or not size:
+                    raise EOFError(f"batch lane: a request of {n:,} histories in pieces of {size}, for a body "
+                                   f"that may hold {left:,}")
                 self.backlog.done(left - n)
                 left = n
                 for lo in range(0, n, size):

@@ -22,7 +22,7 @@ Each process serves one private snapshot of the export, copied and checked again
 (`snapshot_export`), so re-exporting the folder never mixes two models.
 
 Raw ids are JSON strings or integers (an integer is matched as its decimal string). Bad input
-is answered with a 4xx and {"detail": "FIELD: what is wrong"}: 400 malformed JSON, 413 a body over
+is answered with a 4xx and {"detail": "FIELD: what is wrong"}: 400 an empty or malformed JSON body, 413 a body over
 MAX_BODY_BYTES, 415 a content type other than JSON, 431 a request line and headers over `--max-header-bytes`
 (400 from the HTTP layer when they never end), 422 everything else (unknown ids, all of them named; an
 empty or too long history; k outside 1..catalogue size; histories x k over `--max-response-items`; wrong
@@ -56,7 +56,6 @@ import numpy as np
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -64,7 +63,7 @@ from uvicorn.supervisors import Multiprocess
 
 from distill.answer_text import AnswerText
 from distill.api import (RETRY_AFTER_S, Backlog, BatchRequest, Busy, Problem, RecommendRequest, checked_rows,
-                         histories_at_most, validation_problem)
+                         histories_at_most, parsed)
 from distill.batch_lane import BatchLane
 from distill.errors import AnyoError, ArtifactError
 from distill.exported import Exported, load_export, verify_export
@@ -210,7 +209,7 @@ class Streamed(Response):
 
     async def __call__(self, scope, receive, send) -> None:
         loop = asyncio.get_running_loop()
-        ended, gone = False, asyncio.ensure_future(_disconnected(receive))
+        ended, gone, coming = False, asyncio.ensure_future(_disconnected(receive)), None
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             await send({"type": "http.response.body", "body": b'{"results":[' + self.first[1:], "more_body": True})
@@ -219,7 +218,6 @@ class Streamed(Response):
                 await asyncio.wait([coming, gone], timeout=max(0.0, self.deadline - loop.time()),
                                    return_when=asyncio.FIRST_COMPLETED)
                 if gone.done() or not coming.done() or coming.exception() is not None:
-                    coming.cancel()
                     return          # the client left, too late, or failed: uvicorn closes an answer that did not end
                 if (piece := coming.result()) is None:
                     break
@@ -228,6 +226,8 @@ class Streamed(Response):
             ended = True
         finally:
             gone.cancel()
+            if coming is not None:
+                coming.cancel()
             if not ended:   # and a send that raised, the server stopping: the rest is not needed
                 self.answer.cancel()
 
@@ -399,7 +399,8 @@ class Metrics:
                 lines += h.lines("anyo_request_seconds", f'path="{path}"')
             lines += ["# HELP anyo_model_call_histories Histories per Recommender call (micro-batch size).",
                       "# TYPE anyo_model_call_histories histogram", *self.calls.lines("anyo_model_call_histories"),
-                      "# HELP anyo_queue_histories Histories waiting for the model.", "# TYPE anyo_queue_histories gauge",
+                      "# HELP anyo_queue_histories Histories admitted and not yet answered, both routes (a batch the lane has "
+                      "not read yet at its bound).", "# TYPE anyo_queue_histories gauge",
                       f"anyo_queue_histories {waiting}",
                       "# HELP anyo_requests_in_progress Requests being answered.",
                       "# TYPE anyo_requests_in_progress gauge", f"anyo_requests_in_progress {self.in_progress}"]
@@ -555,10 +556,6 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
     health_body = json.dumps({"status": "ok", "model": manifest["model"], "split_hash": manifest["split_hash"],
                               "n_items": n_items, "manifest_sha256": manifest_sha256(exported.folder)}, separators=(",", ":"))
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        return await problem(request, validation_problem(exc.errors()))
-
     @app.exception_handler(Problem)
     async def problem(request: Request, exc: Problem):
         headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None
@@ -589,9 +586,15 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
                            f"retry after {RETRY_AFTER_S} s") from None
             raise
 
-    @app.post("/recommend", response_model=Items, responses={400: {}, 413: {}, 415: {}, 422: {}, 503: {}})
-    async def recommend(req: RecommendRequest):
+    def body_of(model) -> dict:
+        """The route's OpenAPI request body: the routes read theirs raw (`distill.api.parsed`)."""
+        return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+    @app.post("/recommend", response_model=Items, responses={400: {}, 413: {}, 415: {}, 422: {}, 503: {}},
+              openapi_extra=body_of(RecommendRequest))
+    async def recommend(request: Request):
         """Top-k next items for one history; history items are excluded unless include_seen."""
+        req = parsed(RecommendRequest, await request.body())
         rows = checked_rows(exported, [req.history], req.k, settings.max_response_items, "history")
         loop = asyncio.get_running_loop()
         one = Job(rows, req.k, exported.excludes_seen(req.include_seen), loop, loop.create_future())
@@ -600,8 +603,7 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
         return Response(text.rows(ids, scores)[0], media_type="application/json")
 
     @app.post("/recommend/batch", response_model=Results, responses={400: {}, 413: {}, 415: {}, 422: {}, 503: {}},
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": BatchRequest.model_json_schema()}}}})
+              openapi_extra=body_of(BatchRequest))
     async def recommend_batch(request: Request):
         """Top-k next items for each of several histories, answered by the batch lane, a process of its own, in
         pieces (of --piece-histories, fewer for a large k)."""

@@ -320,7 +320,12 @@ def test_answers_are_the_json_of_the_item_dicts(exp, hists):
     assert AnswerText.of(exp.raw_ids, exp.titles).rows(ids, scores) == want
 
 
-# a child that answers the batch lane's start, then dies reading its first request
+# children that answer the batch lane's start, then die reading their first request, or once they have said
+# its size (one history in pieces of one), asked for its first piece
+DIES_ON_NEXT = ("import struct, sys; i, o = sys.stdin.buffer, sys.stdout.buffer; "
+                "i.read(struct.unpack('<Q', i.read(8))[0]); o.write(struct.pack('<QQ', 0, 0)); o.flush(); "
+                "i.read(struct.unpack('<Q', i.read(8))[0]); o.write(struct.pack('<QQQQ', 0, 16, 1, 1)); o.flush(); "
+                "i.read(8)")
 DIES_IN_A_REQUEST = ("import struct, sys; i, o = sys.stdin.buffer, sys.stdout.buffer; "
                    "i.read(struct.unpack('<Q', i.read(8))[0]); o.write(struct.pack('<QQ', 0, 0)); o.flush(); i.read(8)")
 
@@ -408,19 +413,22 @@ def test_the_batch_lane_answers_as_the_server_does_from_a_process_of_its_own(exp
         lane._child.wait()
         assert len(ask(hists[:2]).results()) == 2 and lane.pid != first
         launch = lane._launch            # a child that dies during a request fails that request only
-        lane._launch = lambda: subprocess.Popen([sys.executable, "-c", DIES_IN_A_REQUEST], stdin=subprocess.PIPE,
-                                                stdout=subprocess.PIPE, bufsize=0)
         lane._child.kill()
         lane._child.wait()
-        failed = refusal(ask(hists[:2]))
-        assert failed[0] == "LaneError" and "batch lane" in failed[2] and lane.pid is None
+        for script in (DIES_IN_A_REQUEST, DIES_ON_NEXT):
+            lane._launch = lambda script=script: subprocess.Popen([sys.executable, "-c", script],
+                                                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                                  bufsize=0)
+            failed = refusal(ask(hists[:2]))
+            assert failed[0] == "LaneError" and "batch lane" in failed[2] and lane.pid is None, failed
+            assert backlog.n == 0
         lane._launch = launch
         assert len(ask(hists[:2]).results()) == 2
         assert lane.pending == 0 and backlog.n == 0
     finally:
         lane.close()
     assert lane.pid is None
-    assert refusal(ask(hists[:1]))[0] == "LaneError"                                  # after close: failed at once
+    assert refusal(ask(hists[:1]))[:2] == ("Busy", 503) and backlog.n == 0           # after close: failed at once
 
 
 def test_the_batch_lane_refuses_an_export_that_is_not_the_servers(exp):
@@ -560,6 +568,7 @@ def test_bad_inputs_get_a_4xx_naming_the_field_and_the_server_keeps_serving(serv
     split = load_split(run / "split")
     good = [split.items[3], split.items[5]]
     n = split.n_items
+    JSON = {"content-type": "application/json"}
     bad = [
         ({"json": {"history": good + ["nope", "zilch"]}}, 422, ["history", "'nope'", "'zilch'"]),
         ({"json": {"history": []}}, 422, ["history", "empty"]),
@@ -579,6 +588,18 @@ def test_bad_inputs_get_a_4xx_naming_the_field_and_the_server_keeps_serving(serv
         ({"json": {"histories": good}, "url": "/recommend/batch"}, 422, ["histories[0]"]),
         ({"json": {"histories": [good] * 101, "k": 10}, "url": "/recommend/batch"}, 422,
          ["k", "1,010 items", "--max-response-items"]),
+        # a batch body is parsed by the batch lane's process: the same answers as the server's own parsing
+        ({"content": b'{"histories": [[1, 2', "headers": JSON, "url": "/recommend/batch"}, 400,
+         ["body: malformed JSON ("]),
+        ({"content": b"", "headers": JSON, "url": "/recommend/batch"}, 400, ["body: empty"]),
+        ({"content": b"", "headers": JSON, "url": "/recommend"}, 400, ["body: empty"]),
+        ({"content": b'{"histories": "\xc3\x28"}', "headers": JSON, "url": "/recommend/batch"}, 400,
+         ["body: malformed JSON", "UTF-8"]),
+        ({"json": [good], "url": "/recommend/batch"}, 422, ["body: ", "dictionary"]),
+        ({"json": [good], "url": "/recommend"}, 422, ["body: ", "dictionary"]),
+        ({"json": {"histories": [[good[0]]] * 1025, "k": 1}, "url": "/recommend/batch"}, 422,
+         ["histories: too long (1,025 items, at most 1,024)"]),
+        ({"json": {"histories": [good], "k": 2, "extra": 1}, "url": "/recommend/batch"}, 422, ["extra"]),
     ]
     for kwargs, status, words in bad:
         url = kwargs.pop("url", "/recommend")
@@ -589,6 +610,8 @@ def test_bad_inputs_get_a_4xx_naming_the_field_and_the_server_keeps_serving(serv
         assert isinstance(detail, str) and all(w in detail for w in words), (detail, words)
         ok = client.post("/recommend", json={"history": good, "k": 5})
         assert ok.status_code == 200 and len(ok.json()["items"]) == 5
+    # every refused history left the backlog (a batch is admitted for its bound before the lane reads it)
+    assert "\nanyo_queue_histories 0\n" in client.get("/metrics").text
 
 
 def raw(port: int) -> socket.socket:
@@ -685,9 +708,12 @@ def streamed(rest: list, deadline_s: float = WAIT, leaves: bool = False) -> tupl
         loop = asyncio.get_running_loop()
         answer = server_module.BatchAnswer(loop)
         for r in rest:
-            if r is None:
+            if r is None:         # never answered
                 break
-            answer.end(r) if isinstance(r, Exception) else answer.piece(r)
+            if isinstance(r, Exception):
+                answer.end(r)
+                break
+            answer.piece(r)
         else:
             answer.end(None)
         await asyncio.sleep(0)   # the pieces handed over
@@ -711,7 +737,7 @@ def test_a_batch_answer_streams_and_gives_the_event_loop_back_between_its_pieces
 def test_a_batch_piece_that_fails_or_is_late_ends_the_answer_unfinished():
     """The status went with the first piece: a later failure cannot become a 500, nor a shorter list; the answer
     ends without its closing bytes (uvicorn then closes the connection) and the other pieces are cancelled."""
-    for rest, deadline_s in (([b",2", RuntimeError("lane died"), b",4"], WAIT), ([b",2", None], 0.05)):
+    for rest, deadline_s in (([b",2", RuntimeError("lane died")], WAIT), ([b",2", None], 0.05)):
         order, sent, stopped = streamed(rest, deadline_s)
         assert b"".join(sent) == b'{"results":[1,2' and stopped, (order, sent)
 
