@@ -61,7 +61,7 @@ def _field(loc) -> str:
     return out or "body"
 
 
-def validation_problem(errors: list[dict]) -> Problem:
+def _validation_problem(errors: list[dict]) -> Problem:
     """pydantic's validation errors as one 422 naming each field, at most five."""
     lines, done = [], set()
     for e in errors:
@@ -97,7 +97,7 @@ def parsed(model: type[BaseModel], body: bytes) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise validation_problem(e.errors()) from None
+        raise _validation_problem(e.errors()) from None
 
 
 def checked_rows(exported, histories: list[list], k: int, max_items: int, field: str) -> list[np.ndarray]:

@@ -163,10 +163,6 @@ class BatchLane:
         except (LaneError, OSError, EOFError) as e:
             raise AnyoError(str(e)) from None
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -525,6 +525,12 @@ def docs_page(schema: dict) -> str:
     return "\n".join(parts)
 
 
+def request_body(model) -> dict:
+    """A route's OpenAPI request body, `model`'s schema: the routes read their bodies raw (`distill.api.parsed`),
+    so FastAPI cannot infer it."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
 def manifest_sha256(folder: Path) -> str:
     return hashlib.sha256((Path(folder) / "manifest.json").read_bytes()).hexdigest()
 
@@ -586,12 +592,8 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
                            f"retry after {RETRY_AFTER_S} s") from None
             raise
 
-    def body_of(model) -> dict:
-        """The route's OpenAPI request body: the routes read theirs raw (`distill.api.parsed`)."""
-        return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
-
     @app.post("/recommend", response_model=Items, responses={400: {}, 413: {}, 415: {}, 422: {}, 503: {}},
-              openapi_extra=body_of(RecommendRequest))
+              openapi_extra=request_body(RecommendRequest))
     async def recommend(request: Request):
         """Top-k next items for one history; history items are excluded unless include_seen."""
         req = parsed(RecommendRequest, await request.body())
@@ -603,7 +605,7 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
         return Response(text.rows(ids, scores)[0], media_type="application/json")
 
     @app.post("/recommend/batch", response_model=Results, responses={400: {}, 413: {}, 415: {}, 422: {}, 503: {}},
-              openapi_extra=body_of(BatchRequest))
+              openapi_extra=request_body(BatchRequest))
     async def recommend_batch(request: Request):
         """Top-k next items for each of several histories, answered by the batch lane, a process of its own, in
         pieces (of --piece-histories, fewer for a large k)."""
@@ -612,8 +614,6 @@ def create_app(exported: Exported, settings: ServeConfig) -> FastAPI:
         body = await request.body()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + settings.request_timeout_s
-        if lane.closed:
-            raise Busy("server: shutting down")
         reserved = histories_at_most(body)
         backlog.admit(reserved)
         answer = BatchAnswer(loop)

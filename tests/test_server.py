@@ -365,8 +365,9 @@ def test_the_batch_lane_answers_as_the_server_does_from_a_process_of_its_own(exp
     def ask(histories, k=exp.n_items, answer=None, **extra) -> Collected:
         answer = answer or Collected()
         body = json.dumps({"histories": histories, "k": k, **extra}).encode()
-        backlog.admit(histories_at_most(body))    # as the server does
-        lane.submit(body, histories_at_most(body), answer)
+        reserved = histories_at_most(body)
+        backlog.admit(reserved)                    # as the server does
+        lane.submit(body, reserved, answer)
         return answer
 
     def refusal(answer) -> tuple:
